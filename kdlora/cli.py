@@ -1,0 +1,62 @@
+"""The command line: LightningCLI with GLUE-aware links and defaults.
+
+    python train.py fit --config configs/demo/teacher.yaml
+    python train.py test --config configs/demo/teacher.yaml --ckpt_path runs/.../best.ckpt
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from jsonargparse import lazy_instance
+
+from kdlora.callbacks import GLUESubmissionWriter
+from kdlora.data import GLUEDataModule
+from kdlora.modules.base import GLUEModule
+
+
+class KDLoRACLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The task is chosen once, on the data; the model learns its labels and metrics from it.
+        parser.link_arguments("data.task", "model.init_args.task")
+        # Teacher and student share a vocabulary, so the model's own tokenizer is the data's.
+        parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.monitor": "val/score", "checkpoint.mode": "max",
+                             "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
+                             "checkpoint.auto_insert_metric_name": False})
+        parser.add_lightning_class_args(GLUESubmissionWriter, "predictions")
+
+
+def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
+    return KDLoRACLI(
+        GLUEModule,
+        GLUEDataModule,
+        subclass_mode_model=True,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="kdlora", default_hp_metric=False),
+            "callbacks": [lazy_instance(LearningRateMonitor, logging_interval="step")],
+        },
+        args=args,
+        run=run,
+    )
+
+
+def cli_main(args: list[str] | None = None) -> int:
+    """Entry point: user errors (bad task, missing file, bad value) become one line and exit code 2."""
+    from kdlora.data import GLUEDataError
+
+    try:
+        main(args)
+    except (GLUEDataError, ValueError, FileNotFoundError, KeyError) as e:
+        if os.environ.get("KDLORA_DEBUG"):
+            raise
+        print(f"kdlora: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,331 @@
+"""GLUE as a LightningDataModule: hub or local TSV, tokenization, dynamic padding, stable `idx`.
+
+Both sources are normalised to the hub's layout (hub text column names, hub label ids, an `idx`
+column), so everything downstream sees one format. Batches are
+``{input_ids, attention_mask[, token_type_ids], labels, idx}``; `idx` is the example's position in
+its split and lets a student look up cached teacher outputs under any shuffling.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from kdlora.tasks import Split, TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+HUB_DATASET = "nyu-mll/glue"
+# Columns a model may receive; anything else the tokenizer returns is dropped.
+MODEL_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class GLUEDataError(ValueError):
+    """A GLUE file is missing or malformed."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+
+
+def _parse_label(value: str, spec: TaskSpec) -> float | int:
+    if spec.is_regression:
+        return float(value)
+    if value in spec.label_names:
+        return spec.label_names.index(value)
+    label = int(value)
+    if not 0 <= label < spec.num_labels:
+        raise ValueError(f"label {label} out of range")
+    return label
+
+
+def read_glue_tsv(path: str | Path, spec: TaskSpec, labelled: bool, max_malformed_fraction: float = 0.01) -> dict[str, list]:
+    """Read one GLUE TSV file into hub-layout columns ``{*text_keys, label, idx}``.
+
+    Quote processing is off (GLUE sentences contain bare quotes). Rows with the wrong number of
+    fields or an unreadable label are skipped and counted; more than `max_malformed_fraction` of
+    them is an error, since the file is then not what we think it is.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GLUEDataError(f"GLUE file not found: expected {path} (standard GLUE layout <data_dir>/{spec.dir_name}/<split>.tsv)")
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if labelled and not spec.has_header:
+        header = list(spec.positional_columns)
+    else:
+        if not rows:
+            raise GLUEDataError(f"{path} is empty")
+        header, rows = rows[0], rows[1:]
+    wanted = list(spec.local_text_columns) + ([spec.local_label_column] if labelled else [])
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise GLUEDataError(f"{path}: missing column(s) {missing}; header is {header}")
+    text_pos = [header.index(c) for c in spec.local_text_columns]
+    label_pos = header.index(spec.local_label_column) if labelled else None
+    # Unlabelled (test) files carry the official example id, which submissions must keep.
+    id_pos = next((header.index(c) for c in ("index", "id") if c in header), None) if not labelled else None
+
+    columns: dict[str, list] = {k: [] for k in spec.text_keys}
+    columns["label"], columns["idx"] = [], []
+    bad: list[int] = []
+    for line_no, row in enumerate(rows, start=2 if (spec.has_header or not labelled) else 1):
+        if len(row) != len(header):
+            bad.append(line_no)
+            continue
+        try:
+            label = _parse_label(row[label_pos], spec) if labelled else -1
+            idx = int(row[id_pos]) if id_pos is not None else len(columns["idx"])
+        except ValueError:
+            bad.append(line_no)
+            continue
+        for key, pos in zip(spec.text_keys, text_pos):
+            columns[key].append(row[pos])
+        columns["label"].append(label)
+        columns["idx"].append(idx)
+    total = len(rows)
+    if bad:
+        fraction = len(bad) / max(total, 1)
+        msg = f"{path}: {len(bad)} of {total} rows malformed (wrong field count or bad label), first at line(s) {bad[:5]}"
+        if fraction > max_malformed_fraction:
+            raise GLUEDataError(msg + f"; that is more than max_malformed_fraction={max_malformed_fraction}")
+        log.warning(msg + "; skipped")
+    if not columns["idx"]:
+        raise GLUEDataError(f"{path} has no readable rows")
+    return columns
+
+
+@lru_cache(maxsize=16)
+def load_hub_glue(config_name: str) -> DatasetDict:
+    """The task from the Hugging Face hub (`nyu-mll/glue`): the path real users take."""
+    from datasets import load_dataset
+
+    return load_dataset(HUB_DATASET, config_name)
+
+
+def _dir_candidates(data_dir: Path, spec: TaskSpec) -> list[Path]:
+    # The GLUE download script writes "SST-2"; some copies use "sst2" or "SST2".
+    names = [spec.dir_name, spec.dir_name.replace("-", ""), spec.name, spec.name.upper()]
+    return [data_dir / n for n in dict.fromkeys(names)]
+
+
+def local_file(data_dir: str | Path, spec: TaskSpec, file: str) -> Path:
+    for d in _dir_candidates(Path(data_dir), spec):
+        if (d / file).is_file():
+            return d / file
+    return Path(data_dir) / spec.dir_name / file  # the canonical path, for the error message
+
+
+# ----------------------------------------------------------------------------------------------
+# DataModule
+# ----------------------------------------------------------------------------------------------
+
+
+class GLUEDataModule(L.LightningDataModule):
+    """Any GLUE task from the hub (default) or a local directory in the standard GLUE layout.
+
+    Args:
+        task: GLUE task name (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, ax).
+        tokenizer_name: hub id or local directory of the tokenizer (linked from the model by the CLI).
+        data_dir: local GLUE directory (``<data_dir>/<TASK>/train.tsv`` ...); None reads the hub.
+        max_seq_length: truncation length; batches are padded dynamically to their longest example.
+        batch_size: training batch size; `eval_batch_size` defaults to twice it.
+        holdout_fraction: if > 0, this seeded fraction of train becomes the validation set (for
+            hyperparameter selection) and dev is used only by `test`.
+        max_train_samples: keep a seeded random subset of train (quick runs).
+        max_eval_samples: keep the first N rows of each evaluation split (quick runs).
+        max_malformed_fraction: fraction of unreadable TSV rows tolerated (they are skipped and reported).
+        cache_dir: where tokenized local splits are cached (default ``$KDLORA_CACHE`` or ``~/.cache/kdlora``).
+    """
+
+    def __init__(
+        self,
+        task: str = "mrpc",
+        tokenizer_name: str = "bert-base-uncased",
+        data_dir: Optional[str] = None,
+        max_seq_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 0,
+        holdout_fraction: float = 0.0,
+        seed: int = 42,
+        max_train_samples: Optional[int] = None,
+        max_eval_samples: Optional[int] = None,
+        max_malformed_fraction: float = 0.01,
+        cache_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.spec = get_task(task)  # fails early and clearly on an unknown task
+        if not 0.0 <= holdout_fraction < 1.0:
+            raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+        if max_seq_length < 8:
+            raise ValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise GLUEDataError(f"data_dir {data_dir!r} is not a directory")
+        if data_dir is not None and self.spec.has_train:
+            # Fail now, before any run directory is written, if the task's files are not there.
+            for file in ["train.tsv", *(s.file for s in self.spec.validation)]:
+                path = local_file(data_dir, self.spec, file)
+                if not path.is_file():
+                    raise GLUEDataError(f"GLUE file not found: expected {path} (standard GLUE layout <data_dir>/{self.spec.dir_name}/{file})")
+        self.save_hyperparameters()
+        self.task = self.spec.name
+        self.data_dir = data_dir
+        self.tokenizer_name = tokenizer_name
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.num_workers = num_workers
+        self.holdout_fraction = holdout_fraction
+        self.seed = seed
+        self.max_train_samples = max_train_samples
+        self.max_eval_samples = max_eval_samples
+        self.max_malformed_fraction = max_malformed_fraction
+        self.cache_dir = Path(cache_dir or os.environ.get("KDLORA_CACHE", Path.home() / ".cache" / "kdlora")) / "tokenized"
+        self._tokenizer: Optional[PreTrainedTokenizerBase] = None
+        self.datasets: dict[str, Dataset] = {}
+
+    # What models need to know right after __init__ (linked by the CLI).
+    @property
+    def num_labels(self) -> int:
+        return self.spec.num_labels
+
+    @property
+    def is_regression(self) -> bool:
+        return self.spec.is_regression
+
+    @property
+    def eval_suffixes(self) -> list[str]:
+        """Metric-name suffix of each validation dataloader ('' for a single one)."""
+        if self.holdout_fraction > 0:
+            return [""]
+        return [s.suffix for s in self.spec.validation]
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+        return self._tokenizer
+
+    # ---- raw splits ----
+    def _raw_split(self, spec: TaskSpec, split: Split | str, labelled: bool) -> Dataset:
+        hub_name, file = (split, f"{split}.tsv") if isinstance(split, str) else (split.hub, split.file)
+        if self.data_dir is None:
+            dd = load_hub_glue(spec.name)
+            if hub_name not in dd:
+                raise GLUEDataError(f"hub dataset {HUB_DATASET}/{spec.name} has no split {hub_name!r}")
+            ds = dd[hub_name]
+            keep = [*spec.text_keys, "label", "idx"]
+            return ds.select_columns(keep)
+        path = local_file(self.data_dir, spec, file)
+        columns = read_glue_tsv(path, spec, labelled, self.max_malformed_fraction)
+        ds = Dataset.from_dict(columns)
+        ds.info.description = f"{path}|{path.stat().st_size}|{path.stat().st_mtime_ns}"
+        return ds
+
+    def _tokenize(self, ds: Dataset, spec: TaskSpec, name: str) -> Dataset:
+        tok = self.tokenizer
+        keys = spec.text_keys
+
+        def encode(batch: dict[str, list]) -> dict[str, Any]:
+            texts = [batch[k] for k in keys]
+            return tok(*texts, truncation=True, max_length=self.max_seq_length)
+
+        kwargs: dict[str, Any] = {}
+        if self.data_dir is not None:  # in-memory datasets are only cached when given a file name
+            key = "|".join([ds.info.description or "", name, self.tokenizer_name, str(len(tok)),
+                            type(tok).__name__, str(self.max_seq_length), ",".join(keys), str(len(ds))])
+            digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            kwargs = dict(cache_file_name=str(self.cache_dir / f"{spec.name}-{name}-{digest}.arrow"), new_fingerprint=digest)
+        ds = ds.map(encode, batched=True, remove_columns=list(keys), desc=f"tokenizing {spec.name}/{name}", **kwargs)
+        ds = ds.rename_column("label", "labels")
+        keep = [c for c in (*MODEL_COLUMNS, "labels", "idx") if c in ds.column_names]
+        return ds.select_columns(keep)
+
+    # ---- Lightning hooks ----
+    def prepare_data(self) -> None:
+        # Download once (rank 0) so that setup() on every rank reads the local cache.
+        self.tokenizer
+        if self.data_dir is None:
+            load_hub_glue(self.spec.name)
+            for extra in self.spec.extra_predict_tasks:
+                load_hub_glue(extra)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        spec = self.spec
+        if stage in ("fit", "validate", None):
+            if stage in ("fit", None) or self.holdout_fraction > 0:
+                if not spec.has_train:
+                    raise GLUEDataError(f"task {spec.name!r} has no training data (use it for predict only)")
+                train = self._tokenize(self._raw_split(spec, "train", True), spec, "train")
+                if self.holdout_fraction > 0:
+                    parts = train.train_test_split(test_size=self.holdout_fraction, seed=self.seed)
+                    train, self.datasets["holdout"] = parts["train"], parts["test"]
+                if self.max_train_samples is not None and self.max_train_samples < len(train):
+                    train = train.shuffle(seed=self.seed).select(range(self.max_train_samples))
+                self.datasets["train"] = train
+            if self.holdout_fraction == 0:
+                self._setup_dev()
+        if stage == "test":
+            self._setup_dev()
+        if stage == "predict":
+            for s in self.predict_targets:
+                self.datasets[f"predict:{s[0].name}:{s[1].hub}"] = self._tokenize(
+                    self._raw_split(s[0], s[1], labelled=False), s[0], s[1].hub)
+
+    def _setup_dev(self) -> None:
+        for s in self.spec.validation:
+            ds = self._tokenize(self._raw_split(self.spec, s, True), self.spec, s.hub)
+            if self.max_eval_samples is not None:
+                ds = ds.select(range(min(self.max_eval_samples, len(ds))))
+            self.datasets[s.hub] = ds
+
+    @property
+    def predict_targets(self) -> list[tuple[TaskSpec, Split]]:
+        """(task, split) of each predict dataloader: the task's test splits, then e.g. AX for MNLI."""
+        targets = [(self.spec, s) for s in self.spec.test]
+        for extra in self.spec.extra_predict_tasks:
+            extra_spec = get_task(extra)
+            if self.data_dir is None or local_file(self.data_dir, extra_spec, extra_spec.test[0].file).is_file():
+                targets += [(extra_spec, s) for s in extra_spec.test]
+        return targets
+
+    # ---- dataloaders ----
+    def _collate(self):
+        return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+
+    def _loader(self, ds: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate(),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.datasets["train"], True, self.batch_size)
+
+    def _eval_loaders(self, names: list[str]) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(self.datasets[n], False, self.eval_batch_size) for n in names]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def val_dataloader(self):
+        if self.holdout_fraction > 0:
+            return self._eval_loaders(["holdout"])
+        return self._eval_loaders([s.hub for s in self.spec.validation])
+
+    def test_dataloader(self):
+        return self._eval_loaders([s.hub for s in self.spec.validation])
+
+    def predict_dataloader(self):
+        loaders = [self._loader(self.datasets[f"predict:{t.name}:{s.hub}"], False, self.eval_batch_size)
+                   for t, s in self.predict_targets]
+        return loaders[0] if len(loaders) == 1 else loaders

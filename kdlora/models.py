@@ -1,0 +1,161 @@
+"""Loading models by family, the LoRA target registry, and Hugging Face export.
+
+Knows nothing of Lightning: these functions take and return plain `transformers`/`peft` objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+# Attention query/value projections per `config.model_type`: the KD-LoRA paper's LoRA targets.
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "deberta": ["in_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "mpnet": ["q", "v"],
+}
+
+
+def model_family(model_or_config) -> str:
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.model_type
+
+
+def lora_targets_for(model_type: str, override: Optional[Sequence[str]] = None) -> list[str]:
+    """LoRA target module names: the override if given, else the family's query/value projections."""
+    if override:
+        return list(override)
+    if model_type not in LORA_TARGETS:
+        raise ValueError(
+            f"no default LoRA targets for model family {model_type!r} (known: {', '.join(sorted(LORA_TARGETS))}); "
+            "set lora_targets explicitly, e.g. lora_targets: [query, value]"
+        )
+    return list(LORA_TARGETS[model_type])
+
+
+def load_classifier(
+    name_or_path: str, num_labels: int, is_regression: bool = False, **config_overrides
+) -> tuple[PreTrainedModel, list[str]]:
+    """An `AutoModelForSequenceClassification` and the names of its newly initialised weights.
+
+    The new weights (classifier, and e.g. a pooler the checkpoint lacks) must always be trained:
+    leaving them frozen at random init is a classic KD-LoRA bug.
+    """
+    problem_type = "regression" if is_regression else "single_label_classification"
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, num_labels=num_labels, problem_type=problem_type, **config_overrides)
+    except OSError as e:
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: not a local model directory nor a reachable hub id ({e})") from None
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    new = sorted(set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())})
+    return model, new
+
+
+def new_weight_modules(new_param_names: Sequence[str]) -> list[str]:
+    """Module names owning newly initialised parameters (for peft's `modules_to_save`)."""
+    return sorted({name.rsplit(".", 1)[0] for name in new_param_names})
+
+
+def classifier_head_modules(model: PreTrainedModel) -> list[str]:
+    """Top-level head modules of a sequence classifier (always trainable)."""
+    base = getattr(model, "base_model_prefix", "")
+    return [n for n, _ in model.named_children() if n != base and n not in ("dropout",)]
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.1,
+    targets: Optional[Sequence[str]] = None,
+    trainable_modules: Sequence[str] = (),
+) -> PeftModel:
+    """Wrap `model` with peft LoRA on the family's query/value (or `targets`); head stays trainable."""
+    if r <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {r}")
+    modules_to_save = sorted(set(classifier_head_modules(model)) | set(trainable_modules))
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout,
+        target_modules=lora_targets_for(model_family(model), targets),
+        modules_to_save=modules_to_save,
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def plain_model(model: torch.nn.Module) -> PreTrainedModel:
+    """A plain `transformers` model: LoRA merged into the base weights if `model` is a peft model."""
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def _atomic_dir(target: Path):
+    """A temporary sibling directory that replaces `target` only once fully written."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def _commit_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, save_adapter: bool = True) -> Path:
+    """Write a model as a plain Hugging Face directory loadable by `from_pretrained`.
+
+    A peft model is merged (a copy, so `model` keeps its adapters) and, with `save_adapter`, its
+    adapter is saved too under ``adapter/``. Written to a temporary directory and renamed, so a
+    failure leaves no half-written export behind.
+    """
+    import copy
+
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        if isinstance(model, PeftModel):
+            if save_adapter:
+                model.save_pretrained(tmp / "adapter")
+            merged = copy.deepcopy(model).merge_and_unload()
+        else:
+            merged = model
+        merged.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_tokenizer(name_or_path: str):
+    return AutoTokenizer.from_pretrained(name_or_path)

@@ -1,0 +1,6 @@
+"""LightningModules: `Teacher` (FFT or LoRA), `KDLoRAStudent`, `SuperTransformer`."""
+
+from kdlora.modules.base import GLUEModule
+from kdlora.modules.teacher import Teacher
+
+__all__ = ["GLUEModule", "Teacher"]

@@ -1,0 +1,154 @@
+"""What every kdlora LightningModule shares: optimizer, schedule, GLUE metric logging, predict, export."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
+from kdlora.models import export_hf, load_tokenizer
+from kdlora.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def optimizer_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups over trainable parameters: no weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        # 1-D tensors are biases and norm scales (BERT's "LayerNorm.weight", DeBERTa's, ...).
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class GLUEModule(L.LightningModule):
+    """Base class: subclasses provide `self.model`-like forward via `logits(batch)` and a `training_step`.
+
+    Args:
+        task: GLUE task name (linked from the data module by the CLI).
+        learning_rate, weight_decay, warmup_ratio: AdamW with linear warmup then linear decay.
+        export_dir: where the best model is written as a Hugging Face directory at the end of fit
+            (default ``<log_dir>/export``); `export=False` skips it.
+    """
+
+    def __init__(
+        self,
+        task: str = "mrpc",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        export: bool = True,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        self.spec = get_task(task)
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        # One metric collection per evaluation dataloader (MNLI has matched + mismatched).
+        self.eval_metrics = nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))])
+        self._forward_keys: Optional[set[str]] = None
+
+    # ---- model plumbing ----
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """The batch entries `model.forward` accepts (DistilBERT takes no token_type_ids)."""
+        base = getattr(model, "get_base_model", lambda: model)()
+        params = inspect.signature(base.forward).parameters
+        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids") and k in params}
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.logits(batch)
+
+    def exported_model(self) -> nn.Module:
+        """The model written by export (a peft model is merged)."""
+        raise NotImplementedError
+
+    def tokenizer_source(self) -> str:
+        return self.hparams.model_name_or_path
+
+    # ---- optimisation ----
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(optimizer_groups(self.named_parameters(), self.hparams.weight_decay), lr=self.hparams.learning_rate)
+        total = int(self.trainer.estimated_stepping_batches)
+        sched = get_linear_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- evaluation ----
+    def _eval_suffixes(self) -> list[str]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(dm, "eval_suffixes", None) or [s.suffix for s in self.spec.validation] or [""]
+
+    def _eval_step(self, stage: str, batch, dataloader_idx: int = 0) -> None:
+        logits = self(batch)
+        self.eval_metrics[dataloader_idx].update(predictions_from_logits(logits, self.spec.is_regression), batch["labels"])
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step("val", batch, dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step("test", batch, dataloader_idx)
+
+    def compute_eval_metrics(self, metrics: nn.ModuleList | list, suffixes: list[str]) -> dict[str, float]:
+        """Compute and reset collections; names get each dataloader's suffix (MNLI: _m, _mm)."""
+        values: dict[str, float] = {}
+        for collection, suffix in zip(metrics, suffixes):
+            for name, value in collection.compute().items():
+                values[f"{name}{suffix}"] = float(value)
+            collection.reset()
+        return values
+
+    def _log_eval(self, stage: str) -> None:
+        values = self.compute_eval_metrics(self.eval_metrics, self._eval_suffixes())
+        if not values:
+            return
+        values["score"] = glue_score(values)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def predict_step(self, batch, batch_idx, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        logits = self(batch)
+        return {"idx": batch["idx"].cpu(), "logits": logits.detach().float().cpu()}
+
+    # ---- export ----
+    def on_fit_end(self) -> None:
+        if not self.hparams.get("export", False):
+            return
+        ckpt_cb = self.trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        if best and Path(best).is_file():
+            state = torch.load(best, map_location=self.device, weights_only=True)["state_dict"]
+            self.load_state_dict(state)
+            log.info("exporting best checkpoint %s", best)
+        self._export()
+        self.trainer.strategy.barrier("kdlora-export")
+
+    @property
+    def export_path(self) -> Path:
+        if self.hparams.get("export_dir"):
+            return Path(self.hparams.export_dir)
+        return Path(self.trainer.log_dir or ".") / "export"
+
+    @rank_zero_only
+    def _export(self) -> None:
+        out = export_hf(self.exported_model(), load_tokenizer(self.tokenizer_source()), self.export_path)
+        print(f"[kdlora] exported model to {out}")

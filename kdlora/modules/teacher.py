@@ -1,0 +1,69 @@
+"""Teacher: full fine-tuning or LoRA fine-tuning of any sequence-classification checkpoint."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from torch import nn
+
+from kdlora.losses import task_loss
+from kdlora.models import apply_lora, load_classifier, new_weight_modules, plain_model
+from kdlora.modules.base import GLUEModule
+
+
+class Teacher(GLUEModule):
+    """Fine-tune `model_name_or_path` on a GLUE task.
+
+    Args:
+        model_name_or_path: hub id (e.g. ``bert-base-uncased``) or local Hugging Face directory.
+        task: GLUE task (linked from the data module by the CLI).
+        finetune: ``full`` (all weights) or ``lora`` (peft adapters + classifier head).
+        lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator, dropout.
+        lora_targets: module names to adapt; default is the family's query/value projections.
+        learning_rate, weight_decay, warmup_ratio: AdamW + linear warmup/decay.
+        export, export_dir: write the best model (LoRA merged, adapter kept in ``adapter/``) at fit end.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "bert-base-uncased",
+        task: str = "mrpc",
+        finetune: Literal["full", "lora"] = "full",
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.1,
+        lora_targets: Optional[list[str]] = None,
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        export: bool = True,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        if finetune not in ("full", "lora"):
+            raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
+        self.save_hyperparameters()
+        model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
+        if finetune == "lora":
+            # Newly initialised weights (classifier, a missing pooler) train alongside the adapters.
+            model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights))
+        # transformers returns models in eval mode; Lightning keeps submodule modes, so without
+        # this dropout would silently stay off during training.
+        self.model: nn.Module = model.train()
+        self.newly_initialised = new_weights
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**self.model_inputs(batch, self.model)).logits
+
+    def training_step(self, batch, batch_idx):
+        loss = task_loss(self(batch), batch["labels"], self.spec.is_regression)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def exported_model(self) -> nn.Module:
+        return self.model  # export_hf merges LoRA on a copy
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model with any LoRA merged (modifies the module: use after training)."""
+        return plain_model(self.model)

@@ -1,0 +1,121 @@
+"""CPU fixtures: tiny random models of every supported family, and small GLUE directories.
+
+Nothing here touches a network: models are built from configs, the tokenizer from a small
+WordPiece vocabulary written on the fly, and GLUE rows are copied from `../shared/glue` (or the
+project's embedded MRPC when that is absent).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GLUE = Path(os.environ.get("KDLORA_GLUE_DIR", REPO.parent / "shared" / "glue"))
+EMBEDDED_GLUE = REPO / "kdlora" / "assets" / "glue"
+FAMILIES = ("bert", "roberta", "deberta-v2", "distilbert", "mpnet")
+
+_WORDS = (
+    "the a an of to and in is was he she it they his her that for on with as by at from this be are not "
+    "have had has but said one two new year said would who which their will been more about when there "
+    "company million percent shares state government first last could after its than also people"
+).split()
+
+
+def write_tiny_tokenizer(directory: Path) -> None:
+    """An uncased WordPiece tokenizer with a ~200-token vocabulary (characters + common words)."""
+    from transformers import BertTokenizerFast
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + sorted(set(_WORDS))
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=128).save_pretrained(directory)
+
+
+def tiny_config(family: str, vocab_size: int, num_labels: int = 2, layers: int = 4):
+    """A small config of `family`: hidden 32, 4 heads, FFN 64 (a shape slicing tests can cut)."""
+    from transformers import BertConfig, DebertaV2Config, DistilBertConfig, MPNetConfig, RobertaConfig
+
+    common = dict(vocab_size=vocab_size, num_labels=num_labels, pad_token_id=0)
+    if family == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                          max_position_embeddings=160, **common)
+    if family == "roberta":
+        return RobertaConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=160, type_vocab_size=1, bos_token_id=2, eos_token_id=3, **common)
+    if family == "deberta-v2":
+        return DebertaV2Config(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                               max_position_embeddings=160, relative_attention=True, position_buckets=32,
+                               pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False,
+                               type_vocab_size=0, pooler_hidden_size=32, **common)
+    if family == "distilbert":
+        return DistilBertConfig(dim=32, n_layers=layers, n_heads=4, hidden_dim=64, max_position_embeddings=160, **common)
+    if family == "mpnet":
+        return MPNetConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=160, **common)
+    raise ValueError(family)
+
+
+def make_tiny_model_dir(directory: Path, family: str, num_labels: int = 2, layers: int = 4, seed: int = 0) -> Path:
+    """A saved random `*ForSequenceClassification` of `family` plus tokenizer, loadable by path."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    write_tiny_tokenizer(directory)
+    vocab_size = len(AutoTokenizer.from_pretrained(directory))
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(family, vocab_size, num_labels, layers))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> directory of a tiny random 2-label classifier (4 layers, H32)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {f: make_tiny_model_dir(root / f, f) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tiny_model_dirs) -> Path:
+    return tiny_model_dirs["bert"]
+
+
+def _copy_head(src: Path, dst: Path, rows: int, has_header: bool) -> None:
+    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
+    keep = lines[: rows + (1 if has_header else 0)]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text("".join(keep), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def shared_glue_dir() -> Path:
+    """The full GLUE files beside the checkout (skips the test where they are absent)."""
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"no GLUE files at {SHARED_GLUE}")
+    return SHARED_GLUE
+
+
+@pytest.fixture(scope="session")
+def small_glue_dir(tmp_path_factory) -> Path:
+    """A GLUE directory with the first 64 train / 32 dev rows of every task available."""
+    root = tmp_path_factory.mktemp("glue")
+    source = SHARED_GLUE if SHARED_GLUE.is_dir() else EMBEDDED_GLUE
+    for task_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        has_header = task_dir.name != "CoLA"
+        for split, rows in (("train.tsv", 64), ("dev.tsv", 32)):
+            if (task_dir / split).is_file():
+                _copy_head(task_dir / split, root / task_dir.name / split, rows, has_header)
+    return root
