@@ -39,10 +39,16 @@ def write_tiny_tokenizer(directory: Path) -> None:
     from transformers import BertTokenizerFast
 
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + sorted(set(_WORDS))
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + sorted(_WORDS)))
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=128).save_pretrained(directory)
+    # transformers >= 5 takes `vocab` (path or dict); 4.x took `vocab_file`.
+    try:
+        tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True, model_max_length=128)
+    except TypeError:
+        tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=128)
+    assert len(tok) == len(vocab), "tiny tokenizer lost its vocabulary"
+    tok.save_pretrained(directory)
 
 
 def tiny_config(family: str, vocab_size: int, num_labels: int = 2, layers: int = 4):

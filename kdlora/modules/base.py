@@ -66,7 +66,11 @@ class GLUEModule(L.LightningModule):
         """The batch entries `model.forward` accepts (DistilBERT takes no token_type_ids)."""
         base = getattr(model, "get_base_model", lambda: model)()
         params = inspect.signature(base.forward).parameters
-        return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids") and k in params}
+        keys = {"input_ids", "attention_mask", "token_type_ids"} & set(params)
+        # RoBERTa/DeBERTa-v3 have no segment embeddings (type_vocab_size <= 1): segment ids would index out of range.
+        if getattr(base.config, "type_vocab_size", 2) < 2:
+            keys.discard("token_type_ids")
+        return {k: v for k, v in batch.items() if k in keys}
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError

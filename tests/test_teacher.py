@@ -1,0 +1,133 @@
+"""Teacher: full fine-tuning vs LoRA, loss goes down, export reloads with identical logits."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from transformers import AlbertConfig, AutoModelForSequenceClassification, BertModel
+
+from conftest import make_tiny_model_dir, write_tiny_tokenizer
+from kdlora.data import GLUEDataModule
+from kdlora.modules import Teacher
+
+
+def _batch(tokenizer, n=8, seed=0):
+    """n distinct random word pairs with random labels: memorisable, so the loss can fall."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = [w for w in tokenizer.get_vocab() if w.isalpha() and len(w) > 2]
+    pick = lambda k: " ".join(vocab[int(i)] for i in torch.randint(0, len(vocab), (k,), generator=g))
+    enc = tokenizer([pick(6) for _ in range(n)], [pick(4) for _ in range(n)], padding=True, return_tensors="pt")
+    return {**enc, "labels": torch.randint(0, 2, (n,), generator=g), "idx": torch.arange(n)}
+
+
+def _train_steps(module: Teacher, batch, steps=5, lr=1e-2):
+    module.train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = module.training_step(batch, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2", "distilbert", "mpnet"])
+def test_full_finetuning_changes_every_weight(tiny_model_dirs, family):
+    from transformers import AutoTokenizer
+
+    module = Teacher(str(tiny_model_dirs[family]), task="rte", finetune="full")
+    module.log = lambda *a, **k: None
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _train_steps(module, _batch(AutoTokenizer.from_pretrained(tiny_model_dirs[family])))
+    unchanged = [n for n, p in module.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2", "distilbert", "mpnet"])
+def test_lora_changes_only_adapters_and_head(tiny_model_dirs, family):
+    from transformers import AutoTokenizer
+
+    module = Teacher(str(tiny_model_dirs[family]), task="rte", finetune="lora", lora_r=4, lora_alpha=8)
+    module.log = lambda *a, **k: None
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _train_steps(module, _batch(AutoTokenizer.from_pretrained(tiny_model_dirs[family])))
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p, before[n])}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert changed == trainable  # everything trainable moved, nothing else did
+    assert all("lora_" in n or "modules_to_save" in n for n in changed)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    assert any("classifier" in n for n in changed)
+
+
+def test_lora_trains_newly_initialised_pooler(tmp_path):
+    # Like paraphrase-MiniLM-L3-v2: a BERT checkpoint without pooler weights.
+    write_tiny_tokenizer(tmp_path)
+    from conftest import tiny_config
+
+    encoder = BertModel(tiny_config("bert", 256), add_pooling_layer=False)
+    encoder.save_pretrained(tmp_path)
+    module = Teacher(str(tmp_path), task="rte", finetune="lora")
+    assert "bert.pooler.dense.weight" in module.newly_initialised
+    pooler = [n for n, p in module.named_parameters() if "pooler" in n and p.requires_grad]
+    assert pooler, "the randomly initialised pooler must be trainable"
+
+
+def test_few_steps_lower_the_loss(tiny_model_dirs):
+    from transformers import AutoTokenizer
+
+    # LoRA (rank 8, frozen random body) needs a larger lr and falls more slowly.
+    for finetune, lr, factor in (("full", 5e-3, 0.6), ("lora", 3e-2, 0.8)):
+        module = Teacher(str(tiny_model_dirs["bert"]), task="rte", finetune=finetune)
+        module.log = lambda *a, **k: None
+        torch.manual_seed(0)
+        losses = _train_steps(module, _batch(AutoTokenizer.from_pretrained(tiny_model_dirs["bert"])), steps=15, lr=lr)
+        assert losses[-1] < factor * losses[0], (finetune, losses)
+
+
+def test_regression_head_for_stsb(tiny_model_dirs):
+    module = Teacher(str(tiny_model_dirs["bert"]), task="stsb")
+    assert module.model.config.num_labels == 1 and module.model.config.problem_type == "regression"
+
+
+def test_unknown_family_needs_explicit_targets(tmp_path):
+    write_tiny_tokenizer(tmp_path)
+    cfg = AlbertConfig(vocab_size=256, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                       intermediate_size=64, num_labels=2)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"no default LoRA targets for model family 'albert'.*lora_targets"):
+        Teacher(str(tmp_path), task="rte", finetune="lora")
+    module = Teacher(str(tmp_path), task="rte", finetune="lora", lora_targets=["query", "value"])
+    assert any("lora_A" in n for n, _ in module.named_parameters())
+
+
+def test_bad_values_are_rejected(tiny_bert_dir):
+    with pytest.raises(ValueError, match="finetune must be"):
+        Teacher(str(tiny_bert_dir), finetune="partial")
+    with pytest.raises(FileNotFoundError, match="cannot load model"):
+        Teacher("/nonexistent/model/dir")
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_fit_exports_best_model_that_reloads_with_same_logits(tiny_bert_dir, small_glue_dir, tmp_path, finetune):
+    L.seed_everything(0)
+    dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=16, cache_dir=str(tmp_path / "c"))
+    module = Teacher(str(tiny_bert_dir), task="mrpc", finetune=finetune, learning_rate=1e-3, export_dir=str(tmp_path / "export"))
+    trainer = L.Trainer(max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
+                        callbacks=[L.pytorch.callbacks.ModelCheckpoint(monitor="val/score", mode="max")])
+    trainer.fit(module, dm)
+    assert trainer.checkpoint_callback.best_model_path
+    assert "val/score" in trainer.callback_metrics and "val/f1" in trainer.callback_metrics
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "export").eval()
+    assert not any("lora" in k for k in reloaded.state_dict())
+    module.eval()
+    batch = next(iter(dm.val_dataloader()))
+    with torch.no_grad():
+        expected = module(batch)
+        got = reloaded(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if finetune == "lora":
+        assert (tmp_path / "export" / "adapter" / "adapter_config.json").is_file()
