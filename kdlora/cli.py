@@ -54,6 +54,8 @@ def cli_main(args: list[str] | None = None) -> int:
 
     try:
         main(args)
+    except SystemExit as e:  # argparse/jsonargparse already printed the problem
+        return e.code if isinstance(e.code, int) else 2
     except (GLUEDataError, ValueError, FileNotFoundError, KeyError) as e:
         if os.environ.get("KDLORA_DEBUG"):
             raise
