@@ -31,6 +31,23 @@ class KDLoRACLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(GLUESubmissionWriter, "predictions")
 
+    def before_instantiate_classes(self) -> None:
+        # Check the task before anything is built, so a typo is one plain message, not a Union dump.
+        from kdlora.tasks import get_task
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        get_task(config.data.task)
+
+
+def clean_error(exc: BaseException) -> str:
+    """The useful line(s) of an error; jsonargparse nests ours inside 'Errors: - ...' lists."""
+    text = str(exc)
+    if "Errors:" not in text:
+        return text
+    reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+    reasons = [r for r in reasons if "NoneType" not in r]
+    return "; ".join(dict.fromkeys(reasons)) or text
+
 
 def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
     return KDLoRACLI(
@@ -59,6 +76,6 @@ def cli_main(args: list[str] | None = None) -> int:
     except (GLUEDataError, ValueError, FileNotFoundError, KeyError) as e:
         if os.environ.get("KDLORA_DEBUG"):
             raise
-        print(f"kdlora: error: {e}", file=sys.stderr)
+        print(f"kdlora: error: {clean_error(e)}", file=sys.stderr)
         return 2
     return 0
