@@ -226,3 +226,20 @@ def test_missing_column_is_reported(tmp_path):
     path.write_text("index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n")
     with pytest.raises(GLUEDataError, match=r"missing column\(s\) \['sentence1', 'sentence2'\]"):
         read_glue_tsv(path, get_task("rte"), True)
+
+
+def test_mnli_predicts_matched_mismatched_and_ax(tmp_path, tiny_bert_dir):
+    _write_local(tmp_path / "glue", "mnli", HUB_ROWS["mnli"])
+    header = "index\tpromptID\tpairID\tgenre\tsentence1\tsentence2\n"
+    for f in ("test_matched.tsv", "test_mismatched.tsv"):
+        (tmp_path / "glue" / "MNLI" / f).write_text(header + "0\t1\t1n\tfiction\the was there.\the was.\n")
+    (tmp_path / "glue" / "diagnostic").mkdir()
+    (tmp_path / "glue" / "diagnostic" / "diagnostic.tsv").write_text(
+        "index\tsentence1\tsentence2\n0\tthe cat sat.\tno cat sat.\n1\tit is new.\tit is old.\n")
+    dm = GLUEDataModule("mnli", str(tiny_bert_dir), data_dir=str(tmp_path / "glue"), cache_dir=str(tmp_path / "c"))
+    dm.setup("predict")
+    names = [(t.name, s.submission) for t, s in dm.predict_targets]
+    assert names == [("mnli", "MNLI-m"), ("mnli", "MNLI-mm"), ("ax", "AX")]
+    loaders = dm.predict_dataloader()
+    assert [len(loader.dataset) for loader in loaders] == [1, 1, 2]
+    assert "labels" in next(iter(loaders[2])) and next(iter(loaders[2]))["idx"].tolist() == [0, 1]
