@@ -543,7 +543,7 @@ class ElasticEncoder(nn.Module):
             plain.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            info = {"name": cfg.name, **cfg.to_dict(), "parameters": self.parameter_count(cfg),
+            info = {"name": cfg.name, "subnet": cfg.to_dict(), "parameters": self.parameter_count(cfg),
                     "exported_parameters": sum(p.numel() for p in plain.parameters()),
                     "family": self.family, "lora_stages_merged": self.num_stages}
             (tmp / "subnet.json").write_text(json.dumps(info, indent=2) + "\n")
