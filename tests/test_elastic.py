@@ -310,3 +310,38 @@ def test_config_names_and_layer_maps():
     assert evenly_spread_layers(6, 1) == (5,)
     with pytest.raises(ValueError):
         evenly_spread_layers(6, 7)
+
+
+def test_export_cli_writes_subnets_of_a_supernet_checkpoint(tiny_bert_dir, tmp_path, capsys):
+    import lightning
+
+    from kdlora.elastic.export import main
+    from kdlora.modules.supernet import SuperTransformer
+
+    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
+    with torch.no_grad():
+        for stage in module.encoder.lora.values():
+            for B in stage.B:
+                B.normal_(0, 0.2)
+    checkpoint = tmp_path / "supernet.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, checkpoint)
+    (tmp_path / "small.yaml").write_text("hidden_size: 16\nnum_heads: [2, 1]\nintermediate_size: 32\nlayers: [1, 3]\n")
+
+    # Errors: one line, exit 2, nothing written.
+    assert main(["--checkpoint", str(tmp_path / "missing.ckpt"), "--subnet", "max", "--out", str(tmp_path / "x")]) == 2
+    assert main(["--checkpoint", str(checkpoint), "--subnet", "h64-a4-f64-l4", "--out", str(tmp_path / "x")]) == 2
+    assert "hidden_size 64 not in 1..32" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+    assert main(["--checkpoint", str(checkpoint), "--subnet", "h16-a2-f32-l0.3", "--subnet", str(tmp_path / "small.yaml"),
+                 "--out", str(tmp_path / "out")]) == 0
+    module.encoder.eval()
+    inputs = make_inputs("bert")
+    inputs["input_ids"] = inputs["input_ids"] % module.encoder.model.config.vocab_size
+    for cfg in (SubnetConfig(16, 2, 32, (0, 3)), SubnetConfig(16, (2, 1), 32, (1, 3))):
+        exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / cfg.name).eval()
+        module.encoder.set_sub_network(cfg)
+        with torch.no_grad():
+            torch.testing.assert_close(exported(**inputs).logits, module.encoder(**inputs).logits, atol=ATOL, rtol=0)
+        assert (tmp_path / "out" / cfg.name / "tokenizer.json").is_file()
