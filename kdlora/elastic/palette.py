@@ -25,7 +25,7 @@ def measure_latency_ms(model: torch.nn.Module, vocab_size: int, batch_size: int 
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, max(vocab_size, 6), (batch_size, seq_len), generator=generator).to(device)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
     attention_mask = torch.ones_like(input_ids)
     times = []
     for i in range(warmup + repeats):
