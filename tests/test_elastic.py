@@ -345,3 +345,16 @@ def test_export_cli_writes_subnets_of_a_supernet_checkpoint(tiny_bert_dir, tmp_p
         with torch.no_grad():
             torch.testing.assert_close(exported(**inputs).logits, module.encoder(**inputs).logits, atol=ATOL, rtol=0)
         assert (tmp_path / "out" / cfg.name / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_forward_under_bf16_autocast(family):
+    """Mixed precision (Trainer precision='bf16-mixed') lowers q/k/v; masks and biases must follow."""
+    encoder = ElasticEncoder(make_model(family)).eval()
+    encoder.set_sub_network(SUBNETS[1])
+    inputs = make_inputs(family)
+    with torch.no_grad():
+        full_precision = encoder(**inputs).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = encoder(**inputs).logits
+    torch.testing.assert_close(mixed.float(), full_precision, atol=2e-2, rtol=0)

@@ -352,12 +352,18 @@ class ElasticEncoder(nn.Module):
         x = x + F.embedding(position_ids, lay.position.weight[:, :h])
         x = F.dropout(self._norm(x, lay.embedding_norm, h), lay.hidden_dropout, train)
 
-        dtype = x.dtype
-        additive_mask = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        padded = attention_mask[:, None, None, :] == 0
         position_bias = None
         if lay.relative_bias is not None:
             buckets = _mpnet_relative_buckets(seq, input_ids.device)
             position_bias = F.embedding(buckets, lay.relative_bias.weight).permute(2, 0, 1)[None]  # [1, heads, T, T]
+        masks: dict[torch.dtype, torch.Tensor] = {}  # additive mask in the attention dtype (autocast may lower it)
+
+        def additive_mask(dtype: torch.dtype) -> torch.Tensor:
+            if dtype not in masks:
+                masks[dtype] = torch.zeros(padded.shape, dtype=dtype, device=padded.device).masked_fill(
+                    padded, torch.finfo(dtype).min)
+            return masks[dtype]
 
         hidden_states = [] if output_hidden_states else None
         for g, heads, ffn in zip(cfg.layers, cfg.heads_per_layer(), cfg.ffn_per_layer()):
@@ -369,7 +375,9 @@ class ElasticEncoder(nn.Module):
             q = split(self._project(x, g, "query", width, h))
             k = split(self._project(x, g, "key", width, h))
             v = split(self._project(x, g, "value", width, h))
-            mask = additive_mask if position_bias is None else additive_mask + position_bias[:, :heads]
+            mask = additive_mask(q.dtype)
+            if position_bias is not None:
+                mask = mask + position_bias[:, :heads].to(q.dtype)
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=lay.attention_dropout if train else 0.0, scale=d ** -0.5
             )
