@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -102,6 +103,7 @@ def main() -> None:
 
     meta = {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "warmup": args.warmup,
+            "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()[0],
             "note": "plain HF models materialised from an ElasticEncoder; median of round-robin rounds; "
                     "ratio = member latency / maxnet latency measured in the same rounds"}
     out = Path(args.out)
@@ -109,7 +111,9 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Palette latency (exported subnets vs maxnet)", "",
              f"CPU, {args.threads} threads, torch {torch.__version__}, seq len {args.seq_len}, "
-             f"median of {args.repeats} (batch 1) / {args.repeats_large} (larger) round-robin rounds after {args.warmup} warm-up.",
+             f"median of {args.repeats} (batch 1) / {args.repeats_large} (larger) round-robin rounds after {args.warmup} warm-up; "
+             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (absolute times inflate under load; "
+             "ratios are measured in the same rounds).",
              "Command: `PYTHONPATH=. python benchmarks/palette_latency.py " + " ".join(f"--model {m}" for m in models) + "`", "",
              "| model | batch | member | subnet | params (M) | params ratio | latency (ms) | latency ratio |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]

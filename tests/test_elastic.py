@@ -216,7 +216,8 @@ def test_importance_reordering_keeps_maxnet_and_sorts_slices(family):
     if family == "mpnet":
         head_score = head_score.sum(0, keepdim=True)
     for scores in list(head_score) + list(neuron_score):
-        assert torch.all(scores[:-1] >= scores[1:] - 1e-9)
+        # (float32 rounding differs through the permuted matmuls: allow near-ties to swap)
+        assert torch.all(scores[:-1] >= scores[1:] * (1 - 1e-4) - 1e-9)
 
 
 def test_importance_reordering_of_plain_hf_regression_model():
