@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -114,7 +115,7 @@ def main() -> None:
              f"median of {args.repeats} (batch 1) / {args.repeats_large} (larger) round-robin rounds after {args.warmup} warm-up; "
              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (absolute times inflate under load; "
              "ratios are measured in the same rounds).",
-             "Command: `PYTHONPATH=. python benchmarks/palette_latency.py " + " ".join(f"--model {m}" for m in models) + "`", "",
+             "Command: `PYTHONPATH=. python benchmarks/palette_latency.py " + " ".join(sys.argv[1:]) + "`", "",
              "| model | batch | member | subnet | params (M) | params ratio | latency (ms) | latency ratio |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
