@@ -399,11 +399,12 @@ class SuperTransformer(GLUEModule):
             log.info("palette from best checkpoint %s", best)
         if rows is None and self.palette_history:
             rows = self.palette_history[max(self.palette_history)]
-        self._report_and_export(rows)
+        # trainer.log_dir is a collective under DDP: read it on every rank, never only on rank 0.
+        self._report_and_export(rows, Path(self.trainer.log_dir or "."), self.export_path)
         self.trainer.strategy.barrier("kdlora-export")
 
     @rank_zero_only
-    def _report_and_export(self, rows: Optional[list[dict]]) -> None:
+    def _report_and_export(self, rows: Optional[list[dict]], report_dir: Path, export_dir: Path) -> None:
         from kdlora.elastic.palette import draw_palette, measure_latency_ms, write_palette_report
 
         if rows is None:  # no validation ran: sizes only
@@ -416,7 +417,6 @@ class SuperTransformer(GLUEModule):
                 model = self.encoder.materialize(SubnetConfig.from_dict({k: row[k] for k in ("hidden_size", "num_heads", "intermediate_size", "layers")}))
                 row["latency_ms"] = measure_latency_ms(model, vocab, self.hparams.latency_batch_size, self.hparams.latency_seq_len)
                 row["latency_batch_size"], row["latency_seq_len"] = self.hparams.latency_batch_size, self.hparams.latency_seq_len
-        report_dir = Path(self.trainer.log_dir or ".")
         title = f"{self.spec.name}: MLFS palette of {self.hparams.model_name_or_path}"
         paths = write_palette_report(rows, report_dir, title)
         print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
@@ -427,9 +427,9 @@ class SuperTransformer(GLUEModule):
             return
         tokenizer = load_tokenizer(self.tokenizer_source())
         for cfg in self.palette:
-            out = self.encoder.export_hf(cfg, self.export_path / cfg.name, tokenizer)
+            out = self.encoder.export_hf(cfg, export_dir / cfg.name, tokenizer)
             print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {out}")
-        write_palette_report(rows, self.export_path, title)
+        write_palette_report(rows, export_dir, title)
 
     def exported_model(self) -> nn.Module:
         return self.encoder.materialize(self.encoder.max_config)
