@@ -359,3 +359,35 @@ def test_forward_under_bf16_autocast(family):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = encoder(**inputs).logits
     torch.testing.assert_close(mixed.float(), full_precision, atol=2e-2, rtol=0)
+
+
+def test_subnet_gradients_reach_only_the_sliced_trainable_adapters():
+    encoder = ElasticEncoder(make_model("bert"), lora_r=4).train()
+    randomize_adapters(encoder, stages=2)  # stage 0 frozen, stage 1 trains
+    cfg = SubnetConfig(16, 2, 24, (1, 3))
+    encoder.set_sub_network(cfg)
+    inputs = make_inputs("bert")
+    encoder(**inputs).logits.square().sum().backward()
+    assert all(p.grad is None for p in encoder.model.parameters())  # frozen base
+    for layer in range(4):
+        A, B = encoder.adapters(layer, "intermediate")[1]
+        A0, _ = encoder.adapters(layer, "intermediate")[0]
+        assert A0.grad is None
+        if layer not in cfg.layers:
+            assert A.grad is None or A.grad.abs().sum() == 0
+            continue
+        # Only the leading slice is read: rows of B beyond FFN 24 and columns of A beyond hidden 16 get no gradient.
+        assert B.grad[24:].abs().sum() == 0 and B.grad[:24].abs().sum() > 0
+        assert A.grad[:, 16:].abs().sum() == 0 and A.grad[:, :16].abs().sum() > 0
+
+
+def test_deepcopy_keeps_slicing_consistent():
+    encoder = ElasticEncoder(make_model("roberta")).eval()
+    randomize_adapters(encoder, stages=1)
+    clone = copy.deepcopy(encoder)
+    with torch.no_grad():
+        clone.linear_module(0, "intermediate").weight.normal_()  # must touch the clone only
+    inputs = make_inputs("roberta")
+    with torch.no_grad():
+        assert (clone(**inputs).logits - encoder(**inputs).logits).abs().max() > 1e-4
+        torch.testing.assert_close(encoder(**inputs).logits, copy.deepcopy(encoder)(**inputs).logits, atol=0, rtol=0)
