@@ -20,7 +20,8 @@ from kdlora.elastic import ElasticEncoder, SubnetConfig, evenly_spread_layers, m
 from kdlora.elastic.importance import importance_scores, reorder_by_importance
 from kdlora.elastic.model import ROLES
 
-FAMILIES = ("bert", "roberta", "mpnet", "distilbert")
+# "deberta-v3": DeBERTa-v2 code with the v3 options (shared attention keys, normed relative embeddings, token types).
+FAMILIES = ("bert", "roberta", "mpnet", "distilbert", "deberta-v2", "deberta-v3")
 ATOL = 1e-5
 # Tiny maxnet: hidden 32, 4 heads of size 8, FFN 64, 4 layers.
 SUBNETS = [
@@ -41,8 +42,11 @@ def single_thread():
 
 
 def make_model(family: str, seed: int = 0, num_labels: int = 2):
+    config = tiny_config("deberta-v2" if family == "deberta-v3" else family, vocab_size=100, num_labels=num_labels)
+    if family == "deberta-v3":
+        config.share_att_key, config.norm_rel_ebd, config.type_vocab_size = True, "layer_norm", 2
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_config(tiny_config(family, vocab_size=100, num_labels=num_labels)).eval()
+    return AutoModelForSequenceClassification.from_config(config).eval()
 
 
 def make_inputs(family: str, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -52,7 +56,7 @@ def make_inputs(family: str, seed: int = 1) -> dict[str, torch.Tensor]:
     mask[1, 9:] = 0  # a padded row
     ids[1, 9:] = 1 if family == "mpnet" else 0  # the family's padding id (MPNet pads with 1)
     inputs = {"input_ids": ids, "attention_mask": mask}
-    if family == "bert":
+    if family in ("bert", "deberta-v3"):
         inputs["token_type_ids"] = (torch.arange(13) >= 6).long().expand(3, -1).clone()
     return inputs
 
@@ -83,7 +87,7 @@ def test_maxnet_equals_hf_model(family):
         torch.testing.assert_close(mine, theirs, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "deberta-v3"])
 def test_lora_stages_equal_hand_merged_hf_model(family):
     model = make_model(family)
     reference = copy.deepcopy(model)
@@ -183,7 +187,7 @@ def _batches(family: str, n: int = 3, seed: int = 5, regression: bool = False):
     return batches
 
 
-@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet"])
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "deberta-v2", "deberta-v3"])
 def test_importance_reordering_keeps_maxnet_and_sorts_slices(family):
     encoder = ElasticEncoder(make_model(family)).eval()
     randomize_adapters(encoder, stages=1)
@@ -289,8 +293,16 @@ def test_bad_configs_raise_clear_errors():
         with pytest.raises(ValueError, match=message):
             encoder.export_hf(cfg, "/nonexistent/never-written")
     assert encoder.sub_network == encoder.max_config  # a rejected config leaves the current one
+    from transformers import AlbertConfig
+
+    albert = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                          num_hidden_layers=1)
     with pytest.raises(ValueError, match="families bert, roberta"):
-        ElasticEncoder(AutoModelForSequenceClassification.from_config(tiny_config("deberta-v2", 100)))
+        ElasticEncoder(AutoModelForSequenceClassification.from_config(albert))
+    conv = tiny_config("deberta-v2", 100)
+    conv.conv_kernel_size = 3
+    with pytest.raises(ValueError, match="does not support conv_kernel_size"):
+        ElasticEncoder(AutoModelForSequenceClassification.from_config(conv))
     with pytest.raises(ValueError, match="unknown elastic LoRA target 'dense'"):
         ElasticEncoder(make_model("bert"), lora_targets=("query", "dense"))
     with pytest.raises(ValueError, match="bad subnet name"):
@@ -348,7 +360,7 @@ def test_export_cli_writes_subnets_of_a_supernet_checkpoint(tiny_bert_dir, tmp_p
         assert (tmp_path / "out" / cfg.name / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("family", ["bert", "mpnet"])
+@pytest.mark.parametrize("family", ["bert", "mpnet", "deberta-v3"])
 def test_forward_under_bf16_autocast(family):
     """Mixed precision (Trainer precision='bf16-mixed') lowers q/k/v; masks and biases must follow."""
     encoder = ElasticEncoder(make_model(family)).eval()

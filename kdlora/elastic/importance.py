@@ -99,6 +99,12 @@ def permute_heads(encoder: ElasticEncoder, layer: int, order: torch.Tensor, perm
             _permute_rows(linear.bias, rows)
         for _, B in encoder.adapters(layer, role):
             _permute_rows(B, rows)
+    deberta = encoder._layout.deberta
+    if deberta is not None:
+        for proj in (deberta.pos_key_proj[layer], deberta.pos_query_proj[layer]):
+            if proj is not None:
+                _permute_rows(proj.weight, rows)
+                _permute_rows(proj.bias, rows)
     _permute_cols(encoder.linear_module(layer, "attention_output").weight, rows)
     for A, _ in encoder.adapters(layer, "attention_output"):
         _permute_cols(A, rows)

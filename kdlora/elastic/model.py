@@ -6,7 +6,8 @@ FFN in/out, pooler, classifier head) and the matching slices of the LoRA matrice
 input columns, B: leading output rows). Head size stays the maxnet's, so `num_heads` selects the
 leading heads. transformers v5 has no head masking or pruning, so the forward is written here with
 functional ops on the sliced weights, reproducing the Hugging Face math of each family (post-LN
-encoders: BERT, RoBERTa/XLM-R, MPNet, DistilBERT).
+encoders: BERT, RoBERTa/XLM-R, MPNet, DistilBERT, and DeBERTa-v2/v3 with disentangled attention, except
+the ConvLayer / embed_proj / z_steps variants).
 
 LoRA is hand-written rather than peft because adapters are sliced per sub-network and added in
 stages (MLFS): W_sup = W_pretrain + Σ_s (alpha/r)·B_s A_s; adding a stage freezes earlier ones.
@@ -32,7 +33,7 @@ from transformers import PreTrainedModel
 
 from kdlora.elastic.config import SubnetConfig, maxnet_config
 
-SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert")
+SUPPORTED_FAMILIES = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta-v2")
 
 # Projections of one encoder layer, by family-neutral role name.
 ROLES = ("query", "key", "value", "attention_output", "intermediate", "output")
@@ -41,6 +42,7 @@ ROLE_ALIASES = {
     "q": "query", "k": "key", "v": "value", "o": "attention_output",
     "q_lin": "query", "k_lin": "key", "v_lin": "value", "out_lin": "attention_output",
     "lin1": "intermediate", "lin2": "output", "attention.output": "attention_output",
+    "query_proj": "query", "key_proj": "key", "value_proj": "value",
 }
 
 
@@ -78,6 +80,24 @@ class _Layer:
 
 
 @dataclass
+class _Deberta:
+    """DeBERTa-v2/v3 disentangled attention: shared relative embeddings and per-layer position projections."""
+
+    rel_embeddings: nn.Embedding  # [2·span, hidden], columns sliced
+    rel_norm: Optional[nn.LayerNorm]
+    share_att_key: bool  # position projections reuse the (LoRA-adapted) query/key projections
+    pos_key_proj: list[Optional[nn.Linear]]
+    pos_query_proj: list[Optional[nn.Linear]]
+    c2p: bool
+    p2c: bool
+    span: int
+    position_buckets: int
+    max_relative_positions: int
+    pooler_activation: Callable[[torch.Tensor], torch.Tensor]
+    pooler_dropout: float
+
+
+@dataclass
 class _Layout:
     """Where a family keeps its weights, and the constants of its forward."""
 
@@ -97,6 +117,7 @@ class _Layout:
     attention_dropout: float
     classifier_dropout: float
     attention_output_dropout: bool  # DistilBERT has no dropout on the attention output
+    deberta: Optional[_Deberta] = None
 
 
 def _bert_style_layers(encoder_layers) -> list[_Layer]:
@@ -147,6 +168,8 @@ def _layout(model: PreTrainedModel) -> _Layout:
             base.encoder.relative_attention_bias, "roberta", model.classifier.dense, model.classifier.out_proj,
             emb.dropout.p, model.config.attention_probs_dropout_prob, model.classifier.dropout.p, True,
         )
+    if family == "deberta-v2":
+        return _deberta_layout(model)
     # distilbert
     base, emb = model.distilbert, model.distilbert.embeddings
     layers = [
@@ -159,6 +182,47 @@ def _layout(model: PreTrainedModel) -> _Layout:
         family, emb.word_embeddings, emb.position_embeddings, None, emb.LayerNorm, layers, first.ffn.activation,
         None, None, "distilbert", model.pre_classifier, model.classifier, emb.dropout.p,
         first.attention.dropout.p, model.dropout.p, False,
+    )
+
+
+def _deberta_layout(model: PreTrainedModel) -> _Layout:
+    from transformers.activations import ACT2FN
+
+    config, base, emb = model.config, model.deberta, model.deberta.embeddings
+    encoder = base.encoder
+    unsupported = []
+    if emb.embed_proj is not None:
+        unsupported.append("embedding_size != hidden_size")
+    if encoder.conv is not None:
+        unsupported.append("conv_kernel_size > 0 (DeBERTa-v2-xlarge style ConvLayer)")
+    if not encoder.relative_attention:
+        unsupported.append("relative_attention=False")
+    if getattr(config, "pooler_hidden_size", config.hidden_size) != config.hidden_size:
+        unsupported.append("pooler_hidden_size != hidden_size")
+    if base.z_steps > 1:
+        unsupported.append("z_steps > 1")
+    if unsupported:
+        raise ValueError(f"elastic DeBERTa-v2 does not support {', '.join(unsupported)}")
+    attentions = [l.attention.self for l in encoder.layer]
+    first = attentions[0]
+    layers = [
+        _Layer(l.attention.self.query_proj, l.attention.self.key_proj, l.attention.self.value_proj,
+               l.attention.output.dense, l.attention.output.LayerNorm, l.intermediate.dense, l.output.dense,
+               l.output.LayerNorm)
+        for l in encoder.layer
+    ]
+    extras = _Deberta(
+        encoder.rel_embeddings, getattr(encoder, "LayerNorm", None) if "layer_norm" in encoder.norm_rel_ebd else None,
+        first.share_att_key, [getattr(a, "pos_key_proj", None) for a in attentions],
+        [getattr(a, "pos_query_proj", None) for a in attentions], "c2p" in first.pos_att_type,
+        "p2c" in first.pos_att_type, first.pos_ebd_size, first.position_buckets, first.max_relative_positions,
+        ACT2FN[config.pooler_hidden_act], model.pooler.dropout.p,
+    )
+    return _Layout(
+        "deberta-v2", emb.word_embeddings, emb.position_embeddings if emb.position_biased_input else None,
+        emb.token_type_embeddings, emb.LayerNorm, layers, encoder.layer[0].intermediate.intermediate_act_fn, None, None,
+        "deberta", model.pooler.dense, model.classifier, emb.dropout.p, config.attention_probs_dropout_prob,
+        model.dropout.p, True, extras,
     )
 
 
@@ -189,7 +253,7 @@ class ElasticEncoder(nn.Module):
     """A frozen HF `*ForSequenceClassification` plus staged LoRA, runnable as any sub-network.
 
     Args:
-        model: the maxnet (BERT, RoBERTa/XLM-R, MPNet or DistilBERT sequence classifier). Its
+        model: the maxnet (BERT, RoBERTa/XLM-R, MPNet, DistilBERT or DeBERTa-v2/v3 sequence classifier). Its
             weights are used in place (not copied) and frozen.
         lora_r, lora_alpha, lora_dropout: adapter rank, scale alpha/r and input dropout.
         lora_targets: projections that get adapters: role names (query, key, value,
@@ -345,6 +409,14 @@ class ElasticEncoder(nn.Module):
         else:
             position_ids = torch.arange(seq, device=input_ids.device)[None, :]
         x = F.embedding(input_ids, lay.word.weight[:, :h])
+        if lay.deberta is not None:  # DeBERTa adds positions (if at all) before token types
+            if lay.position is not None:
+                x = x + F.embedding(position_ids, lay.position.weight[:, :h])
+            if lay.token_type is not None:
+                x = x + F.embedding(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids),
+                                    lay.token_type.weight[:, :h])
+            x = self._norm(x, lay.embedding_norm, h) * attention_mask[:, :, None].to(x.dtype)
+            return self._deberta_encoder(F.dropout(x, lay.hidden_dropout, train), attention_mask, output_hidden_states)
         if lay.token_type is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
@@ -394,6 +466,57 @@ class ElasticEncoder(nn.Module):
 
         return ElasticOutput(self._head(x[:, 0], h), hidden_states)
 
+    def _deberta_encoder(self, x: torch.Tensor, attention_mask: torch.Tensor, output_hidden_states: bool) -> ElasticOutput:
+        """DeBERTa-v2 layers (disentangled attention, as DisentangledSelfAttention) on sliced weights."""
+        from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+        cfg, lay, d, train = self._current, self._layout, self._head_dim, self.training
+        ext, h = lay.deberta, cfg.hidden_size
+        batch, seq = x.shape[:2]
+        keep = (attention_mask[:, None, :, None] * attention_mask[:, None, None, :]).bool()  # [B, 1, T, T]
+        relative_pos = build_relative_position(x, x, ext.position_buckets, ext.max_relative_positions)[0]  # [T, T]
+        rel_embeddings = ext.rel_embeddings.weight[: 2 * ext.span, :h]
+        if ext.rel_norm is not None:
+            rel_embeddings = self._norm(rel_embeddings, ext.rel_norm, h)
+        scale_factor = 1 + int(ext.c2p) + int(ext.p2c)
+        c2p_index = torch.clamp(relative_pos + ext.span, 0, 2 * ext.span - 1)
+        p2c_index = torch.clamp(-relative_pos + ext.span, 0, 2 * ext.span - 1)
+        hidden_states = [] if output_hidden_states else None
+        for g, heads, ffn in zip(cfg.layers, cfg.heads_per_layer(), cfg.ffn_per_layer()):
+            layer, width = lay.layers[g], heads * d
+            rel = F.dropout(rel_embeddings, lay.hidden_dropout, train)  # each layer's pos_dropout
+
+            def split(t: torch.Tensor) -> torch.Tensor:  # [B or 1, T, width] -> [B or 1, heads, T, d]
+                return t.view(t.shape[0], t.shape[1], heads, d).transpose(1, 2)
+
+            q = split(self._project(x, g, "query", width, h))
+            k = split(self._project(x, g, "key", width, h))
+            v = split(self._project(x, g, "value", width, h))
+            scale = math.sqrt(d * scale_factor)
+            scores = q @ (k.transpose(-1, -2) / scale)
+            if ext.c2p:
+                pos_key = (split(self._project(rel[None], g, "key", width, h)) if ext.share_att_key else
+                           split(F.linear(rel[None], ext.pos_key_proj[g].weight[:width, :h], ext.pos_key_proj[g].bias[:width])))
+                c2p = torch.gather(q @ pos_key.transpose(-1, -2), -1, c2p_index.expand(batch, heads, seq, seq))
+                scores = scores + c2p / scale
+            if ext.p2c:
+                pos_query = (split(self._project(rel[None], g, "query", width, h)) if ext.share_att_key else
+                             split(F.linear(rel[None], ext.pos_query_proj[g].weight[:width, :h],
+                                            ext.pos_query_proj[g].bias[:width])))
+                p2c = torch.gather(k @ pos_query.transpose(-1, -2), -1, p2c_index.expand(batch, heads, seq, seq))
+                scores = scores + p2c.transpose(-1, -2) / scale
+            scores = scores.masked_fill(~keep, torch.finfo(q.dtype).min)
+            probs = F.dropout(torch.softmax(scores, dim=-1), lay.attention_dropout, train)
+            context = (probs @ v).transpose(1, 2).reshape(batch, seq, width)
+            attn = F.dropout(self._project(context, g, "attention_output", h, width), lay.hidden_dropout, train)
+            x = self._norm(attn + x, layer.attention_norm, h)
+            inner = lay.activation(self._project(x, g, "intermediate", ffn, h))
+            out = F.dropout(self._project(inner, g, "output", h, ffn), lay.hidden_dropout, train)
+            x = self._norm(out + x, layer.output_norm, h)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        return ElasticOutput(self._head(x[:, 0], h), hidden_states)
+
     def _head(self, cls: torch.Tensor, h: int) -> torch.Tensor:
         lay, train, p = self._layout, self.training, self._layout.classifier_dropout
         dense, classifier = lay.head_dense, lay.classifier
@@ -402,6 +525,10 @@ class ElasticEncoder(nn.Module):
         elif lay.head_style == "roberta":
             z = torch.tanh(F.linear(F.dropout(cls, p, train), dense.weight[:h, :h], dense.bias[:h]))
             z = F.dropout(z, p, train)
+        elif lay.head_style == "deberta":  # ContextPooler, then dropout + classifier
+            ext = lay.deberta
+            z = F.linear(F.dropout(cls, ext.pooler_dropout, train), dense.weight[:h, :h], dense.bias[:h])
+            z = F.dropout(ext.pooler_activation(z), p, train)
         else:  # distilbert
             z = F.dropout(F.relu(F.linear(cls, dense.weight[:h, :h], dense.bias[:h])), p, train)
         return F.linear(z, classifier.weight[:, :h], classifier.bias)
@@ -410,7 +537,7 @@ class ElasticEncoder(nn.Module):
     def _used_tensors(self, cfg: SubnetConfig) -> Iterator[tuple[torch.Tensor, tuple[int, ...]]]:
         """Every base tensor a subnet reads, with the shape of the slice it reads."""
         lay, d, h = self._layout, self._head_dim, cfg.hidden_size
-        embeddings = [lay.word, lay.position] + ([lay.token_type] if lay.token_type is not None else [])
+        embeddings = [e for e in (lay.word, lay.position, lay.token_type) if e is not None]
         for e in embeddings:
             yield e.weight, (e.weight.shape[0], h)
         norms = [lay.embedding_norm]
@@ -428,6 +555,17 @@ class ElasticEncoder(nn.Module):
             yield norm.bias, (h,)
         if lay.relative_bias is not None:
             yield lay.relative_bias.weight, (lay.relative_bias.weight.shape[0], max(cfg.heads_per_layer()))
+        if lay.deberta is not None:
+            ext = lay.deberta
+            yield ext.rel_embeddings.weight, (ext.rel_embeddings.weight.shape[0], h)
+            if ext.rel_norm is not None:
+                yield ext.rel_norm.weight, (h,)
+                yield ext.rel_norm.bias, (h,)
+            for g, heads in zip(cfg.layers, cfg.heads_per_layer()):
+                for proj in (ext.pos_key_proj[g], ext.pos_query_proj[g]):
+                    if proj is not None:
+                        yield proj.weight, (heads * d, h)
+                        yield proj.bias, (heads * d,)
         yield lay.head_dense.weight, (h, h)
         yield lay.head_dense.bias, (h,)
         yield lay.classifier.weight, (lay.classifier.weight.shape[0], h)
@@ -472,6 +610,9 @@ class ElasticEncoder(nn.Module):
         new.num_attention_heads = cfg.hidden_size // self._head_dim  # head size = maxnet's
         new.num_hidden_layers = len(cfg.layers)
         setattr(new, "hidden_dim" if self.family == "distilbert" else "intermediate_size", max(cfg.ffn_per_layer()))
+        if self.family == "deberta-v2":
+            new.pooler_hidden_size = cfg.hidden_size
+            new.attention_head_size = self._head_dim
         return new
 
     @torch.no_grad()
@@ -500,7 +641,9 @@ class ElasticEncoder(nn.Module):
             assigned.add(id(param))
 
         lay, h, d = self._layout, cfg.hidden_size, self._head_dim
-        pairs = [(lay.word, target.word), (lay.position, target.position)]
+        pairs = [(lay.word, target.word)]
+        if lay.position is not None:
+            pairs.append((lay.position, target.position))
         if lay.token_type is not None:
             pairs.append((lay.token_type, target.token_type))
         for src, dst in pairs:
@@ -524,6 +667,16 @@ class ElasticEncoder(nn.Module):
             put_norm(lay.layers[g].output_norm, dst_layer.output_norm)
         if lay.relative_bias is not None:
             put(target.relative_bias.weight, lay.relative_bias.weight[:, : target.relative_bias.weight.shape[1]])
+        if lay.deberta is not None:
+            ext, dst = lay.deberta, target.deberta
+            put(dst.rel_embeddings.weight, ext.rel_embeddings.weight[:, :h])
+            if ext.rel_norm is not None:
+                put_norm(ext.rel_norm, dst.rel_norm)
+            for i, (g, heads) in enumerate(zip(cfg.layers, cfg.heads_per_layer())):
+                for src, out in ((ext.pos_key_proj[g], dst.pos_key_proj[i]), (ext.pos_query_proj[g], dst.pos_query_proj[i])):
+                    if src is not None:
+                        put(out.weight, src.weight[: heads * d, :h])
+                        put(out.bias, src.bias[: heads * d])
         put(target.head_dense.weight, lay.head_dense.weight[:h, :h])
         put(target.head_dense.bias, lay.head_dense.bias[:h])
         put(target.classifier.weight, lay.classifier.weight[:, :h])
