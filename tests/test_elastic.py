@@ -403,3 +403,23 @@ def test_deepcopy_keeps_slicing_consistent():
     with torch.no_grad():
         assert (clone(**inputs).logits - encoder(**inputs).logits).abs().max() > 1e-4
         torch.testing.assert_close(encoder(**inputs).logits, copy.deepcopy(encoder)(**inputs).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet", "distilbert", "deberta-v3"])
+def test_hidden_dimension_reordering_keeps_maxnet(family):
+    from kdlora.elastic.importance import hidden_importance
+
+    encoder = ElasticEncoder(make_model(family)).eval()
+    randomize_adapters(encoder, stages=1)
+    inputs = make_inputs(family, seed=42)
+    word_before = encoder._layout.word.weight.detach().clone()
+    with torch.no_grad():
+        before = encoder(**inputs).logits
+    orders = reorder_by_importance(encoder, _batches(family), num_batches=2, hidden=True)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(**inputs).logits, before, atol=ATOL, rtol=0)
+    hidden = orders["hidden"]
+    assert sorted(hidden) == list(range(32)) and hidden != list(range(32))
+    torch.testing.assert_close(encoder._layout.word.weight, word_before[:, hidden], atol=0, rtol=0)
+    scores = hidden_importance(encoder, _batches(family), num_batches=2)
+    assert torch.all(scores[:-1] >= scores[1:] * (1 - 1e-4) - 1e-9)

@@ -128,15 +128,96 @@ def permute_neurons(encoder: ElasticEncoder, layer: int, order: torch.Tensor) ->
         _permute_cols(A, order)
 
 
+def hidden_axes(encoder: ElasticEncoder, adapters: bool = True) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, axis) for every axis that indexes the hidden (residual-stream) dimension.
+
+    Permuting all of them alike leaves the maxnet's function unchanged: LayerNorm is
+    permutation-equivariant, and every reader/writer of the residual stream is permuted with it.
+    The pooler/head dense layer's output axis shares the permutation with the classifier's input.
+    """
+    lay = encoder._layout
+    axes: list[tuple[torch.Tensor, int]] = [(e.weight, 1) for e in (lay.word, lay.position, lay.token_type) if e is not None]
+    norms = [lay.embedding_norm] + [n for layer in lay.layers for n in (layer.attention_norm, layer.output_norm)]
+    for layer_index, layer in enumerate(lay.layers):
+        for role in ("query", "key", "value", "intermediate"):  # read the residual stream
+            axes.append((getattr(layer, role).weight, 1))
+            if adapters:
+                axes += [(A, 1) for A, _ in encoder.adapters(layer_index, role)]
+        for role in ("attention_output", "output"):  # write it
+            linear = getattr(layer, role)
+            axes.append((linear.weight, 0))
+            if linear.bias is not None:
+                axes.append((linear.bias, 0))
+            if adapters:
+                axes += [(B, 0) for _, B in encoder.adapters(layer_index, role)]
+    if lay.deberta is not None:
+        axes.append((lay.deberta.rel_embeddings.weight, 1))
+        if lay.deberta.rel_norm is not None:
+            norms.append(lay.deberta.rel_norm)
+        for proj in lay.deberta.pos_key_proj + lay.deberta.pos_query_proj:
+            if proj is not None:
+                axes.append((proj.weight, 1))
+    for norm in norms:
+        axes += [(norm.weight, 0), (norm.bias, 0)]
+    axes += [(lay.head_dense.weight, 0), (lay.head_dense.weight, 1), (lay.head_dense.bias, 0), (lay.classifier.weight, 1)]
+    return axes
+
+
+def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None) -> torch.Tensor:
+    """Importance [hidden] of each residual-stream dimension: Σ |W ⊙ ∂L/∂W| over the weights indexed by it."""
+    axes = hidden_axes(encoder, adapters=False)
+    tensors = list({id(t): t for t, _ in axes}.values())
+    flags = [t.requires_grad for t in tensors]
+    was_training, previous = encoder.training, encoder.sub_network
+    score = torch.zeros(encoder.max_config.hidden_size, dtype=torch.float64)
+    device = tensors[0].device
+    seen = 0
+    try:
+        encoder.eval()
+        encoder.reset_super_network()
+        for t in tensors:
+            t.requires_grad_(True)
+        for batch in dataloader:
+            if num_batches is not None and seen >= num_batches:
+                break
+            labels = batch.get("labels", batch.get("label"))
+            if labels is None:
+                raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
+            inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
+            grads = dict(zip(map(id, tensors), torch.autograd.grad(_loss(encoder(**inputs).logits, labels.to(device)), tensors)))
+            with torch.no_grad():
+                for t, axis in axes:
+                    taylor = (t * grads[id(t)]).abs()
+                    score += taylor.sum(dim=[d for d in range(t.ndim) if d != axis]).double().cpu() if t.ndim > 1 else taylor.double().cpu()
+            seen += 1
+    finally:
+        for t, flag in zip(tensors, flags):
+            t.requires_grad_(flag)
+        encoder.train(was_training)
+        encoder.set_sub_network(previous)
+    if seen == 0:
+        raise ValueError("importance reordering got no batches from the dataloader")
+    return score / seen
+
+
+@torch.no_grad()
+def permute_hidden(encoder: ElasticEncoder, order: torch.Tensor) -> None:
+    """Make hidden dimension order[j] the new dimension j everywhere (weights, norms, adapters, head)."""
+    for t, axis in hidden_axes(encoder):
+        t.copy_(t.index_select(axis, order.to(t.device)))
+
+
 def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, dataloader: Iterable[dict],
-                          num_batches: Optional[int] = None) -> dict[str, list[list[int]]]:
+                          num_batches: Optional[int] = None, hidden: bool = False) -> dict[str, list]:
     """Rank heads and FFN neurons on training batches and permute weights, most important first.
 
     Accepts an ElasticEncoder or a supported HF sequence classifier (permuted in place; its
     requires_grad flags are left as they were). The maxnet's function is unchanged. MPNet shares one
     relative-position bias across layers, so its heads get one permutation (importance summed over
-    layers). Returns the applied orders: {"heads": [per layer], "neurons": [per layer]}, where
-    order[j] is the old index of the new j-th head/neuron.
+    layers). With `hidden`, the residual-stream dimensions are ranked (first-order Taylor
+    |W·∂L/∂W| summed over every weight they index) and permuted too, most important first.
+    Returns the applied orders: {"heads": [per layer], "neurons": [per layer], "hidden": [...] if
+    hidden}, where order[j] is the old index of the new j-th head/neuron/dimension.
     """
     if isinstance(encoder_or_hf_model, ElasticEncoder):
         encoder, flags = encoder_or_hf_model, None
@@ -155,9 +236,14 @@ def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, datal
         for layer, (ho, no) in enumerate(zip(head_orders, neuron_orders)):
             permute_heads(encoder, layer, ho, permute_shared_bias=(not shared_bias or layer == 0))
             permute_neurons(encoder, layer, no)
+        result = {"heads": [o.tolist() for o in head_orders], "neurons": [o.tolist() for o in neuron_orders]}
+        if hidden:
+            hidden_order = torch.sort(hidden_importance(encoder, dataloader, num_batches), descending=True, stable=True).indices
+            permute_hidden(encoder, hidden_order)
+            result["hidden"] = hidden_order.tolist()
     finally:
         if flags is not None:
             for p, flag in zip(encoder_or_hf_model.parameters(), flags):
                 p.requires_grad_(flag)
-    log.info("reordered heads and FFN neurons of %d layers by importance", len(head_orders))
-    return {"heads": [o.tolist() for o in head_orders], "neurons": [o.tolist() for o in neuron_orders]}
+    log.info("reordered heads and FFN neurons of %d layers%s by importance", len(head_orders), " and hidden dims" if hidden else "")
+    return result
