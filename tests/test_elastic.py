@@ -21,7 +21,7 @@ from kdlora.elastic.importance import importance_scores, reorder_by_importance
 from kdlora.elastic.model import ROLES
 
 # "deberta-v3": DeBERTa-v2 code with the v3 options (shared attention keys, normed relative embeddings, token types).
-FAMILIES = ("bert", "roberta", "mpnet", "distilbert", "deberta-v2", "deberta-v3")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "mpnet", "distilbert", "deberta-v2", "deberta-v3")
 ATOL = 1e-5
 # Tiny maxnet: hidden 32, 4 heads of size 8, FFN 64, 4 layers.
 SUBNETS = [
@@ -42,6 +42,14 @@ def single_thread():
 
 
 def make_model(family: str, seed: int = 0, num_labels: int = 2):
+    if family == "xlm-roberta":  # not among conftest's families: same shapes as its RoBERTa, XLM-R's padding id 1
+        from transformers import XLMRobertaConfig
+
+        torch.manual_seed(seed)
+        config = XLMRobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=160, type_vocab_size=1, pad_token_id=1,
+                                  num_labels=num_labels)
+        return AutoModelForSequenceClassification.from_config(config).eval()
     config = tiny_config("deberta-v2" if family == "deberta-v3" else family, vocab_size=100, num_labels=num_labels)
     if family == "deberta-v3":
         config.share_att_key, config.norm_rel_ebd, config.type_vocab_size = True, "layer_norm", 2
@@ -54,7 +62,7 @@ def make_inputs(family: str, seed: int = 1) -> dict[str, torch.Tensor]:
     ids = torch.randint(5, 100, (3, 13), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # a padded row
-    ids[1, 9:] = 1 if family == "mpnet" else 0  # the family's padding id (MPNet pads with 1)
+    ids[1, 9:] = 1 if family in ("mpnet", "xlm-roberta") else 0  # the family's padding id
     inputs = {"input_ids": ids, "attention_mask": mask}
     if family in ("bert", "deberta-v3"):
         inputs["token_type_ids"] = (torch.arange(13) >= 6).long().expand(3, -1).clone()

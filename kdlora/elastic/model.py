@@ -288,6 +288,9 @@ class ElasticEncoder(nn.Module):
             self._lora_key(i, role): _LoraStages() for i in range(len(self._layout.layers)) for role in self.lora_targets
         })
         self._max = maxnet_config(model.config)
+        if self._layout.layers[0].query.out_features != self._max.hidden_size:
+            raise ValueError(f"elastic slicing needs attention width = hidden size ({self._max.hidden_size}); this "
+                             f"{self.family} model has {self._layout.layers[0].query.out_features}")
         self._head_dim = self._max.head_dim
         self._current = self._max
         self._materialized: OrderedDict = OrderedDict()
