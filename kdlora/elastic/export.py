@@ -1,0 +1,110 @@
+"""Export sub-networks of a trained super-transformer as plain Hugging Face model directories.
+
+    python -m kdlora.elastic.export --checkpoint runs/.../best.ckpt --subnet h256-a4-f1024-l4 --out exports/h256
+    python -m kdlora.elastic.export --checkpoint best.ckpt --subnet subnet.yaml --out exports/small
+    python -m kdlora.elastic.export --checkpoint best.ckpt --subnet max --subnet h192-a3-f768-l0.2.5 --out exports/
+
+Each export has every LoRA stage merged, weights physically sliced and a smaller config, and loads
+with `AutoModelForSequenceClassification.from_pretrained`. With several --subnet values, --out is
+a parent directory holding one folder per subnet name. A subnet is a name (see
+`SubnetConfig.name`; ``l<n>`` = first n layers, dotted = explicit lists), ``max``, or a JSON/YAML
+file with hidden_size, num_heads, intermediate_size and layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from kdlora.elastic.config import SubnetConfig
+from kdlora.elastic.model import ElasticEncoder
+
+log = logging.getLogger(__name__)
+
+
+def parse_subnet(spec: str, encoder: ElasticEncoder) -> SubnetConfig:
+    """A SubnetConfig from a name, ``max``, or a .json/.yaml/.yml file; validated against the maxnet."""
+    if spec in ("max", "maxnet"):
+        return encoder.max_config
+    path = Path(spec)
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"subnet file {spec} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"subnet file {spec} must hold a mapping with hidden_size, num_heads, intermediate_size, layers")
+        cfg = SubnetConfig.from_dict(data)
+    else:
+        cfg = SubnetConfig.from_name(spec)
+    cfg.validate(encoder.max_config)
+    return cfg
+
+
+def load_encoder(checkpoint: str | Path):
+    """(ElasticEncoder, tokenizer or None) of a SuperTransformer Lightning checkpoint."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    from kdlora.modules.supernet import SuperTransformer  # lazy: Lightning is slow to import
+
+    module = SuperTransformer.load_from_checkpoint(checkpoint, map_location="cpu")
+    module.eval()
+    tokenizer = None
+    name = module.hparams.get("model_name_or_path")
+    if name:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            log.warning("no tokenizer saved with the export: cannot load %r (%s)", name, e)
+    return module.encoder, tokenizer
+
+
+def export_subnets(encoder: ElasticEncoder, subnets: Sequence[SubnetConfig], out: str | Path, tokenizer=None) -> list[Path]:
+    """Write each subnet: to `out` itself for one subnet, else to `out/<name>`."""
+    out = Path(out)
+    targets = [out] if len(subnets) == 1 else [out / cfg.name for cfg in subnets]
+    encoder.eval()
+    written = []
+    for cfg, target in zip(subnets, targets):
+        encoder.export_hf(cfg, target, tokenizer)
+        log.info("exported %s (%d parameters) to %s", cfg.name, encoder.parameter_count(cfg), target)
+        written.append(target)
+    return written
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdlora.elastic.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="SuperTransformer Lightning checkpoint (.ckpt)")
+    parser.add_argument("--subnet", required=True, action="append",
+                        help="subnet name (e.g. h256-a4-f1024-l4), 'max', or a JSON/YAML file; repeatable")
+    parser.add_argument("--out", required=True, help="output directory (parent directory if several subnets)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        checkpoint = Path(args.checkpoint)
+        if not checkpoint.is_file():  # before the slow imports and model loading
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        encoder, tokenizer = load_encoder(checkpoint)
+        subnets = [parse_subnet(s, encoder) for s in args.subnet]  # all validated before anything is written
+        for path in export_subnets(encoder, subnets, args.out, tokenizer):
+            print(path)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"kdlora: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

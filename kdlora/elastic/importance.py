@@ -1,0 +1,249 @@
+"""Importance reordering: permute heads and FFN neurons so the leading slices are the most important.
+
+Importance is the gradient of the training loss with respect to a multiplicative mask ξ on each
+head's context / each FFN neuron's activation, averaged as E|∂L/∂ξ| over training batches (Michel
+et al., 2019, as in DynaBERT). No mask is needed in the forward: with output projection W_o, the
+derivative is ∂L/∂ξ = Σ (W_o ⊙ ∂L/∂W_o) over the columns the head/neuron feeds, per batch.
+
+Use training batches only, never dev data. Permuting rows of Q/K/V (per head block), intermediate
+rows and the matching columns of the output projections (and LoRA A/B slices) leaves the maxnet's
+function unchanged. Reorder before training: optimizer state is not permuted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdlora.elastic.model import ElasticEncoder
+
+log = logging.getLogger(__name__)
+
+_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if logits.shape[-1] == 1:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return F.cross_entropy(logits, labels.long())
+
+
+@torch.no_grad()
+def _permute_rows(t: torch.Tensor, index: torch.Tensor) -> None:
+    t.copy_(t.index_select(0, index))
+
+
+@torch.no_grad()
+def _permute_cols(t: torch.Tensor, index: torch.Tensor) -> None:
+    t.copy_(t.index_select(1, index))
+
+
+def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head importance [layers, heads], neuron importance [layers, ffn]) of the maxnet on `dataloader`."""
+    L, d = len(encoder.max_config.layers), encoder.head_dim
+    heads, ffn = max(encoder.max_config.heads_per_layer()), max(encoder.max_config.ffn_per_layer())
+    outputs = [encoder.linear_module(i, role).weight for i in range(L) for role in ("attention_output", "output")]
+    was_training, previous = encoder.training, encoder.sub_network
+    flags = [w.requires_grad for w in outputs]
+    head_score = torch.zeros(L, heads, dtype=torch.float64)
+    neuron_score = torch.zeros(L, ffn, dtype=torch.float64)
+    device = outputs[0].device
+    seen = 0
+    try:
+        encoder.eval()  # no dropout: importance of the deterministic maxnet
+        encoder.reset_super_network()
+        for w in outputs:
+            w.requires_grad_(True)
+        for batch in dataloader:
+            if num_batches is not None and seen >= num_batches:
+                break
+            labels = batch.get("labels", batch.get("label"))
+            if labels is None:
+                raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
+            inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
+            loss = _loss(encoder(**inputs).logits, labels.to(device))
+            grads = torch.autograd.grad(loss, outputs)
+            with torch.no_grad():
+                for i in range(L):
+                    # Adapters change W_o too: the mask derivative uses the effective (merged) weight.
+                    w_attn, _ = encoder.merged_weight(i, "attention_output")
+                    w_out, _ = encoder.merged_weight(i, "output")
+                    g_attn, g_out = grads[2 * i], grads[2 * i + 1]
+                    head_score[i] += (w_attn * g_attn).sum(0).view(heads, d).sum(-1).abs().double().cpu()
+                    neuron_score[i] += (w_out * g_out).sum(0).abs().double().cpu()
+            seen += 1
+    finally:
+        for w, flag in zip(outputs, flags):
+            w.requires_grad_(flag)
+        encoder.train(was_training)
+        encoder.set_sub_network(previous)
+    if seen == 0:
+        raise ValueError("importance reordering got no batches from the dataloader")
+    return head_score / seen, neuron_score / seen
+
+
+@torch.no_grad()
+def permute_heads(encoder: ElasticEncoder, layer: int, order: torch.Tensor, permute_shared_bias: bool = True) -> None:
+    """Make head order[j] of `layer` the new head j (Q/K/V rows, attention-output columns, adapters)."""
+    d = encoder.head_dim
+    rows = (order[:, None] * d + torch.arange(d)[None, :]).reshape(-1).to(encoder.linear_module(layer, "query").weight.device)
+    for role in ("query", "key", "value"):
+        linear = encoder.linear_module(layer, role)
+        _permute_rows(linear.weight, rows)
+        if linear.bias is not None:
+            _permute_rows(linear.bias, rows)
+        for _, B in encoder.adapters(layer, role):
+            _permute_rows(B, rows)
+    deberta = encoder._layout.deberta
+    if deberta is not None:
+        for proj in (deberta.pos_key_proj[layer], deberta.pos_query_proj[layer]):
+            if proj is not None:
+                _permute_rows(proj.weight, rows)
+                _permute_rows(proj.bias, rows)
+    _permute_cols(encoder.linear_module(layer, "attention_output").weight, rows)
+    for A, _ in encoder.adapters(layer, "attention_output"):
+        _permute_cols(A, rows)
+    bias = encoder._layout.relative_bias
+    if bias is not None and permute_shared_bias:
+        _permute_cols(bias.weight, order.to(bias.weight.device))
+
+
+@torch.no_grad()
+def permute_neurons(encoder: ElasticEncoder, layer: int, order: torch.Tensor) -> None:
+    """Make FFN neuron order[j] of `layer` the new neuron j (intermediate rows, output columns, adapters)."""
+    inner = encoder.linear_module(layer, "intermediate")
+    order = order.to(inner.weight.device)
+    _permute_rows(inner.weight, order)
+    if inner.bias is not None:
+        _permute_rows(inner.bias, order)
+    for _, B in encoder.adapters(layer, "intermediate"):
+        _permute_rows(B, order)
+    _permute_cols(encoder.linear_module(layer, "output").weight, order)
+    for A, _ in encoder.adapters(layer, "output"):
+        _permute_cols(A, order)
+
+
+def hidden_axes(encoder: ElasticEncoder, adapters: bool = True) -> list[tuple[torch.Tensor, int]]:
+    """(tensor, axis) for every axis that indexes the hidden (residual-stream) dimension.
+
+    Permuting all of them alike leaves the maxnet's function unchanged: LayerNorm is
+    permutation-equivariant, and every reader/writer of the residual stream is permuted with it.
+    The pooler/head dense layer's output axis shares the permutation with the classifier's input.
+    """
+    lay = encoder._layout
+    axes: list[tuple[torch.Tensor, int]] = [(e.weight, 1) for e in (lay.word, lay.position, lay.token_type) if e is not None]
+    norms = [lay.embedding_norm] + [n for layer in lay.layers for n in (layer.attention_norm, layer.output_norm)]
+    for layer_index, layer in enumerate(lay.layers):
+        for role in ("query", "key", "value", "intermediate"):  # read the residual stream
+            axes.append((getattr(layer, role).weight, 1))
+            if adapters:
+                axes += [(A, 1) for A, _ in encoder.adapters(layer_index, role)]
+        for role in ("attention_output", "output"):  # write it
+            linear = getattr(layer, role)
+            axes.append((linear.weight, 0))
+            if linear.bias is not None:
+                axes.append((linear.bias, 0))
+            if adapters:
+                axes += [(B, 0) for _, B in encoder.adapters(layer_index, role)]
+    if lay.deberta is not None:
+        axes.append((lay.deberta.rel_embeddings.weight, 1))
+        if lay.deberta.rel_norm is not None:
+            norms.append(lay.deberta.rel_norm)
+        for proj in lay.deberta.pos_key_proj + lay.deberta.pos_query_proj:
+            if proj is not None:
+                axes.append((proj.weight, 1))
+    for norm in norms:
+        axes += [(norm.weight, 0), (norm.bias, 0)]
+    axes += [(lay.head_dense.weight, 0), (lay.head_dense.weight, 1), (lay.head_dense.bias, 0), (lay.classifier.weight, 1)]
+    return axes
+
+
+def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None) -> torch.Tensor:
+    """Importance [hidden] of each residual-stream dimension: Σ |W ⊙ ∂L/∂W| over the weights indexed by it."""
+    axes = hidden_axes(encoder, adapters=False)
+    tensors = list({id(t): t for t, _ in axes}.values())
+    flags = [t.requires_grad for t in tensors]
+    was_training, previous = encoder.training, encoder.sub_network
+    score = torch.zeros(encoder.max_config.hidden_size, dtype=torch.float64)
+    device = tensors[0].device
+    seen = 0
+    try:
+        encoder.eval()
+        encoder.reset_super_network()
+        for t in tensors:
+            t.requires_grad_(True)
+        for batch in dataloader:
+            if num_batches is not None and seen >= num_batches:
+                break
+            labels = batch.get("labels", batch.get("label"))
+            if labels is None:
+                raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
+            inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
+            grads = dict(zip(map(id, tensors), torch.autograd.grad(_loss(encoder(**inputs).logits, labels.to(device)), tensors)))
+            with torch.no_grad():
+                for t, axis in axes:
+                    taylor = (t * grads[id(t)]).abs()
+                    score += taylor.sum(dim=[d for d in range(t.ndim) if d != axis]).double().cpu() if t.ndim > 1 else taylor.double().cpu()
+            seen += 1
+    finally:
+        for t, flag in zip(tensors, flags):
+            t.requires_grad_(flag)
+        encoder.train(was_training)
+        encoder.set_sub_network(previous)
+    if seen == 0:
+        raise ValueError("importance reordering got no batches from the dataloader")
+    return score / seen
+
+
+@torch.no_grad()
+def permute_hidden(encoder: ElasticEncoder, order: torch.Tensor) -> None:
+    """Make hidden dimension order[j] the new dimension j everywhere (weights, norms, adapters, head)."""
+    for t, axis in hidden_axes(encoder):
+        t.copy_(t.index_select(axis, order.to(t.device)))
+
+
+def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, dataloader: Iterable[dict],
+                          num_batches: Optional[int] = None, hidden: bool = False) -> dict[str, list]:
+    """Rank heads and FFN neurons on training batches and permute weights, most important first.
+
+    Accepts an ElasticEncoder or a supported HF sequence classifier (permuted in place; its
+    requires_grad flags are left as they were). The maxnet's function is unchanged. MPNet shares one
+    relative-position bias across layers, so its heads get one permutation (importance summed over
+    layers). With `hidden`, the residual-stream dimensions are ranked (first-order Taylor
+    |W·∂L/∂W| summed over every weight they index) and permuted too, most important first.
+    Returns the applied orders: {"heads": [per layer], "neurons": [per layer], "hidden": [...] if
+    hidden}, where order[j] is the old index of the new j-th head/neuron/dimension.
+    """
+    if isinstance(encoder_or_hf_model, ElasticEncoder):
+        encoder, flags = encoder_or_hf_model, None
+    else:
+        flags = [p.requires_grad for p in encoder_or_hf_model.parameters()]
+        was_training = encoder_or_hf_model.training
+        encoder = ElasticEncoder(encoder_or_hf_model).train(was_training)
+    try:
+        head_score, neuron_score = importance_scores(encoder, dataloader, num_batches)
+        shared_bias = encoder._layout.relative_bias is not None
+        if shared_bias:
+            head_score = head_score.sum(0, keepdim=True).expand_as(head_score)
+        # Stable sort: ties keep the original order (so an all-zero layer is left as it is).
+        head_orders = [torch.sort(s, descending=True, stable=True).indices for s in head_score]
+        neuron_orders = [torch.sort(s, descending=True, stable=True).indices for s in neuron_score]
+        for layer, (ho, no) in enumerate(zip(head_orders, neuron_orders)):
+            permute_heads(encoder, layer, ho, permute_shared_bias=(not shared_bias or layer == 0))
+            permute_neurons(encoder, layer, no)
+        result = {"heads": [o.tolist() for o in head_orders], "neurons": [o.tolist() for o in neuron_orders]}
+        if hidden:
+            hidden_order = torch.sort(hidden_importance(encoder, dataloader, num_batches), descending=True, stable=True).indices
+            permute_hidden(encoder, hidden_order)
+            result["hidden"] = hidden_order.tolist()
+    finally:
+        if flags is not None:
+            for p, flag in zip(encoder_or_hf_model.parameters(), flags):
+                p.requires_grad_(flag)
+    log.info("reordered heads and FFN neurons of %d layers%s by importance", len(head_orders), " and hidden dims" if hidden else "")
+    return result

@@ -1,0 +1,97 @@
+"""The palette report: a table (JSON + markdown) and a figure of score vs parameters and latency.
+
+Plain functions over rows of dicts: ``{"name", "role", "params", "score", "metrics": {...},
+"latency_ms": float | None}``. No Lightning here.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from kdlora.callbacks import write_atomic
+
+
+@torch.inference_mode()
+def measure_latency_ms(model: torch.nn.Module, vocab_size: int, batch_size: int = 1, seq_len: int = 128,
+                       repeats: int = 10, warmup: int = 2, device: Optional[torch.device] = None) -> float:
+    """Median wall time in milliseconds of one forward pass on a random batch of full-length sequences."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
+    attention_mask = torch.ones_like(input_ids)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=input_ids, attention_mask=attention_mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000.0)
+    model.train(was_training)
+    return float(statistics.median(times))
+
+
+def palette_markdown(rows: Sequence[dict], title: str = "") -> str:
+    metric_names = sorted({m for r in rows for m in r.get("metrics", {})})
+    head = ["subnet", "role", "params (M)", "params / maxnet", *metric_names, "score", "latency (ms)"]
+    max_params = max((r["params"] for r in rows), default=1) or 1
+    lines = [f"## {title}\n" if title else "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["name"], r.get("role", ""), f"{r['params'] / 1e6:.2f}", f"{r['params'] / max_params:.2f}"]
+        cells += [f"{r['metrics'][m]:.4f}" if m in r.get("metrics", {}) else "" for m in metric_names]
+        cells.append(f"{r['score']:.4f}" if r.get("score") is not None else "")
+        cells.append(f"{r['latency_ms']:.2f}" if r.get("latency_ms") is not None else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(line for line in lines if line) + "\n"
+
+
+def draw_palette(rows: Sequence[dict], title: str = ""):
+    """Score vs parameters (and vs latency when measured): a matplotlib Figure (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    scored = [r for r in rows if r.get("score") is not None]
+    with_latency = [r for r in scored if r.get("latency_ms") is not None]
+    fig = Figure(figsize=(10 if with_latency else 5, 4), dpi=100)
+    axes = fig.subplots(1, 2 if with_latency else 1, squeeze=False)[0]
+    panels = [("params", 1e-6, "parameters (M)", scored)]
+    if with_latency:
+        panels.append(("latency_ms", 1.0, "latency (ms)", with_latency))
+    for ax, (key, unit, label, data) in zip(axes, panels):
+        data = sorted(data, key=lambda r: r[key])
+        ax.plot([r[key] * unit for r in data], [r["score"] for r in data], "o-")
+        for r in data:
+            ax.annotate(r["name"], (r[key] * unit, r["score"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel(label)
+        ax.set_ylabel("dev score")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def write_palette_report(rows: Sequence[dict], out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """``palette.json``, ``palette.md`` and ``palette.png`` in `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "palette.json", "md": out_dir / "palette.md", "png": out_dir / "palette.png"}
+    write_atomic(paths["json"], json.dumps(list(rows), indent=2) + "\n")
+    write_atomic(paths["md"], palette_markdown(rows, title))
+    fig = draw_palette(rows, title)
+    tmp = paths["png"].with_name(".palette.tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(paths["png"])
+    return paths

@@ -1,0 +1,435 @@
+"""SuperTransformer: MLFS multistage low-rank fine-tuning of a weight-sharing supernet (Algorithm 1).
+
+From one fine-tuned teacher (the maxnet) train staged LoRA adapters so that every sub-network of a
+search space works, then evaluate and export a palette of them:
+
+- stage 0: adapters (A0, B0) on the maxnet, task loss only;
+- stage 1: new adapters (A1, B1), earlier ones frozen; K subnets per step with sampled widths, full depth;
+- stage 2: new adapters (A2, B2); widths and depth sampled.
+
+Each step the maxnet runs first (task loss, distillation weight 0), then K sampled subnets with
+
+    L_j = (1−α)·task + α·(KD(z_j, z_1) + β·Σ_l ‖U_1^{g(l)}[:, :h_j] h_j^l − U_1^{g(l)} h_1^{g(l)}‖²)
+
+against the maxnet's detached logits z_1 and features h_1. KD is `kdlora.losses.logit_kd_loss`
+(T²·KL(softmax(z_1/T) ‖ softmax(z_j/T))), MSE to the maxnet's output for regression (STS-B). The
+feature term runs only on the maxnet layers that the search space's smallest subnet keeps, through
+learned projections U_1^l ∈ R^{d_low × H} owned by the maxnet, column-sliced for a subnet of width
+h_j; the target side uses U detached, so U learns only by pulling subnets towards the maxnet. ‖·‖²
+is the mean squared error over projected dimensions and non-padding tokens.
+
+Gradient scaling: subnet j's loss is multiplied by s_j = (n_1/n_j)^γ, n the number of TRAINABLE
+parameters the subnet reads (slices of the current stage's adapters, plus the head when it trains;
+`ElasticEncoder.parameter_count(cfg, trainable_only=True)`). One optimizer step per batch on
+
+    ∇ [ L_1 + Σ_j s_j·L_j ] / (K + 1)
+
+accumulated by one `manual_backward` per network, so only one network's graph is alive at a time.
+
+Optimisation: every stage's adapters exist from the start (B = 0, so they change nothing until
+trained); at a stage boundary the earlier ones get requires_grad=False and a fresh AdamW with its own
+warmup/decay schedule over that stage's steps is built for the new ones. Creating all adapters up
+front keeps the parameter set fixed, which DDP needs (it registers parameters once, at wrap time).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from kdlora.elastic.config import SubnetConfig
+from kdlora.elastic.model import ElasticEncoder
+from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
+from kdlora.losses import logit_kd_loss, task_loss
+from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
+from kdlora.models import load_classifier, load_tokenizer
+from kdlora.modules.base import GLUEModule, optimizer_groups
+
+log = logging.getLogger(__name__)
+
+NUM_STAGES = 3
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, projection: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖U[:, :h_j] h_j − sg(U) sg(h_1)‖², as a mean over projected dims and non-padding tokens."""
+    h_sub = sub_hidden.shape[-1]
+    student = sub_hidden.float() @ projection[:, :h_sub].float().T
+    target = (max_hidden.detach().float() @ projection.detach().float().T)
+    sq = (student - target).pow(2).mean(-1)  # [B, T]
+    if attention_mask is None:
+        return sq.mean()
+    mask = attention_mask.to(sq.dtype)
+    return (sq * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def subnet_loss(logits: torch.Tensor, max_logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
+                alpha: float, temperature: float, feature_losses: list[torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
+    """(1−α)·task + α·(KD + β·Σ feature losses), targets detached."""
+    hard = task_loss(logits, labels, is_regression)
+    if is_regression:
+        soft = F.mse_loss(logits.squeeze(-1).float(), max_logits.detach().squeeze(-1).float())
+    else:
+        soft = logit_kd_loss(logits, max_logits.detach(), temperature)
+    feat = torch.stack(feature_losses).sum() if feature_losses else logits.new_zeros((), dtype=torch.float32)
+    loss = (1.0 - alpha) * hard + alpha * (soft + beta * feat)
+    return loss, {"task": hard.detach(), "kd": soft.detach(), "features": feat.detach()}
+
+
+class SuperTransformer(GLUEModule):
+    """MLFS super-transformer on a GLUE task.
+
+    Args:
+        model_name_or_path: the fine-tuned teacher (maxnet): a local export or a hub id.
+        task: GLUE task (linked from the data module by the CLI).
+        stage_epochs: epochs of stages 0, 1, 2 (0 skips a stage); epochs beyond their sum continue
+            the last stage that has any.
+        lora_r, lora_alpha, lora_dropout, lora_targets: adapters of every stage (default Q, K, V and FFN).
+        train_head: also train the pooler/classifier head (forced on when the checkpoint lacks one).
+        num_subnets: K, subnets sampled per step besides the maxnet.
+        sandwich: always include the stage's smallest subnet among the K.
+        per_layer: sample heads and FFN width per layer.
+        alpha, beta, gamma, temperature: loss weights, gradient-scaling exponent, KD temperature.
+        feature_dim: d_low, rows of the feature projections U.
+        search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions.
+        palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.elastic.sampler.palette`).
+        sampler_seed: seed of the subnet sampler (default: the run seed, ``PL_GLOBAL_SEED``).
+        learning_rate, weight_decay, warmup_ratio: AdamW per stage, linear warmup/decay within each stage.
+        gradient_clip: max gradient norm (0 disables).
+        importance_reorder, importance_batches: rank heads/FFN neurons on training batches and permute
+            weights before training so the leading slices are the most important.
+        measure_latency, latency_batch_size, latency_seq_len: time palette members at fit end.
+        export, export_dir: write every palette member as a Hugging Face directory at fit end.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "bert-base-uncased",
+        task: str = "mrpc",
+        stage_epochs: list[int] = [1, 1, 1],
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] = ["query", "key", "value", "intermediate", "output"],
+        train_head: bool = False,
+        num_subnets: int = 2,
+        sandwich: bool = True,
+        per_layer: bool = False,
+        alpha: float = 0.9,
+        beta: float = 0.1,
+        gamma: float = 2.0,
+        temperature: float = 1.0,
+        feature_dim: int = 128,
+        search_space: Optional[dict[str, Any]] = None,
+        palette: Optional[list[Any]] = None,
+        sampler_seed: Optional[int] = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        gradient_clip: float = 1.0,
+        importance_reorder: bool = False,
+        importance_batches: int = 8,
+        measure_latency: bool = True,
+        latency_batch_size: int = 1,
+        latency_seq_len: int = 128,
+        export: bool = True,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        if len(stage_epochs) != NUM_STAGES or any(int(e) < 0 for e in stage_epochs) or sum(stage_epochs) < 1:
+            raise ValueError(f"stage_epochs must be 3 non-negative epoch counts (stages 0, 1, 2) with a positive sum, got {stage_epochs}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
+            raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
+        if sampler_seed is None:
+            sampler_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.save_hyperparameters()
+        # K+1 backward passes and one optimizer step per batch: done by hand.
+        self.automatic_optimization = False
+
+        model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
+        if new_weights and not train_head:
+            log.warning("%s lacks %s: training the head too", model_name_or_path, ", ".join(new_weights))
+            train_head = True
+        self.encoder = ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head)
+        # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
+        self.stage_parameter_names: list[set[str]] = []
+        for _ in range(NUM_STAGES):
+            self.encoder.add_lora_stage()
+            self.stage_parameter_names.append({n for n, p in self.encoder.named_parameters() if p.requires_grad})
+        self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
+
+        self.space = SearchSpace.build(self.encoder.max_config, search_space)
+        self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed)
+        members = build_palette(self.space, palette)
+        if self.encoder.max_config not in members:
+            members.insert(0, self.encoder.max_config)  # val/score is the maxnet's
+        self.palette = members
+        self.palette_names = [c.name for c in members]
+        self.palette_roles = {self.encoder.max_config.name: "maxnet", self.space.smallest().name: "minnet"}
+        # Feature distillation only on the maxnet layers the smallest subnet keeps.
+        self.distill_layers = tuple(self.space.smallest().layers)
+        H = self.encoder.max_config.hidden_size
+        self.projections = nn.ParameterDict({
+            str(l): nn.Parameter(nn.init.orthogonal_(torch.empty(feature_dim, H))) for l in self.distill_layers
+        })
+        self.palette_metrics = nn.ModuleList([
+            nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in members
+        ])
+        self.stage = 0  # stage the optimizer was built for; restored from checkpoints
+        self.last_sampled: list[SubnetConfig] = []
+        self.palette_history: dict[tuple[int, int], list[dict]] = {}
+        self._scale_cache: dict[tuple[int, SubnetConfig], float] = {}
+
+    # ---- stages ----
+    def stage_for_epoch(self, epoch: int) -> int:
+        end = 0
+        for stage, epochs in enumerate(self.hparams.stage_epochs):
+            end += int(epochs)
+            if epoch < end:
+                return stage
+        return max(s for s, e in enumerate(self.hparams.stage_epochs) if int(e) > 0)
+
+    def stage_parameters(self, stage: int) -> list[tuple[str, nn.Parameter]]:
+        names = self.stage_parameter_names[stage]
+        return [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters() if n in names]
+
+    def enter_stage(self, stage: int) -> None:
+        """Make only `stage`'s adapters (and, from stage 1, the projections) trainable."""
+        names = self.stage_parameter_names[stage]
+        for n, p in self.encoder.named_parameters():
+            p.requires_grad_(n in names)
+        for p in self.projections.values():
+            p.requires_grad_(stage > 0 and self.hparams.beta > 0)
+        self.stage = stage
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        # DDP registers only parameters that require grad when it wraps the module (right after this
+        # hook), so everything any stage trains must be trainable now; configure_optimizers narrows it.
+        for s in range(NUM_STAGES):
+            for _, p in self.stage_parameters(s):
+                p.requires_grad_(True)
+        for p in self.projections.values():
+            p.requires_grad_(True)
+        if self.hparams.importance_reorder and self.trainer.ckpt_path is None:
+            self._reorder_by_importance()
+
+    def _reorder_by_importance(self) -> None:
+        from kdlora.elastic import importance
+
+        loader = self.trainer.datamodule.train_dataloader()
+        importance.reorder_by_importance(self.encoder, loader, num_batches=self.hparams.importance_batches)
+
+    def configure_optimizers(self):
+        self.enter_stage(self.stage)
+        params = self.stage_parameters(self.stage)
+        groups = optimizer_groups(params, self.hparams.weight_decay)
+        projections = [p for p in self.projections.values() if p.requires_grad]
+        if projections:  # no weight decay: it would only shrink the feature targets
+            groups.append({"params": projections, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        total = self._stage_steps(self.stage)
+        sched = get_linear_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _stage_steps(self, stage: int) -> int:
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)  # also loads the train dataloader
+        per_epoch = trainer.num_training_batches
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else sum(self.hparams.stage_epochs)
+        if per_epoch == float("inf"):
+            per_epoch = max(1, total // max(1, max_epochs))
+        epochs = [e for e in range(max_epochs) if self.stage_for_epoch(e) == stage]
+        return max(1, min(total, int(per_epoch) * max(1, len(epochs))))
+
+    def on_train_epoch_start(self) -> None:
+        stage = self.stage_for_epoch(self.current_epoch)
+        if stage != self.stage:
+            self.stage = stage
+            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers -> enter_stage
+            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["kdlora_mlfs_stage"] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before the optimizer is built and its state restored, so the param groups match.
+        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+
+    # ---- training ----
+    def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+    def gradient_scale(self, cfg: SubnetConfig) -> float:
+        """(n_1/n_j)^γ with n the trainable parameters the subnet reads in the current stage."""
+        key = (self.stage, cfg)
+        if key not in self._scale_cache:
+            n_max = self.encoder.parameter_count(self.encoder.max_config, trainable_only=True)
+            n_sub = self.encoder.parameter_count(cfg, trainable_only=True)
+            self._scale_cache[key] = float((n_max / max(n_sub, 1)) ** self.hparams.gamma)
+        return self._scale_cache[key]
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(**self.encoder_inputs(batch)).logits
+
+    def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad()
+        losses = self.accumulate_gradients(batch, self.sampler.sample(self.stage, self.global_step))
+        if self.hparams.gradient_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log("train/maxnet_loss", losses["maxnet"])
+        self.log("train/stage", float(self.stage))
+        for key in ("subnet_task", "subnet_kd", "subnet_features"):
+            if key in losses:
+                self.log(f"train/{key}", losses[key])
+
+    def accumulate_gradients(self, batch: dict[str, torch.Tensor], subnets: list[SubnetConfig]) -> dict[str, torch.Tensor]:
+        """Backward of [L_1 + Σ_j s_j L_j] / (K+1), one network at a time; returns detached losses."""
+        self.last_sampled = list(subnets)
+        inputs, labels = self.encoder_inputs(batch), batch["labels"]
+        mask = batch.get("attention_mask")
+        count = len(subnets) + 1
+        want_features = bool(subnets) and self.hparams.beta > 0 and self.hparams.alpha > 0
+
+        self.encoder.reset_super_network()
+        out = self.encoder(**inputs, output_hidden_states=want_features)
+        max_loss = task_loss(out.logits, labels, self.spec.is_regression)
+        self.manual_backward(max_loss / count)
+        max_logits = out.logits.detach()
+        max_features = ({l: out.hidden_states[l].detach() for l in self.distill_layers} if want_features else {})
+        del out
+
+        total = max_loss.detach() / count
+        parts: dict[str, list[torch.Tensor]] = {"task": [], "kd": [], "features": []}
+        for cfg in subnets:
+            self.encoder.set_sub_network(cfg)
+            sub = self.encoder(**inputs, output_hidden_states=want_features)
+            feature_losses = []
+            if want_features:
+                for l, h in zip(cfg.layers, sub.hidden_states):
+                    if l in max_features:
+                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)], mask))
+            loss, p = subnet_loss(sub.logits, max_logits, labels, self.spec.is_regression, self.hparams.alpha,
+                                  self.hparams.temperature, feature_losses, self.hparams.beta)
+            scale = self.gradient_scale(cfg)
+            self.manual_backward(scale * loss / count)
+            total = total + scale * loss.detach() / count
+            for k, v in p.items():
+                parts[k].append(v)
+        self.encoder.reset_super_network()
+        result = {"loss": total, "maxnet": max_loss.detach()}
+        for k, v in parts.items():
+            if v:
+                result[f"subnet_{k}"] = torch.stack(v).mean()
+        return result
+
+    # ---- palette evaluation ----
+    def _eval_step(self, stage: str, batch, dataloader_idx: int = 0) -> None:
+        inputs = self.encoder_inputs(batch)
+        try:
+            for cfg, metrics in zip(self.palette, self.palette_metrics):
+                self.encoder.set_sub_network(cfg)
+                logits = self.encoder(**inputs).logits
+                metrics[dataloader_idx].update(predictions_from_logits(logits, self.spec.is_regression), batch["labels"])
+        finally:
+            self.encoder.reset_super_network()
+
+    def _log_eval(self, stage: str) -> None:
+        suffixes = self._eval_suffixes()
+        rows, values = [], {}
+        for cfg, metrics in zip(self.palette, self.palette_metrics):
+            metric_values = self.compute_eval_metrics(metrics, suffixes)
+            if not metric_values:
+                continue
+            score = glue_score(metric_values)
+            params = self.encoder.parameter_count(cfg)
+            for k, v in metric_values.items():
+                values[f"{stage}/{cfg.name}/{k}"] = v
+            values[f"{stage}/{cfg.name}/score"] = score
+            values[f"{stage}/{cfg.name}/params"] = float(params)
+            rows.append({"name": cfg.name, "role": self.palette_roles.get(cfg.name, ""), "params": params,
+                         "metrics": metric_values, "score": score, "latency_ms": None, **cfg.to_dict()})
+            if cfg == self.encoder.max_config:
+                values.update({f"{stage}/{k}": v for k, v in metric_values.items()})
+                values[f"{stage}/score"] = score
+        if not rows:
+            return
+        values[f"{stage}/palette_score"] = sum(r["score"] for r in rows) / len(rows)
+        headline = {k: values.pop(k) for k in (f"{stage}/score", f"{stage}/palette_score")}
+        self.log_dict(values, sync_dist=False)
+        self.log_dict(headline, prog_bar=True, sync_dist=False)
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.palette_history[(self.current_epoch, self.global_step)] = rows
+            self._log_palette_figure(rows, f"{stage}/palette")
+
+    @rank_zero_only
+    def _log_palette_figure(self, rows: list[dict], tag: str) -> None:
+        from kdlora.elastic.palette import draw_palette
+
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure(tag, draw_palette(rows, f"{self.spec.name} palette"), self.global_step)
+
+    # ---- fit end: report and export ----
+    def on_fit_end(self) -> None:
+        ckpt_cb = self.trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        rows = None
+        if best and Path(best).is_file():
+            checkpoint = torch.load(best, map_location=self.device, weights_only=True)
+            self.load_state_dict(checkpoint["state_dict"])
+            rows = self.palette_history.get((checkpoint.get("epoch"), checkpoint.get("global_step")))
+            log.info("palette from best checkpoint %s", best)
+        if rows is None and self.palette_history:
+            rows = self.palette_history[max(self.palette_history)]
+        # trainer.log_dir is a collective under DDP: read it on every rank, never only on rank 0.
+        self._report_and_export(rows, Path(self.trainer.log_dir or "."), self.export_path)
+        self.trainer.strategy.barrier("kdlora-export")
+
+    @rank_zero_only
+    def _report_and_export(self, rows: Optional[list[dict]], report_dir: Path, export_dir: Path) -> None:
+        from kdlora.elastic.palette import draw_palette, measure_latency_ms, write_palette_report
+
+        if rows is None:  # no validation ran: sizes only
+            rows = [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
+                     "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
+        rows = [dict(r) for r in rows]
+        if self.hparams.measure_latency:
+            vocab = self.encoder.model.get_input_embeddings().weight.shape[0]
+            for row in rows:
+                model = self.encoder.materialize(SubnetConfig.from_dict({k: row[k] for k in ("hidden_size", "num_heads", "intermediate_size", "layers")}))
+                row["latency_ms"] = measure_latency_ms(model, vocab, self.hparams.latency_batch_size, self.hparams.latency_seq_len)
+                row["latency_batch_size"], row["latency_seq_len"] = self.hparams.latency_batch_size, self.hparams.latency_seq_len
+        title = f"{self.spec.name}: MLFS palette of {self.hparams.model_name_or_path}"
+        paths = write_palette_report(rows, report_dir, title)
+        print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("palette/final", draw_palette(rows, title), self.global_step)
+        if not self.hparams.export:
+            return
+        tokenizer = load_tokenizer(self.tokenizer_source())
+        for cfg in self.palette:
+            out = self.encoder.export_hf(cfg, export_dir / cfg.name, tokenizer)
+            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {out}")
+        write_palette_report(rows, export_dir, title)
+
+    def exported_model(self) -> nn.Module:
+        return self.encoder.materialize(self.encoder.max_config)

@@ -1,0 +1,284 @@
+"""SuperTransformer (MLFS): gradient scaling, one step per batch, stage freezing, resume, palette, DDP, CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from kdlora.data import GLUEDataModule
+from kdlora.elastic.config import SubnetConfig
+from kdlora.modules.supernet import SuperTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+FIXED_SUBNET = SubnetConfig(16, 2, 32, (0, 1, 2, 3))
+# A search space whose only stage-1 subnet is FIXED_SUBNET (and the only depth is 4).
+FIXED_SPACE = {"hidden_sizes": [16], "num_heads": [2], "intermediate_sizes": [32], "depths": [4]}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_nodropout(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with every dropout off, so two forwards of the same batch are identical."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_bert_nodropout")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(out)
+    return out
+
+
+def datamodule(model_dir, glue_dir, batch_size=8) -> GLUEDataModule:
+    return GLUEDataModule("mrpc", str(model_dir), data_dir=str(glue_dir), max_seq_length=32, batch_size=batch_size,
+                          cache_dir=str(Path(glue_dir).parent / "cache"))
+
+
+def trainer(tmp_path, **kw) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
+    return L.Trainer(**{**defaults, **kw})
+
+
+def supernet(model_dir, **kw) -> SuperTransformer:
+    args = dict(model_name_or_path=str(model_dir), task="mrpc", lora_r=8, measure_latency=False, export=False, sampler_seed=0)
+    return SuperTransformer(**{**args, **kw})
+
+
+class Recorder(L.Callback):
+    """Records batches, pre-step states, gradients, optimizer steps and sampled subnets."""
+
+    def __init__(self):
+        self.states, self.batches, self.grads, self.sampled, self.epoch_end_states = [], [], [], [], []
+        self.steps = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.states.append(copy.deepcopy(module.state_dict()))
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.steps += 1
+        self.grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.sampled.append((module.global_step, module.stage, [c.name for c in module.last_sampled]))
+
+    def on_train_epoch_end(self, trainer, module):
+        self.epoch_end_states.append({k: v.clone() for k, v in module.state_dict().items()})
+
+
+def test_loss_helpers_match_hand_computation():
+    from kdlora.modules.supernet import projected_feature_loss, subnet_loss
+
+    torch.manual_seed(0)
+    hs, hm, U = torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.randn(5, 6)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    diff = hs @ U[:, :4].T - hm @ U.T
+    expected = sum(diff[b, t].pow(2).mean() for b, t in [(0, 0), (0, 1), (1, 0)]) / 3
+    assert torch.allclose(projected_feature_loss(hs, hm, U, mask), expected)
+    z, z1, y = torch.tensor([[1.0, -1.0], [0.5, 0.2]]), torch.tensor([[2.0, 0.0], [-1.0, 1.0]]), torch.tensor([0, 1])
+    p1, pj = z1.softmax(-1), z.softmax(-1)
+    kl = (p1 * (p1.log() - pj.log())).sum(-1).mean()
+    ce = -(pj.log()[0, 0] + pj.log()[1, 1]) / 2
+    loss, _ = subnet_loss(z, z1, y, False, 0.9, 1.0, [torch.tensor(2.0)], 0.1)
+    assert torch.allclose(loss, 0.1 * ce + 0.9 * (kl + 0.1 * 2.0))
+
+
+def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small_glue_dir, tmp_path):
+    """One real training step; its gradient = [∇L_1 + (n_1/n_j)^γ ∇L_j] / 2, recomputed independently."""
+    kw = dict(stage_epochs=[0, 1, 0], num_subnets=1, sandwich=True, search_space=FIXED_SPACE, gamma=2.0,
+              gradient_clip=0.0, lora_dropout=0.0)
+    rec = Recorder()
+    module = supernet(tiny_bert_nodropout, **kw)
+    trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[rec]).fit(module, datamodule(tiny_bert_nodropout, small_glue_dir))
+    assert rec.sampled[0][2] == [FIXED_SUBNET.name]
+
+    ref = supernet(tiny_bert_nodropout, **kw)
+    ref.load_state_dict(rec.states[0])
+    ref.enter_stage(1)
+    enc, batch = ref.encoder, rec.batches[0]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    # Trainable parameters read, by hand: per layer Q,K,V: A 8xh + B wx8; FFN in: A 8xh + B fx8; out: A 8xf + B hx8.
+    def n_trainable(h, w, f):
+        return 4 * (3 * (8 * h + w * 8) + (8 * h + f * 8) + (8 * f + h * 8))
+    scale = (n_trainable(32, 32, 64) / n_trainable(16, 16, 32)) ** 2
+    assert scale == 4.0 and module.gradient_scale(FIXED_SUBNET) == scale
+
+    enc.reset_super_network()
+    out = enc(**inputs, output_hidden_states=True)
+    g_max = torch.autograd.grad(F.cross_entropy(out.logits, batch["labels"]), list(params.values()), allow_unused=True)
+    enc.set_sub_network(FIXED_SUBNET)
+    sub = enc(**inputs, output_hidden_states=True)
+    t, s = out.logits.detach().log_softmax(-1), sub.logits.log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1).mean()
+    m = batch["attention_mask"].float()
+    feats = 0.0
+    for layer in range(4):  # the smallest subnet keeps every layer here
+        U = ref.projections[str(layer)]
+        d = ((sub.hidden_states[layer] @ U[:, :16].T - out.hidden_states[layer].detach() @ U.detach().T) ** 2).mean(-1)
+        feats = feats + (d * m).sum() / m.sum()
+    loss_j = 0.1 * F.cross_entropy(sub.logits, batch["labels"]) + 0.9 * (kl + 0.1 * feats)
+    g_sub = torch.autograd.grad(loss_j, list(params.values()), allow_unused=True)
+
+    got = rec.grads[0]
+    checked = 0
+    for (name, _), gm, gs in zip(params.items(), g_max, g_sub):
+        gm = torch.zeros_like(params[name]) if gm is None else gm
+        gs = torch.zeros_like(params[name]) if gs is None else gs
+        expected = (gm + scale * gs) / 2
+        assert torch.allclose(got.get(name, torch.zeros_like(expected)), expected, rtol=1e-4, atol=1e-7), name
+        checked += int(gs.abs().sum() > 0)
+    assert checked > 10  # subnet gradients actually flowed (stage-1 B and the projections)
+    assert set(got) <= set(params)  # nothing outside stage 1 received a gradient
+
+
+def test_one_step_per_batch_stages_freeze_palette_and_export(tiny_bert_dir, small_glue_dir, tmp_path):
+    rec = Recorder()
+    module = supernet(tiny_bert_dir, stage_epochs=[1, 1, 1], num_subnets=2, export=True, measure_latency=True,
+                      latency_seq_len=16)
+    logger = TensorBoardLogger(str(tmp_path), name="mlfs")
+    fit = trainer(tmp_path, max_epochs=3, limit_train_batches=3, limit_val_batches=1, callbacks=[rec], logger=logger)
+    fit.fit(module, datamodule(tiny_bert_dir, small_glue_dir))
+
+    # Exactly one optimizer step per batch, though K+1 = 3 backward passes run per batch.
+    assert rec.steps == 9 and fit.global_step == 9
+    assert [s for _, s, _ in rec.sampled] == [0] * 3 + [1] * 3 + [2] * 3
+    for _, stage, names in rec.sampled:
+        cfgs = [SubnetConfig.from_name(n) for n in names]
+        assert len(cfgs) == (0 if stage == 0 else 2)
+        if stage == 1:
+            assert all(c.layers == (0, 1, 2, 3) for c in cfgs)
+
+    def adapters(state, stage):
+        return {k: v for k, v in state.items() if k.startswith("encoder.lora.") and k.endswith(f".{stage}")}
+
+    start, (e0, e1, e2) = rec.states[0], rec.epoch_end_states
+    for stage, trained_in in ((0, e0), (1, e1), (2, e2)):
+        before = start if stage == 0 else rec.epoch_end_states[stage - 1]
+        changed = [k for k, v in adapters(trained_in, stage).items() if not torch.equal(v, before[k])]
+        assert any(".B." in k for k in changed), f"stage {stage} adapters did not train"
+        for later in rec.epoch_end_states[stage:]:  # frozen ever after: bit-identical
+            assert all(torch.equal(later[k], v) for k, v in adapters(trained_in, stage).items())
+        # ...and untouched before their stage (B stays zero, so earlier stages ran the same function)
+        assert all(torch.equal(before[k], start[k]) for k in adapters(start, stage))
+    base = [k for k in start if k.startswith("encoder.model.")]
+    assert all(torch.equal(e2[k], start[k]) for k in base)  # pretrained weights never change
+
+    # Palette validation: every member logged; val/score is the maxnet's.
+    metrics = fit.callback_metrics
+    for name in module.palette_names:
+        for key in ("accuracy", "f1", "score", "params"):
+            assert f"val/{name}/{key}" in metrics
+    maxname = module.encoder.max_config.name
+    assert float(metrics["val/score"]) == pytest.approx(float(metrics[f"val/{maxname}/score"]))
+    assert float(metrics[f"val/{maxname}/params"]) > float(metrics[f"val/{module.palette_names[-1]}/params"])
+
+    # Report + export of every member, loadable by plain transformers and equal to the supernet run as it.
+    table = json.loads((Path(logger.log_dir) / "palette.json").read_text())
+    assert [r["name"] for r in table] == module.palette_names and all(r["latency_ms"] > 0 for r in table)
+    assert (Path(logger.log_dir) / "palette.png").stat().st_size > 1000
+    from transformers import AutoModelForSequenceClassification
+
+    export = Path(logger.log_dir) / "export"
+    small = SubnetConfig.from_name(module.palette_names[-1])
+    plain = AutoModelForSequenceClassification.from_pretrained(export / small.name).eval()
+    batch = rec.batches[0]
+    module.encoder.eval().set_sub_network(small)
+    with torch.no_grad():
+        want = module.encoder(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
+        got = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"]).logits
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_resume_restores_stage_and_samples_like_an_uninterrupted_run(tiny_bert_dir, small_glue_dir, tmp_path):
+    kw = dict(stage_epochs=[1, 1, 0], num_subnets=2)
+    first = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
+    first.fit(supernet(tiny_bert_dir, **kw), datamodule(tiny_bert_dir, small_glue_dir))
+    ckpt = tmp_path / "epoch0.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed = Recorder()
+    module = supernet(tiny_bert_dir, **kw)
+    trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed]).fit(
+        module, datamodule(tiny_bert_dir, small_glue_dir), ckpt_path=str(ckpt))
+    # Uninterrupted, steps 2 and 3 are stage 1 (epoch 1): a fresh sampler says what they sample.
+    reference = supernet(tiny_bert_dir, **kw).sampler
+    assert resumed.sampled == [(s + 1, 1, [c.name for c in reference.sample(1, s)]) for s in (2, 3)]
+    assert module.stage == 1 and module.global_step == 4
+
+
+def test_bad_arguments_fail_early(tiny_bert_dir):
+    with pytest.raises(ValueError, match="stage_epochs"):
+        supernet(tiny_bert_dir, stage_epochs=[1, 1])
+    with pytest.raises(ValueError, match="alpha"):
+        supernet(tiny_bert_dir, alpha=1.5)
+    with pytest.raises(ValueError, match="unknown keys"):
+        supernet(tiny_bert_dir, search_space={"width": [8]})
+
+
+DDP_SCRIPT = r"""
+import json, os, sys
+import lightning as L
+sys.path.insert(0, {repo!r})
+from kdlora.data import GLUEDataModule
+from kdlora.modules.supernet import SuperTransformer
+
+class Record(L.Callback):
+    def __init__(self): self.rows = []
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.rows.append([module.global_step, module.stage, [c.name for c in module.last_sampled]])
+    def on_fit_end(self, trainer, module):
+        state = {{k: float(v.double().sum()) for k, v in module.state_dict().items() if ".lora." in k}}
+        with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
+            json.dump({{"sampled": self.rows, "adapters": state, "steps": trainer.global_step}}, f)
+
+if __name__ == "__main__":
+    L.seed_everything(1)
+    dm = GLUEDataModule("mrpc", {model!r}, data_dir={glue!r}, max_seq_length=32, batch_size=4, cache_dir={cache!r})
+    module = SuperTransformer({model!r}, "mrpc", stage_epochs=[1, 1, 1], num_subnets=2, per_layer=True,
+                              measure_latency=False, export=False)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3,
+                        limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir={out!r}, callbacks=[Record()])
+    trainer.fit(module, dm)
+"""
+
+
+def test_ddp_two_processes_sample_identical_subnets(tiny_bert_dir, small_glue_dir, tmp_path):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path), model=str(tiny_bert_dir), glue=str(small_glue_dir),
+                                        cache=str(tmp_path / "cache")))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 6
+    assert r0["sampled"] == r1["sampled"] and [row[1] for row in r0["sampled"]] == [0, 0, 1, 1, 2, 2]
+    assert all(len(row[2]) == 2 for row in r0["sampled"][2:])
+    # Gradients were all-reduced: both ranks hold the same adapters though they saw different batches.
+    assert r0["adapters"].keys() == r1["adapters"].keys()
+    for k in r0["adapters"]:
+        assert r0["adapters"][k] == pytest.approx(r1["adapters"][k], rel=1e-5, abs=1e-6), k
+
+
+def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
+    config = tmp_path / "supernet.yaml"
+    config.write_text(
+        (REPO / "configs" / "demo" / "supernet.yaml").read_text()
+        .replace("runs/demo/teacher", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir))
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KDLORA_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.fast_dev_run=true",
+           "--model.init_args.stage_epochs=[0, 0, 1]", "--data.max_seq_length=32", "--model.init_args.latency_seq_len=16"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "palette report" in proc.stdout
