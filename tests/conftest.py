@@ -20,7 +20,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# One thread: tiny models gain nothing from more, and a busy 2-core machine loses a lot.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GLUE = Path(os.environ.get("KDLORA_GLUE_DIR", REPO.parent / "shared" / "glue"))

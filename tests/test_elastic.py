@@ -431,3 +431,12 @@ def test_hidden_dimension_reordering_keeps_maxnet(family):
     torch.testing.assert_close(encoder._layout.word.weight, word_before[:, hidden], atol=0, rtol=0)
     scores = hidden_importance(encoder, _batches(family), num_batches=2)
     assert torch.all(scores[:-1] >= scores[1:] * (1 - 1e-4) - 1e-9)
+
+
+def test_subnet_names_round_trip_including_single_explicit_layer():
+    # Regression: layers=(3,) was named "l3", which reads back as the first three layers.
+    for layers in [(0, 1, 2), (3,), (0,), (1, 3), (0, 2, 3)]:
+        cfg = SubnetConfig(16, 2, 32, layers)
+        assert SubnetConfig.from_name(cfg.name) == cfg, cfg.name
+    assert SubnetConfig(16, 2, 32, (3,)).name == "h16-a2-f32-l.3"
+    assert SubnetConfig.from_name("h16-a2-f32-l3").layers == (0, 1, 2)

@@ -62,12 +62,17 @@ class SubnetConfig:
         """Short stable id, e.g. ``h256-a4-f1024-l4`` (layers 0..3) or ``h256-a4.2-f512-l1.3``.
 
         Dotted lists are per-layer values (heads, FFN) or explicit maxnet layer indices; ``l<n>``
-        means the first n layers. `SubnetConfig.from_name` inverts it.
+        means the first n layers and ``l.<k>`` the single layer k. `SubnetConfig.from_name` inverts it.
         """
         def fmt(v: IntOrTuple) -> str:
             return str(v) if isinstance(v, int) else ".".join(map(str, v))
 
-        layers = str(len(self.layers)) if self.layers == tuple(range(len(self.layers))) else fmt(self.layers)
+        if self.layers == tuple(range(len(self.layers))):
+            layers = str(len(self.layers))
+        elif len(self.layers) == 1:  # "l3" would read as "the first 3 layers": mark it explicit
+            layers = f".{self.layers[0]}"
+        else:
+            layers = fmt(self.layers)
         return f"h{self.hidden_size}-a{fmt(self.num_heads)}-f{fmt(self.intermediate_size)}-l{layers}"
 
     @classmethod
@@ -79,12 +84,14 @@ class SubnetConfig:
             fields[part[0]] = part[1:]
         if set(fields) != set("hafl"):
             raise ValueError(f"bad subnet name {name!r}: needs h<hidden>-a<heads>-f<ffn>-l<layers>")
+        explicit_single_layer = fields["l"].startswith(".")
+        fields["l"] = fields["l"].lstrip(".")
         try:
             values = {k: tuple(int(x) for x in v.split(".")) for k, v in fields.items()}
         except ValueError:
             raise ValueError(f"bad subnet name {name!r}: values must be integers (dotted for per-layer lists)") from None
         layers = values["l"]
-        if len(layers) == 1 and "." not in fields["l"]:
+        if len(layers) == 1 and not explicit_single_layer:
             layers = tuple(range(layers[0]))
         return cls(values["h"][0], values["a"], values["f"], layers)
 
