@@ -40,9 +40,14 @@ def write_tiny_tokenizer(directory: Path) -> None:
 
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars] + sorted(set(_WORDS))
+    vocab = list(dict.fromkeys(vocab))  # "a", "i" ... are both characters and words: ids must stay dense
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True, model_max_length=128).save_pretrained(directory)
+    # transformers 5 takes the vocabulary as `vocab` (a silently ignored `vocab_file` leaves 5 special tokens).
+    import inspect
+
+    vocab_arg = "vocab" if "vocab" in inspect.signature(BertTokenizerFast.__init__).parameters else "vocab_file"
+    BertTokenizerFast(**{vocab_arg: str(directory / "vocab.txt")}, do_lower_case=True, model_max_length=128).save_pretrained(directory)
 
 
 def tiny_config(family: str, vocab_size: int, num_labels: int = 2, layers: int = 4):

@@ -1,6 +1,7 @@
 """LightningModules: `Teacher` (FFT or LoRA), `KDLoRAStudent`, `SuperTransformer`."""
 
 from kdlora.modules.base import GLUEModule
+from kdlora.modules.student import KDLoRAStudent
 from kdlora.modules.teacher import Teacher
 
-__all__ = ["GLUEModule", "Teacher"]
+__all__ = ["GLUEModule", "KDLoRAStudent", "Teacher"]
