@@ -87,7 +87,7 @@ def test_training_changes_only_lora_and_head_and_never_the_teacher(pair, small_g
     dm = GLUEDataModule("cola", str(pair["teacher"]), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=64,
                         cache_dir=str(tmp_path / "tok"))
     student = KDLoRAStudent(str(pair["teacher"]), str(pair["teacher"]), "cola", student_layers=[0, 2],
-                            teacher_targets=targets, cache_dir=str(tmp_path / "cache"), learning_rate=1e-2,
+                            teacher_targets=targets, teacher_cache_dir=str(tmp_path / "cache"), learning_rate=1e-2,
                             export_dir=str(tmp_path / "export"))
     teacher_before = {k: v.clone() for k, v in student.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.model.named_parameters()}

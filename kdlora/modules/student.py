@@ -123,7 +123,7 @@ class KDLoRAStudent(GLUEModule):
         temperature: softmax temperature of the KD term (classification).
         teacher_targets: ``online`` (teacher runs on every batch) or ``cached`` (teacher logits computed
             once over the training set, keyed by example ``idx``, reused across epochs and reruns).
-        cache_dir: where cached targets live; default ``<runs>/<name>/teacher_targets`` beside the run dirs.
+        teacher_cache_dir: where cached targets live; default ``<runs>/<name>/teacher_targets`` beside the run dirs.
         feature_distill_beta: weight β of feature distillation (0 = off; needs online targets).
         feature_layer_map: ``[[student_hidden, teacher_hidden], ...]`` hidden-state indices (0 =
             embeddings, i = output of layer i); default maps kept layers to themselves, else uniformly.
@@ -145,7 +145,7 @@ class KDLoRAStudent(GLUEModule):
         alpha: float = 0.5,
         temperature: float = 2.0,
         teacher_targets: Literal["online", "cached"] = "online",
-        cache_dir: Optional[str] = None,
+        teacher_cache_dir: Optional[str] = None,
         feature_distill_beta: float = 0.0,
         feature_layer_map: Optional[list[list[int]]] = None,
         feature_dim: int = 128,
@@ -317,7 +317,7 @@ class KDLoRAStudent(GLUEModule):
                              "carrying an idx column (kdlora.data.GLUEDataModule)")
         from transformers import DataCollatorWithPadding
 
-        cache_dir = self.hparams.cache_dir or Path(self.trainer.log_dir or "runs").parent / "teacher_targets"
+        cache_dir = self.hparams.teacher_cache_dir or Path(self.trainer.log_dir or "runs").parent / "teacher_targets"
         self.cache_teacher_targets(
             dataset, DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"), cache_dir,
             batch_size=getattr(dm, "eval_batch_size", 64), max_seq_length=getattr(dm, "max_seq_length", None),
