@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_config
 
 from kdlora import report
 from kdlora.callbacks import update_results
 from kdlora.cli import main as cli_main
+from kdlora.modules.student import load_teacher
+from kdlora.tasks import get_task
 
 
 def test_lora_parameter_counts_match_a_hand_count():
@@ -75,8 +78,16 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
     teacher = {"class_path": "kdlora.modules.Teacher",
                "init_args": {"model_name_or_path": str(tiny_bert_dir), "export_dir": str(tmp_path / "teacher")}}
     cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, trainer)])
+    # The teacher as a Lightning checkpoint gives the same (merged) model as its export.
+    ckpt = next((tmp_path / "runs" / "kdlora" / "version_0" / "checkpoints").glob("*.ckpt"))
+    from_ckpt, tok_source = load_teacher(str(ckpt), get_task("mrpc"))
+    from_export, _ = load_teacher(str(tmp_path / "teacher"), get_task("mrpc"))
+    ids = torch.randint(5, 150, (2, 10))
+    torch.testing.assert_close(from_ckpt(input_ids=ids).logits, from_export(input_ids=ids).logits)
+    assert tok_source == str(tiny_bert_dir)
+
     student = {"class_path": "kdlora.modules.KDLoRAStudent",
-               "init_args": {"model_name_or_path": str(tmp_path / "teacher"), "teacher_path": str(tmp_path / "teacher"),
+               "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(ckpt),
                              "student_layers": [0, 2], "teacher_targets": "cached"}}
     cli_main(["fit", "--config", _config(tmp_path / "s.yaml", student, data, trainer)])
     assert list((tmp_path / "runs" / "kdlora" / "teacher_targets").glob("teacher-mrpc-*.pt"))  # beside the runs

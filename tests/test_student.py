@@ -224,3 +224,21 @@ def test_feature_distillation_adds_the_projected_hidden_state_loss(pair, small_g
     assert total.item() == pytest.approx(base.item() + 0.5 * expected, rel=1e-4)
     assert {n for n, p in featured.named_parameters() if p.requires_grad} >= {
         n for n, _ in featured.student_projections.named_parameters(prefix="student_projections")}
+
+
+def test_weights_missing_from_the_student_checkpoint_are_trainable(pair, tmp_path):
+    # Like paraphrase-MiniLM-L3-v2, which ships without a pooler: it must train, not stay random.
+    from safetensors.torch import load_file, save_file
+
+    student_dir = tmp_path / "no_pooler"
+    shutil.copytree(pair["student"], student_dir)
+    weights = load_file(student_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, student_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    student = KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc")
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(student.newly_initialised)
+    trainable = {n for n, p in student.model.named_parameters() if p.requires_grad}
+    assert any("pooler.dense" in n and "modules_to_save" in n for n in trainable)
+    assert any("classifier" in n and "modules_to_save" in n for n in trainable)
+    frozen_base = [n for n, p in student.model.named_parameters() if not p.requires_grad]
+    assert frozen_base and all("lora_" not in n for n in frozen_base)

@@ -276,15 +276,16 @@ class KDLoRAStudent(GLUEModule):
         key = hashlib.sha1(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
         path = Path(cache_dir) / f"teacher-{self.spec.name}-{key}.pt"
         is_zero = strategy is None or strategy.is_global_zero
-        if is_zero and not self._cache_valid(path, fingerprint):
-            idx, logits = self.compute_teacher_logits(dataset, collate_fn, batch_size)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            torch.save({"fingerprint": fingerprint, "idx": idx, "logits": logits}, tmp)
-            os.replace(tmp, path)
-            print(f"[kdlora] cached teacher targets for {len(idx)} examples at {path}")
-        else:
-            log.info("reusing cached teacher targets %s", path)
+        if is_zero:
+            if self._cache_valid(path, fingerprint):
+                print(f"[kdlora] reusing cached teacher targets {path}")
+            else:
+                idx, logits = self.compute_teacher_logits(dataset, collate_fn, batch_size)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+                torch.save({"fingerprint": fingerprint, "idx": idx, "logits": logits}, tmp)
+                os.replace(tmp, path)
+                print(f"[kdlora] cached teacher targets for {len(idx)} examples at {path}")
         if strategy is not None:
             strategy.barrier("kdlora-teacher-cache")
         saved = torch.load(path, map_location="cpu", weights_only=True)
