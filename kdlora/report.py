@@ -225,7 +225,9 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
             model = row["teacher"] if m != "KD-LoRA" else row["student"]
             lines.append(f"| {family} | {m} ({model}) | " + " | ".join(_millions(row[m][f'r{r}']) for r in ranks) + " |")
     lines += ["", "FFT trains every parameter; LoRA adapts the teacher's query/value projections plus its "
-              "classification head; KD-LoRA does the same on the smaller student.", ""]
+              "classification head; KD-LoRA does the same on the smaller student. Counted from configs, so every base "
+              "weight is assumed pretrained: a checkpoint lacking some (e.g. MiniLM-L3's pooler) also trains those "
+              "(see the measured counts in Table 2b).", ""]
     lines += ["## Table 2b: measured efficiency (from runs)", ""]
     if eff:
         lines += ["| Method | Trainable params | Peak train memory (MB) | Inference total (s) | Per batch (ms) | Examples/s | Device |",
