@@ -385,7 +385,9 @@ class ParameterCount(Callback):
             update_results(path, {"parameters": {"total": total, "trainable": trainable,
                                                  "trainable_fraction": trainable / max(total, 1)}})
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    # Not on_fit_start: TensorBoardLogger writes hparams.yaml only once, so logging ours before
+    # Lightning logs the module's hyperparameters would leave those out of it.
+    def on_train_start(self, trainer, pl_module) -> None:
         self._count(trainer, pl_module)
 
     def on_test_start(self, trainer, pl_module) -> None:

@@ -43,17 +43,60 @@ DEFAULT_PAIRS = {
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Every ``results.json`` under `paths` that names its module and task, with its directory."""
+    """Every run under `paths`: its ``results.json`` (GLUEResults & co.), or else, for a run logged by
+    the CLI's TensorBoard logger without those callbacks, its ``hparams.yaml`` and logged val/ scalars."""
     runs = []
     for root in map(Path, paths):
-        files = [root] if root.is_file() else sorted(root.rglob(RESULTS_FILE))
         if not root.exists():
             raise FileNotFoundError(f"no such run directory {root}")
+        if root.is_file():
+            files = [root]
+        else:
+            files = sorted(root.rglob(RESULTS_FILE))
+            done = {f.parent for f in files}
+            for hparams in sorted(root.rglob("hparams.yaml")):
+                if hparams.parent not in done and any(hparams.parent.glob("events.out.tfevents.*")):
+                    run = results_from_tensorboard(hparams.parent)
+                    if run is not None:
+                        runs.append(run)
         for file in files:
             results = json.loads(file.read_text())
             if results.get("run", {}).get("module") and results["run"].get("task"):
                 runs.append({**results, "dir": str(file.parent)})
     return runs
+
+
+def results_from_tensorboard(run_dir: Path) -> Optional[dict[str, Any]]:
+    """A results dict (run identity, best/last validation metrics) from a TensorBoard run directory."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text()) or {}
+    config_file = run_dir / "config.yaml"  # the CLI's full config names the module's class
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    model = (config or {}).get("model") or {}
+    if isinstance(model, dict) and model.get("class_path"):
+        module = str(model["class_path"]).rsplit(".", 1)[-1]
+        hparams = {**hparams, **(model.get("init_args") or {})}
+    else:
+        module = "KDLoRAStudent" if "teacher_path" in hparams else "Teacher" if "finetune" in hparams else ""
+    task = hparams.get("task") or ((config or {}).get("data") or {}).get("task")
+    if not module or not task:
+        return None
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags().get("scalars", []) if t.startswith("val/")]
+    if "val/score" not in tags:
+        return None
+    by_step: dict[int, dict[str, float]] = {}
+    for tag in tags:
+        for event in events.Scalars(tag):
+            by_step.setdefault(event.step, {})[tag[len("val/"):]] = float(event.value)
+    epochs = [v for _, v in sorted(by_step.items()) if "score" in v]
+    best = max(epochs, key=lambda v: v["score"])
+    primitive = (str, int, float, bool, type(None), list)
+    return {"run": {"module": module, "task": task, "hparams": {k: v for k, v in hparams.items() if isinstance(v, primitive)}},
+            "val_best": best, "val_last": epochs[-1], "dir": str(run_dir)}
 
 
 def method_of(run: dict[str, Any]) -> str:

@@ -77,7 +77,8 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
                "enable_model_summary": False}
     teacher = {"class_path": "kdlora.modules.Teacher",
                "init_args": {"model_name_or_path": str(tiny_bert_dir), "export_dir": str(tmp_path / "teacher")}}
-    cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, trainer)])
+    # The teacher logs with the CLI's defaults only (no results callbacks): the report reads TensorBoard.
+    cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, {**trainer, "callbacks": []})])
     # The teacher as a Lightning checkpoint gives the same (merged) model as its export.
     ckpt = next((tmp_path / "runs" / "kdlora" / "version_0" / "checkpoints").glob("*.ckpt"))
     from_ckpt, tok_source = load_teacher(str(ckpt), get_task("mrpc"))
@@ -96,7 +97,12 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
                         "--pair", f"tiny={tiny_bert_dir}:{tiny_bert_dir}", "--ranks", "8"]) == 0
     data = json.loads((tmp_path / "report.json").read_text())
     assert set(data["table1"]) == {"FFT", "KD-LoRA"}
-    assert data["table2_efficiency"]["KD-LoRA"]["trainable_params"] < data["table2_efficiency"]["FFT"]["trainable_params"]
+    best_score = torch.load(ckpt, weights_only=False)["callbacks"]
+    best_score = next(v["best_model_score"] for k, v in best_score.items() if k.startswith("ModelCheckpoint"))
+    assert data["table1"]["FFT"]["mrpc"]["score"] == pytest.approx(100 * float(best_score), abs=1e-4)
+    assert data["table2_efficiency"]["KD-LoRA"]["trainable_params"] < data["table2_parameters"]["tiny"]["FFT"]["r8"]
+    student_hparams = yaml.safe_load((tmp_path / "runs" / "kdlora" / "version_1" / "hparams.yaml").read_text())
+    assert "teacher_path" in student_hparams  # ParameterCount logs after the module's hparams, never instead
     md = (tmp_path / "report.md").read_text()
     assert "| KD-LoRA |" in md and "| tiny | KD-LoRA" in md
 
