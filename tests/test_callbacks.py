@@ -6,7 +6,6 @@ import json
 
 import lightning as L
 import pytest
-import torch
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForSequenceClassification
 

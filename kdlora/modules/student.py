@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Literal, Optional
@@ -24,8 +23,6 @@ from kdlora.models import (
 )
 from kdlora.modules.base import GLUEModule
 from kdlora.tasks import TaskSpec
-
-log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 
