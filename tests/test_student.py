@@ -79,6 +79,13 @@ def test_kd_loss_matches_hand_computation_regression(pair, small_glue_dir):
     expected = 0.7 * sum((a - b) ** 2 for a, b in zip(s, y)) / n + 0.3 * sum((a - b) ** 2 for a, b in zip(s, t)) / n
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
+    # The same loss from cached regression targets (one output column per example).
+    dm, _ = first_batch("stsb", pair["teacher_reg"], small_glue_dir)
+    student.hparams.teacher_targets = "cached"
+    student.cache_teacher_targets(dm.datasets["train"], DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"),
+                                  small_glue_dir / ".teacher_cache")
+    assert student.training_step(batch, 0).item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+
 
 @pytest.mark.parametrize("targets", ["online", "cached"])
 def test_training_changes_only_lora_and_head_and_never_the_teacher(pair, small_glue_dir, tmp_path, targets):
@@ -184,6 +191,17 @@ def test_tokenizer_mismatch_fails_clearly(pair, tmp_path):
     BertTokenizerFast(vocab=str(other / "vocab.txt"), do_lower_case=True).save_pretrained(other)
     with pytest.raises(ValueError, match="tokenizer mismatch"):
         KDLoRAStudent(str(other), str(pair["teacher"]), "mrpc")
+
+
+def test_teacher_follows_device_and_dtype_moves_but_stays_out_of_state_and_optimizer(pair):
+    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc")
+    student.double()
+    assert all(p.dtype == torch.float64 for p in student.teacher.parameters())
+    student.train()
+    assert not student.teacher.training and student.model.training
+    teacher_ids = {id(p) for p in student.teacher.parameters()}
+    assert not teacher_ids & {id(p) for p in student.parameters()}
+    assert all(k.startswith("model.") for k in student.state_dict())
 
 
 def test_bad_teacher_inputs_fail_clearly(pair, tmp_path):
