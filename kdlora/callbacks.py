@@ -1,14 +1,25 @@
-"""Callbacks usable with any kdlora module: GLUE submission files (and efficiency measurements)."""
+"""Callbacks usable with any kdlora module: GLUE submission files, run results and efficiency measurements.
+
+The measuring callbacks know nothing of the module they measure: they count `pl_module.parameters()`,
+time `pl_module(batch)` and read the device's memory counters. Each merges its numbers into the run's
+``<log_dir>/results.json`` (which `kdlora.report` reads) and logs them.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import resource
+import statistics
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
 from kdlora.metrics import predictions_from_logits
 
@@ -57,3 +68,327 @@ class GLUESubmissionWriter(BasePredictionWriter):
             path = out_dir / f"{split.submission or spec.dir_name}.tsv"
             write_atomic(path, "\n".join(lines) + "\n")
             print(f"[kdlora] wrote {len(idx)} predictions to {path}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Run results
+# ----------------------------------------------------------------------------------------------
+
+RESULTS_FILE = "results.json"
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's log directory. Call on every rank: `trainer.log_dir` is a collective under DDP."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def update_results(path: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge `updates` into the JSON file at `path` (nested dicts merged key by key), atomically."""
+    path = Path(path)
+    results = json.loads(path.read_text()) if path.is_file() else {}
+
+    def merge(into: dict, new: dict) -> None:
+        for key, value in new.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    merge(results, updates)
+    write_atomic(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+def log_numbers(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """Log outside a LightningModule hook (`self.log` is not allowed in fit/test end hooks)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
+
+
+def _stage(trainer: L.Trainer) -> str:
+    return trainer.state.fn.value if trainer.state.fn is not None else "fit"
+
+
+class GLUEResults(Callback):
+    """Writes what the report needs: the run's module, task and hparams, the best and last validation
+    metrics of fit (best by ``val/score``) and test metrics, to ``<log_dir>/results.json``."""
+
+    def __init__(self, filename: str = RESULTS_FILE) -> None:
+        self.filename = filename
+        self._best: Optional[dict[str, float]] = None
+
+    def _path(self, trainer: L.Trainer) -> Path:
+        return run_dir(trainer) / self.filename
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_identity(trainer, pl_module)
+        self._best = None
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write_identity(trainer, pl_module)
+
+    def _write_identity(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self._path(trainer)
+        if not trainer.is_global_zero:
+            return
+        primitive = (str, int, float, bool, type(None), list)
+        hparams = {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, primitive)}
+        dm = getattr(trainer, "datamodule", None)
+        data = {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items() if isinstance(v, primitive)}
+        update_results(path, {"run": {"module": type(pl_module).__name__, "task": hparams.get("task"),
+                                      "hparams": hparams, "data": data}})
+
+    @staticmethod
+    def _metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
+        return {k[len(prefix):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefix)}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        path = self._path(trainer)
+        values = self._metrics(trainer, "val/")
+        if not values or not trainer.is_global_zero:
+            return
+        values = {**values, "epoch": trainer.current_epoch, "step": trainer.global_step}
+        key = "val" if _stage(trainer) == "fit" else "validate"
+        update = {f"{key}_last": values}
+        if key == "val" and (self._best is None or values.get("score", float("-inf")) > self._best.get("score", float("-inf"))):
+            self._best = values
+            update["val_best"] = values
+        update_results(path, update)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = self._path(trainer)
+        values = self._metrics(trainer, "test/")
+        if values and trainer.is_global_zero:
+            update_results(path, {"test": values})
+
+
+# ----------------------------------------------------------------------------------------------
+# Efficiency
+# ----------------------------------------------------------------------------------------------
+
+
+def _reset_cpu_peak_rss() -> bool:
+    """Reset the process's peak RSS (Linux: /proc/self/clear_refs "5"); False where impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_rss_bytes() -> int:
+    """Peak resident set size of this process: VmHWM on Linux, else `getrusage` (process lifetime)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+
+
+class PeakMemory(Callback):
+    """Peak memory of each fit/validate/test stage.
+
+    CUDA: the peak counters are reset at stage start and ``max_memory_allocated`` /
+    ``max_memory_reserved`` read at stage end (not ``memory_allocated`` at some epoch end, which
+    misses activations), max-reduced over DDP ranks. CPU: the process's peak RSS, labelled
+    ``cpu_peak_rss_mb`` (reset at stage start where Linux allows, else the process lifetime peak).
+    """
+
+    def __init__(self, filename: str = RESULTS_FILE) -> None:
+        self.filename = filename
+        self._rss_scope = "process"
+
+    def _begin(self, pl_module: L.LightningModule) -> None:
+        device = pl_module.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            self._rss_scope = "stage" if _reset_cpu_peak_rss() else "process"
+
+    def _end(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        device = pl_module.device
+        mib = 2.0 ** 20
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peaks = torch.tensor([torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)],
+                                 dtype=torch.float64, device=device)
+            peaks = trainer.strategy.reduce(peaks, reduce_op="max")
+            record = {"device": "cuda", "name": torch.cuda.get_device_name(device),
+                      "allocated_mb": peaks[0].item() / mib, "reserved_mb": peaks[1].item() / mib}
+        else:
+            peak = torch.tensor([float(cpu_peak_rss_bytes())], dtype=torch.float64, device=device)
+            peak = trainer.strategy.reduce(peak, reduce_op="max")
+            record = {"device": device.type, "cpu_peak_rss_mb": peak[0].item() / mib, "scope": self._rss_scope}
+        path = run_dir(trainer) / self.filename
+        log_numbers(trainer, {f"peak_memory/{stage}/{k}": v for k, v in record.items() if isinstance(v, float)})
+        if trainer.is_global_zero:
+            update_results(path, {"peak_memory": {stage: record}})
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._begin(pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._end(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if _stage(trainer) == "validate":
+            self._begin(pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if _stage(trainer) == "validate":
+            self._end(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._begin(pl_module)
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._end(trainer, pl_module, "test")
+
+
+def latency_summary(batch_seconds: list[float], examples: int, num_runs: int) -> dict[str, float]:
+    """Total seconds, per-batch mean/p50/p90 (ms) and throughput of timed inference passes."""
+    ordered = sorted(batch_seconds)
+    total = sum(batch_seconds)
+
+    def quantile(q: float) -> float:  # nearest-rank
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return {"total_s": total, "per_run_s": total / num_runs, "batch_mean_ms": 1e3 * statistics.fmean(batch_seconds),
+            "batch_p50_ms": 1e3 * quantile(0.5), "batch_p90_ms": 1e3 * quantile(0.9),
+            "examples_per_s": examples * num_runs / total if total > 0 else float("inf"),
+            "num_batches": len(batch_seconds) // num_runs, "num_examples": examples, "num_runs": num_runs}
+
+
+class InferenceLatency(Callback):
+    """Times inference of `pl_module(batch)` at the end of the chosen stages (rank 0; others wait).
+
+    Protocol (KD-LoRA paper: 100 runs over CoLA validation): the dataloader's batches are moved to
+    the device first, `warmup_batches` untimed forward passes, then `num_runs` timed passes over all
+    batches, each batch timed with `perf_counter` between device synchronisations, in eval mode
+    under `inference_mode` and the trainer's precision.
+
+    Args:
+        num_runs: timed passes over the dataloader.
+        warmup_batches: untimed forward passes first.
+        max_batches: time only the first N batches (quick runs).
+        dataloader: ``val`` or ``test`` dataloader of the data module.
+        stages: stage ends at which to measure (``fit``, ``validate``, ``test``).
+    """
+
+    def __init__(self, num_runs: int = 1, warmup_batches: int = 5, max_batches: Optional[int] = None,
+                 dataloader: str = "val", stages: list[str] = ["fit", "test"], filename: str = RESULTS_FILE) -> None:
+        if num_runs < 1:
+            raise ValueError(f"num_runs must be >= 1, got {num_runs}")
+        if dataloader not in ("val", "test"):
+            raise ValueError(f"dataloader must be 'val' or 'test', got {dataloader!r}")
+        self.num_runs, self.warmup_batches, self.max_batches = num_runs, warmup_batches, max_batches
+        self.dataloader, self.stages, self.filename = dataloader, list(stages), filename
+
+    def _loader(self, trainer: L.Trainer):
+        dm = getattr(trainer, "datamodule", None)
+        loader = None
+        if dm is not None:
+            try:
+                loader = getattr(dm, f"{self.dataloader}_dataloader")()
+            except (KeyError, NotImplementedError):
+                loader = None
+        if loader is None:
+            loader = trainer.val_dataloaders if self.dataloader == "val" else trainer.test_dataloaders
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        if loader is None:
+            raise ValueError(f"InferenceLatency: no {self.dataloader} dataloader to time")
+        return loader
+
+    @staticmethod
+    def _sync(device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        device = pl_module.device
+        batches = []
+        for i, batch in enumerate(self._loader(trainer)):
+            if self.max_batches is not None and i >= self.max_batches:
+                break
+            batches.append({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+        if not batches:
+            raise ValueError("InferenceLatency: the dataloader is empty")
+        examples = sum(len(b["input_ids"]) for b in batches)
+        was_training = pl_module.training
+        pl_module.eval()
+        times: list[float] = []
+        try:
+            with torch.inference_mode(), trainer.precision_plugin.forward_context():
+                for i in range(self.warmup_batches):
+                    pl_module(batches[i % len(batches)])
+                self._sync(device)
+                for _ in range(self.num_runs):
+                    for batch in batches:
+                        self._sync(device)
+                        start = time.perf_counter()
+                        pl_module(batch)
+                        self._sync(device)
+                        times.append(time.perf_counter() - start)
+        finally:
+            pl_module.train(was_training)
+        summary = latency_summary(times, examples, self.num_runs)
+        summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        summary["batch_size"] = len(batches[0]["input_ids"])
+        return summary
+
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in self.stages:
+            return
+        path = run_dir(trainer) / self.filename
+        if trainer.is_global_zero:
+            record = self.measure(trainer, pl_module)
+            log_numbers(trainer, {f"latency/{stage}/{k}": float(v) for k, v in record.items() if isinstance(v, (int, float))})
+            update_results(path, {"latency": {stage: record}})
+        trainer.strategy.barrier("kdlora-latency")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module, "fit")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if _stage(trainer) == "validate":
+            self._run(trainer, pl_module, "validate")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._run(trainer, pl_module, "test")
+
+
+class ParameterCount(Callback):
+    """Total and trainable parameters of the module (a frozen teacher kept outside it is not counted),
+    logged as hyperparameters and metrics and written to the results once per run."""
+
+    def __init__(self, filename: str = RESULTS_FILE) -> None:
+        self.filename = filename
+
+    def _count(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        total = sum(p.numel() for p in pl_module.parameters())
+        trainable = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        numbers = {"params/total": total, "params/trainable": trainable}
+        path = run_dir(trainer) / self.filename
+        for logger in trainer.loggers:
+            logger.log_hyperparams(numbers)
+        log_numbers(trainer, {k: float(v) for k, v in numbers.items()})
+        if trainer.is_global_zero:
+            update_results(path, {"parameters": {"total": total, "trainable": trainable,
+                                                 "trainable_fraction": trainable / max(total, 1)}})
+
+    # Not on_fit_start: TensorBoardLogger writes hparams.yaml only once, so logging ours before
+    # Lightning logs the module's hyperparameters would leave those out of it.
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._count(trainer, pl_module)
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._count(trainer, pl_module)

@@ -159,3 +159,51 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, save_adapt
 
 def load_tokenizer(name_or_path: str):
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def encoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
+    """(name, ModuleList) of the transformer blocks of an encoder classifier.
+
+    BERT/RoBERTa/DeBERTa-v2/MPNet/ELECTRA keep them at ``<base>.encoder.layer``, DistilBERT at
+    ``distilbert.transformer.layer``; anything else is found as the one ModuleList whose length is
+    the config's number of layers.
+    """
+    n_layers = model.config.num_hidden_layers
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers and name.rsplit(".", 1)[-1] in ("layer", "layers")]
+    if len(candidates) != 1:
+        raise ValueError(f"cannot locate the transformer layers of {type(model).__name__} "
+                         f"(found {[n for n, _ in candidates]}); layer dropping supports BERT-like encoders")
+    return candidates[0]
+
+
+def layer_dropped_copy(model: PreTrainedModel, keep_layers: Sequence[int]) -> PreTrainedModel:
+    """A copy of `model` keeping only the transformer layers `keep_layers` (DistilBERT-style student).
+
+    Embeddings, the kept layers (in the given order), the pooler and the classification head are
+    copied with their weights; `model` is left untouched.
+    """
+    import copy
+
+    if isinstance(model, PeftModel):
+        raise ValueError("merge LoRA before dropping layers (kdlora.models.plain_model)")
+    n_layers = model.config.num_hidden_layers
+    keep = [int(i) for i in keep_layers]
+    if not keep:
+        raise ValueError("student_layers is empty: keep at least one teacher layer")
+    bad = [i for i in keep if not 0 <= i < n_layers]
+    if bad or len(set(keep)) != len(keep):
+        raise ValueError(f"student_layers {keep} must be distinct layer indices in [0, {n_layers - 1}] of the teacher")
+    name, _ = encoder_layers(model)
+    student = copy.deepcopy(model)
+    parent_name, attr = name.rsplit(".", 1)
+    parent = student.get_submodule(parent_name)
+    layers = getattr(parent, attr)
+    kept = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_idx, layer in enumerate(kept):
+        for module in layer.modules():  # KV-cache bookkeeping in newer transformers (unused by encoders)
+            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+                module.layer_idx = new_idx
+    setattr(parent, attr, kept)
+    student.config.num_hidden_layers = len(keep)  # DistilBertConfig maps this to n_layers
+    return student

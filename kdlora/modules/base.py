@@ -143,7 +143,7 @@ class GLUEModule(L.LightningModule):
             state = torch.load(best, map_location=self.device, weights_only=True)["state_dict"]
             self.load_state_dict(state)
             log.info("exporting best checkpoint %s", best)
-        self._export()
+        self._export(self.export_path)  # the path first: trainer.log_dir is a collective under DDP
         self.trainer.strategy.barrier("kdlora-export")
 
     @property
@@ -153,6 +153,6 @@ class GLUEModule(L.LightningModule):
         return Path(self.trainer.log_dir or ".") / "export"
 
     @rank_zero_only
-    def _export(self) -> None:
-        out = export_hf(self.exported_model(), load_tokenizer(self.tokenizer_source()), self.export_path)
+    def _export(self, path: Path) -> None:
+        out = export_hf(self.exported_model(), load_tokenizer(self.tokenizer_source()), path)
         print(f"[kdlora] exported model to {out}")

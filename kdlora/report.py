@@ -1,0 +1,334 @@
+"""Turn finished runs into the KD-LoRA paper's tables, as markdown and JSON.
+
+    python -m kdlora.report --runs runs/ --out report.md
+    python -m kdlora.report --runs runs/ --out report.md --pair minilm=models/minilm:models/minilm-l3
+
+Table 1: per-task GLUE scores (×100) and their average for FFT, LoRA and KD-LoRA, read from each
+run's ``results.json`` (written by `kdlora.callbacks.GLUEResults`). Table 2: trainable parameters
+at LoRA ranks 8/16/32/64 computed from model configs alone (models built on the meta device, so
+bert-base, roberta-base and deberta-v3-base cost nothing), and peak memory / inference time
+measured by the runs (`PeakMemory`, `InferenceLatency`, `ParameterCount`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+
+from kdlora.callbacks import RESULTS_FILE, write_atomic
+from kdlora.tasks import get_task
+
+CONFIG_DIR = Path(__file__).parent / "assets" / "configs"
+TASK_ORDER = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
+METHOD_ORDER = ["FFT", "LoRA", "KD-LoRA"]
+RANKS = (8, 16, 32, 64)
+# The paper's teacher -> student pairs (configs shipped under kdlora/assets/configs).
+DEFAULT_PAIRS = {
+    "BERT": ("bert-base-uncased", "distilbert-base-uncased"),
+    "RoBERTa": ("roberta-base", "distilroberta-base"),
+    "DeBERTa-v3": ("microsoft/deberta-v3-base", "microsoft/deberta-v3-small"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------------
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every run under `paths`: its ``results.json`` (GLUEResults & co.), or else, for a run logged by
+    the CLI's TensorBoard logger without those callbacks, its ``hparams.yaml`` and logged val/ scalars."""
+    runs = []
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"no such run directory {root}")
+        if root.is_file():
+            files = [root]
+        else:
+            files = sorted(root.rglob(RESULTS_FILE))
+            done = {f.parent for f in files}
+            for hparams in sorted(root.rglob("hparams.yaml")):
+                if hparams.parent not in done and any(hparams.parent.glob("events.out.tfevents.*")):
+                    run = results_from_tensorboard(hparams.parent)
+                    if run is not None:
+                        runs.append(run)
+        for file in files:
+            results = json.loads(file.read_text())
+            if results.get("run", {}).get("module") and results["run"].get("task"):
+                runs.append({**results, "dir": str(file.parent)})
+    return runs
+
+
+def results_from_tensorboard(run_dir: Path) -> Optional[dict[str, Any]]:
+    """A results dict (run identity, best/last validation metrics) from a TensorBoard run directory."""
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text()) or {}
+    config_file = run_dir / "config.yaml"  # the CLI's full config names the module's class
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    model = (config or {}).get("model") or {}
+    if isinstance(model, dict) and model.get("class_path"):
+        module = str(model["class_path"]).rsplit(".", 1)[-1]
+        hparams = {**hparams, **(model.get("init_args") or {})}
+    else:
+        module = "KDLoRAStudent" if "teacher_path" in hparams else "Teacher" if "finetune" in hparams else ""
+    task = hparams.get("task") or ((config or {}).get("data") or {}).get("task")
+    if not module or not task:
+        return None
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = [t for t in events.Tags().get("scalars", []) if t.startswith("val/")]
+    if "val/score" not in tags:
+        return None
+    by_step: dict[int, dict[str, float]] = {}
+    for tag in tags:
+        for event in events.Scalars(tag):
+            by_step.setdefault(event.step, {})[tag[len("val/"):]] = float(event.value)
+    epochs = [v for _, v in sorted(by_step.items()) if "score" in v]
+    best = max(epochs, key=lambda v: v["score"])
+    primitive = (str, int, float, bool, type(None), list)
+    return {"run": {"module": module, "task": task, "hparams": {k: v for k, v in hparams.items() if isinstance(v, primitive)}},
+            "val_best": best, "val_last": epochs[-1], "dir": str(run_dir)}
+
+
+def method_of(run: dict[str, Any]) -> str:
+    """FFT / LoRA (a Teacher's `finetune`), KD-LoRA (a student), else the module's class name."""
+    module, hparams = run["run"]["module"], run["run"].get("hparams", {})
+    if module == "Teacher":
+        return "LoRA" if hparams.get("finetune") == "lora" else "FFT"
+    if module == "KDLoRAStudent":
+        return "KD-LoRA"
+    return module
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return statistics.fmean(values) if values else None
+
+
+def table1(runs: list[dict[str, Any]], split: str = "val_best") -> dict[str, dict[str, Any]]:
+    """{method: {task: {score, metrics, n}, "average": ...}}: scores ×100, mean over a cell's runs (seeds)."""
+    cells: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for run in runs:
+        values = run.get(split)
+        if not values:
+            continue
+        cells.setdefault(method_of(run), {}).setdefault(get_task(run["run"]["task"]).name, []).append(values)
+    table: dict[str, dict[str, Any]] = {}
+    for method, tasks in cells.items():
+        row: dict[str, Any] = {}
+        for task, results in tasks.items():
+            names = get_task(task).metric_names()
+            metrics = {m: 100 * statistics.fmean(r[m] for r in results if m in r) for m in names
+                       if any(m in r for r in results)}
+            row[task] = {"score": 100 * statistics.fmean(r["score"] for r in results), "metrics": metrics, "n": len(results)}
+        row["average"] = _mean([v["score"] for v in row.values()])
+        table[method] = row
+    return table
+
+
+def efficiency(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: trainable/total parameters, peak training memory and inference latency (mean over runs)."""
+    out: dict[str, dict[str, Any]] = {}
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        grouped.setdefault(method_of(run), []).append(run)
+    for method, group in grouped.items():
+        params = [r["parameters"] for r in group if "parameters" in r]
+        memory = [r["peak_memory"]["fit"] for r in group if "fit" in r.get("peak_memory", {})]
+        latency = [v for r in group for v in [r.get("latency", {}).get("test") or r.get("latency", {}).get("fit")] if v]
+        row: dict[str, Any] = {"runs": len(group)}
+        if params:
+            row["trainable_params"] = _mean([p["trainable"] for p in params])
+            row["total_params"] = _mean([p["total"] for p in params])
+        if memory:
+            key = "allocated_mb" if memory[0].get("device") == "cuda" else "cpu_peak_rss_mb"
+            row["peak_memory_mb"], row["memory_kind"] = _mean([m[key] for m in memory if key in m]), key
+        if latency:
+            row["latency_total_s"] = _mean([v["total_s"] for v in latency])
+            row["latency_batch_ms"] = _mean([v["batch_mean_ms"] for v in latency])
+            row["examples_per_s"] = _mean([v["examples_per_s"] for v in latency])
+            row["latency_device"] = latency[0].get("device")
+        out[method] = row
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameter counts from configs
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(name_or_path: str | dict):
+    """A transformers config from a dict, a JSON file, a model directory, a shipped name, or the hub."""
+    from transformers import AutoConfig
+
+    if isinstance(name_or_path, dict):
+        values = dict(name_or_path)
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+    path = Path(name_or_path)
+    if path.is_dir():
+        return AutoConfig.from_pretrained(str(path))
+    if path.is_file():
+        return load_config(json.loads(path.read_text()))
+    shipped = CONFIG_DIR / f"{name_or_path.replace('/', '--')}.json"
+    candidates = [shipped] if shipped.is_file() else sorted(CONFIG_DIR.glob(f"*--{name_or_path}.json"))
+    if candidates:
+        return load_config(json.loads(candidates[0].read_text()))
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except OSError as e:
+        raise FileNotFoundError(f"no config for {name_or_path!r}: not a dict, JSON file, model directory, "
+                                f"shipped config ({', '.join(p.stem for p in CONFIG_DIR.glob('*.json'))}) or reachable hub id") from e
+
+
+def lora_parameter_counts(config, ranks: Sequence[int] = RANKS, num_labels: int = 2,
+                          targets: Optional[Sequence[str]] = None) -> dict[str, int]:
+    """{"total": all parameters of the classifier, "r8": trainable with LoRA rank 8 + head, ...}.
+
+    The model is built on the meta device: no memory, no weights, any size.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.models import apply_lora
+
+    config = copy.deepcopy(config)
+    config.num_labels = num_labels
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+        counts = {"total": sum(p.numel() for p in model.parameters())}
+        for r in ranks:
+            lora = apply_lora(copy.deepcopy(model), r=r, alpha=2 * r, dropout=0.0, targets=targets)
+            counts[f"r{r}"] = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    return counts
+
+
+def table2_parameters(pairs: dict[str, tuple[str, str]], ranks: Sequence[int] = RANKS, num_labels: int = 2) -> dict[str, Any]:
+    """{family: {"FFT": {...}, "LoRA": {...}, "KD-LoRA": {...}}}: trainable parameters per rank."""
+    table = {}
+    for family, (teacher, student) in pairs.items():
+        t = lora_parameter_counts(load_config(teacher), ranks, num_labels)
+        s = lora_parameter_counts(load_config(student), ranks, num_labels)
+        table[family] = {
+            "teacher": str(teacher), "student": str(student),
+            "FFT": {f"r{r}": t["total"] for r in ranks},
+            "LoRA": {f"r{r}": t[f"r{r}"] for r in ranks},
+            "KD-LoRA": {f"r{r}": s[f"r{r}"] for r in ranks},
+            "teacher_total": t["total"], "student_total": s["total"],
+        }
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Optional[float], digits: int = 1) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _millions(n: Optional[float]) -> str:
+    return "–" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K")
+
+
+def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS) -> str:
+    lines = ["# KD-LoRA report", ""]
+    tasks = [t for t in TASK_ORDER if any(t in row for row in t1.values())]
+    methods = [m for m in METHOD_ORDER if m in t1] + sorted(m for m in t1 if m not in METHOD_ORDER)
+    lines += ["## Table 1: GLUE validation scores (×100)", "",
+              "Each cell is the task's GLUE score (mean of its metrics: CoLA MCC, STS-B Pearson/Spearman, "
+              "MRPC/QQP accuracy/F1, else accuracy) at the best validation epoch, averaged over runs (n).", ""]
+    if methods:
+        names = [get_task(t).dir_name for t in tasks]
+        lines += ["| Method | " + " | ".join(names) + " | Avg. |", "|---" * (len(tasks) + 2) + "|"]
+        for m in methods:
+            row = t1[m]
+            cells = [f"{row[t]['score']:.1f}" + (f" (n={row[t]['n']})" if row[t]["n"] > 1 else "") if t in row else "–"
+                     for t in tasks]
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(row['average'])} |")
+        lines += ["", "Per-metric values:", ""]
+        for m in methods:
+            for t in tasks:
+                if t in t1[m]:
+                    detail = ", ".join(f"{k} {v:.1f}" for k, v in t1[m][t]["metrics"].items())
+                    lines.append(f"- {m} / {get_task(t).dir_name}: {detail}")
+    else:
+        lines.append("_No finished runs with validation results found._")
+    lines += ["", "## Table 2a: trainable parameters by LoRA rank (from model configs)", "",
+              "| Family | Method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 2) + "|"]
+    for family, row in params.items():
+        for m in METHOD_ORDER:
+            model = row["teacher"] if m != "KD-LoRA" else row["student"]
+            lines.append(f"| {family} | {m} ({model}) | " + " | ".join(_millions(row[m][f'r{r}']) for r in ranks) + " |")
+    lines += ["", "FFT trains every parameter; LoRA adapts the teacher's query/value projections plus its "
+              "classification head; KD-LoRA does the same on the smaller student. Counted from configs, so every base "
+              "weight is assumed pretrained: a checkpoint lacking some (e.g. MiniLM-L3's pooler) also trains those "
+              "(see the measured counts in Table 2b).", ""]
+    lines += ["## Table 2b: measured efficiency (from runs)", ""]
+    if eff:
+        lines += ["| Method | Trainable params | Peak train memory (MB) | Inference total (s) | Per batch (ms) | Examples/s | Device |",
+                  "|---|---|---|---|---|---|---|"]
+        for m in [m for m in METHOD_ORDER if m in eff] + sorted(m for m in eff if m not in METHOD_ORDER):
+            row = eff[m]
+            memory = _fmt(row.get("peak_memory_mb"), 0) + (" (CPU RSS)" if row.get("memory_kind") == "cpu_peak_rss_mb" else "")
+            lines.append(f"| {m} | {_millions(row.get('trainable_params'))} | {memory} | {_fmt(row.get('latency_total_s'), 2)} | "
+                         f"{_fmt(row.get('latency_batch_ms'), 2)} | {_fmt(row.get('examples_per_s'), 0)} | {row.get('latency_device', '–')} |")
+        lines += ["", "Peak memory: CUDA `max_memory_allocated` over training (max over ranks), or the process's "
+                  "peak RSS on CPU. Inference: timed passes over the validation set after warm-up (see InferenceLatency)."]
+    else:
+        lines.append("_No runs with efficiency measurements found._")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, str]]] = None,
+                 ranks: Sequence[int] = RANKS, split: str = "val_best") -> tuple[str, dict[str, Any]]:
+    runs = find_runs(run_paths) if run_paths else []
+    pairs = DEFAULT_PAIRS if pairs is None else pairs
+    t1, params, eff = table1(runs, split), table2_parameters(pairs, ranks), efficiency(runs)
+    data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "ranks": list(ranks),
+            "runs": [r["dir"] for r in runs], "split": split}
+    return render_markdown(t1, params, eff, ranks), data
+
+
+def parse_pair(text: str) -> tuple[str, tuple[str, str]]:
+    try:
+        name, models = text.split("=", 1)
+        teacher, student = models.split(":", 1)
+    except ValueError:
+        raise ValueError(f"--pair must look like NAME=TEACHER:STUDENT (configs, dirs or shipped names), got {text!r}") from None
+    return name, (teacher, student)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kdlora.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="*", default=[], help="run directories (searched for results.json)")
+    parser.add_argument("--out", default="report.md", help="markdown output; JSON goes beside it (.json)")
+    parser.add_argument("--pair", action="append", default=[], help="NAME=TEACHER:STUDENT configs for Table 2a (repeatable)")
+    parser.add_argument("--no-default-pairs", action="store_true", help="only the --pair families in Table 2a")
+    parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
+    parser.add_argument("--split", default="val_best", choices=["val_best", "val_last", "test"])
+    args = parser.parse_args(argv)
+    try:
+        pairs = {} if args.no_default_pairs else dict(DEFAULT_PAIRS)
+        pairs.update(parse_pair(p) for p in args.pair)
+        markdown, data = build_report(args.runs, pairs, args.ranks, args.split)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"kdlora.report: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    write_atomic(out, markdown)
+    write_atomic(out.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
+    print(markdown)
+    print(f"[kdlora] wrote {out} and {out.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Efficiency and results callbacks: numbers on CPU, written to the run's results.json."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+from lightning.pytorch.loggers import CSVLogger
+from transformers import AutoModelForSequenceClassification
+
+from kdlora.callbacks import (
+    GLUEResults,
+    InferenceLatency,
+    ParameterCount,
+    PeakMemory,
+    cpu_peak_rss_bytes,
+    latency_summary,
+    update_results,
+)
+from kdlora.data import GLUEDataModule
+from kdlora.modules import KDLoRAStudent, Teacher
+
+
+def test_latency_summary_statistics():
+    s = latency_summary([0.004, 0.001, 0.003, 0.002], examples=20, num_runs=2)
+    assert s["total_s"] == pytest.approx(0.010)
+    assert s["per_run_s"] == pytest.approx(0.005)
+    assert s["batch_mean_ms"] == pytest.approx(2.5)
+    assert s["batch_p50_ms"] == pytest.approx(2.0) and s["batch_p90_ms"] == pytest.approx(4.0)
+    assert s["examples_per_s"] == pytest.approx(40 / 0.010)
+    assert s["num_batches"] == 2
+
+
+def test_update_results_merges_nested_keys(tmp_path):
+    path = tmp_path / "results.json"
+    update_results(path, {"peak_memory": {"fit": {"a": 1}}, "x": 1})
+    update_results(path, {"peak_memory": {"test": {"b": 2}}, "x": 3})
+    assert json.loads(path.read_text()) == {"peak_memory": {"fit": {"a": 1}, "test": {"b": 2}}, "x": 3}
+
+
+def _trainer(tmp_path, callbacks):
+    return L.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), callbacks=callbacks,
+                     enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2, num_sanity_val_steps=0,
+                     enable_checkpointing=False)
+
+
+def test_callbacks_report_numbers_for_a_teacher_on_cpu(tiny_bert_dir, small_glue_dir, tmp_path):
+    dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, eval_batch_size=8,
+                        max_seq_length=64, cache_dir=str(tmp_path / "tok"))
+    model = Teacher(str(tiny_bert_dir), "mrpc", export=False)
+    callbacks = [GLUEResults(), PeakMemory(), InferenceLatency(num_runs=3, warmup_batches=1, max_batches=2), ParameterCount()]
+    trainer = _trainer(tmp_path, callbacks)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm)
+
+    results = json.loads((tmp_path / "run" / "version_0" / "results.json").read_text())
+    reference = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir))
+    n_params = sum(p.numel() for p in reference.parameters())
+    assert results["parameters"]["total"] == n_params == results["parameters"]["trainable"]  # full fine-tuning
+    assert results["run"]["module"] == "Teacher" and results["run"]["task"] == "mrpc"
+    assert results["run"]["hparams"]["finetune"] == "full"
+    for stage in ("fit", "test"):
+        memory = results["peak_memory"][stage]
+        assert memory["device"] == "cpu" and memory["scope"] in ("stage", "process")
+        # The tiny model is a few MB; the process (torch, transformers) is far bigger than 50 MiB.
+        assert 50 < memory["cpu_peak_rss_mb"] <= cpu_peak_rss_bytes() / 2**20 * 1.01 or memory["scope"] == "stage"
+        latency = results["latency"][stage]
+        assert latency["num_batches"] == 2 and latency["num_examples"] == 16 and latency["num_runs"] == 3
+        assert 0 < latency["batch_p50_ms"] <= latency["batch_p90_ms"]
+        assert latency["examples_per_s"] == pytest.approx(48 / latency["total_s"])
+    assert set(results["val_best"]) >= {"accuracy", "f1", "score", "epoch"}
+    assert results["test"]["score"] == pytest.approx((results["test"]["accuracy"] + results["test"]["f1"]) / 2)
+    logged = (tmp_path / "run" / "version_0" / "metrics.csv").read_text()
+    assert "peak_memory/fit/cpu_peak_rss_mb" in logged and "latency/test/batch_p50_ms" in logged
+    assert "params/trainable" in logged
+    assert not model.training or trainer.state.fn == "test"  # latency timing restored the mode it found
+
+
+def test_parameter_count_of_a_student_excludes_the_teacher(tiny_bert_dir, small_glue_dir, tmp_path):
+    dm = GLUEDataModule("sst2", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=64,
+                        cache_dir=str(tmp_path / "tok"))
+    student = KDLoRAStudent(str(tiny_bert_dir), str(tiny_bert_dir), "sst2", student_layers=[1, 3], lora_r=4, export=False)
+    trainer = _trainer(tmp_path, [ParameterCount(), PeakMemory()])
+    trainer.fit(student, datamodule=dm)
+    results = json.loads((tmp_path / "run" / "version_0" / "results.json").read_text())
+    expected_trainable = sum(p.numel() for n, p in student.model.named_parameters()
+                             if "lora_" in n or "modules_to_save" in n)
+    assert results["parameters"]["trainable"] == expected_trainable > 0
+    assert results["parameters"]["total"] == sum(p.numel() for p in student.model.parameters())
+    assert results["parameters"]["total"] < sum(p.numel() for p in student.teacher.parameters()) + expected_trainable
+    assert results["peak_memory"]["fit"]["cpu_peak_rss_mb"] > 0

@@ -1,0 +1,119 @@
+"""The report: Table 1 from runs' results, Table 2 parameter counts from configs, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_config
+
+from kdlora import report
+from kdlora.callbacks import update_results
+from kdlora.cli import main as cli_main
+from kdlora.modules.student import load_teacher
+from kdlora.tasks import get_task
+
+
+def test_lora_parameter_counts_match_a_hand_count():
+    cfg = tiny_config("bert", vocab_size=200, layers=4)  # H=32, FFN=64, 4 layers, 160 positions, 2 types
+    counts = report.lora_parameter_counts(cfg, ranks=(8, 16))
+    h, ffn, layers, head = 32, 64, 4, 32 * 2 + 2
+    embeddings = (200 + 160 + 2) * h + 2 * h
+    layer = 4 * (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 2 * 2 * h
+    assert counts["total"] == embeddings + layers * layer + (h * h + h) + head
+    for r in (8, 16):  # query and value: A (r x H) and B (H x r) in every layer, plus the head
+        assert counts[f"r{r}"] == layers * 2 * (r * h + h * r) + head
+
+
+def test_shipped_configs_give_the_known_model_sizes():
+    # bert-base-uncased: 109,482,240 encoder parameters (+ 1,538 for a 2-label head).
+    assert report.lora_parameter_counts(report.load_config("bert-base-uncased"), ranks=(8,))["total"] == 109_482_240 + 1_538
+    deberta = report.load_config("microsoft/deberta-v3-base")
+    assert (deberta.model_type, deberta.vocab_size, deberta.num_hidden_layers) == ("deberta-v2", 128100, 12)
+    assert report.load_config("deberta-v3-small").num_hidden_layers == 6
+    with pytest.raises(FileNotFoundError, match="no config"):
+        report.load_config("no-such-model-anywhere")
+
+
+def _fake_run(root, name, module, task, score, finetune=None, **extra):
+    hparams = {"task": task, **({"finetune": finetune} if finetune else {})}
+    update_results(root / name / "results.json", {"run": {"module": module, "task": task, "hparams": hparams},
+                                                  "val_best": score, **extra})
+
+
+def test_table1_averages_runs_and_tasks(tmp_path):
+    _fake_run(tmp_path, "a", "Teacher", "mrpc", {"accuracy": 0.8, "f1": 0.9, "score": 0.85}, "full")
+    _fake_run(tmp_path, "b", "Teacher", "mrpc", {"accuracy": 0.7, "f1": 0.8, "score": 0.75}, "full")
+    _fake_run(tmp_path, "c", "Teacher", "rte", {"accuracy": 0.6, "score": 0.6}, "full")
+    _fake_run(tmp_path, "d", "Teacher", "rte", {"accuracy": 0.5, "score": 0.5}, "lora")
+    _fake_run(tmp_path, "e", "KDLoRAStudent", "stsb", {"pearson": 0.5, "spearman": 0.7, "score": 0.6},
+              parameters={"total": 10, "trainable": 4}, peak_memory={"fit": {"device": "cpu", "cpu_peak_rss_mb": 123.0}})
+    t1 = report.table1(report.find_runs([tmp_path]))
+    assert t1["FFT"]["mrpc"]["score"] == pytest.approx(80.0) and t1["FFT"]["mrpc"]["n"] == 2
+    assert t1["FFT"]["mrpc"]["metrics"]["accuracy"] == pytest.approx(75.0)
+    assert t1["FFT"]["average"] == pytest.approx((80.0 + 60.0) / 2)
+    assert t1["LoRA"]["average"] == pytest.approx(50.0) and t1["KD-LoRA"]["stsb"]["score"] == pytest.approx(60.0)
+    eff = report.efficiency(report.find_runs([tmp_path]))
+    assert eff["KD-LoRA"]["trainable_params"] == 4 and eff["KD-LoRA"]["peak_memory_mb"] == 123.0
+    md = report.render_markdown(t1, {}, eff)
+    assert "| Method | MRPC | STS-B | RTE | Avg. |" in md  # GLUE's task order
+    assert "| FFT | 80.0 (n=2) | – | 60.0 | 70.0 |" in md
+
+
+def _config(path, model, data, trainer):
+    path.write_text(yaml.safe_dump({"model": model, "data": data, "trainer": trainer}))
+    return str(path)
+
+
+def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the CLI logs under ./runs
+    data = {"task": "mrpc", "data_dir": str(small_glue_dir), "batch_size": 16, "max_seq_length": 64,
+            "cache_dir": str(tmp_path / "tok")}
+    callbacks = [{"class_path": f"kdlora.callbacks.{c}"} for c in ("GLUEResults", "PeakMemory", "ParameterCount")]
+    callbacks.append({"class_path": "kdlora.callbacks.InferenceLatency", "init_args": {"max_batches": 1, "warmup_batches": 1}})
+    trainer = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "callbacks": callbacks,
+               "enable_model_summary": False}
+    teacher = {"class_path": "kdlora.modules.Teacher",
+               "init_args": {"model_name_or_path": str(tiny_bert_dir), "export_dir": str(tmp_path / "teacher")}}
+    # The teacher logs with the CLI's defaults only (no results callbacks): the report reads TensorBoard.
+    cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, {**trainer, "callbacks": []})])
+    # The teacher as a Lightning checkpoint gives the same (merged) model as its export.
+    ckpt = next((tmp_path / "runs" / "kdlora" / "version_0" / "checkpoints").glob("*.ckpt"))
+    from_ckpt, tok_source = load_teacher(str(ckpt), get_task("mrpc"))
+    from_export, _ = load_teacher(str(tmp_path / "teacher"), get_task("mrpc"))
+    ids = torch.randint(5, 150, (2, 10))
+    torch.testing.assert_close(from_ckpt(input_ids=ids).logits, from_export(input_ids=ids).logits)
+    assert tok_source == str(tiny_bert_dir)
+
+    student = {"class_path": "kdlora.modules.KDLoRAStudent",
+               "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(ckpt),
+                             "student_layers": [0, 2], "teacher_targets": "cached"}}
+    cli_main(["fit", "--config", _config(tmp_path / "s.yaml", student, data, trainer)])
+    assert list((tmp_path / "runs" / "kdlora" / "teacher_targets").glob("teacher-mrpc-*.pt"))  # beside the runs
+
+    assert report.main(["--runs", "runs", "--out", str(tmp_path / "report.md"), "--no-default-pairs",
+                        "--pair", f"tiny={tiny_bert_dir}:{tiny_bert_dir}", "--ranks", "8"]) == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["table1"]) == {"FFT", "KD-LoRA"}
+    best_score = torch.load(ckpt, weights_only=False)["callbacks"]
+    best_score = next(v["best_model_score"] for k, v in best_score.items() if k.startswith("ModelCheckpoint"))
+    assert data["table1"]["FFT"]["mrpc"]["score"] == pytest.approx(100 * float(best_score), abs=1e-4)
+    assert data["table2_efficiency"]["KD-LoRA"]["trainable_params"] < data["table2_parameters"]["tiny"]["FFT"]["r8"]
+    student_hparams = yaml.safe_load((tmp_path / "runs" / "kdlora" / "version_1" / "hparams.yaml").read_text())
+    assert "teacher_path" in student_hparams  # ParameterCount logs after the module's hparams, never instead
+    md = (tmp_path / "report.md").read_text()
+    assert "| KD-LoRA |" in md and "| tiny | KD-LoRA" in md
+
+
+def test_student_fast_dev_run_via_cli(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = {"class_path": "kdlora.modules.KDLoRAStudent",
+             "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(tiny_bert_dir),
+                           "student_layers": [1], "teacher_targets": "online", "feature_distill_beta": 0.1,
+                           "export": False}}
+    data = {"task": "sst2", "data_dir": str(small_glue_dir), "batch_size": 8, "cache_dir": str(tmp_path / "tok")}
+    cli = cli_main(["fit", "--config", _config(tmp_path / "s.yaml", model, data,
+                                                {"fast_dev_run": True, "accelerator": "cpu"})])
+    assert cli.trainer.state.finished and cli.model.spec.name == "sst2"
