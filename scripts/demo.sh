@@ -12,4 +12,11 @@ for m in minilm minilm-l3; do
   [ -f "models/$m/model.safetensors" ] || bash scripts/fetch_models.sh "$m" "models/$m"
 done
 PY=.venv/bin/python
+rm -rf runs/demo  # a fresh demo each time (the teacher-target cache is rebuilt too)
 $PY train.py fit --config configs/demo/teacher.yaml
+$PY train.py fit --config configs/demo/student.yaml
+$PY -m kdlora.report --runs runs/demo/teacher runs/demo/student --out runs/demo/report.md \
+    --pair minilm=models/minilm:models/minilm-l3
+echo
+echo "=== kdlora demo: all-MiniLM-L6-v2 teacher (full fine-tuning) vs KD-LoRA MiniLM-L3 student, SST-2 dev ==="
+cat runs/demo/report.md

@@ -274,7 +274,7 @@ def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
     config = tmp_path / "supernet.yaml"
     config.write_text(
         (REPO / "configs" / "demo" / "supernet.yaml").read_text()
-        .replace("runs/demo/teacher", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir))
+        .replace("runs/demo/teacher/export", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir))
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "KDLORA_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.fast_dev_run=true",
