@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification, BertModel
 
-from conftest import make_tiny_model_dir, write_tiny_tokenizer
+from conftest import write_tiny_tokenizer
 from kdlora.data import GLUEDataModule
 from kdlora.modules import Teacher
 

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import export_hf, load_tokenizer
+from kdlora.models import export_hf, load_tokenizer, plain_model
 from kdlora.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -73,14 +73,19 @@ class GLUEModule(L.LightningModule):
         return {k: v for k, v in batch.items() if k in keys}
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """Logits of `self.model` (a transformers or peft classifier); the supernet overrides this."""
+        return self.model(**self.model_inputs(batch, self.model)).logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.logits(batch)
 
     def exported_model(self) -> nn.Module:
-        """The model written by export (a peft model is merged)."""
-        raise NotImplementedError
+        """The model written by export (export_hf merges LoRA on a copy)."""
+        return self.model
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model with any LoRA merged (modifies the module: use after training)."""
+        return plain_model(self.model)
 
     def tokenizer_source(self) -> str:
         return self.hparams.model_name_or_path

@@ -19,7 +19,6 @@ from kdlora.models import (
     load_classifier,
     load_tokenizer,
     new_weight_modules,
-    plain_model,
 )
 from kdlora.modules.base import GLUEModule
 from kdlora.tasks import TaskSpec
@@ -322,9 +321,6 @@ class KDLoRAStudent(GLUEModule):
             tokenizer_name=getattr(dm, "tokenizer_name", None), strategy=self.trainer.strategy)
 
     # ---- training ----
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**self.model_inputs(batch, self.model)).logits
-
     def feature_loss(self, student_hidden, teacher_hidden, attention_mask: torch.Tensor) -> torch.Tensor:
         """Σ over mapped layers of the mean over real tokens of ‖U_s·h_s − U_t·h_t‖²."""
         mask = attention_mask.unsqueeze(-1).float()
@@ -352,8 +348,4 @@ class KDLoRAStudent(GLUEModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def exported_model(self) -> nn.Module:
-        return self.model  # export_hf merges LoRA on a copy
 
-    def merged_model(self) -> nn.Module:
-        return plain_model(self.model)

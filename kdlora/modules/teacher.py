@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
 from torch import nn
 
 from kdlora.losses import task_loss
-from kdlora.models import apply_lora, load_classifier, new_weight_modules, plain_model
+from kdlora.models import apply_lora, load_classifier, new_weight_modules
 from kdlora.modules.base import GLUEModule
 
 
@@ -53,17 +52,7 @@ class Teacher(GLUEModule):
         self.model: nn.Module = model.train()
         self.newly_initialised = new_weights
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**self.model_inputs(batch, self.model)).logits
-
     def training_step(self, batch, batch_idx):
         loss = task_loss(self(batch), batch["labels"], self.spec.is_regression)
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def exported_model(self) -> nn.Module:
-        return self.model  # export_hf merges LoRA on a copy
-
-    def merged_model(self) -> nn.Module:
-        """A plain transformers model with any LoRA merged (modifies the module: use after training)."""
-        return plain_model(self.model)
