@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -84,8 +85,8 @@ def main() -> None:
     md = [
         "# MLFS wall time vs one LoRA run of the maxnet",
         "",
-        f"`PYTHONPATH=. python benchmarks/mlfs_walltime.py --model {args.model} --epochs {args.epochs} "
-        f"--train-samples {args.train_samples}` on {result['device']}, torch {result['torch']}.",
+        f"`PYTHONPATH=. python benchmarks/mlfs_walltime.py {' '.join(sys.argv[1:])}` on {result['device']}, "
+        f"torch {result['torch']}.",
         "",
         "| run | wall time (s) | models obtained |",
         "|---|---|---|",
