@@ -13,7 +13,7 @@ function unchanged. Reorder before training: optimizer state is not permuted.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,23 +42,22 @@ def _permute_cols(t: torch.Tensor, index: torch.Tensor) -> None:
     t.copy_(t.index_select(1, index))
 
 
-def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(head importance [layers, heads], neuron importance [layers, ffn]) of the maxnet on `dataloader`."""
-    L, d = len(encoder.max_config.layers), encoder.head_dim
-    heads, ffn = max(encoder.max_config.heads_per_layer()), max(encoder.max_config.ffn_per_layer())
-    outputs = [encoder.linear_module(i, role).weight for i in range(L) for role in ("attention_output", "output")]
+def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tensors: list[torch.Tensor],
+                      num_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Per training batch, ∂L/∂t for each of `tensors`, with the encoder as a deterministic maxnet.
+
+    Dropout is off and the maxnet is active while iterating; requires_grad flags, train mode and
+    the sub-network are restored afterwards. Fails clearly on unlabelled or empty loaders.
+    """
+    flags = [t.requires_grad for t in tensors]
     was_training, previous = encoder.training, encoder.sub_network
-    flags = [w.requires_grad for w in outputs]
-    head_score = torch.zeros(L, heads, dtype=torch.float64)
-    neuron_score = torch.zeros(L, ffn, dtype=torch.float64)
-    device = outputs[0].device
+    device = tensors[0].device
     seen = 0
     try:
         encoder.eval()  # no dropout: importance of the deterministic maxnet
         encoder.reset_super_network()
-        for w in outputs:
-            w.requires_grad_(True)
+        for t in tensors:
+            t.requires_grad_(True)
         for batch in dataloader:
             if num_batches is not None and seen >= num_batches:
                 break
@@ -66,24 +65,36 @@ def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_b
             if labels is None:
                 raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
             inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
-            loss = _loss(encoder(**inputs).logits, labels.to(device))
-            grads = torch.autograd.grad(loss, outputs)
-            with torch.no_grad():
-                for i in range(L):
-                    # Adapters change W_o too: the mask derivative uses the effective (merged) weight.
-                    w_attn, _ = encoder.merged_weight(i, "attention_output")
-                    w_out, _ = encoder.merged_weight(i, "output")
-                    g_attn, g_out = grads[2 * i], grads[2 * i + 1]
-                    head_score[i] += (w_attn * g_attn).sum(0).view(heads, d).sum(-1).abs().double().cpu()
-                    neuron_score[i] += (w_out * g_out).sum(0).abs().double().cpu()
+            yield torch.autograd.grad(_loss(encoder(**inputs).logits, labels.to(device)), tensors)
             seen += 1
     finally:
-        for w, flag in zip(outputs, flags):
-            w.requires_grad_(flag)
+        for t, flag in zip(tensors, flags):
+            t.requires_grad_(flag)
         encoder.train(was_training)
         encoder.set_sub_network(previous)
     if seen == 0:
         raise ValueError("importance reordering got no batches from the dataloader")
+
+
+def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head importance [layers, heads], neuron importance [layers, ffn]) of the maxnet on `dataloader`."""
+    L, d = len(encoder.max_config.layers), encoder.head_dim
+    heads, ffn = max(encoder.max_config.heads_per_layer()), max(encoder.max_config.ffn_per_layer())
+    outputs = [encoder.linear_module(i, role).weight for i in range(L) for role in ("attention_output", "output")]
+    head_score = torch.zeros(L, heads, dtype=torch.float64)
+    neuron_score = torch.zeros(L, ffn, dtype=torch.float64)
+    seen = 0
+    for grads in _maxnet_gradients(encoder, dataloader, outputs, num_batches):
+        with torch.no_grad():
+            for i in range(L):
+                # Adapters change W_o too: the mask derivative uses the effective (merged) weight.
+                w_attn, _ = encoder.merged_weight(i, "attention_output")
+                w_out, _ = encoder.merged_weight(i, "output")
+                g_attn, g_out = grads[2 * i], grads[2 * i + 1]
+                head_score[i] += (w_attn * g_attn).sum(0).view(heads, d).sum(-1).abs().double().cpu()
+                neuron_score[i] += (w_out * g_out).sum(0).abs().double().cpu()
+        seen += 1
     return head_score / seen, neuron_score / seen
 
 
@@ -167,36 +178,15 @@ def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_b
     """Importance [hidden] of each residual-stream dimension: Σ |W ⊙ ∂L/∂W| over the weights indexed by it."""
     axes = hidden_axes(encoder, adapters=False)
     tensors = list({id(t): t for t, _ in axes}.values())
-    flags = [t.requires_grad for t in tensors]
-    was_training, previous = encoder.training, encoder.sub_network
     score = torch.zeros(encoder.max_config.hidden_size, dtype=torch.float64)
-    device = tensors[0].device
     seen = 0
-    try:
-        encoder.eval()
-        encoder.reset_super_network()
-        for t in tensors:
-            t.requires_grad_(True)
-        for batch in dataloader:
-            if num_batches is not None and seen >= num_batches:
-                break
-            labels = batch.get("labels", batch.get("label"))
-            if labels is None:
-                raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
-            inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
-            grads = dict(zip(map(id, tensors), torch.autograd.grad(_loss(encoder(**inputs).logits, labels.to(device)), tensors)))
-            with torch.no_grad():
-                for t, axis in axes:
-                    taylor = (t * grads[id(t)]).abs()
-                    score += taylor.sum(dim=[d for d in range(t.ndim) if d != axis]).double().cpu() if t.ndim > 1 else taylor.double().cpu()
-            seen += 1
-    finally:
-        for t, flag in zip(tensors, flags):
-            t.requires_grad_(flag)
-        encoder.train(was_training)
-        encoder.set_sub_network(previous)
-    if seen == 0:
-        raise ValueError("importance reordering got no batches from the dataloader")
+    for grad_list in _maxnet_gradients(encoder, dataloader, tensors, num_batches):
+        grads = dict(zip(map(id, tensors), grad_list))
+        with torch.no_grad():
+            for t, axis in axes:
+                taylor = (t * grads[id(t)]).abs()
+                score += taylor.sum(dim=[d for d in range(t.ndim) if d != axis]).double().cpu() if t.ndim > 1 else taylor.double().cpu()
+        seen += 1
     return score / seen
 
 
