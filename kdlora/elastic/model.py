@@ -460,10 +460,7 @@ class ElasticEncoder(nn.Module):
             attn = self._project(context, g, "attention_output", h, width)
             if lay.attention_output_dropout:
                 attn = F.dropout(attn, lay.hidden_dropout, train)
-            x = self._norm(attn + x, layer.attention_norm, h)
-            inner = lay.activation(self._project(x, g, "intermediate", ffn, h))
-            out = F.dropout(self._project(inner, g, "output", h, ffn), lay.hidden_dropout, train)
-            x = self._norm(out + x, layer.output_norm, h)
+            x = self._attention_residual_and_ffn(x, attn, layer, g, h, ffn, train)
             if hidden_states is not None:
                 hidden_states.append(x)
 
@@ -512,13 +509,19 @@ class ElasticEncoder(nn.Module):
             probs = F.dropout(torch.softmax(scores, dim=-1), lay.attention_dropout, train)
             context = (probs @ v).transpose(1, 2).reshape(batch, seq, width)
             attn = F.dropout(self._project(context, g, "attention_output", h, width), lay.hidden_dropout, train)
-            x = self._norm(attn + x, layer.attention_norm, h)
-            inner = lay.activation(self._project(x, g, "intermediate", ffn, h))
-            out = F.dropout(self._project(inner, g, "output", h, ffn), lay.hidden_dropout, train)
-            x = self._norm(out + x, layer.output_norm, h)
+            x = self._attention_residual_and_ffn(x, attn, layer, g, h, ffn, train)
             if hidden_states is not None:
                 hidden_states.append(x)
         return ElasticOutput(self._head(x[:, 0], h), hidden_states)
+
+    def _attention_residual_and_ffn(self, x: torch.Tensor, attn: torch.Tensor, layer, g: int, h: int, ffn: int,
+                                    train: bool) -> torch.Tensor:
+        """Post-LN residual after attention, then the (sliced) FFN and its residual: shared by all families."""
+        lay = self._layout
+        x = self._norm(attn + x, layer.attention_norm, h)
+        inner = lay.activation(self._project(x, g, "intermediate", ffn, h))
+        out = F.dropout(self._project(inner, g, "output", h, ffn), lay.hidden_dropout, train)
+        return self._norm(out + x, layer.output_norm, h)
 
     def _head(self, cls: torch.Tensor, h: int) -> torch.Tensor:
         lay, train, p = self._layout, self.training, self._layout.classifier_dropout
