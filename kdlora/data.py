@@ -205,6 +205,14 @@ class GLUEDataModule(L.LightningDataModule):
     def is_regression(self) -> bool:
         return self.spec.is_regression
 
+    def train_label_mean(self) -> Optional[float]:
+        """Mean training label of a regression task (after setup('fit')); None for classification."""
+        train = self.datasets.get("train")
+        if not self.spec.is_regression or train is None or len(train) == 0:
+            return None
+        labels = train["labels"]
+        return float(sum(labels) / len(labels))
+
     @property
     def eval_suffixes(self) -> list[str]:
         """Metric-name suffix of each validation dataloader ('' for a single one)."""

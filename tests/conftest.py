@@ -88,6 +88,16 @@ def make_tiny_model_dir(directory: Path, family: str, num_labels: int = 2, layer
     return directory
 
 
+def write_stsb_dir(root: Path, scores) -> Path:
+    """A tiny STS-B directory (header-named columns, as in GLUE) whose train labels are `scores`."""
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    rows = [f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\tthe company said {i}\tthey said {i} more\t{s}\n" for i, s in enumerate(scores)]
+    (root / "STS-B").mkdir(parents=True)
+    for split in ("train.tsv", "dev.tsv"):
+        (root / "STS-B" / split).write_text(header + "".join(rows))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
     """family -> directory of a tiny random 2-label classifier (4 layers, H32)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from conftest import write_stsb_dir
 from kdlora.data import GLUEDataModule
 from kdlora.elastic.config import SubnetConfig
 from kdlora.modules.supernet import SuperTransformer
@@ -282,3 +283,12 @@ def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "palette report" in proc.stdout
+
+
+def test_new_regression_head_starts_at_the_mean_training_label(tiny_bert_dir, tmp_path):
+    scores = [1.0, 2.5, 4.75, 0.5]
+    glue = write_stsb_dir(tmp_path / "glue", scores)
+    dm = GLUEDataModule("stsb", str(tiny_bert_dir), data_dir=str(glue), batch_size=4, cache_dir=str(tmp_path / "c"))
+    module = supernet(tiny_bert_dir, task="stsb")  # the 2-label checkpoint gets a new 1-output head
+    trainer(tmp_path, max_epochs=1, limit_train_batches=0, limit_val_batches=0).fit(module, dm)
+    assert module.encoder._layout.classifier.bias.item() == pytest.approx(sum(scores) / len(scores))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification, BertModel
 
-from conftest import write_tiny_tokenizer
+from conftest import write_stsb_dir, write_tiny_tokenizer
 from kdlora.data import GLUEDataModule
 from kdlora.modules import Teacher
 
@@ -131,3 +131,36 @@ def test_fit_exports_best_model_that_reloads_with_same_logits(tiny_bert_dir, sma
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     if finetune == "lora":
         assert (tmp_path / "export" / "adapter" / "adapter_config.json").is_file()
+
+
+def _setup_only(module, dm, tmp_path):
+    """Run fit's set-up hooks without a single optimisation step."""
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0, default_root_dir=tmp_path,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, dm)
+
+
+@pytest.mark.parametrize("family,finetune", [("bert", "full"), ("bert", "lora"), ("roberta", "lora")])
+def test_new_regression_head_starts_at_the_mean_training_label(tiny_model_dirs, tmp_path, family, finetune):
+    scores = [5.0, 3.8, 0.25, 1.5, 2.0, 4.0]
+    glue = write_stsb_dir(tmp_path / "glue", scores)
+    dm = GLUEDataModule("stsb", str(tiny_model_dirs[family]), data_dir=str(glue), batch_size=4, cache_dir=str(tmp_path / "c"))
+    module = Teacher(str(tiny_model_dirs[family]), task="stsb", finetune=finetune)  # 2-label checkpoint: new 1-output head
+    _setup_only(module, dm, tmp_path)
+    head = module.model.get_base_model() if finetune == "lora" else module.model
+    out = head.classifier if family == "bert" else head.classifier.out_proj
+    if finetune == "lora":  # peft trains a copy of the head: that copy is the one that must start at the mean
+        out = out.modules_to_save["default"]
+    assert out.bias.item() == pytest.approx(sum(scores) / len(scores))
+
+
+def test_trained_regression_head_is_left_alone(tmp_path):
+    from conftest import make_tiny_model_dir
+
+    model_dir = make_tiny_model_dir(tmp_path / "m", "bert", num_labels=1)  # already has a 1-output head
+    before = AutoModelForSequenceClassification.from_pretrained(model_dir).classifier.bias.clone()
+    glue = write_stsb_dir(tmp_path / "glue", [5.0, 4.0, 3.0, 4.5])
+    dm = GLUEDataModule("stsb", str(model_dir), data_dir=str(glue), batch_size=4, cache_dir=str(tmp_path / "c"))
+    module = Teacher(str(model_dir), task="stsb")
+    _setup_only(module, dm, tmp_path)
+    torch.testing.assert_close(module.model.classifier.bias, before, rtol=0, atol=0)

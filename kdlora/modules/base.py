@@ -9,12 +9,12 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import export_hf, load_tokenizer, plain_model
+from kdlora.models import export_hf, init_regression_bias, load_tokenizer, plain_model
 from kdlora.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,25 @@ class GLUEModule(L.LightningModule):
 
     def tokenizer_source(self) -> str:
         return self.hparams.model_name_or_path
+
+    # ---- set-up ----
+    def setup(self, stage: str) -> None:
+        # Before any checkpoint is restored, so a resumed run keeps its trained head.
+        if stage == "fit" and self.spec.is_regression and self._regression_head_is_new():
+            self._init_regression_head()
+
+    def _regression_head_is_new(self) -> bool:
+        new = getattr(self, "newly_initialised", ())
+        return any(part.startswith("classifier") for name in new for part in name.split("."))
+
+    def _init_regression_head(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        mean = dm.train_label_mean() if hasattr(dm, "train_label_mean") else None
+        if mean is None:
+            rank_zero_warn("new regression head left with bias 0: the data module gives no train_label_mean()")
+            return
+        if init_regression_bias(self, mean):
+            rank_zero_info(f"[kdlora] new regression head starts at the mean training label {mean:.3f}")
 
     # ---- optimisation ----
     def configure_optimizers(self):

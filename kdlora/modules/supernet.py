@@ -162,6 +162,7 @@ class SuperTransformer(GLUEModule):
         if new_weights and not train_head:
             log.warning("%s lacks %s: training the head too", model_name_or_path, ", ".join(new_weights))
             train_head = True
+        self.newly_initialised = new_weights
         self.encoder = ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head)
         # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
         self.stage_parameter_names: list[set[str]] = []
@@ -215,6 +216,7 @@ class SuperTransformer(GLUEModule):
         self.stage = stage
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if stage != "fit":
             return
         # DDP registers only parameters that require grad when it wraps the module (right after this
