@@ -8,6 +8,8 @@ run's ``results.json`` (written by `kdlora.callbacks.GLUEResults`). Table 2: tra
 at LoRA ranks 8/16/32/64 computed from model configs alone (models built on the meta device, so
 bert-base, roberta-base and deberta-v3-base cost nothing), and peak memory / inference time
 measured by the runs (`PeakMemory`, `InferenceLatency`, `ParameterCount`).
+MLFS palettes: every supernet run's ``palette.json`` (params, dev metrics, latency of each member)
+beside the best FFT teacher of the same task.
 """
 
 from __future__ import annotations
@@ -160,6 +162,59 @@ def efficiency(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def palettes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """MLFS palettes (a run dir's ``palette.json``), each beside the best FFT teacher run of its task."""
+    teachers: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if method_of(run) == "FFT" and run.get("val_best"):
+            task = get_task(run["run"]["task"]).name
+            if task not in teachers or run["val_best"]["score"] > teachers[task]["val_best"]["score"]:
+                teachers[task] = run
+    out = []
+    for run in runs:
+        path = Path(run["dir"]) / "palette.json"
+        if not path.is_file():
+            continue
+        task = get_task(run["run"]["task"]).name
+        teacher = teachers.get(task)
+        out.append({"task": task, "dir": run["dir"], "rows": json.loads(path.read_text()),
+                    "teacher": None if teacher is None else {
+                        "score": teacher["val_best"]["score"], "metrics": teacher["val_best"],
+                        "params": teacher.get("parameters", {}).get("total"), "dir": teacher["dir"]}})
+    return sorted(out, key=lambda p: (TASK_ORDER.index(p["task"]) if p["task"] in TASK_ORDER else 99, p["dir"]))
+
+
+def render_palettes(items: list[dict[str, Any]]) -> list[str]:
+    """Markdown per palette: parameters, dev score and latency of every member, relative to the maxnet."""
+    lines = ["## MLFS palettes: one supernet run per task, beside its fine-tuned teacher", ""]
+    for item in items:
+        rows = item["rows"]
+        maxnet = max(rows, key=lambda r: r["params"])
+        spec = get_task(item["task"])
+        metrics = spec.metric_names()
+        lines += [f"### {spec.dir_name} (`{item['dir']}`)", "",
+                  "| model | params (M) | params / maxnet | " + " | ".join(metrics) + " | score | latency (ms) | latency / maxnet |",
+                  "|---" * (len(metrics) + 6) + "|"]
+        teacher = item["teacher"]
+        if teacher is not None:
+            lines.append(f"| FFT teacher | {_millions(teacher['params'])} | – | "
+                         + " | ".join(_fmt(100 * teacher["metrics"][m]) if m in teacher["metrics"] else "–" for m in metrics)
+                         + f" | {_fmt(100 * teacher['score'])} | – | – |")
+        for r in rows:
+            latency, max_latency = r.get("latency_ms"), maxnet.get("latency_ms")
+            ratio = latency / max_latency if latency and max_latency else None
+            label = f"{r['name']}" + (f" ({r['role']})" if r.get("role") else "")
+            lines.append(f"| {label} | {_millions(r['params'])} | {r['params'] / maxnet['params']:.2f} | "
+                         + " | ".join(_fmt(100 * r["metrics"][m]) if m in r.get("metrics", {}) else "–" for m in metrics)
+                         + f" | {_fmt(None if r.get('score') is None else 100 * r['score'])} | {_fmt(latency, 2)} | {_fmt(ratio, 2)} |")
+        batch, seq = maxnet.get("latency_batch_size"), maxnet.get("latency_seq_len")
+        if batch:
+            lines.append(f"\nLatency: median forward pass of the exported (sliced, LoRA-merged) member at batch {batch}, "
+                         f"sequence length {seq}.")
+        lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # Parameter counts from configs
 # ----------------------------------------------------------------------------------------------
@@ -238,7 +293,8 @@ def _millions(n: Optional[float]) -> str:
     return "–" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K")
 
 
-def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS) -> str:
+def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS,
+                    palette_items: Sequence[dict] = ()) -> str:
     lines = ["# KD-LoRA report", ""]
     tasks = [t for t in TASK_ORDER if any(t in row for row in t1.values())]
     methods = [m for m in METHOD_ORDER if m in t1] + sorted(m for m in t1 if m not in METHOD_ORDER)
@@ -284,6 +340,8 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
                   "peak RSS on CPU. Inference: timed passes over the validation set after warm-up (see InferenceLatency)."]
     else:
         lines.append("_No runs with efficiency measurements found._")
+    if palette_items:
+        lines += [""] + render_palettes(palette_items)
     return "\n".join(lines) + "\n"
 
 
@@ -291,10 +349,10 @@ def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, 
                  ranks: Sequence[int] = RANKS, split: str = "val_best") -> tuple[str, dict[str, Any]]:
     runs = find_runs(run_paths) if run_paths else []
     pairs = DEFAULT_PAIRS if pairs is None else pairs
-    t1, params, eff = table1(runs, split), table2_parameters(pairs, ranks), efficiency(runs)
-    data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "ranks": list(ranks),
+    t1, params, eff, pals = table1(runs, split), table2_parameters(pairs, ranks), efficiency(runs), palettes(runs)
+    data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "palettes": pals, "ranks": list(ranks),
             "runs": [r["dir"] for r in runs], "split": split}
-    return render_markdown(t1, params, eff, ranks), data
+    return render_markdown(t1, params, eff, ranks, pals), data
 
 
 def parse_pair(text: str) -> tuple[str, tuple[str, str]]:

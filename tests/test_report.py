@@ -117,3 +117,22 @@ def test_student_fast_dev_run_via_cli(tiny_bert_dir, small_glue_dir, tmp_path, m
     cli = cli_main(["fit", "--config", _config(tmp_path / "s.yaml", model, data,
                                                 {"fast_dev_run": True, "accelerator": "cpu"})])
     assert cli.trainer.state.finished and cli.model.spec.name == "sst2"
+
+
+def test_palette_section_sits_beside_the_teacher(tmp_path):
+    _fake_run(tmp_path, "fft", "Teacher", "mrpc", {"accuracy": 0.78, "f1": 0.86, "score": 0.82}, "full",
+              parameters={"total": 22_700_000, "trainable": 22_700_000})
+    _fake_run(tmp_path, "fft-worse", "Teacher", "mrpc", {"accuracy": 0.5, "f1": 0.5, "score": 0.5}, "full")
+    _fake_run(tmp_path, "sn", "SuperTransformer", "mrpc", {"accuracy": 0.8, "f1": 0.9, "score": 0.85})
+    rows = [{"name": "h384-a12-f1536-l6", "role": "max", "params": 20_000_000, "score": 0.85,
+             "metrics": {"accuracy": 0.8, "f1": 0.9}, "latency_ms": 10.0, "latency_batch_size": 1, "latency_seq_len": 128},
+            {"name": "h96-a3-f384-l0.5", "role": "min", "params": 5_000_000, "score": 0.7,
+             "metrics": {"accuracy": 0.6, "f1": 0.8}, "latency_ms": 2.5}]
+    (tmp_path / "sn" / "palette.json").write_text(json.dumps(rows))
+    items = report.palettes(report.find_runs([tmp_path]))
+    assert len(items) == 1 and items[0]["teacher"]["score"] == 0.82  # the best FFT run of the task
+    md = "\n".join(report.render_palettes(items))
+    assert "| FFT teacher | 22.70M | – | 86.0 | 78.0 | 82.0 | – | – |" in md
+    assert "| h96-a3-f384-l0.5 (min) | 5.00M | 0.25 | 80.0 | 60.0 | 70.0 | 2.50 | 0.25 |" in md
+    markdown, data = report.build_report([str(tmp_path)], pairs={})
+    assert "## MLFS palettes" in markdown and data["palettes"][0]["task"] == "mrpc"
