@@ -79,6 +79,11 @@ def classifier_head_modules(model: PreTrainedModel) -> list[str]:
     return [n for n, _ in model.named_children() if n != base and n not in ("dropout",)]
 
 
+def in_classifier_head(name: str) -> bool:
+    """Whether a parameter/module name lies in a classifier head (``classifier``, ``classifier.out_proj``, peft copies)."""
+    return any(part.startswith("classifier") for part in name.split("."))
+
+
 def regression_output_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The one-output Linear layers of a classifier head (where a regression score comes out).
 
@@ -86,8 +91,7 @@ def regression_output_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
     frozen original and the trained ``modules_to_save`` copy.
     """
     return [m for n, m in model.named_modules()
-            if any(part.startswith("classifier") for part in n.split("."))
-            and isinstance(m, torch.nn.Linear) and m.out_features == 1 and m.bias is not None]
+            if in_classifier_head(n) and isinstance(m, torch.nn.Linear) and m.out_features == 1 and m.bias is not None]
 
 
 def init_regression_bias(model: torch.nn.Module, label_mean: float) -> int:

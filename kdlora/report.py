@@ -177,11 +177,22 @@ def palettes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         task = get_task(run["run"]["task"]).name
         teacher = teachers.get(task)
-        out.append({"task": task, "dir": run["dir"], "rows": json.loads(path.read_text()),
+        out.append({"task": task, "dir": run["dir"], "rows": read_palette(path),
                     "teacher": None if teacher is None else {
                         "score": teacher["val_best"]["score"], "metrics": teacher["val_best"],
                         "params": teacher.get("parameters", {}).get("total"), "dir": teacher["dir"]}})
     return sorted(out, key=lambda p: (TASK_ORDER.index(p["task"]) if p["task"] in TASK_ORDER else 99, p["dir"]))
+
+
+def read_palette(path: Path) -> list[dict[str, Any]]:
+    """The member rows of a ``palette.json``; a clear error naming the file when it is not one."""
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed palette file {path}: {e}") from None
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"name", "params"} <= r.keys() for r in rows):
+        raise ValueError(f"malformed palette file {path}: expected a non-empty list of members with 'name' and 'params'")
+    return rows
 
 
 def render_palettes(items: list[dict[str, Any]]) -> list[str]:
@@ -203,7 +214,7 @@ def render_palettes(items: list[dict[str, Any]]) -> list[str]:
         for r in rows:
             latency, max_latency = r.get("latency_ms"), maxnet.get("latency_ms")
             ratio = latency / max_latency if latency and max_latency else None
-            label = f"{r['name']}" + (f" ({r['role']})" if r.get("role") else "")
+            label = r["name"] + (f" ({r['role']})" if r.get("role") else "")
             lines.append(f"| {label} | {_millions(r['params'])} | {r['params'] / maxnet['params']:.2f} | "
                          + " | ".join(_fmt(100 * r["metrics"][m]) if m in r.get("metrics", {}) else "–" for m in metrics)
                          + f" | {_fmt(None if r.get('score') is None else 100 * r['score'])} | {_fmt(latency, 2)} | {_fmt(ratio, 2)} |")

@@ -136,3 +136,13 @@ def test_palette_section_sits_beside_the_teacher(tmp_path):
     assert "| h96-a3-f384-l0.5 (min) | 5.00M | 0.25 | 80.0 | 60.0 | 70.0 | 2.50 | 0.25 |" in md
     markdown, data = report.build_report([str(tmp_path)], pairs={})
     assert "## MLFS palettes" in markdown and data["palettes"][0]["task"] == "mrpc"
+
+
+def test_malformed_palette_file_is_named_in_the_error(tmp_path, capsys):
+    _fake_run(tmp_path, "sn", "SuperTransformer", "mrpc", {"accuracy": 0.8, "f1": 0.9, "score": 0.85})
+    (tmp_path / "sn" / "palette.json").write_text("{not json")
+    assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs"]) == 2
+    assert "malformed palette file" in capsys.readouterr().err and not (tmp_path / "r.md").exists()
+    (tmp_path / "sn" / "palette.json").write_text(json.dumps([{"name": "h96-a3-f384-l0.5"}]))  # no params
+    with pytest.raises(ValueError, match=r"malformed palette file .*palette.json.*'params'"):
+        report.palettes(report.find_runs([tmp_path]))

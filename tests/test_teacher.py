@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification, BertModel
 
-from conftest import write_stsb_dir, write_tiny_tokenizer
+from conftest import make_tiny_model_dir, write_stsb_dir, write_tiny_tokenizer
 from kdlora.data import GLUEDataModule
 from kdlora.modules import Teacher
 
@@ -155,8 +155,6 @@ def test_new_regression_head_starts_at_the_mean_training_label(tiny_model_dirs, 
 
 
 def test_trained_regression_head_is_left_alone(tmp_path):
-    from conftest import make_tiny_model_dir
-
     model_dir = make_tiny_model_dir(tmp_path / "m", "bert", num_labels=1)  # already has a 1-output head
     before = AutoModelForSequenceClassification.from_pretrained(model_dir).classifier.bias.clone()
     glue = write_stsb_dir(tmp_path / "glue", [5.0, 4.0, 3.0, 4.5])

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import export_hf, init_regression_bias, load_tokenizer, plain_model
+from kdlora.models import export_hf, in_classifier_head, init_regression_bias, load_tokenizer, plain_model
 from kdlora.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class GLUEModule(L.LightningModule):
 
     def _regression_head_is_new(self) -> bool:
         new = getattr(self, "newly_initialised", ())
-        return any(part.startswith("classifier") for name in new for part in name.split("."))
+        return any(in_classifier_head(name) for name in new)
 
     def _init_regression_head(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
