@@ -292,3 +292,31 @@ def test_new_regression_head_starts_at_the_mean_training_label(tiny_bert_dir, tm
     module = supernet(tiny_bert_dir, task="stsb")  # the 2-label checkpoint gets a new 1-output head
     trainer(tmp_path, max_epochs=1, limit_train_batches=0, limit_val_batches=0).fit(module, dm)
     assert module.encoder._layout.classifier.bias.item() == pytest.approx(sum(scores) / len(scores))
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_importance_reorder_at_setup_permutes_weights_and_keeps_the_maxnet(tiny_bert_nodropout, small_glue_dir, tmp_path, hidden):
+    rec = Recorder()
+    kw = dict(stage_epochs=[1, 0, 0], num_subnets=1)
+    module = supernet(tiny_bert_nodropout, importance_reorder=True, importance_hidden=hidden, importance_batches=2, **kw)
+    trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[rec]).fit(
+        module, datamodule(tiny_bert_nodropout, small_glue_dir))
+    original, reordered = supernet(tiny_bert_nodropout, **kw), supernet(tiny_bert_nodropout, **kw)
+    reordered.load_state_dict(rec.states[0])  # as it was at the first step: reordered, not yet trained
+    start, before = rec.states[0], original.state_dict()
+
+    query = next(k for k in start if k.endswith("layer.0.attention.self.query.weight"))
+    words = next(k for k in start if k.endswith("word_embeddings.weight"))
+    assert not torch.equal(start[query], before[query])  # heads were reordered...
+    assert torch.equal(start[query].flatten().sort().values, before[query].flatten().sort().values)  # same entries
+    if not hidden:
+        assert torch.equal(start[query].sort(0).values, before[query].sort(0).values)  # rows moved whole
+    if hidden:
+        assert not torch.equal(start[words], before[words])
+        assert torch.equal(start[words].sort(1).values, before[words].sort(1).values)
+    else:
+        assert torch.equal(start[words], before[words])
+    batch = rec.batches[0]
+    with torch.no_grad():
+        want, got = original.eval().logits(batch), reordered.eval().logits(batch)
+    assert torch.allclose(got, want, atol=1e-5)

@@ -108,6 +108,8 @@ class SuperTransformer(GLUEModule):
         gradient_clip: max gradient norm (0 disables).
         importance_reorder, importance_batches: rank heads/FFN neurons on training batches and permute
             weights before training so the leading slices are the most important.
+        importance_hidden: with importance_reorder, rank and permute the hidden (residual-stream)
+            dimensions too (see `benchmarks/results/slice_start_*.md` for what each ordering buys).
         measure_latency, latency_batch_size, latency_seq_len: time palette members at fit end.
         export, export_dir: write every palette member as a Hugging Face directory at fit end.
     """
@@ -139,6 +141,7 @@ class SuperTransformer(GLUEModule):
         gradient_clip: float = 1.0,
         importance_reorder: bool = False,
         importance_batches: int = 8,
+        importance_hidden: bool = False,
         measure_latency: bool = True,
         latency_batch_size: int = 1,
         latency_seq_len: int = 128,
@@ -233,7 +236,8 @@ class SuperTransformer(GLUEModule):
         from kdlora.elastic import importance
 
         loader = self.trainer.datamodule.train_dataloader()
-        importance.reorder_by_importance(self.encoder, loader, num_batches=self.hparams.importance_batches)
+        importance.reorder_by_importance(self.encoder, loader, num_batches=self.hparams.importance_batches,
+                                         hidden=self.hparams.importance_hidden)
 
     def configure_optimizers(self):
         self.enter_stage(self.stage)
