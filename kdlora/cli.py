@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 import sys
 
@@ -31,12 +33,34 @@ class KDLoRACLI(LightningCLI):
                              "checkpoint.auto_insert_metric_name": False})
         parser.add_lightning_class_args(GLUESubmissionWriter, "predictions")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning replaces the model's arguments with the checkpoint's hyperparameters. Arguments a
+        # module lists in EVALUATION_ARGS (e.g. the supernet's palette) only decide what is evaluated
+        # or written, so where the user set them (command line or config) their value wins.
+        sub = self.config.get("subcommand")
+        model = self.config[sub].get("model") if sub else None
+        init_args = model.get("init_args") if model is not None and model.get("class_path") else None
+        chosen = {}
+        if init_args is not None:
+            cls = _import(model.class_path)
+            defaults = inspect.signature(cls.__init__).parameters
+            chosen = {k: init_args[k] for k in getattr(cls, "EVALUATION_ARGS", ())
+                      if k in init_args and k in defaults and init_args[k] != defaults[k].default}
+        super()._parse_ckpt_path()
+        for k, v in chosen.items():
+            self.config[sub].model.init_args[k] = v
+
     def before_instantiate_classes(self) -> None:
         # Check the task before anything is built, so a typo is one plain message, not a Union dump.
         from kdlora.tasks import get_task
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
+
+
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def clean_error(exc: BaseException) -> str:

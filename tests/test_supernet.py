@@ -320,3 +320,26 @@ def test_importance_reorder_at_setup_permutes_weights_and_keeps_the_maxnet(tiny_
     with torch.no_grad():
         want, got = original.eval().logits(batch), reordered.eval().logits(batch)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_validate_from_checkpoint_evaluates_the_palette_asked_for(tiny_bert_dir, small_glue_dir, tmp_path):
+    from kdlora.cli import main
+
+    base = ["--model", "kdlora.modules.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
+            "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
+            "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
+    fitted = main(["fit", *base, "--model.palette", "[max]", "--model.stage_epochs", "[1, 0, 0]", "--model.export", "false",
+                   "--model.measure_latency", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                   "--trainer.limit_val_batches", "0"])
+    ckpt = tmp_path / "supernet.ckpt"
+    fitted.trainer.save_checkpoint(ckpt)
+    validate = ["validate", *base, "--trainer.limit_val_batches", "1", "--ckpt_path", str(ckpt)]
+    # Without a palette on the command line, the checkpoint's (trained) arguments hold: the maxnet alone.
+    assert main(validate).model.palette_names == ["h32-a4-f64-l4"]
+    # A palette asked for is evaluated on the restored weights; training arguments still come from the checkpoint.
+    cli = main(validate + ["--model.palette", "[max, {hidden_size: 16, num_heads: 2, intermediate_size: 32, depth: 2}]",
+                           "--model.stage_epochs", "[1, 1, 1]"])
+    assert cli.model.palette_names == ["h32-a4-f64-l4", "h16-a2-f32-l0.3"]
+    assert list(cli.model.hparams.stage_epochs) == [1, 0, 0]
+    assert "val/h16-a2-f32-l0.3/score" in cli.trainer.callback_metrics

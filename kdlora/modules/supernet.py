@@ -114,6 +114,9 @@ class SuperTransformer(GLUEModule):
         export, export_dir: write every palette member as a Hugging Face directory at fit end.
     """
 
+    # What to evaluate and write, not what was trained: `train.py validate --ckpt_path ...` may change them.
+    EVALUATION_ARGS = ("palette", "measure_latency", "latency_batch_size", "latency_seq_len", "export", "export_dir")
+
     def __init__(
         self,
         model_name_or_path: str = "bert-base-uncased",
