@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--repeats-large", type=int, default=3, help="repeats for batch sizes > 1")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--subnet", action="append",
+                        help="time these subnets (names such as h288-a9-f1152-l6) instead of the size fractions")
     parser.add_argument("--out", default=str(RESULTS / "palette_latency"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,7 +89,8 @@ def main() -> None:
     rows = []
     for name in models:
         encoder = ElasticEncoder(load_maxnet(name)).eval()
-        members = palette(encoder)
+        members = ([("maxnet", encoder.max_config)] + [(n, SubnetConfig.from_name(n)) for n in args.subnet]
+                   if args.subnet else palette(encoder))
         plain = [encoder.materialize(cfg) for _, cfg in members]
         n_max = encoder.parameter_count(encoder.max_config)
         for batch_size in batch_sizes:
