@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdlora.data import GLUEDataModule
+from kdlora.data import MODEL_COLUMNS, GLUEDataModule
 from kdlora.elastic import ElasticEncoder, SubnetConfig
 from kdlora.elastic.importance import reorder_by_importance
 from kdlora.elastic.sampler import SearchSpace, palette
@@ -37,7 +37,6 @@ from kdlora.models import load_classifier
 from kdlora.tasks import get_task
 
 ORDERINGS = ("original", "heads+ffn", "+hidden")
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def members(encoder: ElasticEncoder) -> list[SubnetConfig]:
@@ -54,13 +53,13 @@ def members(encoder: ElasticEncoder) -> list[SubnetConfig]:
 def evaluate(encoder: ElasticEncoder, cfgs: list[SubnetConfig], batches: list[dict], spec) -> list[dict]:
     encoder.eval()
     encoder.reset_super_network()
-    reference = [encoder(**{k: b[k] for k in INPUTS if k in b}).logits for b in batches]
+    reference = [encoder(**{k: b[k] for k in MODEL_COLUMNS if k in b}).logits for b in batches]
     rows = []
     for cfg in cfgs:
         encoder.set_sub_network(cfg)
         metrics, divergence = task_metrics(spec), 0.0
         for b, ref in zip(batches, reference):
-            logits = encoder(**{k: b[k] for k in INPUTS if k in b}).logits
+            logits = encoder(**{k: b[k] for k in MODEL_COLUMNS if k in b}).logits
             metrics.update(predictions_from_logits(logits, spec.is_regression), b["labels"])
             if spec.is_regression:
                 divergence += F.mse_loss(logits.float(), ref.float(), reduction="sum").item()
@@ -122,4 +121,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, OSError) as e:  # unknown task, missing model or data: one line
+        print(f"slice_start: error: {e}", file=sys.stderr)
+        sys.exit(2)

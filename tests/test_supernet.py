@@ -309,12 +309,11 @@ def test_importance_reorder_at_setup_permutes_weights_and_keeps_the_maxnet(tiny_
     words = next(k for k in start if k.endswith("word_embeddings.weight"))
     assert not torch.equal(start[query], before[query])  # heads were reordered...
     assert torch.equal(start[query].flatten().sort().values, before[query].flatten().sort().values)  # same entries
-    if not hidden:
-        assert torch.equal(start[query].sort(0).values, before[query].sort(0).values)  # rows moved whole
-    if hidden:
+    if hidden:  # the residual stream was permuted: embedding columns moved, and with them Q's columns
         assert not torch.equal(start[words], before[words])
         assert torch.equal(start[words].sort(1).values, before[words].sort(1).values)
     else:
+        assert torch.equal(start[query].sort(0).values, before[query].sort(0).values)  # rows moved whole
         assert torch.equal(start[words], before[words])
     batch = rec.batches[0]
     with torch.no_grad():
