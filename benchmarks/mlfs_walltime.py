@@ -3,7 +3,7 @@
 Same teacher, data subset, epochs, batch size and LoRA rank/targets; the LoRA run is the Teacher
 module in LoRA mode. Both skip validation, export and latency so only training is timed.
 
-    PYTHONPATH=. python benchmarks/mlfs_walltime.py --model /work/models/minilm --data-dir kdlora/assets/glue
+    PYTHONPATH=. python benchmarks/mlfs_walltime.py --model models/minilm --data-dir kdlora/assets/glue
 
 Writes benchmarks/results/mlfs_walltime.{md,json}.
 """
@@ -45,7 +45,7 @@ def timed_fit(module: L.LightningModule, dm: GLUEDataModule, args, root: Path) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="/work/models/minilm")
+    p.add_argument("--model", default="models/minilm")
     p.add_argument("--data-dir", default="kdlora/assets/glue")
     p.add_argument("--task", default="mrpc")
     p.add_argument("--train-samples", type=int, default=256)

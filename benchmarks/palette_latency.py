@@ -6,7 +6,7 @@ evenly spread), exported through `ElasticEncoder.materialize` (the same plain mo
 writes). Models are timed round-robin (one forward of each per round) so load on the machine hits
 all alike; we report the median of the rounds after warm-up, and ratios to the maxnet.
 
-    PYTHONPATH=. python benchmarks/palette_latency.py --model bert-base --model /work/models/minilm
+    PYTHONPATH=. python benchmarks/palette_latency.py --model bert-base --model models/minilm
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "palette_latency"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = args.model or ["bert-base", "/work/models/minilm"]
+    models = args.model or ["bert-base", "models/minilm"]
     batch_sizes = args.batch_size or [1, 32]
 
     rows = []

@@ -1,13 +1,15 @@
 """CPU fixtures: tiny random models of every supported family, and small GLUE directories.
 
 Nothing here touches a network: models are built from configs, the tokenizer from a small
-WordPiece vocabulary written on the fly, and GLUE rows are copied from `../shared/glue` (or the
-project's embedded MRPC when that is absent).
+WordPiece vocabulary written on the fly, and GLUE rows come from `tests/fixtures/glue` (the first
+64 train / 32 dev rows of each task, carried in the repository so the suite runs on a clone with
+nothing beside it). Only checks of the full GLUE files read `../shared/glue`, and skip without it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import string
 from pathlib import Path
 
@@ -25,7 +27,7 @@ torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_GLUE = Path(os.environ.get("KDLORA_GLUE_DIR", REPO.parent / "shared" / "glue"))
-EMBEDDED_GLUE = REPO / "kdlora" / "assets" / "glue"
+FIXTURE_GLUE = REPO / "tests" / "fixtures" / "glue"
 FAMILIES = ("bert", "roberta", "deberta-v2", "distilbert", "mpnet")
 
 _WORDS = (
@@ -110,13 +112,6 @@ def tiny_bert_dir(tiny_model_dirs) -> Path:
     return tiny_model_dirs["bert"]
 
 
-def _copy_head(src: Path, dst: Path, rows: int, has_header: bool) -> None:
-    lines = src.read_text(encoding="utf-8").splitlines(keepends=True)
-    keep = lines[: rows + (1 if has_header else 0)]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text("".join(keep), encoding="utf-8")
-
-
 @pytest.fixture(scope="session")
 def shared_glue_dir() -> Path:
     """The full GLUE files beside the checkout (skips the test where they are absent)."""
@@ -127,12 +122,8 @@ def shared_glue_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def small_glue_dir(tmp_path_factory) -> Path:
-    """A GLUE directory with the first 64 train / 32 dev rows of every task available."""
+    """A writable copy of `tests/fixtures/glue`: 64 train / 32 dev rows of CoLA, SST-2, MRPC, STS-B,
+    RTE, WNLI and 32 QNLI dev rows (no QNLI train), the same on every machine."""
     root = tmp_path_factory.mktemp("glue")
-    source = SHARED_GLUE if SHARED_GLUE.is_dir() else EMBEDDED_GLUE
-    for task_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        has_header = task_dir.name != "CoLA"
-        for split, rows in (("train.tsv", 64), ("dev.tsv", 32)):
-            if (task_dir / split).is_file():
-                _copy_head(task_dir / split, root / task_dir.name / split, rows, has_header)
+    shutil.copytree(FIXTURE_GLUE, root, dirs_exist_ok=True)
     return root

@@ -1,0 +1,63 @@
+"""The repository itself: a fresh clone must work on any machine, so git tracks nothing that points
+outside the tree (symbolic links) and no file names a path of the machine it was written on."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Absolute paths that only exist on some machine: this checkout's own location, the user's home,
+# and the roots of the project's machines and of typical workstations.
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:work|root|home|Users|mnt|data|scratch)/[\w.-]+")
+
+
+def machine_paths(text: str, own_paths: list[str]) -> list[str]:
+    """Absolute machine paths in `text`: matches of MACHINE_PATH and any of `own_paths` (as a directory)."""
+    found = MACHINE_PATH.findall(text)
+    found += [p for p in own_paths if p.strip("/") and p.rstrip("/") + "/" in text]
+    return found
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def tracked() -> list[str]:
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    return _git("ls-files", "-z").split("\0")[:-1]
+
+
+def test_machine_path_detector():
+    own = ["/tmp/tmp.abc/checkout"]
+    assert machine_paths("--model /work/models/minilm", own) == ["/work/models"]
+    assert machine_paths("see /home/ann/runs and /tmp/tmp.abc/checkout/x", own) == ["/home/ann", "/tmp/tmp.abc/checkout"]
+    assert machine_paths("runs/demo/export, ./work/x, models/minilm, http://a.b/work/x", own) == []
+
+
+def test_git_tracks_no_symbolic_links(tracked):
+    links = [line.split("\t", 1)[1] for line in _git("ls-files", "-s").splitlines() if line.startswith("120000 ")]
+    assert not links, f"tracked symbolic links (they point outside a fresh clone): {links}"
+
+
+def test_no_tracked_file_names_a_path_of_this_machine(tracked):
+    own = [str(REPO), str(REPO.parent), str(Path.home())]
+    offenders = {}
+    for name in tracked:
+        path = REPO / name
+        if name == "tests/test_repository.py" or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # binary
+        found = machine_paths(text, own)
+        if found:
+            offenders[name] = sorted(set(found))[:3]
+    assert not offenders, f"machine paths in tracked files: {offenders}"
