@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import re
 import sys
+from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
-from jsonargparse import lazy_instance
+from jsonargparse import Namespace, lazy_instance
 
 from kdlora.callbacks import GLUESubmissionWriter
 from kdlora.data import GLUEDataModule
@@ -22,6 +24,19 @@ from kdlora.modules.base import GLUEModule
 
 
 class KDLoRACLI(LightningCLI):
+    def parse_arguments(self, parser, args) -> None:
+        # Paths follow the task chosen on the command line: `{task}` in any string of the config
+        # becomes the canonical task name right after parsing, before a checkpoint is read or
+        # anything is built, so the saved config.yaml shows the resolved paths.
+        super().parse_arguments(parser, args)
+        from kdlora.tasks import get_task
+
+        sub = self.config.get("subcommand")
+        config = self.config[sub] if sub else self.config
+        task = getattr(config.get("data"), "task", None)
+        if task is not None:
+            fill_task(config, get_task(task).name)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The task is chosen once, on the data; the model learns its labels and metrics from it.
         parser.link_arguments("data.task", "model.init_args.task")
@@ -56,6 +71,33 @@ class KDLoRACLI(LightningCLI):
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
+
+
+# `{name}` fields of a template (`{2}`/`{1,2}` regex quantifiers are not placeholders).
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")
+# Values that are templates of their own: ModelCheckpoint fills `{epoch}`, `{step}` and metric names.
+_OWN_TEMPLATES = ("filename",)
+
+
+def fill_task(config: Any, task: str, where: str = "") -> Any:
+    """`config` (a jsonargparse Namespace, dict, list or string) with `{task}` in every string
+    replaced by `task`, in place for namespaces, dicts and lists. Any other `{name}` is a typo
+    (a path would silently contain it) and raises one ValueError naming the key and the value."""
+    if isinstance(config, str):
+        unknown = set(_PLACEHOLDER.findall(config)) - {"task"}
+        if unknown and where.rpartition(".")[2] not in _OWN_TEMPLATES:
+            names = ", ".join("{%s}" % n for n in sorted(unknown))
+            raise ValueError(f"unknown placeholder {names} in {where}={config!r}: only {{task}} is filled in")
+        return config.replace("{task}", task)
+    if isinstance(config, Namespace):
+        for key, value in vars(config).items():
+            setattr(config, key, fill_task(value, task, f"{where}.{key}" if where else key))
+    elif isinstance(config, dict):
+        for key, value in config.items():
+            config[key] = fill_task(value, task, f"{where}.{key}" if where else str(key))
+    elif isinstance(config, list):
+        config[:] = [fill_task(v, task, f"{where}[{i}]") for i, v in enumerate(config)]
+    return config
 
 
 def _import(class_path: str):

@@ -12,11 +12,13 @@ for m in minilm minilm-l3; do
   [ -f "models/$m/model.safetensors" ] || bash scripts/fetch_models.sh "$m" "models/$m"
 done
 PY=.venv/bin/python
-rm -rf runs/demo  # a fresh demo each time (the teacher-target cache is rebuilt too)
+# A fresh demo each time: remove only the two runs this script makes (runs/demo/sst2/{fft,kdlora}, the
+# teacher-target cache inside kdlora/ too); anything else under runs/ is left alone.
+rm -rf runs/demo/sst2/fft runs/demo/sst2/kdlora
 $PY train.py fit --config configs/demo/teacher.yaml
 $PY train.py fit --config configs/demo/student.yaml
-$PY -m kdlora.report --runs runs/demo/teacher runs/demo/student --out runs/demo/report.md \
+$PY -m kdlora.report --runs runs/demo/sst2/fft runs/demo/sst2/kdlora --out runs/demo/sst2/report.md \
     --pair minilm=models/minilm:models/minilm-l3
 echo
 echo "=== kdlora demo: all-MiniLM-L6-v2 teacher (full fine-tuning) vs KD-LoRA MiniLM-L3 student, SST-2 dev ==="
-cat runs/demo/report.md
+cat runs/demo/sst2/report.md

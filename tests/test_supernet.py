@@ -273,10 +273,9 @@ def test_ddp_two_processes_sample_identical_subnets(tiny_bert_dir, small_glue_di
 
 def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
     config = tmp_path / "supernet.yaml"
-    config.write_text(
-        (REPO / "configs" / "demo" / "supernet.yaml").read_text()
-        .replace("runs/demo/teacher/export", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir))
-    )
+    text = (REPO / "configs" / "demo" / "supernet.yaml").read_text()
+    assert "runs/demo/{task}/fft/export" in text and "kdlora/assets/glue" in text
+    config.write_text(text.replace("runs/demo/{task}/fft/export", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "KDLORA_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.fast_dev_run=true",
            "--model.init_args.stage_epochs=[0, 0, 1]", "--data.max_seq_length=32", "--model.init_args.latency_seq_len=16"]

@@ -57,7 +57,6 @@ from kdlora.modules.base import GLUEModule, optimizer_groups
 log = logging.getLogger(__name__)
 
 NUM_STAGES = 3
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, projection: torch.Tensor,
@@ -280,7 +279,8 @@ class SuperTransformer(GLUEModule):
 
     # ---- training ----
     def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+        # What the maxnet's own forward takes (no segment ids for RoBERTa-style type_vocab_size 1).
+        return self.model_inputs(batch, self.encoder.model)
 
     def gradient_scale(self, cfg: SubnetConfig) -> float:
         """(n_1/n_j)^γ with n the trainable parameters the subnet reads in the current stage."""

@@ -1,0 +1,202 @@
+"""The shipped configs: every one parses, they all follow one run layout, and per family the chain
+teacher -> KD-LoRA student -> MLFS supernet runs from the real files with only the pretrained
+checkpoints, the data and the trainer limits overridden (tiny models, a few CPU steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, make_tiny_model_dir
+
+from kdlora import cli, report
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+METHODS = ("fft", "lora", "kdlora", "mlfs")
+
+
+@pytest.fixture(scope="module")
+def parse():
+    """`parse(*args)`: the fit config the CLI builds from `train.py fit *args` ({task} filled), stopped
+    before anything is instantiated; one CLI (and parser) for all, building it is the slow part."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli.KDLoRACLI, "instantiate_classes", lambda self: None)
+        mp.setattr(cli.KDLoRACLI, "after_instantiate_classes", lambda self: None)
+        mp.setattr(cli.KDLoRACLI, "_run_subcommand", lambda self, subcommand: None)
+        app = cli.main(["fit", "--config", str(CONFIGS[0])])
+
+    def parse(*args: str):
+        app.parse_arguments(app.parser, ["fit", *args])
+        return app.config.fit
+
+    return parse
+
+
+def layout_of(config_file: Path) -> tuple[str, str]:
+    """(family, method) a config's runs belong to: configs/teacher/bert-fft.yaml -> (bert, fft)."""
+    kind, stem = config_file.parent.name, config_file.stem
+    if kind == "teacher":
+        return tuple(stem.split("-"))
+    if kind in ("student", "supernet"):
+        return stem, {"student": "kdlora", "supernet": "mlfs"}[kind]
+    names = {"teacher": "fft", "student": "kdlora", "supernet": "mlfs", "fft": "fft", "lora": "lora"}
+    if kind == "demo":
+        return "demo", names[stem]
+    assert kind == "local" and stem.startswith("minilm-"), f"{config_file}: no layout rule for it"
+    return "minilm", names[stem.removeprefix("minilm-")]
+
+
+def test_there_are_configs_for_every_family_and_stage():
+    names = {str(f.relative_to(REPO / "configs")) for f in CONFIGS}
+    for family in ("bert", "roberta", "deberta"):
+        assert {f"teacher/{family}-fft.yaml", f"teacher/{family}-lora.yaml", f"student/{family}.yaml",
+                f"supernet/{family}.yaml"} <= names
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=lambda f: str(f.relative_to(REPO / "configs")))
+def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
+    """An unknown key or a bad value fails here; every path lands under runs/<family>/<task>/<method>/,
+    and a student or supernet reads the teacher from runs/<family>/<task>/fft/export."""
+    family, method = layout_of(config_file)
+    fit = parse("--config", str(config_file), "--data.task", "STS-B")
+    run = f"runs/{family}/stsb/{method}"
+    logger = fit.trainer.logger.init_args
+    assert (logger.save_dir, logger.name) == (f"runs/{family}/stsb", method)
+    model = fit.model.init_args
+    assert model.export_dir == f"{run}/export"
+    teacher = f"runs/{family}/stsb/fft/export"
+    if method == "kdlora":
+        assert model.teacher_path == teacher
+    if method == "mlfs":
+        assert model.model_name_or_path == teacher == fit.data.tokenizer_name
+    if method in ("fft", "lora", "kdlora"):  # what kdlora.report reads for Tables 1 and 2
+        callbacks = {c.class_path.rpartition(".")[2]: c.init_args for c in fit.trainer.callbacks}
+        assert {"GLUEResults", "ParameterCount", "PeakMemory", "InferenceLatency"} <= set(callbacks)
+        if family in ("bert", "roberta", "deberta"):  # the paper's latency protocol
+            assert callbacks["InferenceLatency"].num_runs == 100
+    assert "{task}" not in str(fit.as_dict())
+
+
+def test_the_paper_supernets_search_the_paper_space():
+    """The supernet configs give fractions; on the paper's base models they are the MLFS space."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.elastic import ElasticEncoder
+    from kdlora.elastic.sampler import SearchSpace
+
+    for family, hub in (("bert", "bert-base-uncased"), ("roberta", "roberta-base"), ("deberta", "microsoft/deberta-v3-base")):
+        init = yaml.safe_load((REPO / "configs" / "supernet" / f"{family}.yaml").read_text())["model"]["init_args"]
+        with torch.device("meta"):
+            base = AutoModelForSequenceClassification.from_config(report.load_config(hub))
+        space = SearchSpace.build(ElasticEncoder(base, 8, 16, 0.0, tuple(init["lora_targets"])).max_config, init["search_space"])
+        assert (space.hidden_sizes, space.num_heads, space.intermediate_sizes, space.depths) == (
+            (768, 576, 384, 192), (12, 9, 6, 3), (3072, 2304, 1536, 768), (12, 9, 6, 3)), family
+
+
+# ---- {task} placeholders ---------------------------------------------------------------------
+
+
+def test_task_placeholder_is_filled_everywhere_with_the_canonical_name(parse):
+    fit = parse("--config", str(REPO / "configs" / "student" / "bert.yaml"), "--data.task", "SST-2",
+                 "--data.cache_dir", "cache/{task}", "--predictions.output_dir", "submission/{task}",
+                 "--checkpoint.filename", "{task}-{epoch}-{val/score:.3f}")
+    assert fit.model.init_args.teacher_path == "runs/bert/sst2/fft/export"
+    assert fit.trainer.logger.init_args.save_dir == "runs/bert/sst2"
+    assert (fit.data.cache_dir, fit.predictions.output_dir) == ("cache/sst2", "submission/sst2")
+    # ModelCheckpoint fills its own {epoch} and metric fields later.
+    assert fit.checkpoint.filename == "sst2-{epoch}-{val/score:.3f}"
+
+
+def test_fill_task_walks_namespaces_dicts_and_lists():
+    from jsonargparse import Namespace
+
+    config = Namespace(a="x/{task}/y", b=[{"c": "{task}-{task}"}, 3, None], d=Namespace(e=r"l\.\d{1,2}\.q{2}"),
+                       f=Path("{task}"))
+    cli.fill_task(config, "rte")
+    assert config.a == "x/rte/y" and config.b == [{"c": "rte-rte"}, 3, None]
+    assert config.d.e == r"l\.\d{1,2}\.q{2}"  # regex quantifiers are not placeholders
+    assert config.f == Path("{task}")  # only strings: the --config paths are files already read
+
+
+@pytest.mark.parametrize("bad", ["runs/{family}/{task}", "runs/{Task}/x", "runs/{tsak}"])
+def test_an_unknown_placeholder_is_one_clear_error(bad, capsys):
+    code = cli.cli_main(["fit", "--config", str(REPO / "configs" / "teacher" / "bert-fft.yaml"), "--data.task", "rte",
+                         "--trainer.logger.init_args.save_dir", bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("kdlora: error: unknown placeholder {") and "trainer.logger.init_args.save_dir" in err[0]
+    assert repr(bad) in err[0] and "only {task}" in err[0]
+
+
+def test_a_bad_task_is_still_one_clear_error(capsys):
+    code = cli.cli_main(["fit", "--config", str(REPO / "configs" / "student" / "bert.yaml"), "--data.task", "rtee"])
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "kdlora: error: unknown GLUE task 'rtee'; choose one of: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, ax")
+
+
+# ---- the chain -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain_models(tiny_model_dirs, tmp_path_factory):
+    """family -> (teacher, student): tiny models sharing one vocabulary, the student smaller."""
+    root = tmp_path_factory.mktemp("students")
+    return {
+        "bert": (tiny_model_dirs["bert"], tiny_model_dirs["distilbert"]),
+        "roberta": (tiny_model_dirs["roberta"], make_tiny_model_dir(root / "roberta", "roberta", layers=2, seed=1)),
+        "deberta": (tiny_model_dirs["deberta-v2"], make_tiny_model_dir(root / "deberta", "deberta-v2", layers=2, seed=1)),
+    }
+
+
+def fit(config: str, small_glue_dir: Path, *args: str) -> None:
+    """`train.py fit` on a shipped config; only data and trainer limits change (and what `args` add)."""
+    code = cli.cli_main([
+        "fit", "--config", str(REPO / "configs" / config), "--data.task", "rte",
+        "--data.data_dir", str(small_glue_dir), "--data.cache_dir", "cache", "--data.batch_size", "16",
+        "--data.max_seq_length", "32", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+        "--trainer.precision", "32", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        *args,
+    ])
+    assert code == 0, f"train.py fit --config configs/{config} failed"
+
+
+def saved_config(run: Path) -> dict:
+    return yaml.safe_load((run / "version_0" / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta"])  # ~15 s each on one CPU core
+def test_teacher_student_supernet_chain_through_the_configs(family, chain_models, small_glue_dir, tmp_path, monkeypatch):
+    """Nothing tells the student or the supernet where the teacher is: a broken path in a config fails."""
+    monkeypatch.chdir(tmp_path)
+    teacher, student = chain_models[family]
+    runs = Path("runs") / family / "rte"
+    fit(f"teacher/{family}-fft.yaml", small_glue_dir, "--model.init_args.model_name_or_path", str(teacher),
+        "--trainer.max_epochs", "1")
+    assert (runs / "fft" / "export" / "config.json").is_file()
+    if family == "bert":  # the LoRA column of Tables 1 and 2
+        fit(f"teacher/{family}-lora.yaml", small_glue_dir, "--model.init_args.model_name_or_path", str(teacher),
+            "--trainer.max_epochs", "1")
+    fit(f"student/{family}.yaml", small_glue_dir, "--model.init_args.model_name_or_path", str(student),
+        "--trainer.max_epochs", "1")
+    assert saved_config(runs / "kdlora")["model"]["init_args"]["teacher_path"] == str(runs / "fft" / "export")
+    assert any((runs / "kdlora" / "teacher_targets").glob("teacher-rte-*.pt"))  # the teacher's logits were computed
+    assert (runs / "kdlora" / "export" / "config.json").is_file()
+    fit(f"supernet/{family}.yaml", small_glue_dir)  # stage_epochs [1, 1, 1]: one batch per stage
+    assert saved_config(runs / "mlfs")["model"]["init_args"]["model_name_or_path"] == str(runs / "fft" / "export")
+    palette = json.loads((runs / "mlfs" / "version_0" / "palette.json").read_text())
+    assert palette and all((runs / "mlfs" / "export" / row["name"] / "config.json").is_file() for row in palette)
+
+    runs_found = report.find_runs(["runs"])  # what `python -m kdlora.report --runs runs` reads
+    trained = ["fft", "lora", "kdlora", "mlfs"] if family == "bert" else ["fft", "kdlora", "mlfs"]
+    assert sorted(Path(r["dir"]).as_posix() for r in runs_found) == sorted(f"runs/{family}/rte/{m}/version_0" for m in trained)
+    scored = [r for r in runs_found if r["run"]["module"] != "SuperTransformer"]  # the supernet's table is its palette
+    assert all(r["latency"]["fit"]["num_runs"] == 100 for r in scored)  # the configs' paper protocol
+    methods = ["FFT", "LoRA", "KD-LoRA"] if family == "bert" else ["FFT", "KD-LoRA"]
+    assert set(methods) <= set(report.table1(runs_found))
+    efficiency = report.efficiency(runs_found)  # Table 2b
+    for method in methods:
+        assert {"trainable_params", "peak_memory_mb", "latency_batch_ms"} <= set(efficiency[method]), method
