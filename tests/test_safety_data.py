@@ -380,3 +380,17 @@ def test_glue_results_records_where_training_diverged(tiny_bert_dir, small_glue_
     results = json.loads((Path(logger.log_dir) / "results.json").read_text())
     assert results["run"]["task"] == "rte" and results["diverged"]["what"] == "training loss"
     assert report.table1(report.find_runs([tmp_path])) == {}
+
+
+def test_student_fast_dev_run_caches_teacher_targets_outside_the_working_directory(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    code = cli_main(["fit", "--model", "kdlora.modules.KDLoRAStudent", "--model.model_name_or_path", str(tiny_bert_dir),
+                     "--model.teacher_path", str(tiny_bert_dir), "--model.student_layers", "[1]",
+                     "--model.teacher_targets", "cached", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
+                     "--data.cache_dir", str(tmp_path / "c"), "--data.batch_size", "8", "--data.max_seq_length", "32",
+                     "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"])
+    assert code == 0
+    assert list(cwd.iterdir()) == []  # teacher targets used to land in ./teacher_targets
+    assert list((tmp_path / "c" / "teacher_targets").glob("teacher-sst2-*.pt"))

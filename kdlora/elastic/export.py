@@ -111,7 +111,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="SuperTransformer Lightning checkpoint (.ckpt)")
     parser.add_argument("--subnet", required=True, action="append",
                         help="subnet name (e.g. h256-a4-f1024-l4), 'max', or a JSON/YAML file; repeatable")
-    parser.add_argument("--out", required=True, help="output directory (parent directory if several subnets)")
+    parser.add_argument("--out", required=True, help="output directory, replaced only if empty or a previous kdlora export; "
+                        "with several subnets, a parent directory (kept as it is) holding one such directory per subnet")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
