@@ -112,11 +112,13 @@ def _stage(trainer: L.Trainer) -> str:
 
 class GLUEResults(Callback):
     """Writes what the report needs: the run's module, task and hparams, the best and last validation
-    metrics of fit (best by ``val/score``) and test metrics, to ``<log_dir>/results.json``."""
+    metrics of fit (best by ``val/score``) and test metrics, to ``<log_dir>/results.json``; and, when
+    training diverges (`kdlora.modules.base.TrainingDivergedError`), where, as ``diverged``."""
 
     def __init__(self, filename: str = RESULTS_FILE) -> None:
         self.filename = filename
         self._best: Optional[dict[str, float]] = None
+        self._fit_path: Optional[Path] = None
 
     def _path(self, trainer: L.Trainer) -> Path:
         return run_dir(trainer) / self.filename
@@ -124,6 +126,13 @@ class GLUEResults(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write_identity(trainer, pl_module)
         self._best = None
+        self._fit_path = self._path(trainer)  # now, on every rank: an exception may reach only one
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        from kdlora.modules.base import TrainingDivergedError
+
+        if isinstance(exception, TrainingDivergedError) and self._fit_path is not None:
+            update_results(self._fit_path, {"diverged": exception.record})
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write_identity(trainer, pl_module)

@@ -71,6 +71,20 @@ class KDLoRACLI(LightningCLI):
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
+        # An export would replace its directory at fit end: refuse a user's directory now, before
+        # the run directory exists and hours are spent training (the module checks again at fit start).
+        init_args = (config.get("model") or {}).get("init_args") if self.subcommand == "fit" else None
+        if init_args is not None and init_args.get("export", True) and init_args.get("export_dir"):
+            from kdlora.models import check_export_dir
+
+            check_export_dir(init_args["export_dir"])
+
+    def _instantiate_trainer(self, config, callbacks):
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if not trainer.loggers:  # `--trainer.logger false`: the default LearningRateMonitor has nothing to log to
+            defaults = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, LearningRateMonitor)]
+            trainer.callbacks = [c for c in trainer.callbacks if not any(c is d for d in defaults)]
+        return trainer
 
 
 # `{name}` fields of a template (`{2}`/`{1,2}` regex quantifiers are not placeholders).
@@ -134,12 +148,13 @@ def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
 def cli_main(args: list[str] | None = None) -> int:
     """Entry point: user errors (bad task, missing file, bad value) become one line and exit code 2."""
     from kdlora.data import GLUEDataError
+    from kdlora.modules.base import TrainingDivergedError
 
     try:
         main(args)
     except SystemExit as e:  # argparse/jsonargparse already printed the problem
         return e.code if isinstance(e.code, int) else 2
-    except (GLUEDataError, ValueError, FileNotFoundError, KeyError) as e:
+    except (GLUEDataError, ValueError, FileNotFoundError, KeyError, TrainingDivergedError) as e:
         if os.environ.get("KDLORA_DEBUG"):
             raise
         print(f"kdlora: error: {clean_error(e)}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -39,14 +40,30 @@ class GLUEDataError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
+STSB_RANGE = (0.0, 5.0)
+
+
 def _parse_label(value: str, spec: TaskSpec) -> float | int:
+    """The hub-layout label of a TSV label field; a ValueError saying why it is not one."""
     if spec.is_regression:
-        return float(value)
+        try:
+            label = float(value)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not math.isfinite(label):
+            raise ValueError("not a finite number")
+        low, high = STSB_RANGE
+        if not low <= label <= high:
+            raise ValueError(f"out of range [{low:g}, {high:g}]")
+        return label
     if value in spec.label_names:
         return spec.label_names.index(value)
-    label = int(value)
+    try:
+        label = int(value)
+    except ValueError:
+        raise ValueError(f"not a {spec.name} label ({', '.join(spec.label_names)}) or class id 0..{spec.num_labels - 1}") from None
     if not 0 <= label < spec.num_labels:
-        raise ValueError(f"label {label} out of range")
+        raise ValueError(f"class id out of range [0, {spec.num_labels - 1}]")
     return label
 
 
@@ -54,8 +71,10 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec, labelled: bool, max_malforme
     """Read one GLUE TSV file into hub-layout columns ``{*text_keys, label, idx}``.
 
     Quote processing is off (GLUE sentences contain bare quotes). Rows with the wrong number of
-    fields or an unreadable label are skipped and counted; more than `max_malformed_fraction` of
-    them is an error, since the file is then not what we think it is.
+    fields or an unreadable example id are skipped and counted; more than `max_malformed_fraction`
+    of them is an error, since the file is then not what we think it is. A bad label (not one of
+    the task's labels or class ids; for STS-B not a finite number in [0, 5]) is always an error,
+    naming its line(s) and value(s): a wrong label is not a quoting accident.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,12 +99,17 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec, labelled: bool, max_malforme
     columns: dict[str, list] = {k: [] for k in spec.text_keys}
     columns["label"], columns["idx"] = [], []
     bad: list[int] = []
+    bad_labels: list[tuple[int, str, str]] = []  # (line, value, why)
     for line_no, row in enumerate(rows, start=2 if (spec.has_header or not labelled) else 1):
         if len(row) != len(header):
             bad.append(line_no)
             continue
         try:
             label = _parse_label(row[label_pos], spec) if labelled else -1
+        except ValueError as e:
+            bad_labels.append((line_no, row[label_pos], str(e)))
+            continue
+        try:
             idx = int(row[id_pos]) if id_pos is not None else len(columns["idx"])
         except ValueError:
             bad.append(line_no)
@@ -95,9 +119,17 @@ def read_glue_tsv(path: str | Path, spec: TaskSpec, labelled: bool, max_malforme
         columns["label"].append(label)
         columns["idx"].append(idx)
     total = len(rows)
+    if bad_labels:
+        groups: dict[tuple[str, str], list[int]] = {}
+        for line_no, value, why in bad_labels:
+            groups.setdefault((value, why), []).append(line_no)
+        shown = "; ".join(f"{value!r} at line(s) {', '.join(map(str, lines[:5]))}{' ...' if len(lines) > 5 else ''} ({why})"
+                          for (value, why), lines in list(groups.items())[:3])
+        more = f"; {len(groups) - 3} more bad value(s)" if len(groups) > 3 else ""
+        raise GLUEDataError(f"{path}: bad {spec.local_label_column!r} label in {len(bad_labels)} of {total} rows: {shown}{more}")
     if bad:
         fraction = len(bad) / max(total, 1)
-        msg = f"{path}: {len(bad)} of {total} rows malformed (wrong field count or bad label), first at line(s) {bad[:5]}"
+        msg = f"{path}: {len(bad)} of {total} rows malformed (wrong field count or unreadable id), first at line(s) {bad[:5]}"
         if fraction > max_malformed_fraction:
             raise GLUEDataError(msg + f"; that is more than max_malformed_fraction={max_malformed_fraction}")
         log.warning(msg + "; skipped")
@@ -173,12 +205,18 @@ class GLUEDataModule(L.LightningDataModule):
             raise ValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
         if data_dir is not None and not Path(data_dir).is_dir():
             raise GLUEDataError(f"data_dir {data_dir!r} is not a directory")
+        # Local files are read and checked now, before any run directory is written, so a missing
+        # file, a bad label or too many malformed rows fails with nothing left behind; `setup` uses
+        # the columns read here instead of reading the files again.
+        self._read_columns: dict[str, dict[str, list]] = {}
         if data_dir is not None and self.spec.has_train:
-            # Fail now, before any run directory is written, if the task's files are not there.
             for file in ["train.tsv", *(s.file for s in self.spec.validation)]:
                 path = local_file(data_dir, self.spec, file)
                 if not path.is_file():
                     raise GLUEDataError(f"GLUE file not found: expected {path} (standard GLUE layout <data_dir>/{self.spec.dir_name}/{file})")
+            for file in ["train.tsv", *(s.file for s in self.spec.validation)]:
+                self._read_columns[file] = read_glue_tsv(local_file(data_dir, self.spec, file), self.spec, True,
+                                                         max_malformed_fraction)
         self.save_hyperparameters()
         self.task = self.spec.name
         self.data_dir = data_dir
@@ -237,7 +275,8 @@ class GLUEDataModule(L.LightningDataModule):
             keep = [*spec.text_keys, "label", "idx"]
             return ds.select_columns(keep)
         path = local_file(self.data_dir, spec, file)
-        columns = read_glue_tsv(path, spec, labelled, self.max_malformed_fraction)
+        read = self._read_columns.pop(file, None) if spec is self.spec and labelled else None
+        columns = read if read is not None else read_glue_tsv(path, spec, labelled, self.max_malformed_fraction)
         ds = Dataset.from_dict(columns)
         ds.info.description = f"{path}|{path.stat().st_size}|{path.stat().st_mtime_ns}"
         return ds

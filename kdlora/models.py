@@ -5,12 +5,14 @@ Knows nothing of Lightning: these functions take and return plain `transformers`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -142,34 +144,94 @@ def plain_model(model: torch.nn.Module) -> PreTrainedModel:
     return model
 
 
-def _atomic_dir(target: Path):
-    """A temporary sibling directory that replaces `target` only once fully written."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+EXPORT_MARKER = "kdlora_export.json"
 
 
-def _commit_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+def _is_kdlora_export(path: Path) -> bool:
+    """Whether directory `path` carries our marker file (written into every export by `write_export`)."""
+    marker = path / EXPORT_MARKER
+    try:
+        return marker.is_file() and json.loads(marker.read_text()).get("exported_by") == "kdlora"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
-def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, save_adapter: bool = True) -> Path:
+def check_export_dir(path: str | Path) -> Path:
+    """`path` if an export may be written there, else a ValueError naming it.
+
+    An export replaces its directory, so that directory must not exist, be empty, or be a previous
+    kdlora export (it carries ``kdlora_export.json``): nothing a user keeps there is ever deleted.
+    """
+    path = Path(path)
+    if path.is_symlink():
+        raise ValueError(f"export directory {path} is a symbolic link: refusing to replace it; choose another directory")
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"export directory {path} is an existing file: refusing to replace it; choose another directory")
+        if any(path.iterdir()) and not _is_kdlora_export(path):
+            raise ValueError(f"export directory {path} already exists and is not a kdlora export (it has no {EXPORT_MARKER}): "
+                             "refusing to replace it; choose another directory or remove it yourself")
+    for parent in path.absolute().parents:  # mkdir -p must be able to create it
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"cannot create export directory {path}: {parent} is a file")
+            break
+    return path
+
+
+def write_export(out_dir: str | Path, write: Callable[[Path], None], info: dict[str, Any]) -> Path:
+    """Write an export directory atomically, without ever replacing what is not a kdlora export.
+
+    `write(tmp)` fills a new sibling directory; `info` (what was exported) goes into its
+    ``kdlora_export.json``; then the directory replaces `out_dir`, which `check_export_dir` must
+    accept (checked again here, at write time). Directories and files get normal permissions (as
+    `mkdir` and `open` give under the umask). A failure leaves `out_dir` as it was.
+    """
+    out_dir = check_export_dir(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()  # unlike tempfile.mkdtemp (0700), respects the umask
+            break
+        except FileExistsError:
+            continue
+    try:
+        write(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"exported_by": "kdlora", **info}, indent=2, default=str) + "\n")
+        # Some writers (safetensors via transformers) create owner-only files: give everything the
+        # mode a plain mkdir/open would, which `tmp`'s own mode (0777 minus the umask) tells.
+        dir_mode = stat.S_IMODE(tmp.stat().st_mode)
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs + files:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):  # a link's target is not ours to change
+                    os.chmod(path, dir_mode if name in dirs else dir_mode & 0o666)
+        check_export_dir(out_dir)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, save_adapter: bool = True,
+              info: Optional[dict[str, Any]] = None) -> Path:
     """Write a model as a plain Hugging Face directory loadable by `from_pretrained`.
 
     A peft model is merged (a copy, so `model` keeps its adapters) and, with `save_adapter`, its
-    adapter is saved too under ``adapter/``. Written to a temporary directory and renamed, so a
-    failure leaves no half-written export behind.
+    adapter is saved too under ``adapter/``. Written by `write_export`: atomically, marked as ours
+    (with `info`), and never over a directory that is not a previous kdlora export.
     """
     import copy
 
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
+    def write(tmp: Path) -> None:
         if isinstance(model, PeftModel):
             if save_adapter:
                 model.save_pretrained(tmp / "adapter")
@@ -179,11 +241,8 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, save_adapt
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return write_export(out_dir, write, {"lora_merged": isinstance(model, PeftModel), **(info or {})})
 
 
 def load_tokenizer(name_or_path: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -115,12 +116,34 @@ def _mean(values: list[float]) -> Optional[float]:
     return statistics.fmean(values) if values else None
 
 
+def divergence(run: dict[str, Any], split: str = "val_best") -> Optional[str]:
+    """Why a run cannot be averaged (training stopped on a non-finite loss, or a non-finite metric), else None."""
+    stopped = run.get("diverged")
+    if stopped:
+        stopped = stopped if isinstance(stopped, dict) else {}
+        return (f"training stopped: {stopped.get('what', 'training loss')} {stopped.get('value', 'non-finite')} "
+                f"at step {stopped.get('step', '?')}, batch_idx {stopped.get('batch_idx', '?')}")
+    values = run.get(split) or {}
+    bad = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        return f"non-finite {split} metric(s): " + ", ".join(f"{k}={values[k]}" for k in bad)
+    return None
+
+
+def diverged_runs(runs: list[dict[str, Any]], split: str = "val_best") -> list[dict[str, Any]]:
+    """[{dir, method, task, reason}] of the runs `table1` leaves out (see `divergence`)."""
+    return [{"dir": r.get("dir"), "method": method_of(r), "task": r["run"]["task"], "reason": reason}
+            for r in runs for reason in [divergence(r, split)] if reason]
+
+
 def table1(runs: list[dict[str, Any]], split: str = "val_best") -> dict[str, dict[str, Any]]:
-    """{method: {task: {score, metrics, n}, "average": ...}}: scores ×100, mean over a cell's runs (seeds)."""
+    """{method: {task: {score, metrics, n}, "average": ...}}: scores ×100, mean over a cell's runs (seeds).
+
+    Diverged runs (`divergence`) are left out: see `diverged_runs`."""
     cells: dict[str, dict[str, list[dict[str, float]]]] = {}
     for run in runs:
         values = run.get(split)
-        if not values:
+        if not values or divergence(run, split):
             continue
         cells.setdefault(method_of(run), {}).setdefault(get_task(run["run"]["task"]).name, []).append(values)
     table: dict[str, dict[str, Any]] = {}
@@ -166,7 +189,7 @@ def palettes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """MLFS palettes (a run dir's ``palette.json``), each beside the best FFT teacher run of its task."""
     teachers: dict[str, dict[str, Any]] = {}
     for run in runs:
-        if method_of(run) == "FFT" and run.get("val_best"):
+        if method_of(run) == "FFT" and run.get("val_best") and not divergence(run):
             task = get_task(run["run"]["task"]).name
             if task not in teachers or run["val_best"]["score"] > teachers[task]["val_best"]["score"]:
                 teachers[task] = run
@@ -305,7 +328,7 @@ def _millions(n: Optional[float]) -> str:
 
 
 def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS,
-                    palette_items: Sequence[dict] = ()) -> str:
+                    palette_items: Sequence[dict] = (), excluded: Sequence[dict] = ()) -> str:
     lines = ["# KD-LoRA report", ""]
     tasks = [t for t in TASK_ORDER if any(t in row for row in t1.values())]
     methods = [m for m in METHOD_ORDER if m in t1] + sorted(m for m in t1 if m not in METHOD_ORDER)
@@ -328,6 +351,9 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
                     lines.append(f"- {m} / {get_task(t).dir_name}: {detail}")
     else:
         lines.append("_No finished runs with validation results found._")
+    if excluded:
+        lines += ["", f"Left out of Table 1 ({len(excluded)} diverged run(s)):", ""]
+        lines += [f"- {e['method']} / {get_task(e['task']).dir_name}: `{e['dir']}`: {e['reason']}" for e in excluded]
     lines += ["", "## Table 2a: trainable parameters by LoRA rank (from model configs)", "",
               "| Family | Method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 2) + "|"]
     for family, row in params.items():
@@ -361,9 +387,10 @@ def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, 
     runs = find_runs(run_paths) if run_paths else []
     pairs = DEFAULT_PAIRS if pairs is None else pairs
     t1, params, eff, pals = table1(runs, split), table2_parameters(pairs, ranks), efficiency(runs), palettes(runs)
+    excluded = diverged_runs(runs, split)
     data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "palettes": pals, "ranks": list(ranks),
-            "runs": [r["dir"] for r in runs], "split": split}
-    return render_markdown(t1, params, eff, ranks, pals), data
+            "runs": [r["dir"] for r in runs], "split": split, "diverged_runs": excluded}
+    return render_markdown(t1, params, eff, ranks, pals, excluded), data
 
 
 def parse_pair(text: str) -> tuple[str, tuple[str, str]]:

@@ -215,9 +215,9 @@ def test_malformed_rows_are_counted_skipped_or_fatal(tmp_path, caplog):
     assert len(cols["idx"]) == 199
     assert "1 of 200 rows malformed" in caplog.text and "line(s) [102]" in caplog.text
 
-    bad = good[:10] + ["x\ty"] * 5 + [f"{i}\ta\tb\tmaybe" for i in range(5)]
+    bad = good[:10] + ["x\ty"] * 5 + ["10\ta\tb\tentailment"] * 5
     path.write_text("index\tsentence1\tsentence2\tlabel\n" + "\n".join(bad) + "\n")
-    with pytest.raises(GLUEDataError, match=r"10 of 20 rows malformed"):
+    with pytest.raises(GLUEDataError, match=r"5 of 20 rows malformed"):
         read_glue_tsv(path, spec, True)
 
 

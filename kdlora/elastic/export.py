@@ -9,6 +9,10 @@ with `AutoModelForSequenceClassification.from_pretrained`. With several --subnet
 a parent directory holding one folder per subnet name. A subnet is a name (see
 `SubnetConfig.name`; ``l<n>`` = first n layers, dotted = explicit lists), ``max``, or a JSON/YAML
 file with hidden_size, num_heads, intermediate_size and layers.
+
+An export replaces a previous kdlora export at the same place (each carries ``kdlora_export.json``),
+so re-running a command refreshes its output; any other existing, non-empty directory is refused
+before the checkpoint is even loaded: nothing of yours is ever deleted.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Optional, Sequence
 
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
+from kdlora.models import check_export_dir
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +76,27 @@ def load_encoder(checkpoint: str | Path):
     return module.encoder, tokenizer
 
 
+def export_targets(specs: Sequence[str], out: str | Path) -> list[Optional[Path]]:
+    """Where each subnet spec will be written (None where the name is known only from the model: ``max``)."""
+    out = Path(out)
+    if len(specs) == 1:
+        return [out]
+    targets: list[Optional[Path]] = []
+    for spec in specs:
+        try:
+            is_file = Path(spec).suffix.lower() in (".json", ".yaml", ".yml")
+            targets.append(None if spec in ("max", "maxnet") or is_file else out / SubnetConfig.from_name(spec).name)
+        except ValueError:
+            targets.append(None)  # parse_subnet reports it once the model is loaded
+    return targets
+
+
 def export_subnets(encoder: ElasticEncoder, subnets: Sequence[SubnetConfig], out: str | Path, tokenizer=None) -> list[Path]:
     """Write each subnet: to `out` itself for one subnet, else to `out/<name>`."""
     out = Path(out)
     targets = [out] if len(subnets) == 1 else [out / cfg.name for cfg in subnets]
+    for target in targets:  # all of them before anything is written
+        check_export_dir(target)
     encoder.eval()
     written = []
     for cfg, target in zip(subnets, targets):
@@ -89,13 +111,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="SuperTransformer Lightning checkpoint (.ckpt)")
     parser.add_argument("--subnet", required=True, action="append",
                         help="subnet name (e.g. h256-a4-f1024-l4), 'max', or a JSON/YAML file; repeatable")
-    parser.add_argument("--out", required=True, help="output directory (parent directory if several subnets)")
+    parser.add_argument("--out", required=True, help="output directory, replaced only if empty or a previous kdlora export; "
+                        "with several subnets, a parent directory (kept as it is) holding one such directory per subnet")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         checkpoint = Path(args.checkpoint)
         if not checkpoint.is_file():  # before the slow imports and model loading
             raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        for target in [t for t in export_targets(args.subnet, args.out) if t is not None]:
+            check_export_dir(target)  # before the slow model loading; write_export checks again
         encoder, tokenizer = load_encoder(checkpoint)
         subnets = [parse_subnet(s, encoder) for s in args.subnet]  # all validated before anything is written
         for path in export_subnets(encoder, subnets, args.out, tokenizer):

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -700,22 +699,19 @@ class ElasticEncoder(nn.Module):
         return plain
 
     def export_hf(self, cfg: SubnetConfig, out_dir: str | Path, tokenizer=None) -> Path:
-        """Write subnet `cfg` as a standalone HF directory (plus ``subnet.json``), atomically."""
-        from kdlora.models import _atomic_dir, _commit_dir
+        """Write subnet `cfg` as a standalone HF directory (plus ``subnet.json``), atomically, never
+        over a directory that is not a previous kdlora export (`kdlora.models.write_export`)."""
+        from kdlora.models import write_export
 
         plain = self.materialize(cfg)
-        out_dir = Path(out_dir)
-        tmp = _atomic_dir(out_dir)
-        try:
+        info = {"name": cfg.name, "subnet": cfg.to_dict(), "parameters": self.parameter_count(cfg),
+                "exported_parameters": sum(p.numel() for p in plain.parameters()),
+                "family": self.family, "lora_stages_merged": self.num_stages}
+
+        def write(tmp: Path) -> None:
             plain.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            info = {"name": cfg.name, "subnet": cfg.to_dict(), "parameters": self.parameter_count(cfg),
-                    "exported_parameters": sum(p.numel() for p in plain.parameters()),
-                    "family": self.family, "lora_stages_merged": self.num_stages}
             (tmp / "subnet.json").write_text(json.dumps(info, indent=2) + "\n")
-            _commit_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return out_dir
+
+        return write_export(out_dir, write, {"kind": "subnet", "subnet": cfg.name})

@@ -14,10 +14,22 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import export_hf, in_classifier_head, init_regression_bias, load_tokenizer, plain_model
+from kdlora.models import check_export_dir, export_hf, in_classifier_head, init_regression_bias, load_tokenizer, plain_model
 from kdlora.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """A training loss (or the weights) stopped being finite: the run stops, nothing is exported.
+
+    `record` (step, epoch, batch_idx, what, value) is what `kdlora.callbacks.GLUEResults` writes to
+    the run's results.json as ``diverged``, so the report leaves the run out of its averages.
+    """
+
+    def __init__(self, message: str, record: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def optimizer_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
@@ -39,7 +51,13 @@ class GLUEModule(L.LightningModule):
         task: GLUE task name (linked from the data module by the CLI).
         learning_rate, weight_decay, warmup_ratio: AdamW with linear warmup then linear decay.
         export_dir: where the best model is written as a Hugging Face directory at the end of fit
-            (default ``<log_dir>/export``); `export=False` skips it.
+            (default ``<log_dir>/export``; without a run directory, as under fast_dev_run, nothing is
+            exported unless export_dir is given); `export=False` skips it. An existing directory is
+            replaced only if it is empty or a previous kdlora export (`kdlora.models.check_export_dir`),
+            checked when fit starts and again when writing.
+
+    Training stops with `TrainingDivergedError` at the first non-finite training loss, and no
+    checkpoint is ever written from non-finite weights.
     """
 
     def __init__(
@@ -60,6 +78,7 @@ class GLUEModule(L.LightningModule):
         # One metric collection per evaluation dataloader (MNLI has matched + mismatched).
         self.eval_metrics = nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))])
         self._forward_keys: Optional[set[str]] = None
+        self._batch_idx: Optional[int] = None
 
     # ---- model plumbing ----
     def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -92,6 +111,11 @@ class GLUEModule(L.LightningModule):
 
     # ---- set-up ----
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.get("export", False):
+            # Before any training: a refusal at fit end would waste the run.
+            path = self.export_path  # on every rank: trainer.log_dir is a collective under DDP
+            if path is not None:
+                check_export_dir(path)
         # Before any checkpoint is restored, so a resumed run keeps its trained head.
         if stage == "fit" and self.spec.is_regression and self._regression_head_is_new():
             self._init_regression_head()
@@ -115,6 +139,36 @@ class GLUEModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         sched = get_linear_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- divergence ----
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def check_finite_loss(self, loss: torch.Tensor, what: str = "training loss") -> None:
+        """Raise `TrainingDivergedError` naming the step and batch if `loss` is NaN or infinite."""
+        if bool(torch.isfinite(loss.detach()).all()):
+            return
+        value = float(loss.detach().float().flatten()[0]) if loss.numel() == 1 else "non-finite"
+        record = {"what": what, "value": str(value), "step": self.global_step, "epoch": self.current_epoch,
+                  "batch_idx": self._batch_idx}
+        lr = self.hparams.get("learning_rate")
+        raise TrainingDivergedError(
+            f"{what} is {value} at step {self.global_step} (epoch {self.current_epoch}, batch_idx {self._batch_idx}): "
+            f"training diverged and stopped; nothing was exported. Lower learning_rate (it is {lr}) or check the "
+            "training data", record)
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        # Every backward pass goes through here, automatic or manual (`manual_backward`).
+        self.check_finite_loss(loss)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        bad = next((n for n, p in self.named_parameters() if not bool(torch.isfinite(p.detach()).all())), None)
+        if bad is not None:
+            record = {"what": f"weight {bad}", "value": "non-finite", "step": self.global_step,
+                      "epoch": self.current_epoch, "batch_idx": self._batch_idx}
+            raise TrainingDivergedError(f"weight {bad} is not finite at step {self.global_step} (epoch {self.current_epoch}): "
+                                        "training diverged; no checkpoint is written from these weights and nothing "
+                                        "is exported. Lower learning_rate or check the training data", record)
 
     # ---- evaluation ----
     def _eval_suffixes(self) -> list[str]:
@@ -163,20 +217,36 @@ class GLUEModule(L.LightningModule):
             return
         ckpt_cb = self.trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
+        path = self.export_path  # the path first: trainer.log_dir is a collective under DDP
+        if path is None:
+            if self.trainer.is_global_zero:
+                print("[kdlora] not exported: under fast_dev_run the run has no directory; set model.export_dir to export")
+            return
+        source = "the weights at the end of fit"
         if best and Path(best).is_file():
             state = torch.load(best, map_location=self.device, weights_only=True)["state_dict"]
             self.load_state_dict(state)
             log.info("exporting best checkpoint %s", best)
-        self._export(self.export_path)  # the path first: trainer.log_dir is a collective under DDP
+            source = str(best)
+        self._export(path, source)
         self.trainer.strategy.barrier("kdlora-export")
 
     @property
-    def export_path(self) -> Path:
+    def export_path(self) -> Optional[Path]:
+        """`export_dir`, else ``<log_dir>/export``; None when the run has no directory of its own
+        (fast_dev_run replaces the loggers), so nothing lands in the working directory unasked."""
         if self.hparams.get("export_dir"):
             return Path(self.hparams.export_dir)
-        return Path(self.trainer.log_dir or ".") / "export"
+        log_dir = self.trainer.log_dir
+        if self.trainer.fast_dev_run or log_dir is None:
+            return None
+        return Path(log_dir) / "export"
+
+    def export_info(self, source: str) -> dict[str, Any]:
+        """What an export holds (module, task, which weights), for its ``kdlora_export.json``."""
+        return {"module": type(self).__name__, "task": self.spec.name, "weights": source}
 
     @rank_zero_only
-    def _export(self, path: Path) -> None:
-        out = export_hf(self.exported_model(), load_tokenizer(self.tokenizer_source()), path)
+    def _export(self, path: Path, source: str) -> None:
+        out = export_hf(self.exported_model(), load_tokenizer(self.tokenizer_source()), path, info=self.export_info(source))
         print(f"[kdlora] exported model to {out}")

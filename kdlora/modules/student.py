@@ -119,7 +119,8 @@ class KDLoRAStudent(GLUEModule):
         temperature: softmax temperature of the KD term (classification).
         teacher_targets: ``online`` (teacher runs on every batch) or ``cached`` (teacher logits computed
             once over the training set, keyed by example ``idx``, reused across epochs and reruns).
-        teacher_cache_dir: where cached targets live; default ``<runs>/<name>/teacher_targets`` beside the run dirs.
+        teacher_cache_dir: where cached targets live; default ``<runs>/<name>/teacher_targets`` beside the run dirs
+            (without a run directory, as under fast_dev_run, beside the data module's tokenized cache).
         feature_distill_beta: weight β of feature distillation (0 = off; needs online targets).
         feature_layer_map: ``[[student_hidden, teacher_hidden], ...]`` hidden-state indices (0 =
             embeddings, i = output of layer i); default maps kept layers to themselves, else uniformly.
@@ -314,7 +315,13 @@ class KDLoRAStudent(GLUEModule):
                              "carrying an idx column (kdlora.data.GLUEDataModule)")
         from transformers import DataCollatorWithPadding
 
-        cache_dir = self.hparams.teacher_cache_dir or Path(self.trainer.log_dir or "runs").parent / "teacher_targets"
+        log_dir = self.trainer.log_dir  # on every rank: a collective under DDP
+        if self.hparams.teacher_cache_dir:
+            cache_dir = Path(self.hparams.teacher_cache_dir)
+        elif log_dir is not None and not self.trainer.fast_dev_run:
+            cache_dir = Path(log_dir).parent / "teacher_targets"  # beside the run directories
+        else:  # no run directory (fast_dev_run): the data module's cache, never the working directory
+            cache_dir = Path(getattr(dm, "cache_dir", Path.home() / ".cache" / "kdlora" / "tokenized")).parent / "teacher_targets"
         self.cache_teacher_targets(
             dataset, DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"), cache_dir,
             batch_size=getattr(dm, "eval_batch_size", 64), max_seq_length=getattr(dm, "max_seq_length", None),

@@ -271,6 +271,7 @@ class SuperTransformer(GLUEModule):
             log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
         checkpoint["kdlora_mlfs_stage"] = self.stage
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -320,6 +321,7 @@ class SuperTransformer(GLUEModule):
         self.encoder.reset_super_network()
         out = self.encoder(**inputs, output_hidden_states=want_features)
         max_loss = task_loss(out.logits, labels, self.spec.is_regression)
+        self.check_finite_loss(max_loss, "maxnet loss")
         self.manual_backward(max_loss / count)
         max_logits = out.logits.detach()
         max_features = ({l: out.hidden_states[l].detach() for l in self.distill_layers} if want_features else {})
@@ -337,6 +339,7 @@ class SuperTransformer(GLUEModule):
                         feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)], mask))
             loss, p = subnet_loss(sub.logits, max_logits, labels, self.spec.is_regression, self.hparams.alpha,
                                   self.hparams.temperature, feature_losses, self.hparams.beta)
+            self.check_finite_loss(loss, f"subnet {cfg.name} loss")
             scale = self.gradient_scale(cfg)
             self.manual_backward(scale * loss / count)
             total = total + scale * loss.detach() / count
@@ -409,12 +412,18 @@ class SuperTransformer(GLUEModule):
         if rows is None and self.palette_history:
             rows = self.palette_history[max(self.palette_history)]
         # trainer.log_dir is a collective under DDP: read it on every rank, never only on rank 0.
-        self._report_and_export(rows, Path(self.trainer.log_dir or "."), self.export_path)
+        log_dir = self.trainer.log_dir
+        report_dir = None if self.trainer.fast_dev_run or log_dir is None else Path(log_dir)
+        self._report_and_export(rows, report_dir, self.export_path if self.hparams.export else None)
         self.trainer.strategy.barrier("kdlora-export")
 
     @rank_zero_only
-    def _report_and_export(self, rows: Optional[list[dict]], report_dir: Path, export_dir: Path) -> None:
-        from kdlora.elastic.palette import draw_palette, measure_latency_ms, write_palette_report
+    def _report_and_export(self, rows: Optional[list[dict]], report_dir: Optional[Path], export_dir: Optional[Path]) -> None:
+        """The palette report into `report_dir` (the run's directory) and, with `export_dir`, every member
+        as ``export_dir/<name>/`` beside a copy of the report, written as one kdlora export (replaced whole).
+        Without a run directory (fast_dev_run) the report is printed, not written, unless exported."""
+        from kdlora.elastic.palette import draw_palette, measure_latency_ms, palette_markdown, write_palette_report
+        from kdlora.models import write_export
 
         if rows is None:  # no validation ran: sizes only
             rows = [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
@@ -427,18 +436,32 @@ class SuperTransformer(GLUEModule):
                 row["latency_ms"] = measure_latency_ms(model, vocab, self.hparams.latency_batch_size, self.hparams.latency_seq_len)
                 row["latency_batch_size"], row["latency_seq_len"] = self.hparams.latency_batch_size, self.hparams.latency_seq_len
         title = f"{self.spec.name}: MLFS palette of {self.hparams.model_name_or_path}"
-        paths = write_palette_report(rows, report_dir, title)
-        print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+        if report_dir is not None:
+            paths = write_palette_report(rows, report_dir, title)
+            print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+        elif export_dir is None:
+            print("[kdlora] palette report (not written: under fast_dev_run the run has no directory; set "
+                  "model.init_args.export_dir to write it with the export):\n" + palette_markdown(rows, title))
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("palette/final", draw_palette(rows, title), self.global_step)
-        if not self.hparams.export:
+        if export_dir is None:
+            if self.hparams.export:
+                print("[kdlora] not exported: under fast_dev_run the run has no directory; set model.init_args.export_dir to export")
             return
         tokenizer = load_tokenizer(self.tokenizer_source())
+
+        def write(tmp: Path) -> None:
+            for cfg in self.palette:
+                self.encoder.export_hf(cfg, tmp / cfg.name, tokenizer)
+            write_palette_report(rows, tmp, title)
+
+        write_export(export_dir, write, {"module": type(self).__name__, "task": self.spec.name, "kind": "palette",
+                                         "members": [c.name for c in self.palette]})
         for cfg in self.palette:
-            out = self.encoder.export_hf(cfg, export_dir / cfg.name, tokenizer)
-            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {out}")
-        write_palette_report(rows, export_dir, title)
+            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {export_dir / cfg.name}")
+        if report_dir is None:
+            print(f"[kdlora] palette report: {export_dir / 'palette.md'} {export_dir / 'palette.png'}")
 
     def exported_model(self) -> nn.Module:
         return self.encoder.materialize(self.encoder.max_config)
