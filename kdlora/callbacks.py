@@ -117,13 +117,21 @@ class GLUEResults(Callback):
     def __init__(self, filename: str = RESULTS_FILE) -> None:
         self.filename = filename
         self._best: Optional[dict[str, float]] = None
+        self._restored_best: Optional[dict[str, float]] = None
 
     def _path(self, trainer: L.Trainer) -> Path:
         return run_dir(trainer) / self.filename
 
+    # The best validation so far travels in checkpoints: a resumed fit compares against it.
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self._best} if self._best is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_best = state_dict.get("best")
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write_identity(trainer, pl_module)
-        self._best = None
+        self._best, self._restored_best = self._restored_best, None
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write_identity(trainer, pl_module)
