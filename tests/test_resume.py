@@ -136,6 +136,51 @@ def check_resume_is_exact(tmp_path: Path, glue: Path, model_args: list[str], mon
     return plain, run
 
 
+def test_training_order_is_distributed_samplers_and_resumes_inside_an_epoch():
+    from torch.utils.data import DistributedSampler
+
+    from kdlora.data import ResumableShuffleSampler
+
+    data = list(range(13))
+    for rank in (0, 1):
+        ours, reference = ResumableShuffleSampler(data, 2, rank, seed=5), DistributedSampler(data, 2, rank, shuffle=True, seed=5)
+        for epoch in (0, 3):
+            ours.set_epoch(epoch), reference.set_epoch(epoch)
+            torch.manual_seed(epoch)  # the global RNG plays no part
+            assert list(ours) == list(reference) and len(ours) == len(reference) == 7
+    sampler, full = ResumableShuffleSampler(data, seed=5), {}
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        full[epoch] = list(sampler)
+    assert sorted(full[0]) == data and full[0] != full[1]
+    sampler.resume(epoch=1, start=4)
+    sampler.set_epoch(1)  # Lightning sets the epoch it resumes: the position holds...
+    assert list(sampler) == list(sampler) == full[1][4:]
+    sampler.set_epoch(2)  # ...until the next epoch, which starts from its beginning
+    assert len(list(sampler)) == 13 and len(sampler) == 13
+
+
+def test_train_loader_shards_over_ddp_ranks_with_idx_aligned(small_glue_dir, tiny_bert_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from kdlora.data import GLUEDataModule
+
+    dm = GLUEDataModule("sst2", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
+                        cache_dir=str(tmp_path))
+    dm.setup("fit")
+    shards = []
+    for rank in (0, 1):  # what a DDP trainer gives each rank (Lightning keeps the sampler: it is a DistributedSampler)
+        dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank},
+                                     _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+        batches = list(dm.train_dataloader())
+        shards.append([int(i) for b in batches for i in b["idx"]])
+        for b in batches:  # each row is the example its idx names
+            for row, i in enumerate(b["idx"].tolist()):
+                n = int(b["attention_mask"][row].sum())
+                assert b["input_ids"][row, :n].tolist() == dm.datasets["train"][i]["input_ids"]
+    assert len(shards[0]) == len(shards[1]) == 32 and sorted(shards[0] + shards[1]) == list(range(64))
+
+
 @pytest.mark.parametrize("kill_at, checkpoint_every", [(6, 3), (8, 4)], ids=["mid-epoch", "epoch-end"])
 def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, kill_at, checkpoint_every):
     # Mid-epoch: killed at step 6 of 8, the rest of epoch 0, its validation and epoch 1 are left to the
