@@ -145,9 +145,10 @@ class GLUEModule(L.LightningModule):
         self._rng_to_restore = checkpoint.get("kdlora_rng_states")
 
     def on_train_start(self) -> None:
-        if self._rng_to_restore is not None:
+        # Only when this fit resumes that checkpoint (not after load_from_checkpoint, say).
+        if self._rng_to_restore is not None and self.trainer.ckpt_path is not None:
             set_rng_states(self._rng_to_restore)
-            self._rng_to_restore = None
+        self._rng_to_restore = None
 
     # ---- optimisation ----
     def configure_optimizers(self):
