@@ -198,6 +198,12 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         self._due_at_epoch_end = False
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning writes last.ckpt at train end even in a fast_dev_run, which has no log dir: the
+        # file would land in the working directory.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
+
 
 # ----------------------------------------------------------------------------------------------
 # Efficiency

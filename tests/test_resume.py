@@ -205,3 +205,15 @@ def test_supernet_resumes_exactly_after_sigkill_mid_stage(tiny_bert_dir, small_g
                                    "--model.stage_epochs", "[1, 1, 0]", "--model.num_subnets", "2", "--model.measure_latency", "false",
                                    "--model.palette", "[max, min]"], monkeypatch, kill_at=12)
     assert (resumed / "palette.json").read_text() == (plain / "palette.json").read_text()
+
+
+def test_fast_dev_run_writes_no_checkpoint(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
+    from kdlora.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)  # a fast_dev_run has no log dir: Lightning's default is the working directory
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert cli_main(["fit", "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+                     "--model.export", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
+                     "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
+                     "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]) == 0
+    assert not list(tmp_path.rglob("*.ckpt"))
