@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
 from kdlora.metrics import predictions_from_logits
 
@@ -119,13 +119,21 @@ class GLUEResults(Callback):
         self.filename = filename
         self._best: Optional[dict[str, float]] = None
         self._fit_path: Optional[Path] = None
+        self._restored_best: Optional[dict[str, float]] = None
 
     def _path(self, trainer: L.Trainer) -> Path:
         return run_dir(trainer) / self.filename
 
+    # The best validation so far travels in checkpoints: a resumed fit compares against it.
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self._best} if self._best is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored_best = state_dict.get("best")
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write_identity(trainer, pl_module)
-        self._best = None
+        self._best, self._restored_best = self._restored_best, None
         self._fit_path = self._path(trainer)  # now, on every rank: an exception may reach only one
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -172,6 +180,38 @@ class GLUEResults(Callback):
         values = self._metrics(trainer, "test/")
         if values and trainer.is_global_zero:
             update_results(path, {"test": values})
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """`last.ckpt` for resuming, every `every_n_train_steps` optimizer steps (and at the end of training).
+
+    A due step that ends an epoch is saved at train epoch end instead, after that epoch's validation:
+    Lightning resumes a checkpoint taken at an epoch's last batch past that epoch, so its validation,
+    logged metrics and best checkpoint would be missing from the resumed run.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._due_at_epoch_end = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            every = self._every_n_train_steps
+            self._due_at_epoch_end = every >= 1 and trainer.global_step % every == 0
+            return
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._due_at_epoch_end and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._due_at_epoch_end = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning writes last.ckpt at train end even in a fast_dev_run, which has no log dir: the
+        # file would land in the working directory.
+        if not trainer.fast_dev_run:
+            super().on_train_end(trainer, pl_module)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import Namespace, lazy_instance
 
-from kdlora.callbacks import GLUESubmissionWriter
+from kdlora.callbacks import GLUESubmissionWriter, LastCheckpoint
 from kdlora.data import GLUEDataModule
 from kdlora.modules.base import GLUEModule
 
@@ -46,6 +46,12 @@ class KDLoRACLI(LightningCLI):
         parser.set_defaults({"checkpoint.monitor": "val/score", "checkpoint.mode": "max",
                              "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
                              "checkpoint.auto_insert_metric_name": False})
+        # For resuming (`fit --ckpt_path last`): `last.ckpt` beside the best one, rewritten every N
+        # optimizer steps and at the end of training. It keeps no top-k, so it is never the best:
+        # `trainer.checkpoint_callback` (the first ModelCheckpoint, the group above) stays the best one.
+        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+        parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 0,
+                             "last_checkpoint.every_n_train_steps": 100})
         parser.add_lightning_class_args(GLUESubmissionWriter, "predictions")
 
     def _parse_ckpt_path(self) -> None:

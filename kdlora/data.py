@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from datasets import Dataset, DatasetDict
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kdlora.tasks import Split, TaskSpec, get_task
@@ -160,6 +162,59 @@ def local_file(data_dir: str | Path, spec: TaskSpec, file: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Training order
+# ----------------------------------------------------------------------------------------------
+
+
+class ResumableShuffleSampler(DistributedSampler):
+    """The training order: a permutation drawn from (seed, epoch) alone, never from the global RNG,
+    sharded over `num_replicas` ranks exactly as `DistributedSampler` shards it (it is one, so Lightning
+    keeps it under DDP instead of injecting its own); `resume(epoch, start)` makes the next pass of
+    `epoch` skip the first `start` examples of this rank's shard, which a resumed run has trained on.
+
+    `len()` stays the full shard: Lightning counts the batches of a resumed epoch itself.
+    """
+
+    def __init__(self, dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.start = 0  # a resume position holds for its own epoch only
+        super().set_epoch(epoch)
+
+    def resume(self, epoch: int, start: int, seed: Optional[int] = None) -> None:
+        """Continue the order of a checkpointed run: its seed, its epoch, `start` examples in."""
+        if seed is not None:
+            self.seed = int(seed)
+        self.epoch, self.start = int(epoch), int(start)
+
+    def __iter__(self):
+        # A generator, so the order is drawn at the first batch: after Lightning's set_epoch.
+        yield from itertools.islice(super().__iter__(), self.start, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """The train loader. Its position is saved and restored by `GLUEDataModule.state_dict` /
+    `load_state_dict`, which Lightning calls before the loader exists; Lightning's own loader-state
+    hooks below are too late here (they are skipped once `configure_optimizers` has read
+    `trainer.estimated_stepping_batches`, Lightning issue #20550) and only tell Lightning that a
+    mid-epoch resume is exact."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def _uses_distributed_sampler(trainer: L.Trainer) -> bool:
+    """Whether Lightning shards loaders over ranks (`Trainer(use_distributed_sampler=...)`, default on)."""
+    return getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+
+
+# ----------------------------------------------------------------------------------------------
 # DataModule
 # ----------------------------------------------------------------------------------------------
 
@@ -233,6 +288,8 @@ class GLUEDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir or os.environ.get("KDLORA_CACHE", Path.home() / ".cache" / "kdlora")) / "tokenized"
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.datasets: dict[str, Dataset] = {}
+        self._train_sampler: Optional[ResumableShuffleSampler] = None
+        self._resume_order: Optional[dict[str, int]] = None  # from a checkpoint: where training resumes
 
     # What models need to know right after __init__ (linked by the CLI).
     @property
@@ -353,15 +410,48 @@ class GLUEDataModule(L.LightningDataModule):
     def _collate(self):
         return DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
 
-    def _loader(self, ds: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate(),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _loader(self, ds: Dataset, batch_size: int, sampler: Optional[ResumableShuffleSampler] = None,
+                loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+        # Its own generator: iterating a loader never draws from the global RNG (torch seeds worker
+        # processes from it), so validation runs do not shift the dropout stream of training.
+        return loader_class(ds, batch_size=batch_size, sampler=sampler, collate_fn=self._collate(),
+                            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                            generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.datasets["train"], True, self.batch_size)
+        """Shuffled by (seed, epoch) and sharded over DDP ranks (`ResumableShuffleSampler`); after a
+        resume it starts where the checkpoint's run stopped inside the epoch."""
+        trainer = self.trainer
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None and _uses_distributed_sampler(trainer) else None)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))  # the run seed, as Lightning's DistributedSampler
+        sampler = ResumableShuffleSampler(self.datasets["train"], seed=seed, **(shard or {}))
+        if self._resume_order is not None:
+            sampler.resume(**self._resume_order)
+        self._train_sampler = sampler
+        return self._loader(self.datasets["train"], self.batch_size, sampler, ResumableDataLoader)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the shuffled order (saved in every checkpoint): the seed, the epoch and
+        how many examples of this rank's shard of that epoch have been trained on."""
+        sampler, trainer = self._train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        # Batches trained this epoch: at on_train_batch_end (step checkpoints) the current one is counted.
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = sampler.epoch
+        if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
+            epoch, batches = epoch + 1, 0
+        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called by Lightning when it restores a checkpoint, before it builds the train dataloader."""
+        order = state_dict.get("train_order")
+        self._resume_order = dict(order) if order else None
+        if self._resume_order is not None and self._train_sampler is not None:
+            self._train_sampler.resume(**self._resume_order)
 
     def _eval_loaders(self, names: list[str]) -> DataLoader | list[DataLoader]:
-        loaders = [self._loader(self.datasets[n], False, self.eval_batch_size) for n in names]
+        loaders = [self._loader(self.datasets[n], self.eval_batch_size) for n in names]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def val_dataloader(self):
@@ -373,6 +463,6 @@ class GLUEDataModule(L.LightningDataModule):
         return self._eval_loaders([s.hub for s in self.spec.validation])
 
     def predict_dataloader(self):
-        loaders = [self._loader(self.datasets[f"predict:{t.name}:{s.hub}"], False, self.eval_batch_size)
+        loaders = [self._loader(self.datasets[f"predict:{t.name}:{s.hub}"], self.eval_batch_size)
                    for t, s in self.predict_targets]
         return loaders[0] if len(loaders) == 1 else loaders

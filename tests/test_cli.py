@@ -50,8 +50,10 @@ def test_fit_then_test_and_predict_submission(tiny_bert_dir, small_glue_dir, tmp
         "index\tsentence1\tsentence2\n7\tthe company said it\tit said\n3\tshe was first\tshe was last\n")
     base = _args(tiny_bert_dir, glue, tmp_path, "--data.task", "rte", "--model.export", "false")
     assert cli_main(["fit", *base, "--trainer.max_epochs", "1"]) == 0
-    ckpts = sorted((tmp_path / "runs").rglob("*.ckpt"))
-    assert len(ckpts) == 1 and ckpts[0].name.startswith("best-")
+    ckpts = sorted((tmp_path / "runs").rglob("best-*.ckpt"))
+    assert len(ckpts) == 1
+    # Beside the best one, the resume checkpoint, written at the end of training (8 steps < every_n_train_steps).
+    assert sorted(p.name for p in ckpts[0].parent.iterdir()) == [ckpts[0].name, "last.ckpt"]
     # Checkpoint hparams are primitive: loadable with weights_only=True.
     assert torch.load(ckpts[0], weights_only=True, map_location="cpu")["hyper_parameters"]["task"] == "rte"
     assert cli_main(["test", *base, "--ckpt_path", str(ckpts[0])]) == 0

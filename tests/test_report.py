@@ -80,7 +80,7 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
     # The teacher logs with the CLI's defaults only (no results callbacks): the report reads TensorBoard.
     cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, {**trainer, "callbacks": []})])
     # The teacher as a Lightning checkpoint gives the same (merged) model as its export.
-    ckpt = next((tmp_path / "runs" / "kdlora" / "version_0" / "checkpoints").glob("*.ckpt"))
+    ckpt = next((tmp_path / "runs" / "kdlora" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     from_ckpt, tok_source = load_teacher(str(ckpt), get_task("mrpc"))
     from_export, _ = load_teacher(str(tmp_path / "teacher"), get_task("mrpc"))
     ids = torch.randint(5, 150, (2, 10))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import nn
@@ -42,6 +44,27 @@ def optimizer_groups(named_params, weight_decay: float) -> list[dict[str, Any]]:
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def rng_states() -> dict[str, Any]:
+    """The global random states of torch (CPU and CUDA), numpy and Python, as checkpoints can hold
+    them (`torch.load(weights_only=True)` reads tensors, tuples and numbers, not numpy arrays)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+            "python": random.getstate()}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `rng_states` returned."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, python_gauss = states["python"]
+    random.setstate((version, tuple(state), python_gauss))
 
 
 class GLUEModule(L.LightningModule):
@@ -79,6 +102,7 @@ class GLUEModule(L.LightningModule):
         self.eval_metrics = nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))])
         self._forward_keys: Optional[set[str]] = None
         self._batch_idx: Optional[int] = None
+        self._rng_to_restore: Optional[dict[str, Any]] = None
 
     # ---- model plumbing ----
     def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
@@ -133,6 +157,20 @@ class GLUEModule(L.LightningModule):
         if init_regression_bias(self, mean):
             rank_zero_info(f"[kdlora] new regression head starts at the mean training label {mean:.3f}")
 
+    # ---- resuming ----
+    # Lightning restores weights, optimizer, schedule, loops and callbacks, not the random streams
+    # (dropout): a checkpoint carries them, and a resumed run sets them just before its first step,
+    # after everything set-up draws, so it continues the stream of the run it resumes. Under DDP
+    # every rank resumes rank 0's streams (the one written): valid randomness, not the same masks.
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("kdlora_rng_states")
+
+    def on_train_start(self) -> None:
+        # Only when this fit resumes that checkpoint (not after load_from_checkpoint, say).
+        if self._rng_to_restore is not None and self.trainer.ckpt_path is not None:
+            set_rng_states(self._rng_to_restore)
+        self._rng_to_restore = None
+
     # ---- optimisation ----
     def configure_optimizers(self):
         opt = torch.optim.AdamW(optimizer_groups(self.named_parameters(), self.hparams.weight_decay), lr=self.hparams.learning_rate)
@@ -169,6 +207,7 @@ class GLUEModule(L.LightningModule):
             raise TrainingDivergedError(f"weight {bad} is not finite at step {self.global_step} (epoch {self.current_epoch}): "
                                         "training diverged; no checkpoint is written from these weights and nothing "
                                         "is exported. Lower learning_rate or check the training data", record)
+        checkpoint["kdlora_rng_states"] = rng_states()
 
     # ---- evaluation ----
     def _eval_suffixes(self) -> list[str]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,6 +58,9 @@ from kdlora.modules.base import GLUEModule, optimizer_groups
 log = logging.getLogger(__name__)
 
 NUM_STAGES = 3
+# Lightning warns at each step checkpoint of a manual-optimization module that it holds the weights
+# after that step's optimizer step: exactly what a resume needs (the checkpoint's global_step counts it).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
 def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, projection: torch.Tensor,
@@ -273,10 +277,14 @@ class SuperTransformer(GLUEModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # never from non-finite weights
         checkpoint["kdlora_mlfs_stage"] = self.stage
+        # The palette of every validation so far: the report at fit end shows the best checkpoint's.
+        checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Before the optimizer is built and its state restored, so the param groups match.
         self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+        self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
 
     # ---- training ----
     def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
