@@ -10,6 +10,7 @@ import importlib
 import inspect
 import os
 import sys
+from argparse import ArgumentError
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -22,6 +23,11 @@ from kdlora.modules.base import GLUEModule
 
 
 class KDLoRACLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        # Parser errors are raised, not printed with the full usage, so `cli_main` makes them one line.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The task is chosen once, on the data; the model learns its labels and metrics from it.
         parser.link_arguments("data.task", "model.init_args.task")
@@ -63,14 +69,36 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
+# Lines of jsonargparse's nested errors that say how it tried, not what is wrong.
+_PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+                 "NoneType", "either not accessible or invalid")
+
+
 def clean_error(exc: BaseException) -> str:
-    """The useful line(s) of an error; jsonargparse nests ours inside 'Errors: - ...' lists."""
-    text = str(exc)
-    if "Errors:" not in text:
+    """An error as one line that keeps its cause.
+
+    jsonargparse nests the cause under the failing key ('Parser key "model": ... Errors: - Problem
+    with given class_path ...: Option 'palette' is not accepted'): the key and every line naming
+    what is wrong are kept, in order; the union bookkeeping is dropped.
+    """
+    text = str(exc).strip()
+    if "\n" not in text:
         return text
-    reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
-    reasons = [r for r in reasons if "NoneType" not in r]
-    return "; ".join(dict.fromkeys(reasons)) or text
+    parts: list[str] = []
+    for line in text.splitlines():
+        item = line.strip()
+        item = item[2:] if item.startswith("- ") else item
+        if not item or any(noise in item for noise in _PARSER_NOISE) or item in parts:
+            continue
+        if item.startswith("Given value:"):  # only where no reason already shows the value
+            if "NestedArg(" in item or "Got value" in text:
+                continue
+            item = "got " + item[len("Given value:"):].strip()
+        parts.append(item)
+    line = ""
+    for item in parts:
+        line += item if not line else (" " if line.endswith(":") else "; ") + item
+    return line or text
 
 
 def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
@@ -97,7 +125,7 @@ def cli_main(args: list[str] | None = None) -> int:
         main(args)
     except SystemExit as e:  # argparse/jsonargparse already printed the problem
         return e.code if isinstance(e.code, int) else 2
-    except (GLUEDataError, ValueError, FileNotFoundError, KeyError) as e:
+    except (GLUEDataError, ValueError, FileNotFoundError, KeyError, ArgumentError) as e:
         if os.environ.get("KDLORA_DEBUG"):
             raise
         print(f"kdlora: error: {clean_error(e)}", file=sys.stderr)

@@ -82,3 +82,20 @@ def test_missing_checkpoint_is_reported(tiny_bert_dir, small_glue_dir, tmp_path,
     code = cli_main(["test", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte"),
                      "--ckpt_path", str(tmp_path / "nope.ckpt")])
     assert code != 0 and "nope.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    # an option the module does not take (the supernet's palette given to a Teacher)
+    (["--model.init_args.palette", "[max]"],
+     "Parser key \"model\": Problem with given class_path 'kdlora.modules.Teacher': Option 'palette' is not accepted"),
+    # a value of the wrong type, nested in the model's Union, and at the top level
+    (["--model.lora_r", "abc"], "Parser key \"lora_r\": Expected a <class 'int'>. Got value: abc"),
+    (["--trainer.max_epochs", "two"], "Parser key \"trainer.max_epochs\": Expected a <class 'int'>; got two"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+])
+def test_parser_errors_are_one_line_with_their_cause(tiny_bert_dir, small_glue_dir, tmp_path, capsys, extra, message):
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", *extra)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("kdlora: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
