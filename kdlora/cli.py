@@ -18,7 +18,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import lazy_instance
 
 from kdlora.callbacks import GLUESubmissionWriter
+from kdlora.checkpoint import CheckpointError, read_checkpoint
 from kdlora.data import GLUEDataModule
+from kdlora.models import new_weight_modules
 from kdlora.modules.base import GLUEModule
 
 
@@ -43,16 +45,26 @@ class KDLoRACLI(LightningCLI):
         # Lightning replaces the model's arguments with the checkpoint's hyperparameters. Arguments a
         # module lists in EVALUATION_ARGS (e.g. the supernet's palette) only decide what is evaluated
         # or written, so where the user set them (command line or config) their value wins.
+        # The checkpoint is checked first (a file, Lightning's, this run's module class and task):
+        # otherwise Lightning would run it as whatever class it names, on whatever task the data is.
         sub = self.config.get("subcommand")
-        model = self.config[sub].get("model") if sub else None
-        init_args = model.get("init_args") if model is not None and model.get("class_path") else None
+        if not sub:
+            return
+        model = self.config[sub].get("model")
+        cls = _import(model.class_path) if model is not None and model.get("class_path") else None
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if ckpt_path and not _lightning_ckpt_keyword(str(ckpt_path)):
+            read_checkpoint(ckpt_path, cls, self.config[sub].data.task)
+        init_args = model.get("init_args") if cls is not None else None
         chosen = {}
         if init_args is not None:
-            cls = _import(model.class_path)
             defaults = inspect.signature(cls.__init__).parameters
             chosen = {k: init_args[k] for k in getattr(cls, "EVALUATION_ARGS", ())
                       if k in init_args and k in defaults and init_args[k] != defaults[k].default}
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as e:
+            raise CheckpointError(f"the hyperparameters of checkpoint {ckpt_path} do not fit its module: {clean_error(e)}") from None
         for k, v in chosen.items():
             self.config[sub].model.init_args[k] = v
 
@@ -62,6 +74,24 @@ class KDLoRACLI(LightningCLI):
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
+
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # Evaluating or predicting with weights initialised at random just now (the classifier head a
+        # pretrained checkpoint lacks) gives chance-level numbers or a GLUE submission of noise.
+        sub = self.subcommand
+        new = getattr(self.model, "newly_initialised", ())
+        if sub in ("validate", "test", "predict") and new and not self.config[sub].get("ckpt_path"):
+            raise ValueError(
+                f"{sub} without --ckpt_path would use the untrained {', '.join(new_weight_modules(new))} that "
+                f"{self.model.hparams.get('model_name_or_path')} lacks (initialised at random): give --ckpt_path of a "
+                "trained run, or a fine-tuned model (e.g. a run's export/) as model_name_or_path")
+
+
+def _lightning_ckpt_keyword(ckpt_path: str) -> bool:
+    """Whether `ckpt_path` is one Lightning resolves itself ('best', 'last', 'hpc', 'registry...', a URL)."""
+    return ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
 
 
 def _import(class_path: str):
@@ -91,7 +121,7 @@ def clean_error(exc: BaseException) -> str:
         if not item or any(noise in item for noise in _PARSER_NOISE) or item in parts:
             continue
         if item.startswith("Given value:"):  # only where no reason already shows the value
-            if "NestedArg(" in item or "Got value" in text:
+            if "NestedArg(" in item or "Namespace(" in item or "Got value" in text:
                 continue
             item = "got " + item[len("Given value:"):].strip()
         parts.append(item)

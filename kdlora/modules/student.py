@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from kdlora.checkpoint import read_checkpoint
 from kdlora.losses import distillation_loss
 from kdlora.models import (
     apply_lora,
@@ -37,9 +38,8 @@ def load_teacher(teacher_path: str, spec: TaskSpec) -> tuple[nn.Module, str]:
     if path.is_file():
         from kdlora.modules.teacher import Teacher
 
+        read_checkpoint(path, Teacher, spec.name)
         teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", export=False)
-        if teacher.spec.name != spec.name:
-            raise ValueError(f"teacher checkpoint {teacher_path} was trained on {teacher.spec.name!r}, not {spec.name!r}")
         model, tokenizer_source = teacher.merged_model(), teacher.hparams.model_name_or_path
     elif path.is_dir():
         if not (path / "config.json").is_file():
