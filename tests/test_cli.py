@@ -68,8 +68,8 @@ def test_fit_then_test_and_predict_submission(tiny_bert_dir, small_glue_dir, tmp
     (["--data.task", "qnli"], "QNLI/train.tsv"),  # only dev is present
     (["--data.task", "rte", "--model.finetune", "partial"], "finetune"),
     (["--data.task", "rte", "--data.holdout_fraction", "1.5"], "holdout_fraction"),
-    (["--data.task", "rte", "--data.max_train_samples", "0", "--trainer.fast_dev_run", "true"], "max_train_samples must be at least 1 (or null for all rows), got 0"),
-    (["--data.task", "rte", "--data.max_eval_samples", "-1", "--trainer.fast_dev_run", "true"], "max_eval_samples must be at least 1 (or null for all rows), got -1"),
+    (["--data.task", "rte", "--data.max_train_samples", "0", "--trainer.fast_dev_run", "true", "--model.export", "false"], "max_train_samples must be at least 1 (or null for all rows), got 0"),
+    (["--data.task", "rte", "--data.max_eval_samples", "-1", "--trainer.fast_dev_run", "true", "--model.export", "false"], "max_eval_samples must be at least 1 (or null for all rows), got -1"),
 ])
 def test_bad_input_is_one_clear_error_and_leaves_no_output(tiny_bert_dir, small_glue_dir, tmp_path, capsys, extra, message):
     code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, *extra)])

@@ -132,3 +132,110 @@ def test_evaluating_a_trained_head_needs_no_checkpoint_and_an_untrained_one_take
     teacher = Teacher(str(base_model_dir), task="sst2", export=False)
     ckpt = lightning_checkpoint(tmp_path / "trained.ckpt", "kdlora.modules.Teacher", teacher.state_dict(), **teacher.hparams)
     assert _cli("validate", base_model_dir, small_glue_dir, tmp_path / "b", "--data.task", "sst2", "--ckpt_path", str(ckpt)) == 0
+
+
+# ---- only the classification head may start from random weights ---------------------------------------------
+
+def _with_vocab_size(src: Path, dst: Path, vocab_size: int) -> Path:
+    """A copy of a model directory whose config.json disagrees with its weights about vocab_size."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    return dst
+
+
+@pytest.mark.parametrize("vocab_size", [1000, 100])
+def test_weights_that_do_not_fit_the_config_are_an_error_not_random(tiny_bert_dir, tmp_path, vocab_size):
+    from kdlora.modules import KDLoRAStudent
+
+    model_dir = _with_vocab_size(tiny_bert_dir, tmp_path / "model", vocab_size)
+    message = rf"bert\.embeddings\.word_embeddings\.weight is \(200, 32\) in the checkpoint but \({vocab_size}, 32\) in the config"
+    with pytest.raises(ValueError, match=message):
+        Teacher(str(model_dir), task="rte", export=False)
+    with pytest.raises(ValueError, match=message):
+        KDLoRAStudent(str(model_dir), str(tiny_bert_dir), task="rte", export=False)
+
+
+def test_student_with_a_config_that_does_not_fit_its_weights_is_refused_by_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
+    model_dir = _with_vocab_size(tiny_bert_dir, tmp_path / "student", 1000)
+    code = _cli("fit", model_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--model", "kdlora.modules.KDLoRAStudent",
+                "--model.model_name_or_path", str(model_dir), "--model.teacher_path", str(tiny_bert_dir))
+    line = _one_error_line(capsys)
+    assert code == 2 and f"model '{model_dir}': only the classification head may start from random weights" in line
+    assert "bert.embeddings.word_embeddings.weight is (200, 32) in the checkpoint but (1000, 32) in the config" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2", "distilbert"])
+def test_a_pretrained_encoder_without_head_still_loads_with_a_new_head(tmp_path, family):
+    # bert-base-uncased & co.: the head (DeBERTa's pooler, DistilBERT's pre_classifier, BERT's classifier) is new.
+    from transformers import AutoModel
+
+    write_tiny_tokenizer(tmp_path)
+    AutoModel.from_config(tiny_config(family, 200)).save_pretrained(tmp_path)
+    module = Teacher(str(tmp_path), task="stsb", export=False)
+    new_modules = {name.split(".")[0] for name in module.newly_initialised}
+    assert new_modules and new_modules <= {"classifier", "pre_classifier", "pooler"}
+
+
+# ---- a tokenizer larger than the embedding table ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(tmp_path_factory) -> Path:
+    """A consistent model (config and weights) of 100 embeddings, saved with a 200-token tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    directory = tmp_path_factory.mktemp("small_vocab")
+    write_tiny_tokenizer(directory)
+    AutoModelForSequenceClassification.from_config(tiny_config("bert", 100)).save_pretrained(directory)
+    return directory
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_an_error(small_vocab_dir, tiny_bert_dir):
+    from kdlora.modules import KDLoRAStudent, SuperTransformer
+
+    message = rf"tokenizer '{small_vocab_dir}' has 200 tokens but model '{small_vocab_dir}' embeds only 100"
+    with pytest.raises(ValueError, match=message):
+        Teacher(str(small_vocab_dir), task="rte", export=False)
+    with pytest.raises(ValueError, match=message):  # as the student
+        KDLoRAStudent(str(small_vocab_dir), str(tiny_bert_dir), task="rte", export=False)
+    with pytest.raises(ValueError, match=message):  # as the teacher
+        KDLoRAStudent(str(tiny_bert_dir), str(small_vocab_dir), task="rte", export=False)
+    with pytest.raises(ValueError, match=message):
+        SuperTransformer(str(small_vocab_dir), task="rte", export=False, measure_latency=False)
+
+
+def test_tokenizer_larger_than_the_embedding_table_is_refused_by_the_cli(small_vocab_dir, small_glue_dir, tmp_path, capsys):
+    code = _cli("fit", small_vocab_dir, small_glue_dir, tmp_path, "--data.task", "rte")
+    assert code == 2 and "has 200 tokens but model" in _one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- LoRA targets must all exist ----------------------------------------------------------------------------
+
+def test_every_lora_target_must_match_a_module(tiny_model_dirs):
+    from kdlora.modules import KDLoRAStudent
+
+    bert, distilbert = str(tiny_model_dirs["bert"]), str(tiny_model_dirs["distilbert"])
+    with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus': no module of this bert model has that name; "
+                                         r"its linear layers are: classifier, dense, key, query, value$"):
+        Teacher(bert, task="rte", finetune="lora", lora_targets=["query", "bogus"])
+    with pytest.raises(ValueError, match=r"unknown lora_targets 'query', 'value':.*distilbert.*lin1, lin2, out_lin, pre_classifier, q_lin, v_lin"):
+        Teacher(distilbert, task="rte", finetune="lora", lora_targets=["query", "value"])
+    with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus'"):
+        KDLoRAStudent(bert, bert, task="rte", student_layers=[0, 2], lora_targets=["query", "bogus"], export=False)
+    # Names as peft matches them: a module's name or a dotted suffix of it.
+    module = Teacher(bert, task="rte", finetune="lora", lora_targets=["query", "attention.output.dense"])
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A." in n}
+    assert any(n.endswith("attention.self.query") for n in adapted) and any(n.endswith("attention.output.dense") for n in adapted)
+    assert not any(n.endswith("intermediate.dense") for n in adapted)
+
+
+def test_unknown_lora_target_is_refused_by_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
+    code = _cli("fit", tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--model.finetune", "lora",
+                "--model.lora_targets", "[query, bogus]")
+    assert code == 2 and "unknown lora_targets 'bogus': no module of this bert model has that name" in _one_error_line(capsys)
+    assert not (tmp_path / "runs").exists()
