@@ -45,14 +45,14 @@ class KDLoRACLI(LightningCLI):
         # Lightning replaces the model's arguments with the checkpoint's hyperparameters. Arguments a
         # module lists in EVALUATION_ARGS (e.g. the supernet's palette) only decide what is evaluated
         # or written, so where the user set them (command line or config) their value wins.
-        # The checkpoint is checked first (a file, Lightning's, this run's module class and task):
-        # otherwise Lightning would run it as whatever class it names, on whatever task the data is.
         sub = self.config.get("subcommand")
         if not sub:
             return
         model = self.config[sub].get("model")
         cls = _import(model.class_path) if model is not None and model.get("class_path") else None
         ckpt_path = self.config[sub].get("ckpt_path")
+        # The checkpoint is checked first (a file, Lightning's, this run's module class and task):
+        # otherwise Lightning would run it as whatever class it names, on whatever task the data is.
         if ckpt_path and not _lightning_ckpt_keyword(str(ckpt_path)):
             read_checkpoint(ckpt_path, cls, self.config[sub].data.task)
         init_args = model.get("init_args") if cls is not None else None
@@ -74,7 +74,6 @@ class KDLoRACLI(LightningCLI):
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
-
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
@@ -153,7 +152,7 @@ def cli_main(args: list[str] | None = None) -> int:
 
     try:
         main(args)
-    except SystemExit as e:  # argparse/jsonargparse already printed the problem
+    except SystemExit as e:  # --help, --print_config, or a problem already printed
         return e.code if isinstance(e.code, int) else 2
     except (GLUEDataError, ValueError, FileNotFoundError, KeyError, ArgumentError) as e:
         if os.environ.get("KDLORA_DEBUG"):
