@@ -11,6 +11,8 @@ import inspect
 import os
 import re
 import sys
+from argparse import ArgumentError
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -19,11 +21,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import Namespace, lazy_instance
 
 from kdlora.callbacks import GLUESubmissionWriter, LastCheckpoint
+from kdlora.checkpoint import CheckpointError, read_checkpoint
 from kdlora.data import GLUEDataModule
+from kdlora.models import new_weight_modules
 from kdlora.modules.base import GLUEModule
 
 
 class KDLoRACLI(LightningCLI):
+    def init_parser(self, **kwargs):
+        # Parser errors are raised, not printed with the full usage, so `cli_main` makes them one line.
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser, args) -> None:
         # Paths follow the task chosen on the command line: `{task}` in any string of the config
         # becomes the canonical task name right after parsing, before a checkpoint is read or
@@ -59,15 +68,27 @@ class KDLoRACLI(LightningCLI):
         # module lists in EVALUATION_ARGS (e.g. the supernet's palette) only decide what is evaluated
         # or written, so where the user set them (command line or config) their value wins.
         sub = self.config.get("subcommand")
-        model = self.config[sub].get("model") if sub else None
-        init_args = model.get("init_args") if model is not None and model.get("class_path") else None
+        if not sub:
+            return
+        model = self.config[sub].get("model")
+        cls = _import(model.class_path) if model is not None and model.get("class_path") else None
+        ckpt_path = self.config[sub].get("ckpt_path")
+        if sub == "fit" and ckpt_path == "last":
+            ckpt_path = self.config[sub].ckpt_path = resume_last(self.config[sub])
+        # The checkpoint is checked first (a file, Lightning's, this run's module class and task):
+        # otherwise Lightning would run it as whatever class it names, on whatever task the data is.
+        if ckpt_path and not _lightning_ckpt_keyword(str(ckpt_path)):
+            read_checkpoint(ckpt_path, cls, self.config[sub].data.task)
+        init_args = model.get("init_args") if cls is not None else None
         chosen = {}
         if init_args is not None:
-            cls = _import(model.class_path)
             defaults = inspect.signature(cls.__init__).parameters
             chosen = {k: init_args[k] for k in getattr(cls, "EVALUATION_ARGS", ())
                       if k in init_args and k in defaults and init_args[k] != defaults[k].default}
-        super()._parse_ckpt_path()
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError as e:
+            raise CheckpointError(f"the hyperparameters of checkpoint {ckpt_path} do not fit its module: {clean_error(e)}") from None
         for k, v in chosen.items():
             self.config[sub].model.init_args[k] = v
 
@@ -91,6 +112,18 @@ class KDLoRACLI(LightningCLI):
             defaults = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, LearningRateMonitor)]
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is d for d in defaults)]
         return trainer
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        # Evaluating or predicting with weights initialised at random just now (the classifier head a
+        # pretrained checkpoint lacks) gives chance-level numbers or a GLUE submission of noise.
+        sub = self.subcommand
+        new = getattr(self.model, "newly_initialised", ())
+        if sub in ("validate", "test", "predict") and new and not self.config[sub].get("ckpt_path"):
+            raise ValueError(
+                f"{sub} without --ckpt_path would use the untrained {', '.join(new_weight_modules(new))} that "
+                f"{self.model.hparams.get('model_name_or_path')} lacks (initialised at random): give --ckpt_path of a "
+                "trained run, or a fine-tuned model (e.g. a run's export/) as model_name_or_path")
 
 
 # `{name}` fields of a template (`{2}`/`{1,2}` regex quantifiers are not placeholders).
@@ -120,19 +153,77 @@ def fill_task(config: Any, task: str, where: str = "") -> Any:
     return config
 
 
+def resume_last(config: Namespace) -> str:
+    """What `fit --ckpt_path last` resumes: the `last.ckpt` of the run its logger names.
+
+    The configs log every run to a new `version_N`, where Lightning would look for `last.ckpt` in the
+    new, empty version and quietly start from scratch. So the newest version that holds
+    `checkpoints/last.ckpt` is resumed, and the run logs on into that same version. With a fixed
+    version, that version's `last.ckpt`. Where there is none (or a custom checkpoint dirpath or logger),
+    'last' goes to Lightning as given (it warns and starts fresh), which suits a job script that
+    always passes `--ckpt_path last`.
+    """
+    logger = config.trainer.get("logger")
+    init = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init is None or "save_dir" not in init or (config.get("checkpoint") or {}).get("dirpath"):
+        return "last"
+    root = Path(init.save_dir) / (init.get("name") or "")
+    version = init.get("version")
+    if version is not None:
+        found = [root / (version if isinstance(version, str) else f"version_{version}") / "checkpoints" / "last.ckpt"]
+    else:
+        numbered = [(int(d.name.split("_", 1)[1]), d) for d in root.glob("version_*") if d.name.split("_", 1)[1].isdigit()]
+        found = [d / "checkpoints" / "last.ckpt" for _, d in sorted(numbered, reverse=True)]
+    last = next((f for f in found if f.is_file()), None)
+    if last is None:
+        print(f"[kdlora] --ckpt_path last: no checkpoints/last.ckpt under {root}; training starts from scratch", file=sys.stderr)
+        return "last"
+    if version is None:
+        init.version = int(last.parent.parent.name.split("_", 1)[1])
+    print(f"[kdlora] resuming {last}", file=sys.stderr)
+    return str(last)
+
+
+def _lightning_ckpt_keyword(ckpt_path: str) -> bool:
+    """Whether `ckpt_path` is one Lightning resolves itself ('best', 'last', 'hpc', 'registry...', a URL)."""
+    return ckpt_path in ("best", "last", "hpc") or ckpt_path.startswith("registry") or "://" in ckpt_path
+
+
 def _import(class_path: str):
     module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
 
 
+# Lines of jsonargparse's nested errors that say how it tried, not what is wrong.
+_PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+                 "NoneType", "either not accessible or invalid")
+
+
 def clean_error(exc: BaseException) -> str:
-    """The useful line(s) of an error; jsonargparse nests ours inside 'Errors: - ...' lists."""
-    text = str(exc)
-    if "Errors:" not in text:
+    """An error as one line that keeps its cause.
+
+    jsonargparse nests the cause under the failing key ('Parser key "model": ... Errors: - Problem
+    with given class_path ...: Option 'palette' is not accepted'): the key and every line naming
+    what is wrong are kept, in order; the union bookkeeping is dropped.
+    """
+    text = str(exc).strip()
+    if "\n" not in text:
         return text
-    reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
-    reasons = [r for r in reasons if "NoneType" not in r]
-    return "; ".join(dict.fromkeys(reasons)) or text
+    parts: list[str] = []
+    for line in text.splitlines():
+        item = line.strip()
+        item = item[2:] if item.startswith("- ") else item
+        if not item or any(noise in item for noise in _PARSER_NOISE) or item in parts:
+            continue
+        if item.startswith("Given value:"):  # only where no reason already shows the value
+            if "NestedArg(" in item or "Namespace(" in item or "Got value" in text:
+                continue
+            item = "got " + item[len("Given value:"):].strip()
+        parts.append(item)
+    line = ""
+    for item in parts:
+        line += item if not line else (" " if line.endswith(":") else "; ") + item
+    return line or text
 
 
 def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
@@ -158,9 +249,9 @@ def cli_main(args: list[str] | None = None) -> int:
 
     try:
         main(args)
-    except SystemExit as e:  # argparse/jsonargparse already printed the problem
+    except SystemExit as e:  # --help, --print_config, or a problem already printed
         return e.code if isinstance(e.code, int) else 2
-    except (GLUEDataError, ValueError, FileNotFoundError, KeyError, TrainingDivergedError) as e:
+    except (GLUEDataError, ValueError, FileNotFoundError, KeyError, ArgumentError, TrainingDivergedError) as e:
         if os.environ.get("KDLORA_DEBUG"):
             raise
         print(f"kdlora: error: {clean_error(e)}", file=sys.stderr)

@@ -258,6 +258,9 @@ class GLUEDataModule(L.LightningDataModule):
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         if max_seq_length < 8:
             raise ValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
+        for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for all rows), got {value}")
         if data_dir is not None and not Path(data_dir).is_dir():
             raise GLUEDataError(f"data_dir {data_dir!r} is not a directory")
         # Local files are read and checked now, before any run directory is written, so a missing

@@ -56,7 +56,9 @@ def load_classifier(
     """An `AutoModelForSequenceClassification` and the names of its newly initialised weights.
 
     The new weights (classifier, and e.g. a pooler the checkpoint lacks) must always be trained:
-    leaving them frozen at random init is a classic KD-LoRA bug.
+    leaving them frozen at random init is a classic KD-LoRA bug. Only those may be new: any other
+    weight the checkpoint lacks or holds in another shape (a config whose vocab_size or hidden_size
+    differs from the weights) is an error naming it, never a silently random embedding table.
     """
     problem_type = "regression" if is_regression else "single_label_classification"
     try:
@@ -66,8 +68,27 @@ def load_classifier(
     model, info = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, config=config, output_loading_info=True, ignore_mismatched_sizes=True
     )
-    new = sorted(set(info.get("missing_keys", ())) | {k for k, *_ in info.get("mismatched_keys", ())})
+    missing, mismatched = set(info.get("missing_keys", ())), set(info.get("mismatched_keys", ()))
+    head = set(classifier_head_modules(model))
+    replaceable = lambda name: name.split(".")[0] in head or "pooler" in name.split(".")  # noqa: E731
+    wrong = [f"{k} is {tuple(saved)} in the checkpoint but {tuple(wanted)} in the config"
+             for k, saved, wanted in sorted(mismatched) if not replaceable(k)]
+    wrong += [f"{k} is missing from the checkpoint" for k in sorted(missing) if not replaceable(k)]
+    if wrong:
+        raise ValueError(
+            f"model {name_or_path!r}: only the classification head may start from random weights, but "
+            f"{len(wrong)} other weight(s) would: {'; '.join(wrong[:4])}{'; ...' if len(wrong) > 4 else ''} "
+            "(do the config's vocab_size/hidden_size/layers match the weights?)")
+    new = sorted(missing | {k for k, *_ in mismatched})
     return model, new
+
+
+def check_tokenizer_fits(model: PreTrainedModel, tokenizer, model_name: str, tokenizer_name: str) -> None:
+    """Token ids index the model's embedding table: a tokenizer with more tokens than it has rows is an error."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but model {model_name!r} embeds only "
+                         f"{rows} (its vocab_size): token ids from {rows} on would index out of range (tokenizer and weights of different models?)")
 
 
 def new_weight_modules(new_param_names: Sequence[str]) -> list[str]:
@@ -110,6 +131,19 @@ def init_regression_bias(model: torch.nn.Module, label_mean: float) -> int:
     return len(layers)
 
 
+def check_lora_targets(model: torch.nn.Module, targets: Sequence[str]) -> None:
+    """Every LoRA target must name (as peft matches it: the full name or a dotted suffix) a module of `model`.
+
+    peft adapts whatever matches and ignores the rest, so ``[query, bogus]`` would silently adapt only ``query``.
+    """
+    names = [name for name, _ in model.named_modules()]
+    unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if unknown:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"unknown lora_targets {', '.join(map(repr, unknown))}: no module of this {model_family(model)} model "
+                         f"has that name; its linear layers are: {', '.join(linear)}")
+
+
 def apply_lora(
     model: PreTrainedModel,
     r: int = 8,
@@ -122,9 +156,11 @@ def apply_lora(
     if r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {r}")
     modules_to_save = sorted(set(classifier_head_modules(model)) | set(trainable_modules))
+    target_modules = lora_targets_for(model_family(model), targets)
+    check_lora_targets(model, target_modules)
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout,
-        target_modules=lora_targets_for(model_family(model), targets),
+        target_modules=target_modules,
         modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)

@@ -63,10 +63,21 @@ def find_runs(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
                     if run is not None:
                         runs.append(run)
         for file in files:
-            results = json.loads(file.read_text())
+            results = read_results(file)
             if results.get("run", {}).get("module") and results["run"].get("task"):
                 runs.append({**results, "dir": str(file.parent)})
     return runs
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's ``results.json``; a clear error naming the file when it is not one."""
+    try:
+        results = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed results file {path}: {e}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("run", {}), dict):
+        raise ValueError(f"malformed results file {path}: expected a JSON object with a 'run' mapping")
+    return results
 
 
 def results_from_tensorboard(run_dir: Path) -> Optional[dict[str, Any]]:

@@ -70,6 +70,8 @@ def test_fit_then_test_and_predict_submission(tiny_bert_dir, small_glue_dir, tmp
     (["--data.task", "qnli"], "QNLI/train.tsv"),  # only dev is present
     (["--data.task", "rte", "--model.finetune", "partial"], "finetune"),
     (["--data.task", "rte", "--data.holdout_fraction", "1.5"], "holdout_fraction"),
+    (["--data.task", "rte", "--data.max_train_samples", "0", "--trainer.fast_dev_run", "true", "--model.export", "false"], "max_train_samples must be at least 1 (or null for all rows), got 0"),
+    (["--data.task", "rte", "--data.max_eval_samples", "-1", "--trainer.fast_dev_run", "true", "--model.export", "false"], "max_eval_samples must be at least 1 (or null for all rows), got -1"),
 ])
 def test_bad_input_is_one_clear_error_and_leaves_no_output(tiny_bert_dir, small_glue_dir, tmp_path, capsys, extra, message):
     code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, *extra)])
@@ -82,3 +84,20 @@ def test_missing_checkpoint_is_reported(tiny_bert_dir, small_glue_dir, tmp_path,
     code = cli_main(["test", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte"),
                      "--ckpt_path", str(tmp_path / "nope.ckpt")])
     assert code != 0 and "nope.ckpt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    # an option the module does not take (the supernet's palette given to a Teacher)
+    (["--model.init_args.palette", "[max]"],
+     "Parser key \"model\": Problem with given class_path 'kdlora.modules.Teacher': Option 'palette' is not accepted"),
+    # a value of the wrong type, nested in the model's Union, and at the top level
+    (["--model.lora_r", "abc"], "Parser key \"lora_r\": Expected a <class 'int'>. Got value: abc"),
+    (["--trainer.max_epochs", "two"], "Parser key \"trainer.max_epochs\": Expected a <class 'int'>; got two"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+])
+def test_parser_errors_are_one_line_with_their_cause(tiny_bert_dir, small_glue_dir, tmp_path, capsys, extra, message):
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", *extra)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("kdlora: error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()

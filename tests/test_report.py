@@ -146,3 +146,18 @@ def test_malformed_palette_file_is_named_in_the_error(tmp_path, capsys):
     (tmp_path / "sn" / "palette.json").write_text(json.dumps([{"name": "h96-a3-f384-l0.5"}]))  # no params
     with pytest.raises(ValueError, match=r"malformed palette file .*palette.json.*'params'"):
         report.palettes(report.find_runs([tmp_path]))
+
+
+@pytest.mark.parametrize("content, reason", [
+    ('{"run": {"module": "Teacher", "task": "mrpc"}, "val_best": {', "Expecting"),  # cut off mid-write
+    ('["not", "a", "run"]', "expected a JSON object"),
+])
+def test_malformed_results_file_is_named_in_the_error(tmp_path, capsys, content, reason):
+    _fake_run(tmp_path, "good", "Teacher", "mrpc", {"accuracy": 0.8, "f1": 0.9, "score": 0.85}, "full")
+    bad = tmp_path / "bad" / "results.json"
+    bad.parent.mkdir()
+    bad.write_text(content)
+    assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kdlora.report: error: malformed results file {bad}: ") and reason in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "r.md").exists()

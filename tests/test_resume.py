@@ -217,3 +217,34 @@ def test_fast_dev_run_writes_no_checkpoint(tiny_bert_dir, small_glue_dir, tmp_pa
                      "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
                      "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]) == 0
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_ckpt_path_last_resumes_the_newest_version_of_a_versioned_run(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, capsys):
+    """The configs log each run to a new version_N: `--ckpt_path last` resumes the newest version holding a
+    last.ckpt and logs on into it (Lightning alone would look in a new, empty version and start over)."""
+    from kdlora.cli import cli_main
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+
+    def fit(epochs: int, *extra: str) -> int:
+        return cli_main(["fit", "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+                         "--model.export", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
+                         "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32", "--data.batch_size", "8",
+                         "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
+                         "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+                         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", "fft",
+                         "--trainer.callbacks+=kdlora.callbacks.GLUEResults", *extra])
+
+    runs = tmp_path / "runs" / "fft"
+    assert fit(1, "--ckpt_path", "last") == 0  # nothing to resume yet: a fresh run in version_0
+    assert "no checkpoints/last.ckpt" in capsys.readouterr().err
+    assert fit(1) == 0  # a second, independent run: version_1
+    assert sorted(d.name for d in runs.iterdir()) == ["version_0", "version_1"]
+    assert fit(2, "--ckpt_path", "last") == 0  # resumes version_1 (the newest), into version_1
+    assert f"resuming {runs / 'version_1' / 'checkpoints' / 'last.ckpt'}" in capsys.readouterr().err
+    assert sorted(d.name for d in runs.iterdir()) == ["version_0", "version_1"]
+    last = torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 2 * STEPS_PER_EPOCH
+    results = json.loads((runs / "version_1" / "results.json").read_text())
+    assert results["val_last"]["epoch"] == 1
+    assert torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == STEPS_PER_EPOCH

@@ -57,11 +57,10 @@ def parse_subnet(spec: str, encoder: ElasticEncoder) -> SubnetConfig:
 
 def load_encoder(checkpoint: str | Path):
     """(ElasticEncoder, tokenizer or None) of a SuperTransformer Lightning checkpoint."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    from kdlora.checkpoint import read_checkpoint
     from kdlora.modules.supernet import SuperTransformer  # lazy: Lightning is slow to import
 
+    read_checkpoint(checkpoint, SuperTransformer)
     module = SuperTransformer.load_from_checkpoint(checkpoint, map_location="cpu")
     module.eval()
     tokenizer = None

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
+from kdlora.checkpoint import read_checkpoint
 from kdlora.losses import distillation_loss
 from kdlora.models import (
     apply_lora,
+    check_tokenizer_fits,
     layer_dropped_copy,
     load_classifier,
     load_tokenizer,
@@ -37,9 +39,8 @@ def load_teacher(teacher_path: str, spec: TaskSpec) -> tuple[nn.Module, str]:
     if path.is_file():
         from kdlora.modules.teacher import Teacher
 
+        read_checkpoint(path, Teacher, spec.name)
         teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", export=False)
-        if teacher.spec.name != spec.name:
-            raise ValueError(f"teacher checkpoint {teacher_path} was trained on {teacher.spec.name!r}, not {spec.name!r}")
         model, tokenizer_source = teacher.merged_model(), teacher.hparams.model_name_or_path
     elif path.is_dir():
         if not (path / "config.json").is_file():
@@ -172,14 +173,16 @@ class KDLoRAStudent(GLUEModule):
         # Kept outside the module tree: never in parameters() (optimizer, DDP), state_dict
         # (checkpoints) or train()/eval() switching. `_apply` below still moves it with the module.
         object.__setattr__(self, "_teacher", teacher)
-        check_same_vocabulary(load_tokenizer(model_name_or_path), load_tokenizer(teacher_tokenizer_source),
-                              model_name_or_path, teacher_tokenizer_source)
+        student_tokenizer, teacher_tokenizer = load_tokenizer(model_name_or_path), load_tokenizer(teacher_tokenizer_source)
+        check_same_vocabulary(student_tokenizer, teacher_tokenizer, model_name_or_path, teacher_tokenizer_source)
+        check_tokenizer_fits(teacher, teacher_tokenizer, teacher_path, teacher_tokenizer_source)
 
         if student_layers:
             model, new_weights = layer_dropped_copy(teacher, student_layers), []
             model.requires_grad_(True)
         else:
             model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
+            check_tokenizer_fits(model, student_tokenizer, model_name_or_path, model_name_or_path)
         # Newly initialised weights (classifier, a pooler the checkpoint lacks) train with the adapters.
         model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights))
         self.model: nn.Module = model.train()  # transformers returns eval-mode models

@@ -52,7 +52,7 @@ from kdlora.elastic.model import ElasticEncoder
 from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
 from kdlora.losses import logit_kd_loss, task_loss
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import load_classifier, load_tokenizer
+from kdlora.models import check_tokenizer_fits, load_classifier, load_tokenizer
 from kdlora.modules.base import GLUEModule, optimizer_groups
 
 log = logging.getLogger(__name__)
@@ -168,6 +168,7 @@ class SuperTransformer(GLUEModule):
         self.automatic_optimization = False
 
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
+        check_tokenizer_fits(model, load_tokenizer(model_name_or_path), model_name_or_path, model_name_or_path)
         if new_weights and not train_head:
             log.warning("%s lacks %s: training the head too", model_name_or_path, ", ".join(new_weights))
             train_head = True

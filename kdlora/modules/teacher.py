@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from kdlora.losses import task_loss
-from kdlora.models import apply_lora, load_classifier, new_weight_modules
+from kdlora.models import apply_lora, check_tokenizer_fits, load_classifier, load_tokenizer, new_weight_modules
 from kdlora.modules.base import GLUEModule
 
 
@@ -44,6 +44,7 @@ class Teacher(GLUEModule):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
         self.save_hyperparameters()
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
+        check_tokenizer_fits(model, load_tokenizer(model_name_or_path), model_name_or_path, model_name_or_path)
         if finetune == "lora":
             # Newly initialised weights (classifier, a missing pooler) train alongside the adapters.
             model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights))

@@ -1,0 +1,70 @@
+"""Reading a Lightning checkpoint that a user names: one check of what the file is before anything uses it.
+
+Used by the CLI (``--ckpt_path``), by `KDLoRAStudent` (a Teacher ``.ckpt`` as ``teacher_path``) and by
+``python -m kdlora.elastic.export`` (a SuperTransformer ``.ckpt``), so a wrong file is one message
+everywhere: not a file, not a Lightning checkpoint, another module's checkpoint, another task's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from kdlora.tasks import get_task
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is not the checkpoint the run needs."""
+
+
+def read_checkpoint(path: str | Path, expected_class: Optional[type] = None, task: Optional[str] = None) -> dict[str, Any]:
+    """The contents of the Lightning checkpoint `path` (loaded on the CPU, ``weights_only``), checked.
+
+    Raises FileNotFoundError when `path` is not a file; CheckpointError when it cannot be read, is not
+    a Lightning checkpoint, was written by a module other than `expected_class` (or a subclass), or
+    was trained on a GLUE task other than `task`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} is not a file" + (" (it is a directory)" if path.is_dir() else ""))
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; a truncated one has no central directory
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (unreadable: not the zip archive torch.save "
+                              "writes; a truncated copy or another kind of file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # whole: a corrupted record fails here
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, OSError, EOFError, KeyError, ... here
+        reason = (str(e).strip().splitlines() or [""])[0] or repr(e)
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (unreadable: {type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "pytorch-lightning_version"} <= ckpt.keys():
+        kind = "a plain state_dict" if isinstance(ckpt, dict) and ckpt and all(
+            isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"{path} is not a Lightning checkpoint: it holds {kind}, "
+                              "without Lightning's 'state_dict' and 'pytorch-lightning_version'")
+    hparams = ckpt.get("hyper_parameters") or {}
+    if expected_class is not None:
+        _check_class(path, hparams, expected_class)
+    if task is not None and hparams.get("task"):
+        trained, wanted = get_task(str(hparams["task"])).name, get_task(task).name
+        if trained != wanted:
+            raise CheckpointError(f"checkpoint {path} was trained on task {trained!r}, not {wanted!r}")
+    return ckpt
+
+
+def _check_class(path: Path, hparams: dict[str, Any], expected: type) -> None:
+    class_path = hparams.get("_class_path")
+    if class_path:  # recorded by LightningCLI; resolved only among modules already imported (no code runs)
+        module, _, name = str(class_path).rpartition(".")
+        cls = getattr(sys.modules.get(module), name, None)
+        if not (isinstance(cls, type) and issubclass(cls, expected)):
+            raise CheckpointError(f"{path} is a checkpoint of {name} ({class_path}), expected {expected.__name__}")
+    # Saved outside the CLI (no class recorded) or by another version: its hyperparameters must be `expected`'s.
+    accepted = inspect.signature(expected.__init__).parameters
+    foreign = sorted(k for k in hparams if not k.startswith("_") and k not in accepted)
+    if foreign:
+        raise CheckpointError(f"{path} is not a checkpoint of {expected.__name__}: it has hyperparameters "
+                              f"{expected.__name__} does not take ({', '.join(foreign)})")
