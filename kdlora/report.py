@@ -158,8 +158,8 @@ def median_of_top_k(values: Sequence[float], k: int = TOP_K) -> tuple[float, int
 
 def columns(task: str, cell: dict[str, Any]) -> list[tuple[str, float]]:
     """The paper's score columns of one Table 1 cell: MNLI as MNLI-m and MNLI-mm, else the task's score."""
-    if task == "mnli" and {"accuracy", "accuracy_mm"} <= cell["metrics"].keys():
-        return [("MNLI-m", cell["metrics"]["accuracy"]), ("MNLI-mm", cell["metrics"]["accuracy_mm"])]
+    if task == "mnli" and {"accuracy_m", "accuracy_mm"} <= cell["metrics"].keys():
+        return [("MNLI-m", cell["metrics"]["accuracy_m"]), ("MNLI-mm", cell["metrics"]["accuracy_mm"])]
     return [(get_task(task).dir_name, cell["score"])]
 
 
