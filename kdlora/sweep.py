@@ -267,7 +267,14 @@ def run_point(sweep: Sweep, task: str, overrides: dict[str, Any], launcher: Sequ
     start = time.time()
     code = subprocess.call(command)
     results = run / RESULTS_FILE
-    data = json.loads(results.read_text()) if results.is_file() else {}
+    try:
+        data = json.loads(results.read_text()) if results.is_file() else {}
+    except json.JSONDecodeError:
+        data = {}
+    if code == 2 and not run.exists():
+        # The CLI stopped before the run started: a bad override, config or data, which every point shares.
+        raise SweepError(f"point {task}/{directory.name} stopped before training started (exit 2, the error is above): "
+                         f"fix the sweep file or its base config {sweep.base}; the sweep stops here")
     status = "diverged" if data.get("diverged") else "finished" if code == 0 and data.get("val_best") else f"failed (exit {code})"
     if status in ("finished", "diverged"):
         write_atomic(run / DONE_MARKER, json.dumps({"status": status, "exit_code": code, "seconds": time.time() - start,
@@ -328,6 +335,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--slurm-arg", action="append", default=[], help="extra #SBATCH line, e.g. --gres=gpu:1 (repeatable)")
     parser.add_argument("--parallel", type=int, help="SLURM array: at most this many points at once")
     args = parser.parse_args(argv)
+    if args.parallel is not None and args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
     launcher = shlex.split(args.launcher)
     try:
         sweep = load_sweep(args.sweep)

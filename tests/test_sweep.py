@@ -152,3 +152,23 @@ def test_emitted_slurm_array_runs_each_unfinished_point(tmp_path, monkeypatch):
     assert sweep.select_point(s, f"mrpc/{sweep.point_id(s.points[2])}") == ("mrpc", s.points[2])
     with pytest.raises(sweep.SweepError, match="no point 'mrpc/nope'"):
         sweep.select_point(s, "mrpc/nope")
+
+
+def test_a_bad_override_stops_the_sweep_at_its_first_point_with_the_clis_message(tiny_bert_dir, small_glue_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    calls = []
+
+    def in_process(command):
+        calls.append(command)
+        return cli_main(command[2:])
+
+    monkeypatch.setattr(sweep.subprocess, "call", in_process)
+    path = _tiny_sweep(tmp_path, tiny_bert_dir, small_glue_dir)
+    spec = yaml.safe_load(path.read_text())
+    spec["grid"] = {"model.init_args.lora_rank": [4, 8]}  # Teacher has lora_r, not lora_rank
+    path.write_text(yaml.safe_dump(spec))
+    assert sweep.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "lora_rank" in err
+    assert "stopped before training started (exit 2, the error is above)" in err
+    assert not list((tmp_path / "runs").rglob("version_*"))
