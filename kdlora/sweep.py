@@ -310,12 +310,13 @@ def emit(sweep: Sweep, kind: str, out_dir: Path, launcher: Sequence[str] = (), s
     write_atomic(files[0], "\n".join(lines) + "\n")
     if kind == "slurm":
         array = f"0-{len(lines) - 1}" + (f"%{parallel}" if parallel else "")
+        where = out_dir.resolve()  # absolute: sbatch may be called from anywhere
         script = ["#!/bin/bash", "#SBATCH --job-name=kdlora-sweep", f"#SBATCH --array={array}",
-                  f"#SBATCH --output={out_dir}/logs/%A_%a.out",
+                  f"#SBATCH --chdir={os.getcwd()}",  # the sweep's paths are relative to where it was emitted
+                  f"#SBATCH --output={where}/logs/%A_%a.out",
                   *[f"#SBATCH {a}" for a in slurm_args],
                   f"# {len(lines)} points of {sweep.source}; each line of commands.txt is one resumable point.",
-                  f"cd {shlex.quote(os.getcwd())}",
-                  f'CMD=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(out_dir / "commands.txt"))})',
+                  f'CMD=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(where / "commands.txt"))})',
                   'echo "$CMD"', 'eval "$CMD"']
         files.append(out_dir / "sweep.sbatch")
         (out_dir / "logs").mkdir(parents=True, exist_ok=True)

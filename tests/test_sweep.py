@@ -145,7 +145,8 @@ def test_emitted_slurm_array_runs_each_unfinished_point(tmp_path, monkeypatch):
     assert commands[0] == shlex.join(["python", "-m", "kdlora.sweep", str(path), "--point", f"rte/{sweep.point_id(s.points[1])}"])
     script = (out / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-4%2" in script and "#SBATCH --gres=gpu:1" in script
-    assert 'sed -n "$((SLURM_ARRAY_TASK_ID + 1))p"' in script and 'eval "$CMD"' in script
+    assert f"#SBATCH --chdir={tmp_path}" in script and f"#SBATCH --output={out}/logs/%A_%a.out" in script
+    assert f'sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {out}/commands.txt' in script and 'eval "$CMD"' in script
     # a user's directory is never written into
     assert sweep.main([str(path), "--emit", "slurm", "--out", str(out)]) == 2
     # the emitted command runs exactly that point
