@@ -229,6 +229,17 @@ def _reset_cpu_peak_rss() -> bool:
         return False
 
 
+def cpu_rss_bytes() -> Optional[int]:
+    """Current resident set size of this process (Linux VmRSS), None where unknown."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def cpu_peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM on Linux, else `getrusage` (process lifetime)."""
     try:
@@ -284,7 +295,9 @@ class PeakMemory(Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._begin(pl_module)
 
-    def on_fit_end(self, trainer, pl_module) -> None:
+    # At train end, not fit end: InferenceLatency resets the same peak counters at fit end to measure
+    # inference memory, and callbacks' fit-end hooks run in list order.
+    def on_train_end(self, trainer, pl_module) -> None:
         self._end(trainer, pl_module, "fit")
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -323,6 +336,13 @@ class InferenceLatency(Callback):
     the device first, `warmup_batches` untimed forward passes, then `num_runs` timed passes over all
     batches, each batch timed with `perf_counter` between device synchronisations, in eval mode
     under `inference_mode` and the trainer's precision.
+
+    Inference memory (the paper's Table 2 memory is GPU memory during inference) is recorded beside
+    the times as ``memory``: on CUDA the peak counters are reset after the batches are on the device
+    and ``max_memory_allocated`` is read after the passes (``peak_allocated_mb``: weights, batches and
+    activations; ``before_mb``: what was allocated before; ``delta_mb``); on CPU the peak RSS of the
+    passes (``peak_rss_mb``, reset first where Linux allows: ``scope`` ``inference``, else ``process``)
+    and its rise over the RSS before them (``delta_mb``).
 
     Args:
         num_runs: timed passes over the dataloader.
@@ -375,6 +395,13 @@ class InferenceLatency(Callback):
         was_training = pl_module.training
         pl_module.eval()
         times: list[float] = []
+        self._sync(device)
+        if device.type == "cuda":
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        else:
+            scope = "inference" if _reset_cpu_peak_rss() else "process"
+            before = cpu_rss_bytes()
         try:
             with torch.inference_mode(), trainer.precision_plugin.forward_context():
                 for i in range(self.warmup_batches):
@@ -389,7 +416,16 @@ class InferenceLatency(Callback):
                         times.append(time.perf_counter() - start)
         finally:
             pl_module.train(was_training)
+        mib = 2.0 ** 20
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            memory = {"device": "cuda", "peak_allocated_mb": peak / mib, "before_mb": before / mib, "delta_mb": (peak - before) / mib}
+        else:
+            peak = cpu_peak_rss_bytes()
+            memory = {"device": device.type, "peak_rss_mb": peak / mib, "scope": scope,
+                      **({"before_rss_mb": before / mib, "delta_mb": max(0, peak - before) / mib} if before is not None else {})}
         summary = latency_summary(times, examples, self.num_runs)
+        summary["memory"] = memory
         summary["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
         summary["batch_size"] = len(batches[0]["input_ids"])
         return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import lightning as L
@@ -135,3 +136,59 @@ def test_parameter_count_of_a_student_excludes_the_teacher(tiny_bert_dir, small_
     assert results["parameters"]["total"] == sum(p.numel() for p in student.model.parameters())
     assert results["parameters"]["total"] < sum(p.numel() for p in student.teacher.parameters()) + expected_trainable
     assert results["peak_memory"]["fit"]["cpu_peak_rss_mb"] > 0
+
+
+def test_inference_memory_is_the_inference_passes_own_and_training_peak_survives_it(tiny_bert_dir, small_glue_dir, tmp_path):
+    """InferenceLatency records the peak of its passes (a 256 MiB buffer held in forward shows up there),
+    and PeakMemory's training peak (a 256 MiB buffer held in training) survives InferenceLatency's reset of
+    the peak counters even when InferenceLatency comes first in the callback list."""
+    if not _reset_cpu_peak_rss():
+        pytest.skip("this system cannot reset the peak RSS, so a pass's own peak is not measurable")
+
+    class Fat(Teacher):
+        inference_mib = 0
+
+        def forward(self, batch):
+            buffer = torch.ones(self.inference_mib * 2**20 // 4) if not self.training and self.inference_mib else None
+            out = super().forward(batch)
+            del buffer
+            return out
+
+    class Hold(L.Callback):
+        def __init__(self, mib):
+            self.mib, self.buffer = mib, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.buffer is None and self.mib:
+                self.buffer = torch.ones(self.mib * 2**20 // 4)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.buffer = None
+
+    class FatAfterTraining(L.Callback):  # validation runs in eval mode too: only the passes after training are fat
+        def __init__(self, mib):
+            self.mib = mib
+
+        def on_train_end(self, trainer, pl_module):
+            pl_module.inference_mib = self.mib
+
+    dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
+                        cache_dir=str(tmp_path / "tok"))
+    records = []
+    for inference_mib, train_mib in ((256, 0), (0, 256)):
+        gc.collect()  # the previous run's objects go before the peak is reset, not during the stage
+        model = Fat(str(tiny_bert_dir), "mrpc", export=False)
+        run = tmp_path / f"run{len(records)}"
+        callbacks = [InferenceLatency(num_runs=1, warmup_batches=0, max_batches=1, stages=["fit"]), PeakMemory(), Hold(train_mib),
+                     FatAfterTraining(inference_mib)]
+        trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, accelerator="cpu",
+                            logger=CSVLogger(run, name="run"), callbacks=callbacks, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False)
+        trainer.fit(model, datamodule=dm)
+        records.append(json.loads((run / "run" / "version_0" / "results.json").read_text()))
+    fat, lean = (r["latency"]["fit"]["memory"] for r in records)
+    assert fat["device"] == "cpu" and fat["scope"] == "inference"
+    assert 200 < fat["peak_rss_mb"] - lean["peak_rss_mb"] < 400, (fat, lean)
+    assert 200 < fat["delta_mb"] < 400 and lean["delta_mb"] < 100, (fat, lean)
+    trained = [r["peak_memory"]["fit"]["cpu_peak_rss_mb"] for r in records]
+    assert 200 < trained[1] - trained[0] < 400, trained

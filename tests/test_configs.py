@@ -13,7 +13,8 @@ from conftest import REPO, make_tiny_model_dir
 
 from kdlora import cli, report
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+CONFIGS = sorted(f for f in (REPO / "configs").rglob("*.yaml") if f.parent.name != "sweeps")  # LightningCLI configs
+SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))  # kdlora.sweep grids over them
 METHODS = ("fft", "lora", "kdlora", "mlfs")
 
 
@@ -77,6 +78,29 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
         if family in ("bert", "roberta", "deberta"):  # the paper's latency protocol
             assert callbacks["InferenceLatency"].num_runs == 100
     assert "{task}" not in str(fit.as_dict())
+
+
+@pytest.mark.parametrize("sweep_file", SWEEPS, ids=lambda f: f.name)
+def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, parse, monkeypatch):
+    """Each point's command (base config + overrides + its logger directory) is one the CLI accepts,
+    with the override applied, under runs/<family>/<task>/<method>/sweep/<point id>, and no export."""
+    from kdlora import sweep
+
+    monkeypatch.chdir(REPO)
+    s = sweep.load_sweep(sweep_file.relative_to(REPO))
+    family, method = layout_of(REPO / s.base)
+    task = s.tasks[0]
+    for point in s.points[:2] + s.points[-1:]:  # every point sets every key of the grid; parsing takes ~0.2 s
+        command = sweep.train_command(s, task, point, version=0)
+        fit = parse(*command[command.index("fit") + 1:])
+        logger = fit.trainer.logger.init_args
+        assert (logger.save_dir, logger.name, logger.version) == (f"runs/{family}/{task}/{method}/sweep", sweep.point_id(point), 0)
+        assert fit.model.init_args.export is False
+        for key, value in point.items():
+            node = fit
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (key, node, value)
 
 
 def test_the_paper_supernets_search_the_paper_space():

@@ -161,3 +161,76 @@ def test_malformed_results_file_is_named_in_the_error(tmp_path, capsys, content,
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"kdlora.report: error: malformed results file {bad}: ") and reason in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "r.md").exists()
+
+
+def test_median_of_top_k_per_cell_against_a_hand_computation(tmp_path):
+    scores = [0.50, 0.90, 0.70, 0.80, 0.60, 0.40, 0.85]  # 7 runs: top 6 = .9 .85 .8 .7 .6 .5, median (.8 + .7) / 2
+    for i, s in enumerate(scores):
+        _fake_run(tmp_path, f"fft{i}", "Teacher", "rte", {"accuracy": s, "score": s}, "full")
+    for i, s in enumerate([0.3, 0.9, 0.6]):  # 3 runs with k = 6: clipped, median of all three
+        _fake_run(tmp_path, f"lora{i}", "Teacher", "rte", {"accuracy": s, "score": s}, "lora")
+    runs = report.find_runs([tmp_path])
+    t1 = report.table1(runs, top_k=6)
+    assert t1["FFT"]["rte"]["score"] == pytest.approx(75.0) and (t1["FFT"]["rte"]["n"], t1["FFT"]["rte"]["k"]) == (7, 6)
+    assert t1["LoRA"]["rte"]["score"] == pytest.approx(60.0) and (t1["LoRA"]["rte"]["n"], t1["LoRA"]["rte"]["k"]) == (3, 3)
+    assert report.table1(runs, top_k=1)["FFT"]["rte"]["score"] == pytest.approx(90.0)  # the best run
+    md = report.render_markdown(t1, {}, {}, top_k=6)
+    assert "| FFT | 75.0 (n=7) | 75.0 |" in md
+    assert "Fewer than 6 runs, so the median is over all of them (k clipped to n): LoRA / RTE (n=3)." in md
+    assert "FFT / RTE" not in md.split("k clipped to n")[1].splitlines()[0]
+
+
+def test_mnli_matched_and_mismatched_are_separate_columns_of_the_average(tmp_path):
+    _fake_run(tmp_path, "m", "Teacher", "mnli", {"accuracy_m": 0.80, "accuracy_mm": 0.70, "score": 0.75}, "full")
+    _fake_run(tmp_path, "r", "Teacher", "rte", {"accuracy": 0.60, "score": 0.60}, "full")
+    t1 = report.table1(report.find_runs([tmp_path]))
+    assert t1["FFT"]["average"] == pytest.approx((80.0 + 70.0 + 60.0) / 3)  # not (75 + 60) / 2
+    md = report.render_markdown(t1, {}, {})
+    assert "| Method | MNLI-m | MNLI-mm | RTE | Avg. |" in md and "| FFT | 80.0 | 70.0 | 60.0 | 70.0 |" in md
+
+
+def test_unfinished_sweep_attempts_are_left_out(tmp_path):
+    from kdlora.sweep import DONE_MARKER, POINT_FILE
+
+    point = tmp_path / "sweep" / "lr1e-05-abc123"
+    _fake_run(point, "version_0", "Teacher", "rte", {"accuracy": 0.9, "score": 0.9}, "full")  # crashed: no marker
+    _fake_run(point, "version_1", "Teacher", "rte", {"accuracy": 0.6, "score": 0.6}, "full")
+    (point / POINT_FILE).write_text("{}")
+    (point / "version_1" / DONE_MARKER).write_text("{}")
+    markdown, data = report.build_report([str(tmp_path)], pairs={})
+    assert data["table1"]["FFT"]["rte"]["score"] == pytest.approx(60.0) and data["table1"]["FFT"]["rte"]["n"] == 1
+    assert data["unfinished_sweep_attempts"] == [str(point / "version_0")]
+    assert "1 unfinished sweep attempt(s)" in markdown
+
+
+def test_paper_claims_beside_our_ratios(tmp_path):
+    def eff(trainable, inference_mb, total_s):
+        return {"parameters": {"total": 100, "trainable": trainable},
+                "latency": {"fit": {"total_s": total_s, "batch_mean_ms": 1.0, "examples_per_s": 1.0, "device": "cpu", "num_runs": 100,
+                                    "memory": {"device": "cpu", "peak_rss_mb": inference_mb}}}}
+    _fake_run(tmp_path, "f", "Teacher", "cola", {"mcc": 0.60, "score": 0.60}, "full", **eff(100, 1000.0, 10.0))
+    _fake_run(tmp_path, "l", "Teacher", "cola", {"mcc": 0.50, "score": 0.50}, "lora", **eff(10, 800.0, 10.0))
+    _fake_run(tmp_path, "k", "KDLoRAStudent", "cola", {"mcc": 0.45, "score": 0.45}, **eff(6, 600.0, 6.0))
+    _fake_run(tmp_path, "k2", "KDLoRAStudent", "rte", {"accuracy": 0.9, "score": 0.9}, **eff(6, 0.0, 60.0))  # no FFT/LoRA on RTE
+    markdown, data = report.build_report([str(tmp_path)], pairs={"BERT": ("bert-base-uncased", "distilbert-base-uncased")}, ranks=(8,))
+    c = data["paper_comparison"]
+    assert c["score_vs_fft"]["paper"] == 0.97 and c["score_vs_lora"]["paper"] == 0.98
+    assert c["score_vs_fft"]["ours"] == {"ratio": pytest.approx(0.45 / 0.60), "columns": ["CoLA"]}  # shared columns only
+    assert c["score_vs_lora"]["ours"]["ratio"] == pytest.approx(0.9)
+    assert c["memory_vs_lora"]["ours"]["change"] == pytest.approx(600 / 800 - 1)  # CoLA runs only: the paper's timing task
+    assert c["time_vs_fft"]["ours"]["change"] == pytest.approx(-0.4) and c["time_vs_lora"]["ours"]["tasks"] == ["CoLA"]
+    params = c["params_vs_lora"]["ours"]
+    assert params["measured"] == pytest.approx(-0.4)
+    bert = params["families"]["BERT"]  # LoRA r=8 q,v on BERT-base: 294,912; DistilBERT: 147,456; heads 1,538 and 590,592 + 1,538
+    assert bert["adapters"] == pytest.approx(147_456 / 294_912 - 1)
+    assert bert["adapters_and_head"] == pytest.approx((147_456 + 592_130) / (294_912 + 1_538) - 1)
+    assert bert["final_classifier"] == pytest.approx((147_456 + 1_538) / (294_912 + 1_538) - 1)
+    assert "| GLUE score, KD-LoRA / FFT | 97.0 % | 75.0 % (over CoLA) |" in markdown
+    assert "| inference time, KD-LoRA vs LoRA | -30.0 % | -40.0 % (CoLA validation; cpu) |" in markdown
+    assert "| BERT | LoRA | 8 | 294,912 | 296,450 | 296,450 |" in markdown
+    assert "12 × 2 × (768·8 + 8·768) = 294,912" in markdown and "per-task Table 1/2 values are not available" in markdown
+
+
+def test_bad_top_k_is_one_clear_error(tmp_path, capsys):
+    assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs", "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1, got 0" in capsys.readouterr().err and not (tmp_path / "r.md").exists()

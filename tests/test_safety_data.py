@@ -359,7 +359,7 @@ def test_report_leaves_diverged_runs_out_of_table1(tmp_path):
     run("nan", "stsb", {"pearson": float("nan"), "spearman": float("nan"), "score": float("nan")})
     runs = report.find_runs([tmp_path])
     t1 = report.table1(runs)
-    assert t1["FFT"]["rte"] == {"score": pytest.approx(60.0), "metrics": {"accuracy": pytest.approx(60.0)}, "n": 1}
+    assert t1["FFT"]["rte"] == {"score": pytest.approx(60.0), "metrics": {"accuracy": pytest.approx(60.0)}, "n": 1, "k": 1}
     assert "stsb" not in t1["FFT"] and t1["FFT"]["average"] == pytest.approx(60.0)
     md, data = report.build_report([str(tmp_path)], pairs={})
     assert {Path(r["dir"]).name for r in data["diverged_runs"]} == {"stopped", "nan"}
