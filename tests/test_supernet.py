@@ -252,6 +252,23 @@ def test_resume_restores_stage_and_samples_like_an_uninterrupted_run(tiny_bert_d
     assert module.stage == 1 and module.global_step == 4
 
 
+def test_a_checkpoint_with_free_projections_is_refused_clearly(tiny_bert_dir, small_glue_dir, tmp_path):
+    first, module = trainer(tmp_path, max_steps=1, limit_val_batches=0), supernet(tiny_bert_dir, stage_epochs=[0, 1, 0])
+    first.fit(module, datamodule(tiny_bert_dir, small_glue_dir))
+    ckpt = tmp_path / "new.ckpt"
+    first.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    layer = module.distill_layers[0]
+    assert f"projections.{layer}.parametrizations.weight.original" in state["state_dict"]
+    # What the earlier versions wrote: one free [d_low, H] matrix per distilled layer.
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("projections.")}
+    state["state_dict"].update({f"projections.{l}": torch.randn(128, 32) for l in module.distill_layers})
+    torch.save(state, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="free feature projections"):
+        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(
+            supernet(tiny_bert_dir, stage_epochs=[0, 1, 0]), datamodule(tiny_bert_dir, small_glue_dir), ckpt_path=str(tmp_path / "old.ckpt"))
+
+
 def test_bad_arguments_fail_early(tiny_bert_dir):
     with pytest.raises(ValueError, match="stage_epochs"):
         supernet(tiny_bert_dir, stage_epochs=[1, 1])

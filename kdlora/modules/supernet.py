@@ -258,6 +258,10 @@ class SuperTransformer(GLUEModule):
         checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        free = [k for k in checkpoint.get("state_dict", {}) if k.startswith("projections.") and ".parametrizations." not in k]
+        if free:
+            raise ValueError(f"checkpoint holds free feature projections ({free[0]}, ...) from before they were made "
+                             "orthonormal (kdlora.losses.orthonormal_projection); this version cannot resume or load it")
         super().on_load_checkpoint(checkpoint)
         # Before the optimizer is built and its state restored, so the param groups match.
         self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
