@@ -11,8 +11,8 @@ Each step the maxnet runs first (task loss, distillation weight 0), then K sampl
 
     L_j = (1−α)·task + α·(KD(z_j, z_1) + β·Σ_l ‖U_1^{g(l)}[:, :h_j] h_j^l − U_1^{g(l)} h_1^{g(l)}‖²)
 
-with α = `distill_weight`, against the maxnet's detached logits z_1 and features h_1. KD is `kdlora.losses.logit_kd_loss`
-(T²·KL(softmax(z_1/T) ‖ softmax(z_j/T))), MSE to the maxnet's output for regression (STS-B). The
+with α = `distill_weight`, against the maxnet's detached logits z_1 and features h_1 (`kdlora.losses.subnet_loss`).
+KD is `kdlora.losses.logit_kd_loss` (T²·KL(softmax(z_1/T) ‖ softmax(z_j/T))), MSE to the maxnet's output for regression (STS-B). The
 feature term runs only on the maxnet layers that the search space's smallest subnet keeps, through
 learned projections U_1^l ∈ R^{d_low × H} owned by the maxnet, column-sliced for a subnet of width
 h_j; the target side uses U detached, so U learns only by pulling subnets towards the maxnet. U keeps
