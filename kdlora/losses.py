@@ -1,9 +1,36 @@
-"""Training losses: task loss and knowledge distillation. Plain functions, no Lightning."""
+"""Every training loss of kdlora: task, logit distillation, feature distillation. Plain functions, no Lightning.
+
+- KD-LoRA student (`kdlora.modules.KDLoRAStudent`): ``task_weight·task + (1 − task_weight)·KD``
+  (`distillation_loss`), plus ``β·Σ_l feature_loss(U_s h_s^l, U_t h_t^l)``.
+- MLFS supernet (`kdlora.modules.SuperTransformer`): per subnet j
+  ``(1 − distill_weight)·task + distill_weight·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)``
+  (`subnet_loss`, `projected_feature_loss`).
+
+One feature-loss definition (`feature_loss`): the squared L2 norm over the projected dimensions
+(a sum, as in the MLFS paper), averaged over non-padding tokens. The projections are orthonormal-row
+matrices (`orthonormal_projection`): a free projection trained against a stop-gradient target is
+minimised by shrinking it to zero, which switches feature distillation off.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
+
+
+def check_weight(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def renamed_argument(old: str, new: str, meaning: str, value) -> None:
+    """One clear error for a loss weight given under its old name (never silently reinterpreted)."""
+    if value is not None:
+        raise ValueError(f"{old} was renamed to {new} ({meaning}): write {new}: {value} instead of {old}: {value}")
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -> torch.Tensor:
@@ -24,23 +51,78 @@ def logit_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, te
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
 
 
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, is_regression: bool,
+            temperature: float = 1.0) -> torch.Tensor:
+    """Output distillation: `logit_kd_loss` for classification, MSE to the teacher's output for regression."""
+    if is_regression:
+        return F.mse_loss(student_logits.squeeze(-1).float(), teacher_logits.squeeze(-1).float())
+    return logit_kd_loss(student_logits, teacher_logits, temperature)
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     is_regression: bool,
-    alpha: float = 0.5,
+    task_weight: float = 0.5,
     temperature: float = 2.0,
 ) -> torch.Tensor:
-    """KD-LoRA objective: α·task + (1−α)·KD.
+    """KD-LoRA objective: task_weight·task + (1 − task_weight)·KD.
 
-    Classification: α·CE(s, y) + (1−α)·T²·KL(t/T ‖ s/T). Regression: α·MSE(s, y) + (1−α)·MSE(s, t).
+    Classification: w·CE(s, y) + (1−w)·T²·KL(t/T ‖ s/T). Regression: w·MSE(s, y) + (1−w)·MSE(s, t).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    check_weight("task_weight", task_weight)
     hard = task_loss(student_logits, labels, is_regression)
-    if is_regression:
-        soft = F.mse_loss(student_logits.squeeze(-1).float(), teacher_logits.squeeze(-1).float())
-    else:
-        soft = logit_kd_loss(student_logits, teacher_logits, temperature)
-    return alpha * hard + (1.0 - alpha) * soft
+    soft = kd_loss(student_logits, teacher_logits, is_regression, temperature)
+    return task_weight * hard + (1.0 - task_weight) * soft
+
+
+def orthonormal_projection(in_features: int, out_features: int) -> nn.Module:
+    """A bias-free linear map R^in → R^out whose weight keeps orthonormal rows while it trains.
+
+    Its weight, [out, in], is parametrised (`torch.nn.utils.parametrizations.orthogonal`; orthonormal
+    columns instead when out > in): ‖U‖_F stays √min(out, in), so a feature loss cannot be minimised by
+    shrinking U. State-dict keys: ``parametrizations.weight.original`` and ``parametrizations.weight.0.base``.
+
+    The Cayley map, not torch's default Householder map for non-square weights: that one multiplies by
+    the integer part of the diagonal of ``original``, so one AdamW step with weight decay (1 → 0.99999)
+    turns U into exactly 0. Under Cayley weight decay only pulls U back towards its base rotation.
+    """
+    return orthogonal(nn.Linear(in_features, out_features, bias=False), orthogonal_map="cayley")
+
+
+def feature_loss(projected: torch.Tensor, target: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """‖projected − target‖² summed over the last (projected) dimension, averaged over non-padding tokens.
+
+    `projected`, `target`: [B, T, d]; `attention_mask`: [B, T] (1 = real token) or None (every token counts).
+    """
+    sq = (projected.float() - target.float()).pow(2).sum(-1)  # [B, T]
+    if attention_mask is None:
+        return sq.mean()
+    mask = attention_mask.to(sq.dtype)
+    return (sq * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, projection: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MLFS feature term of one layer: `feature_loss` of U[:, :h_j]·h_j against sg(U)·sg(h_1).
+
+    `projection` is U, [d_low, H] (the maxnet's, e.g. `orthonormal_projection(H, d_low).weight`); a
+    subnet of hidden size h_j reads its first h_j columns. The target side is detached, so U learns
+    only through the subnet side.
+    """
+    h_sub = sub_hidden.shape[-1]
+    projected = sub_hidden.float() @ projection[:, :h_sub].float().T
+    target = max_hidden.detach().float() @ projection.detach().float().T
+    return feature_loss(projected, target, attention_mask)
+
+
+def subnet_loss(logits: torch.Tensor, max_logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
+                distill_weight: float, temperature: float, feature_losses: list[torch.Tensor],
+                beta: float) -> tuple[torch.Tensor, dict]:
+    """MLFS subnet objective (1−w)·task + w·(KD + β·Σ feature losses), w = distill_weight, targets detached."""
+    hard = task_loss(logits, labels, is_regression)
+    soft = kd_loss(logits, max_logits.detach(), is_regression, temperature)
+    feat = torch.stack(feature_losses).sum() if feature_losses else logits.new_zeros((), dtype=torch.float32)
+    loss = (1.0 - distill_weight) * hard + distill_weight * (soft + beta * feat)
+    return loss, {"task": hard.detach(), "kd": soft.detach(), "features": feat.detach()}

@@ -50,7 +50,7 @@ def student_logits(student, batch):
 
 def test_kd_loss_matches_hand_computation_classification(pair, small_glue_dir):
     _, batch = first_batch("mrpc", pair["teacher"], small_glue_dir)
-    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc", alpha=0.3, temperature=2.0).eval()
+    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc", task_weight=0.3, temperature=2.0).eval()
     loss = student.training_step(batch, 0)
 
     s, t, y, T, a = student_logits(student, batch), reference_logits(pair["teacher"], batch), batch["labels"], 2.0, 0.3
@@ -69,7 +69,7 @@ def test_kd_loss_matches_hand_computation_classification(pair, small_glue_dir):
 
 def test_kd_loss_matches_hand_computation_regression(pair, small_glue_dir):
     _, batch = first_batch("stsb", pair["teacher_reg"], small_glue_dir)
-    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher_reg"]), "stsb", alpha=0.7).eval()
+    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher_reg"]), "stsb", task_weight=0.7).eval()
     loss = student.training_step(batch, 0)
 
     s = student_logits(student, batch)[:, 0].tolist()
@@ -241,6 +241,25 @@ def test_feature_distillation_adds_the_projected_hidden_state_loss(pair, small_g
     assert total.item() == pytest.approx(base.item() + 0.5 * expected, rel=1e-4)
     assert {n for n, p in featured.named_parameters() if p.requires_grad} >= {
         n for n, _ in featured.student_projections.named_parameters(prefix="student_projections")}
+
+
+def test_feature_projections_stay_orthonormal_under_the_modules_own_optimizer(pair, small_glue_dir):
+    """AdamW with the module's weight decay must not shrink U (torch's Householder map zeroed it in one step)."""
+    from kdlora.modules.base import optimizer_groups
+
+    _, batch = first_batch("mrpc", pair["teacher"], small_glue_dir)
+    student = KDLoRAStudent(model_name_or_path=str(pair["student"]), teacher_path=str(pair["teacher"]), task="mrpc",
+                            feature_distill_beta=0.5, feature_dim=8)
+    assert student.hparams.weight_decay > 0
+    opt = torch.optim.AdamW(optimizer_groups(student.named_parameters(), student.hparams.weight_decay), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        student.training_step(batch, 0).backward()
+        opt.step()
+    for u in [*student.student_projections, *student.teacher_projections]:
+        w = u.weight.detach().double()
+        torch.testing.assert_close(w @ w.T, torch.eye(8, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.student_projections.parameters())
 
 
 def test_weights_missing_from_the_student_checkpoint_are_trainable(pair, tmp_path):

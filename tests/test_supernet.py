@@ -77,20 +77,54 @@ class Recorder(L.Callback):
 
 
 def test_loss_helpers_match_hand_computation():
-    from kdlora.modules.supernet import projected_feature_loss, subnet_loss
+    from kdlora.losses import projected_feature_loss, subnet_loss
 
     torch.manual_seed(0)
     hs, hm, U = torch.randn(2, 3, 4), torch.randn(2, 3, 6), torch.randn(5, 6)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    diff = hs @ U[:, :4].T - hm @ U.T
-    expected = sum(diff[b, t].pow(2).mean() for b, t in [(0, 0), (0, 1), (1, 0)]) / 3
-    assert torch.allclose(projected_feature_loss(hs, hm, U, mask), expected)
+    # The paper's squared L2 norm over the 5 projected dimensions, averaged over the 3 real tokens.
+    expected = 0.0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        for k in range(5):
+            d = sum(U[k, i] * hs[b, t, i] for i in range(4)) - sum(U[k, i] * hm[b, t, i] for i in range(6))
+            expected += float(d) ** 2 / 3
+    assert projected_feature_loss(hs, hm, U, mask).item() == pytest.approx(expected, rel=1e-5)
     z, z1, y = torch.tensor([[1.0, -1.0], [0.5, 0.2]]), torch.tensor([[2.0, 0.0], [-1.0, 1.0]]), torch.tensor([0, 1])
     p1, pj = z1.softmax(-1), z.softmax(-1)
     kl = (p1 * (p1.log() - pj.log())).sum(-1).mean()
     ce = -(pj.log()[0, 0] + pj.log()[1, 1]) / 2
     loss, _ = subnet_loss(z, z1, y, False, 0.9, 1.0, [torch.tensor(2.0)], 0.1)
     assert torch.allclose(loss, 0.1 * ce + 0.9 * (kl + 0.1 * 2.0))
+
+
+def test_feature_projections_do_not_collapse(tiny_bert_dir):
+    """The issue's setup, scaled down: random maxnet features, subnets = sliced maxnet features + noise
+    (widths 32/24/16 of H 32), d_low 16, AdamW lr 1e-3 on the real loss for 300 steps. A free U shrinks
+    towards 0 (the loss is minimised by U -> 0: feature distillation switches itself off); the
+    supernet's orthonormal U keeps ‖U‖_F = √d_low and the loss of the differing subnets stays up."""
+    from kdlora.losses import projected_feature_loss
+
+    module = supernet(tiny_bert_dir, feature_dim=16)
+    projection = module.projections[str(module.distill_layers[0])]
+    assert module.encoder.max_config.hidden_size == 32 and projection.weight.shape == (16, 32)
+    opt = torch.optim.AdamW(projection.parameters(), lr=1e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.ones(4, 8)
+    mask[:, 6:] = 0
+    losses, norms = [], [float(projection.weight.detach().norm())]
+    for _ in range(300):
+        h_max = torch.randn(4, 8, 32, generator=gen)
+        U = projection.weight
+        loss = sum(projected_feature_loss(h_max[..., :h] + torch.randn(4, 8, h, generator=gen), h_max, U, mask)
+                   for h in (32, 24, 16))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        norms.append(float(projection.weight.detach().norm()))
+    assert norms[0] == pytest.approx(4.0, abs=1e-4)
+    assert min(norms) == pytest.approx(4.0, abs=1e-3) and max(norms) == pytest.approx(4.0, abs=1e-3)
+    assert sum(losses[-20:]) / 20 > 0.5 * sum(losses[:20]) / 20
 
 
 def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small_glue_dir, tmp_path):
@@ -124,8 +158,8 @@ def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small
     m = batch["attention_mask"].float()
     feats = 0.0
     for layer in range(4):  # the smallest subnet keeps every layer here
-        U = ref.projections[str(layer)]
-        d = ((sub.hidden_states[layer] @ U[:, :16].T - out.hidden_states[layer].detach() @ U.detach().T) ** 2).mean(-1)
+        U = ref.projections[str(layer)].weight  # orthonormal-parametrised: grads reach its `original`
+        d = ((sub.hidden_states[layer] @ U[:, :16].T - out.hidden_states[layer].detach() @ U.detach().T) ** 2).sum(-1)
         feats = feats + (d * m).sum() / m.sum()
     loss_j = 0.1 * F.cross_entropy(sub.logits, batch["labels"]) + 0.9 * (kl + 0.1 * feats)
     g_sub = torch.autograd.grad(loss_j, list(params.values()), allow_unused=True)
@@ -139,6 +173,8 @@ def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small
         assert torch.allclose(got.get(name, torch.zeros_like(expected)), expected, rtol=1e-4, atol=1e-7), name
         checked += int(gs.abs().sum() > 0)
     assert checked > 10  # subnet gradients actually flowed (stage-1 B and the projections)
+    projection_grads = [g for n, g in got.items() if n.startswith("projections.")]
+    assert len(projection_grads) == 4 and all(g.abs().sum() > 0 for g in projection_grads)
     assert set(got) <= set(params)  # nothing outside stage 1 received a gradient
 
 
@@ -216,11 +252,30 @@ def test_resume_restores_stage_and_samples_like_an_uninterrupted_run(tiny_bert_d
     assert module.stage == 1 and module.global_step == 4
 
 
+def test_a_checkpoint_with_free_projections_is_refused_clearly(tiny_bert_dir, small_glue_dir, tmp_path):
+    first, module = trainer(tmp_path, max_steps=1, limit_val_batches=0), supernet(tiny_bert_dir, stage_epochs=[0, 1, 0])
+    first.fit(module, datamodule(tiny_bert_dir, small_glue_dir))
+    ckpt = tmp_path / "new.ckpt"
+    first.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
+    layer = module.distill_layers[0]
+    assert f"projections.{layer}.parametrizations.weight.original" in state["state_dict"]
+    # What the earlier versions wrote: one free [d_low, H] matrix per distilled layer.
+    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("projections.")}
+    state["state_dict"].update({f"projections.{l}": torch.randn(128, 32) for l in module.distill_layers})
+    torch.save(state, tmp_path / "old.ckpt")
+    with pytest.raises(ValueError, match="free feature projections"):
+        trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(
+            supernet(tiny_bert_dir, stage_epochs=[0, 1, 0]), datamodule(tiny_bert_dir, small_glue_dir), ckpt_path=str(tmp_path / "old.ckpt"))
+
+
 def test_bad_arguments_fail_early(tiny_bert_dir):
     with pytest.raises(ValueError, match="stage_epochs"):
         supernet(tiny_bert_dir, stage_epochs=[1, 1])
-    with pytest.raises(ValueError, match="alpha"):
-        supernet(tiny_bert_dir, alpha=1.5)
+    with pytest.raises(ValueError, match="distill_weight must be in"):
+        supernet(tiny_bert_dir, distill_weight=1.5)
+    with pytest.raises(ValueError, match="alpha was renamed to distill_weight"):
+        supernet(tiny_bert_dir, alpha=0.9)
     with pytest.raises(ValueError, match="unknown keys"):
         supernet(tiny_bert_dir, search_space={"width": [8]})
 
@@ -282,6 +337,24 @@ def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "palette report" in proc.stdout
+
+
+@pytest.mark.parametrize("config_name, value, new_name", [("supernet", "0.9", "distill_weight"), ("student", "0.5", "task_weight")])
+def test_the_old_alpha_key_is_one_clear_error_naming_its_new_name(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, capsys,
+                                                                  config_name, value, new_name):
+    """`alpha` weighed distillation in the supernet but the task in the student: never silently reinterpreted."""
+    from kdlora.cli import cli_main
+
+    config = tmp_path / "config.yaml"
+    text = (REPO / "configs" / "demo" / f"{config_name}.yaml").read_text()
+    config.write_text(text.replace("runs/demo/{task}/fft/export", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir)))
+    monkeypatch.chdir(tmp_path)
+    code = cli_main(["fit", "--config", str(config), f"--model.init_args.alpha={value}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == [f"kdlora: error: alpha was renamed to {new_name} (" + err[0].split("(", 1)[1]]
+    assert f"write {new_name}: {value} instead of alpha: {value}" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
 def test_new_regression_head_starts_at_the_mean_training_label(tiny_bert_dir, tmp_path):

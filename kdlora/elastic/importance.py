@@ -16,20 +16,14 @@ import logging
 from typing import Iterable, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kdlora.elastic.model import ElasticEncoder
+from kdlora.losses import task_loss
 
 log = logging.getLogger(__name__)
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    if logits.shape[-1] == 1:
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
-    return F.cross_entropy(logits, labels.long())
 
 
 @torch.no_grad()
@@ -65,7 +59,8 @@ def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tenso
             if labels is None:
                 raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
             inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
-            yield torch.autograd.grad(_loss(encoder(**inputs).logits, labels.to(device)), tensors)
+            logits = encoder(**inputs).logits
+            yield torch.autograd.grad(task_loss(logits, labels.to(device), is_regression=logits.shape[-1] == 1), tensors)
             seen += 1
     finally:
         for t, flag in zip(tensors, flags):

@@ -10,10 +10,9 @@ from typing import Literal, Optional
 
 import torch
 from torch import nn
-from torch.nn.utils.parametrizations import orthogonal
 
 from kdlora.checkpoint import read_checkpoint
-from kdlora.losses import distillation_loss
+from kdlora.losses import check_weight, distillation_loss, feature_loss, orthonormal_projection, renamed_argument
 from kdlora.models import (
     apply_lora,
     check_tokenizer_fits,
@@ -104,9 +103,9 @@ def default_layer_map(student_layers: int, teacher_layers: int, kept: Optional[l
 class KDLoRAStudent(GLUEModule):
     """KD-LoRA: a student with LoRA adapters (and a trainable head) distils a frozen fine-tuned teacher.
 
-    Loss: ``α·CE(s, y) + (1−α)·T²·KL(softmax(t/T) ‖ softmax(s/T))``; for regression (STS-B)
-    ``α·MSE(s, y) + (1−α)·MSE(s, t)``; plus ``β·Σ_k mean_tokens ‖U_s·h_s − U_t·h_t‖²`` with feature
-    distillation (MLFS, Algorithm 2).
+    Loss (w = task_weight): ``w·CE(s, y) + (1−w)·T²·KL(softmax(t/T) ‖ softmax(s/T))``; for regression
+    (STS-B) ``w·MSE(s, y) + (1−w)·MSE(s, t)``; plus ``β·Σ_k mean_tokens ‖U_s·h_s − U_t·h_t‖²`` with
+    feature distillation (MLFS, Algorithm 2; `kdlora.losses.feature_loss`).
 
     Args:
         model_name_or_path: the student (hub id or local dir, e.g. ``distilbert-base-uncased``). With
@@ -116,7 +115,7 @@ class KDLoRAStudent(GLUEModule):
         student_layers: build the student from the teacher by keeping these teacher layers (0-based,
             e.g. ``[0, 2, 4, 6, 8, 10]``), DistilBERT-style, instead of loading `model_name_or_path`.
         lora_r, lora_alpha, lora_dropout, lora_targets: LoRA on the student (default: family query/value).
-        alpha: weight of the task loss; ``1 − alpha`` weighs the distillation term.
+        task_weight: weight of the task loss; ``1 − task_weight`` weighs the distillation term (paper: 0.5).
         temperature: softmax temperature of the KD term (classification).
         teacher_targets: ``online`` (teacher runs on every batch) or ``cached`` (teacher logits computed
             once over the training set, keyed by example ``idx``, reused across epochs and reruns).
@@ -128,6 +127,7 @@ class KDLoRAStudent(GLUEModule):
         feature_dim: rank of the learned projections U_s, U_t (orthonormal rows, so they cannot collapse to 0).
         learning_rate, weight_decay, warmup_ratio: AdamW + linear warmup/decay (KD-LoRA uses ~5e-4).
         export, export_dir: write the best student (LoRA merged, adapter kept) at fit end.
+        alpha: the old name of task_weight; setting it is an error.
     """
 
     def __init__(
@@ -140,7 +140,7 @@ class KDLoRAStudent(GLUEModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.1,
         lora_targets: Optional[list[str]] = None,
-        alpha: float = 0.5,
+        task_weight: float = 0.5,
         temperature: float = 2.0,
         teacher_targets: Literal["online", "cached"] = "online",
         teacher_cache_dir: Optional[str] = None,
@@ -152,12 +152,13 @@ class KDLoRAStudent(GLUEModule):
         warmup_ratio: float = 0.06,
         export: bool = True,
         export_dir: Optional[str] = None,
+        alpha: Optional[float] = None,
     ) -> None:
+        renamed_argument("alpha", "task_weight", "the weight of the task loss; distillation gets 1 − task_weight", alpha)
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
         if teacher_path is None:
             raise ValueError("teacher_path is required: an exported Teacher directory or a Teacher .ckpt")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        check_weight("task_weight", task_weight)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if teacher_targets not in ("online", "cached"):
@@ -167,7 +168,7 @@ class KDLoRAStudent(GLUEModule):
         if feature_distill_beta > 0 and teacher_targets == "cached":
             raise ValueError("feature distillation needs the teacher's hidden states on every batch: "
                              "use teacher_targets: online (or feature_distill_beta: 0)")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["alpha"])
 
         teacher, teacher_tokenizer_source = load_teacher(teacher_path, self.spec)
         # Kept outside the module tree: never in parameters() (optimizer, DDP), state_dict
@@ -197,10 +198,8 @@ class KDLoRAStudent(GLUEModule):
                 if not (0 <= s <= s_cfg.num_hidden_layers and 0 <= t <= t_cfg.num_hidden_layers):
                     raise ValueError(f"feature_layer_map pair {[s, t]} out of range: student hidden states 0..{s_cfg.num_hidden_layers}, "
                                      f"teacher 0..{t_cfg.num_hidden_layers}")
-            self.student_projections = nn.ModuleList(
-                orthogonal(nn.Linear(s_cfg.hidden_size, feature_dim, bias=False)) for _ in self.layer_map)
-            self.teacher_projections = nn.ModuleList(
-                orthogonal(nn.Linear(t_cfg.hidden_size, feature_dim, bias=False)) for _ in self.layer_map)
+            self.student_projections = nn.ModuleList(orthonormal_projection(s_cfg.hidden_size, feature_dim) for _ in self.layer_map)
+            self.teacher_projections = nn.ModuleList(orthonormal_projection(t_cfg.hidden_size, feature_dim) for _ in self.layer_map)
         self._cached_logits: Optional[torch.Tensor] = None  # [max_idx + 1, num_labels] on CPU
         self._cached_present: Optional[torch.Tensor] = None
 
@@ -332,13 +331,10 @@ class KDLoRAStudent(GLUEModule):
 
     # ---- training ----
     def feature_loss(self, student_hidden, teacher_hidden, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Σ over mapped layers of the mean over real tokens of ‖U_s·h_s − U_t·h_t‖²."""
-        mask = attention_mask.unsqueeze(-1).float()
-        total = attention_mask.sum().clamp(min=1).float()
+        """Σ over mapped layers of `kdlora.losses.feature_loss` (‖U_s·h_s − U_t·h_t‖², mean over real tokens)."""
         loss = student_hidden[0].new_zeros((), dtype=torch.float32)
         for (s, t), u_s, u_t in zip(self.layer_map, self.student_projections, self.teacher_projections):
-            diff = u_s(student_hidden[s]).float() - u_t(teacher_hidden[t].to(student_hidden[s].dtype)).float()
-            loss = loss + (diff.pow(2) * mask).sum() / total
+            loss = loss + feature_loss(u_s(student_hidden[s]), u_t(teacher_hidden[t].to(student_hidden[s].dtype)), attention_mask)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -350,7 +346,7 @@ class KDLoRAStudent(GLUEModule):
         else:
             t_logits = self.teacher_logits(batch)
         loss = distillation_loss(out.logits, t_logits, batch["labels"], self.spec.is_regression,
-                                 self.hparams.alpha, self.hparams.temperature)
+                                 self.hparams.task_weight, self.hparams.temperature)
         if beta > 0:
             f_loss = self.feature_loss(out.hidden_states, teacher_out.hidden_states, batch["attention_mask"])
             self.log("train/feature_loss", f_loss)

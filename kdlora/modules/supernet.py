@@ -11,12 +11,14 @@ Each step the maxnet runs first (task loss, distillation weight 0), then K sampl
 
     L_j = (1−α)·task + α·(KD(z_j, z_1) + β·Σ_l ‖U_1^{g(l)}[:, :h_j] h_j^l − U_1^{g(l)} h_1^{g(l)}‖²)
 
-against the maxnet's detached logits z_1 and features h_1. KD is `kdlora.losses.logit_kd_loss`
-(T²·KL(softmax(z_1/T) ‖ softmax(z_j/T))), MSE to the maxnet's output for regression (STS-B). The
+with α = `distill_weight`, against the maxnet's detached logits z_1 and features h_1 (`kdlora.losses.subnet_loss`).
+KD is `kdlora.losses.logit_kd_loss` (T²·KL(softmax(z_1/T) ‖ softmax(z_j/T))), MSE to the maxnet's output for regression (STS-B). The
 feature term runs only on the maxnet layers that the search space's smallest subnet keeps, through
 learned projections U_1^l ∈ R^{d_low × H} owned by the maxnet, column-sliced for a subnet of width
-h_j; the target side uses U detached, so U learns only by pulling subnets towards the maxnet. ‖·‖²
-is the mean squared error over projected dimensions and non-padding tokens.
+h_j; the target side uses U detached, so U learns only by pulling subnets towards the maxnet. U keeps
+orthonormal rows (`kdlora.losses.orthonormal_projection`): a free U is minimised by shrinking it to 0,
+which would switch feature distillation off. ‖·‖² is the paper's squared L2 norm, summed over the d_low
+projected dimensions and averaged over non-padding tokens (`kdlora.losses.feature_loss`).
 
 Gradient scaling: subnet j's loss is multiplied by s_j = (n_1/n_j)^γ, n the number of TRAINABLE
 parameters the subnet reads (slices of the current stage's adapters, plus the head when it trains;
@@ -41,7 +43,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
@@ -50,7 +51,7 @@ from transformers import get_linear_schedule_with_warmup
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
 from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
-from kdlora.losses import logit_kd_loss, task_loss
+from kdlora.losses import check_weight, orthonormal_projection, projected_feature_loss, renamed_argument, subnet_loss, task_loss
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.models import check_tokenizer_fits, load_classifier, load_tokenizer
 from kdlora.modules.base import GLUEModule, optimizer_groups
@@ -61,32 +62,6 @@ NUM_STAGES = 3
 # Lightning warns at each step checkpoint of a manual-optimization module that it holds the weights
 # after that step's optimizer step: exactly what a resume needs (the checkpoint's global_step counts it).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
-
-
-def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, projection: torch.Tensor,
-                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """‖U[:, :h_j] h_j − sg(U) sg(h_1)‖², as a mean over projected dims and non-padding tokens."""
-    h_sub = sub_hidden.shape[-1]
-    student = sub_hidden.float() @ projection[:, :h_sub].float().T
-    target = (max_hidden.detach().float() @ projection.detach().float().T)
-    sq = (student - target).pow(2).mean(-1)  # [B, T]
-    if attention_mask is None:
-        return sq.mean()
-    mask = attention_mask.to(sq.dtype)
-    return (sq * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def subnet_loss(logits: torch.Tensor, max_logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
-                alpha: float, temperature: float, feature_losses: list[torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
-    """(1−α)·task + α·(KD + β·Σ feature losses), targets detached."""
-    hard = task_loss(logits, labels, is_regression)
-    if is_regression:
-        soft = F.mse_loss(logits.squeeze(-1).float(), max_logits.detach().squeeze(-1).float())
-    else:
-        soft = logit_kd_loss(logits, max_logits.detach(), temperature)
-    feat = torch.stack(feature_losses).sum() if feature_losses else logits.new_zeros((), dtype=torch.float32)
-    loss = (1.0 - alpha) * hard + alpha * (soft + beta * feat)
-    return loss, {"task": hard.detach(), "kd": soft.detach(), "features": feat.detach()}
 
 
 class SuperTransformer(GLUEModule):
@@ -102,8 +77,12 @@ class SuperTransformer(GLUEModule):
         num_subnets: K, subnets sampled per step besides the maxnet.
         sandwich: always include the stage's smallest subnet among the K.
         per_layer: sample heads and FFN width per layer.
-        alpha, beta, gamma, temperature: loss weights, gradient-scaling exponent, KD temperature.
-        feature_dim: d_low, rows of the feature projections U.
+        distill_weight: α, the weight of a subnet's distillation terms (KD + β·features); its task loss
+            gets 1 − distill_weight (paper: 0.9).
+        beta: weight of the feature term inside the distillation terms (paper: 0.1, on the squared L2
+            norm summed over the d_low projected dimensions).
+        gamma, temperature: gradient-scaling exponent, KD temperature.
+        feature_dim: d_low, rows of the (orthonormal-row) feature projections U.
         search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions.
         palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.elastic.sampler.palette`).
         sampler_seed: seed of the subnet sampler (default: the run seed, ``PL_GLOBAL_SEED``).
@@ -115,6 +94,7 @@ class SuperTransformer(GLUEModule):
             dimensions too (see `benchmarks/results/slice_start_*.md` for what each ordering buys).
         measure_latency, latency_batch_size, latency_seq_len: time palette members at fit end.
         export, export_dir: write every palette member as a Hugging Face directory at fit end.
+        alpha: the old name of distill_weight; setting it is an error.
     """
 
     # What to evaluate and write, not what was trained: `train.py validate --ckpt_path ...` may change them.
@@ -133,7 +113,7 @@ class SuperTransformer(GLUEModule):
         num_subnets: int = 2,
         sandwich: bool = True,
         per_layer: bool = False,
-        alpha: float = 0.9,
+        distill_weight: float = 0.9,
         beta: float = 0.1,
         gamma: float = 2.0,
         temperature: float = 1.0,
@@ -153,17 +133,18 @@ class SuperTransformer(GLUEModule):
         latency_seq_len: int = 128,
         export: bool = True,
         export_dir: Optional[str] = None,
+        alpha: Optional[float] = None,
     ) -> None:
+        renamed_argument("alpha", "distill_weight", "the weight of a subnet's distillation terms; its task loss gets 1 − distill_weight", alpha)
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
         if len(stage_epochs) != NUM_STAGES or any(int(e) < 0 for e in stage_epochs) or sum(stage_epochs) < 1:
             raise ValueError(f"stage_epochs must be 3 non-negative epoch counts (stages 0, 1, 2) with a positive sum, got {stage_epochs}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        check_weight("distill_weight", distill_weight)
         if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
             raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
         if sampler_seed is None:
             sampler_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["alpha"])
         # K+1 backward passes and one optimizer step per batch: done by hand.
         self.automatic_optimization = False
 
@@ -192,9 +173,7 @@ class SuperTransformer(GLUEModule):
         # Feature distillation only on the maxnet layers the smallest subnet keeps.
         self.distill_layers = tuple(self.space.smallest().layers)
         H = self.encoder.max_config.hidden_size
-        self.projections = nn.ParameterDict({
-            str(l): nn.Parameter(nn.init.orthogonal_(torch.empty(feature_dim, H))) for l in self.distill_layers
-        })
+        self.projections = nn.ModuleDict({str(l): orthonormal_projection(H, feature_dim) for l in self.distill_layers})
         self.palette_metrics = nn.ModuleList([
             nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in members
         ])
@@ -221,8 +200,7 @@ class SuperTransformer(GLUEModule):
         names = self.stage_parameter_names[stage]
         for n, p in self.encoder.named_parameters():
             p.requires_grad_(n in names)
-        for p in self.projections.values():
-            p.requires_grad_(stage > 0 and self.hparams.beta > 0)
+        self.projections.requires_grad_(stage > 0 and self.hparams.beta > 0)
         self.stage = stage
 
     def setup(self, stage: str) -> None:
@@ -234,8 +212,7 @@ class SuperTransformer(GLUEModule):
         for s in range(NUM_STAGES):
             for _, p in self.stage_parameters(s):
                 p.requires_grad_(True)
-        for p in self.projections.values():
-            p.requires_grad_(True)
+        self.projections.requires_grad_(True)
         if self.hparams.importance_reorder and self.trainer.ckpt_path is None:
             self._reorder_by_importance()
 
@@ -250,7 +227,7 @@ class SuperTransformer(GLUEModule):
         self.enter_stage(self.stage)
         params = self.stage_parameters(self.stage)
         groups = optimizer_groups(params, self.hparams.weight_decay)
-        projections = [p for p in self.projections.values() if p.requires_grad]
+        projections = [p for p in self.projections.parameters() if p.requires_grad]
         if projections:  # no weight decay: it would only shrink the feature targets
             groups.append({"params": projections, "weight_decay": 0.0})
         opt = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
@@ -282,6 +259,10 @@ class SuperTransformer(GLUEModule):
         checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        free = [k for k in checkpoint.get("state_dict", {}) if k.startswith("projections.") and ".parametrizations." not in k]
+        if free:
+            raise ValueError(f"checkpoint holds free feature projections ({free[0]}, ...) from before they were made "
+                             "orthonormal (kdlora.losses.orthonormal_projection); this version cannot resume or load it")
         super().on_load_checkpoint(checkpoint)
         # Before the optimizer is built and its state restored, so the param groups match.
         self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
@@ -325,7 +306,7 @@ class SuperTransformer(GLUEModule):
         inputs, labels = self.encoder_inputs(batch), batch["labels"]
         mask = batch.get("attention_mask")
         count = len(subnets) + 1
-        want_features = bool(subnets) and self.hparams.beta > 0 and self.hparams.alpha > 0
+        want_features = bool(subnets) and self.hparams.beta > 0 and self.hparams.distill_weight > 0
 
         self.encoder.reset_super_network()
         out = self.encoder(**inputs, output_hidden_states=want_features)
@@ -345,8 +326,8 @@ class SuperTransformer(GLUEModule):
             if want_features:
                 for l, h in zip(cfg.layers, sub.hidden_states):
                     if l in max_features:
-                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)], mask))
-            loss, p = subnet_loss(sub.logits, max_logits, labels, self.spec.is_regression, self.hparams.alpha,
+                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)].weight, mask))
+            loss, p = subnet_loss(sub.logits, max_logits, labels, self.spec.is_regression, self.hparams.distill_weight,
                                   self.hparams.temperature, feature_losses, self.hparams.beta)
             self.check_finite_loss(loss, f"subnet {cfg.name} loss")
             scale = self.gradient_scale(cfg)
