@@ -356,7 +356,7 @@ def _run(args) -> int:
         raise ValueError(f"{checkpoint} holds no data module hyperparameters: cannot rebuild its data to score subnets")
     encoder, tokenizer = load_encoder(checkpoint)
     encoder.eval().to(device)
-    space = SearchSpace.build(encoder.max_config, hparams.get("search_space"))
+    space = SearchSpace.build(encoder.max_config, hparams.get("search_space"), count=encoder.parameter_count)
     dm, loader = selection_data(data_hparams, args.holdout_fraction, args.data_dir, args.max_samples, args.split)
     batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
     vocab = encoder.model.get_input_embeddings().weight.shape[0]

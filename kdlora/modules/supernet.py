@@ -114,7 +114,8 @@ class SuperTransformer(GLUEModule):
         per_layer: sample heads and FFN width per layer.
         alpha, beta, gamma, temperature: loss weights, gradient-scaling exponent, KD temperature.
         feature_dim: d_low, rows of the feature projections U.
-        search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions.
+        search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions, or a
+            preset: "paper" (or {preset: paper, ...}), a minnet of ≈ 0.41 of the maxnet's parameters (README).
         palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.elastic.sampler.palette`).
         sampler_seed: seed of the subnet sampler (default: the run seed, ``PL_GLOBAL_SEED``).
         learning_rate, weight_decay, warmup_ratio: AdamW per stage, linear warmup/decay within each stage.
@@ -149,7 +150,7 @@ class SuperTransformer(GLUEModule):
         gamma: float = 2.0,
         temperature: float = 1.0,
         feature_dim: int = 128,
-        search_space: Optional[dict[str, Any]] = None,
+        search_space: Optional[dict[str, Any] | str] = None,
         palette: Optional[list[Any]] = None,
         sampler_seed: Optional[int] = None,
         learning_rate: float = 1e-3,
@@ -200,7 +201,7 @@ class SuperTransformer(GLUEModule):
             self.stage_parameter_names.append({n for n, p in self.encoder.named_parameters() if p.requires_grad})
         self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
 
-        self.space = SearchSpace.build(self.encoder.max_config, search_space)
+        self.space = SearchSpace.build(self.encoder.max_config, search_space, count=self.encoder.parameter_count)
         self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed)
         members = build_palette(self.space, palette)
         if self.encoder.max_config not in members:
