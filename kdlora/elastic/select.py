@@ -246,7 +246,7 @@ def selection_data(hparams: dict, holdout_fraction: Optional[float], data_dir: O
     ds = dm.datasets[name]
     if max_samples is not None and max_samples < len(ds):
         ds = ds.select(range(max_samples))
-    return dm, dm._loader(ds, False, dm.eval_batch_size)
+    return dm, dm._loader(ds, dm.eval_batch_size)
 
 
 def write_search_report(candidates: Sequence[Candidate], best: Optional[Candidate], budget: Budget, out: Path,
