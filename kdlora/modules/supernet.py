@@ -43,7 +43,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ class SuperTransformer(GLUEModule):
         self,
         model_name_or_path: str = "bert-base-uncased",
         task: str = "mrpc",
-        base: Literal["pretrained", "finetuned"] = "finetuned",
+        base: str = "finetuned",  # "pretrained" | "finetuned"; a str so a typo is one clear error, not a parser dump
         stage_epochs: list[int] = [1, 1, 1],
         lora_r: int = 8,
         lora_alpha: int = 16,
