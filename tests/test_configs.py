@@ -13,8 +13,12 @@ from conftest import REPO, make_tiny_model_dir
 
 from kdlora import cli, report
 
-CONFIGS = sorted(f for f in (REPO / "configs").rglob("*.yaml") if f.parent.name != "sweeps")  # LightningCLI configs
-SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))  # kdlora.sweep grids over them
+# configs/supernet/tasks/*.yaml are per-task overlays on a supernet config, not configs of their own;
+# configs/sweeps/*.yaml are kdlora.sweep grids over the configs.
+TASK_OVERLAYS = sorted((REPO / "configs" / "supernet" / "tasks").glob("*.yaml"))
+SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+CONFIGS = sorted(set((REPO / "configs").rglob("*.yaml")) - set(TASK_OVERLAYS) - set(SWEEPS))  # LightningCLI configs
+PAPER_FAMILIES = {"bert": "bert-base-uncased", "roberta": "roberta-base", "deberta": "microsoft/deberta-v3-base"}
 METHODS = ("fft", "lora", "kdlora", "mlfs")
 
 
@@ -71,7 +75,10 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
     if method == "kdlora":
         assert model.teacher_path == teacher
     if method == "mlfs":
-        assert model.model_name_or_path == teacher == fit.data.tokenizer_name
+        # The paper configs start from the pretrained checkpoint; the demo and local ones from their teacher.
+        maxnet = PAPER_FAMILIES[family] if family in PAPER_FAMILIES else teacher
+        assert (model.base, model.model_name_or_path) == ("pretrained" if family in PAPER_FAMILIES else "finetuned", maxnet)
+        assert fit.data.tokenizer_name == maxnet
     if method in ("fft", "lora", "kdlora"):  # what kdlora.report reads for Tables 1 and 2
         callbacks = {c.class_path.rpartition(".")[2]: c.init_args for c in fit.trainer.callbacks}
         assert {"GLUEResults", "ParameterCount", "PeakMemory", "InferenceLatency"} <= set(callbacks)
@@ -104,20 +111,43 @@ def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, par
 
 
 def test_the_paper_supernets_search_the_paper_space():
-    """The supernet configs give fractions; on the paper's base models they are the MLFS space."""
+    """The paper configs use the `paper` preset: on the paper's base models a minnet of about 0.41 of the maxnet."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from kdlora.elastic import ElasticEncoder
     from kdlora.elastic.sampler import SearchSpace
 
-    for family, hub in (("bert", "bert-base-uncased"), ("roberta", "roberta-base"), ("deberta", "microsoft/deberta-v3-base")):
+    for family, hub in PAPER_FAMILIES.items():
         init = yaml.safe_load((REPO / "configs" / "supernet" / f"{family}.yaml").read_text())["model"]["init_args"]
+        assert (init["base"], init["model_name_or_path"], init["search_space"]) == ("pretrained", hub, "paper"), family
         with torch.device("meta"):
             base = AutoModelForSequenceClassification.from_config(report.load_config(hub))
-        space = SearchSpace.build(ElasticEncoder(base, 8, 16, 0.0, tuple(init["lora_targets"])).max_config, init["search_space"])
-        assert (space.hidden_sizes, space.num_heads, space.intermediate_sizes, space.depths) == (
-            (768, 576, 384, 192), (12, 9, 6, 3), (3072, 2304, 1536, 768), (12, 9, 6, 3)), family
+        encoder = ElasticEncoder(base, 8, 16, 0.0, tuple(init["lora_targets"]))
+        space = SearchSpace.build(encoder.max_config, init["search_space"], count=encoder.parameter_count)
+        ratio = encoder.parameter_count(space.smallest()) / encoder.parameter_count(encoder.max_config)
+        assert abs(ratio - 0.41) <= 0.03, (family, space.smallest().name, ratio)
+        assert (space.num_heads, space.intermediate_sizes, space.depths) == ((12, 9, 6), (3072, 2304, 1536), (12, 9, 6)), family
+
+
+PAPER_SCHEDULE = {  # task: (batch size, epochs, learning rate, gamma), from the MLFS paper
+    "cola": (64, 8, 1e-3, 2.0), "sst2": (64, 3, 1e-3, 1.0), "mrpc": (64, 8, 1e-3, 2.0), "stsb": (64, 8, 1e-3, 2.0),
+    "qqp": (128, 8, 1e-3, 2.0), "mnli": (128, 8, 5e-4, 2.0), "qnli": (128, 8, 5e-4, 2.0), "rte": (64, 8, 1e-3, 2.0)}
+
+
+@pytest.mark.parametrize("family", sorted(PAPER_FAMILIES))
+def test_the_paper_schedule_per_task_overlays_every_paper_config(family, parse):
+    assert sorted(f.stem for f in TASK_OVERLAYS) == sorted(PAPER_SCHEDULE)
+    for task, (batch, epochs, lr, gamma) in PAPER_SCHEDULE.items():
+        fit = parse("--config", str(REPO / "configs" / "supernet" / f"{family}.yaml"),
+                    "--config", str(REPO / "configs" / "supernet" / "tasks" / f"{task}.yaml"))
+        model = fit.model.init_args
+        assert (fit.data.task, fit.data.batch_size, fit.trainer.max_epochs) == (task, batch, epochs), task
+        assert (model.learning_rate, model.gamma, sum(model.stage_epochs)) == (lr, gamma, epochs), task
+        # What the overlay does not set stays the family's: the paper's base, space and held-out selection.
+        assert (model.base, model.search_space, fit.data.holdout_fraction) == ("pretrained", "paper", 0.1)
+        assert model.model_name_or_path == PAPER_FAMILIES[family]
+        assert fit.trainer.logger.init_args.save_dir == f"runs/{family}/{task}"
 
 
 # ---- {task} placeholders ---------------------------------------------------------------------
@@ -209,10 +239,17 @@ def test_teacher_student_supernet_chain_through_the_configs(family, chain_models
     assert saved_config(runs / "kdlora")["model"]["init_args"]["teacher_path"] == str(runs / "fft" / "export")
     assert any((runs / "kdlora" / "teacher_targets").glob("teacher-rte-*.pt"))  # the teacher's logits were computed
     assert (runs / "kdlora" / "export" / "config.json").is_file()
-    fit(f"supernet/{family}.yaml", small_glue_dir)  # stage_epochs [1, 1, 1]: one batch per stage
+    # From the teacher (the configs' documented `base: finetuned` override; their default is the pretrained
+    # checkpoint), one batch per stage; validation on the held-out part of train, the palettes on dev.
+    fit(f"supernet/{family}.yaml", small_glue_dir, "--model.init_args.base", "finetuned",
+        "--model.init_args.model_name_or_path", f"runs/{family}/{{task}}/fft/export",
+        "--model.init_args.stage_epochs", "[1, 1, 1]", "--trainer.max_epochs", "3")
     assert saved_config(runs / "mlfs")["model"]["init_args"]["model_name_or_path"] == str(runs / "fft" / "export")
     palette = json.loads((runs / "mlfs" / "version_0" / "palette.json").read_text())
     assert palette and all((runs / "mlfs" / "export" / row["name"] / "config.json").is_file() for row in palette)
+    final = json.loads((runs / "mlfs" / "version_0" / "palette_final.json").read_text())
+    assert {(r["base"], r["split"]) for r in palette + final} == {("finetuned", "dev")}
+    assert {r["stage"] for r in final} == {2} and all(r["selected_on"] == "holdout" for r in palette)
 
     runs_found = report.find_runs(["runs"])  # what `python -m kdlora.report --runs runs` reads
     trained = ["fft", "lora", "kdlora", "mlfs"] if family == "bert" else ["fft", "kdlora", "mlfs"]

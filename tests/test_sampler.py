@@ -41,6 +41,57 @@ def test_space_from_yaml_dict_and_its_errors():
         SearchSpace.build(BERT_BASE, {"depths": [13]})
 
 
+def meta_encoder(config):
+    """An ElasticEncoder over a model of `config`'s shape on the meta device (no weights, any size)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from kdlora.elastic import ElasticEncoder
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config)
+    return ElasticEncoder(model, 8, 16, 0.0, ("query", "key", "value", "intermediate", "output"))
+
+
+@pytest.mark.parametrize("shape", ["bert-base", "minilm-l6"])
+def test_paper_preset_minnet_has_41_percent_of_the_maxnet(shape):
+    """MLFS's minnet is 45M of BERT-base's 110M; the preset's, counted independently here from the
+    model's own tensors (deployed size: every parameter a subnet reads), is within 0.03 of 0.41."""
+    from transformers import BertConfig
+
+    from kdlora import report
+
+    config = (report.load_config("bert-base-uncased") if shape == "bert-base" else
+              BertConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=6, vocab_size=30522))
+    enc = meta_encoder(config)
+    space = SearchSpace.build(enc.max_config, "paper", count=enc.parameter_count)
+    assert SearchSpace.build(enc.max_config, {"preset": "paper"}, count=enc.parameter_count) == space
+    total = sum(p.numel() for p in enc.model.parameters())  # the maxnet is the whole model
+    assert enc.parameter_count(enc.max_config) == total
+    minnet = space.smallest()
+    H, L = config.hidden_size, config.num_hidden_layers
+    head_dim = H // config.num_attention_heads
+    h, w, f, d = minnet.hidden_size, minnet.num_heads * head_dim, minnet.intermediate_size, len(minnet.layers)
+    # By hand: embeddings (word, position, token type) and their norm, per layer Q/K/V/O + FFN + 2 norms, pooler, classifier.
+    by_hand = ((config.vocab_size + config.max_position_embeddings + config.type_vocab_size) * h + 2 * h
+               + d * (3 * (w * h + w) + h * w + h + f * h + f + h * f + h + 4 * h) + h * h + h + 2 * h + 2)
+    assert enc.parameter_count(minnet) == by_hand
+    assert abs(by_hand / total - 0.41) <= 0.03, (minnet.name, by_hand / total)
+    assert space.num_heads[-1] * 2 == space.num_heads[0] and space.depths[-1] * 2 == L  # 1/2 of heads and depth
+    if shape == "bert-base":
+        assert (space.hidden_sizes, space.num_heads, space.intermediate_sizes, space.depths) == (
+            (768,), (12, 9, 6), (3072, 2304, 1536), (12, 9, 6))  # 45.7M of 109.5M
+
+
+def test_paper_preset_errors():
+    with pytest.raises(ValueError, match="unknown preset 'papper'"):
+        SearchSpace.build(BERT_BASE, "papper", count=lambda c: 1)
+    with pytest.raises(ValueError, match="needs the maxnet's parameter counts"):
+        SearchSpace.build(BERT_BASE, "paper")
+    with pytest.raises(ValueError, match="fixes the fractions"):
+        SearchSpace.build(BERT_BASE, {"preset": "paper", "fractions": [1.0, 0.5]}, count=lambda c: 1)
+
+
 def sample_names(sampler: SubnetSampler, stage: int, steps) -> list[list[str]]:
     return [[c.name for c in sampler.sample(stage, step)] for step in steps]
 

@@ -280,6 +280,76 @@ def test_bad_arguments_fail_early(tiny_bert_dir):
         supernet(tiny_bert_dir, search_space={"width": [8]})
 
 
+def test_base_pretrained_trains_a_new_head_and_refuses_a_finetuned_checkpoint(tiny_bert_dir, tmp_path, caplog):
+    from transformers import AutoModel, AutoTokenizer
+
+    pretrained = tmp_path / "pretrained"  # the encoder alone, as a hub checkpoint such as bert-base-uncased
+    AutoModel.from_pretrained(tiny_bert_dir).save_pretrained(pretrained)
+    AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(pretrained)
+    module = supernet(pretrained, base="pretrained", train_head=False)
+    assert module.hparams.base == "pretrained" and "classifier.weight" in module.newly_initialised
+    # Stage 0 (the LoRA fine-tuning of the pretrained model) trains the new head with its adapters.
+    assert {"model.classifier.weight", "model.classifier.bias"} <= module.stage_parameter_names[0]
+    with pytest.raises(ValueError, match=r"base='pretrained' but .* already has a trained classifier head for mrpc"):
+        supernet(tiny_bert_dir, base="pretrained")
+    with pytest.raises(ValueError, match="base must be 'pretrained' or 'finetuned', got 'fft'"):
+        supernet(tiny_bert_dir, base="fft")
+    with caplog.at_level("WARNING", logger="kdlora.modules.supernet"):
+        finetuned = supernet(pretrained, base="finetuned")
+    assert "base='finetuned' but" in caplog.text and "classifier.weight" in caplog.text
+    assert {"model.classifier.weight", "model.classifier.bias"} <= finetuned.stage_parameter_names[0]
+
+
+def test_test_metrics_keep_the_dev_suffixes_when_validation_is_a_holdout(tiny_bert_dir):
+    from types import SimpleNamespace
+
+    module = supernet(tiny_bert_dir, task="mnli")
+    module._trainer = SimpleNamespace(datamodule=GLUEDataModule("mnli", str(tiny_bert_dir), holdout_fraction=0.1))  # reads nothing yet
+    assert module._eval_suffixes("val") == [""]  # the one held-out loader
+    assert module._eval_suffixes("test") == ["_m", "_mm"]  # dev: matched and mismatched
+
+
+def test_holdout_selection_reports_the_selected_and_the_final_palette_on_dev(tiny_bert_dir, small_glue_dir, tmp_path):
+    """Checkpoint selection on held-out train; both palettes at fit end are the dev scores that
+    `trainer.test` gives for those weights, and each row says which weights and split it is."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class KeepFinal(L.Callback):
+        def on_train_end(self, trainer, module):
+            self.state = copy.deepcopy(module.state_dict())
+
+    def dm():
+        return GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), max_seq_length=32, batch_size=8,
+                              holdout_fraction=0.25, cache_dir=str(tmp_path / "cache"))
+
+    module = supernet(tiny_bert_dir, stage_epochs=[1, 1, 1], num_subnets=1, palette=["max", "min"], learning_rate=1e-2)
+    logger = TensorBoardLogger(str(tmp_path), name="mlfs")
+    best, keep = ModelCheckpoint(monitor="val/palette_score", mode="max"), KeepFinal()
+    fit = trainer(tmp_path, max_epochs=3, limit_train_batches=3, logger=logger, enable_checkpointing=True, callbacks=[best, keep])
+    fit.fit(module, dm())
+    run = Path(logger.log_dir)
+    selected = json.loads((run / "palette.json").read_text())
+    final = json.loads((run / "palette_final.json").read_text())
+    saved = torch.load(best.best_model_path, weights_only=True)
+    assert [r["name"] for r in selected] == [r["name"] for r in final] == module.palette_names
+    for r in selected:
+        assert (r["base"], r["split"], r["selected_on"]) == ("finetuned", "dev", "holdout")
+        assert (r["weights"], r["epoch"], r["step"]) == (os.path.relpath(best.best_model_path, run), saved["epoch"], saved["global_step"])
+        assert r["selection_palette_score"] == pytest.approx(float(best.best_model_score))
+    assert all((r["weights"], r["stage"], r["step"], r["split"]) == ("end of fit", 2, 9, "dev") for r in final)
+    assert "measured on dev" in (run / "palette_final.md").read_text() and "(finetuned base)" in (run / "palette.md").read_text()
+
+    for name, state, rows in (("selected", saved["state_dict"], selected), ("final", keep.state, final)):
+        module.load_state_dict(state)
+        tester = trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path), name=f"test-{name}"))
+        tester.test(module, datamodule=dm())
+        for r in rows:
+            assert float(tester.callback_metrics[f"test/{r['name']}/score"]) == pytest.approx(r["score"]), (name, r["name"])
+        tested = json.loads((Path(tester.logger.log_dir) / "palette_test.json").read_text())  # `train.py test` writes it
+        assert [(t["name"], t["split"]) for t in tested] == [(r["name"], "dev") for r in rows]
+        assert [t["score"] for t in tested] == pytest.approx([r["score"] for r in rows])
+
+
 DDP_SCRIPT = r"""
 import json, os, sys
 import lightning as L

@@ -83,15 +83,15 @@ def draw_palette(rows: Sequence[dict], title: str = ""):
     return fig
 
 
-def write_palette_report(rows: Sequence[dict], out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """``palette.json``, ``palette.md`` and ``palette.png`` in `out_dir`."""
+def write_palette_report(rows: Sequence[dict], out_dir: str | Path, title: str = "", name: str = "palette") -> dict[str, Path]:
+    """``<name>.json``, ``<name>.md`` and ``<name>.png`` (default ``palette.*``) in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "palette.json", "md": out_dir / "palette.md", "png": out_dir / "palette.png"}
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("json", "md", "png")}
     write_atomic(paths["json"], json.dumps(list(rows), indent=2) + "\n")
     write_atomic(paths["md"], palette_markdown(rows, title))
     fig = draw_palette(rows, title)
-    tmp = paths["png"].with_name(".palette.tmp.png")
+    tmp = paths["png"].with_name(f".{name}.tmp.png")
     fig.savefig(tmp)
     tmp.replace(paths["png"])
     return paths

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from kdlora.elastic.config import SubnetConfig, evenly_spread_layers
 
 DEFAULT_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 DEFAULT_PALETTE = ("max", 0.75, 0.5, "min")
+# The paper's minnet: 45M of BERT-base's 110M parameters.
+PAPER_MINNET_RATIO = 0.41
+PAPER_FRACTIONS = (1.0, 0.75, 0.5)
 
 
 def _round_to(value: float, multiple: int) -> int:
@@ -84,13 +87,27 @@ class SearchSpace:
         return space
 
     @classmethod
-    def build(cls, max_config: SubnetConfig, spec: Optional[dict[str, Any]] = None) -> "SearchSpace":
-        """From a YAML dict with optional keys hidden_sizes, num_heads, intermediate_sizes, depths, fractions."""
+    def build(cls, max_config: SubnetConfig, spec: Optional[dict[str, Any] | str] = None,
+              count: Optional[Callable[[SubnetConfig], int]] = None) -> "SearchSpace":
+        """From a YAML dict with optional keys hidden_sizes, num_heads, intermediate_sizes, depths, fractions,
+        or a preset: ``"paper"`` / ``{preset: paper, ...}`` (explicit dimension keys beside it override
+        the preset's choices). The paper preset needs `count`, the parameter count of a subnet."""
+        if isinstance(spec, str):
+            spec = {"preset": spec}
         spec = dict(spec or {})
-        known = {"hidden_sizes", "num_heads", "intermediate_sizes", "depths", "fractions"}
+        known = {"hidden_sizes", "num_heads", "intermediate_sizes", "depths", "fractions", "preset"}
         unknown = set(spec) - known
         if unknown:
             raise ValueError(f"search space: unknown keys {sorted(unknown)} (known: {sorted(known)})")
+        preset = spec.pop("preset", None)
+        if preset is not None:
+            if preset != "paper":
+                raise ValueError(f"search space: unknown preset {preset!r} (known: 'paper')")
+            if "fractions" in spec:
+                raise ValueError("search space: the paper preset fixes the fractions; give explicit choices instead")
+            if count is None:
+                raise ValueError("search space: the paper preset needs the maxnet's parameter counts (count=)")
+            spec = {**paper_choices(max_config, count), **spec}
         fractions = spec.pop("fractions", None) or DEFAULT_FRACTIONS
         return cls.from_max(max_config, fractions=fractions, **spec)
 
@@ -132,6 +149,28 @@ class SearchSpace:
             pick(self.intermediate_sizes, _uniform(m.intermediate_size, "intermediate_size")),
             pick(self.depths, self.num_layers),
         )
+
+
+def paper_choices(max_config: SubnetConfig, count: Callable[[SubnetConfig], int]) -> dict[str, list[int]]:
+    """The `paper` preset: a minnet of ≈ PAPER_MINNET_RATIO (0.41) of the maxnet's parameters, as MLFS's
+    45M of BERT-base's 110M. Heads, FFN width and depth: 1, 3/4 and 1/2 of the maxnet's. Hidden size: the
+    maxnet's and, when the minnet at full hidden width is still larger than the target (a large share of
+    embeddings, e.g. MiniLM's or DeBERTa-v3's vocabulary), down to the multiple of the head size whose minnet
+    is nearest the target, with one choice halfway. On BERT-base that keeps hidden 768 (minnet 45.6M, 0.42),
+    on MiniLM-L6 it gives hidden 384/320/256 (minnet 9.8M of 22.7M, 0.43); README lists the mapping."""
+    base = SearchSpace.from_max(max_config, hidden_sizes=[max_config.hidden_size], fractions=PAPER_FRACTIONS)
+    total = count(max_config)
+    head_dim, H = base.head_dim, max_config.hidden_size
+    narrowest = max(head_dim, base.num_heads[-1] * head_dim)  # the minnet's heads must fit its hidden size
+
+    def ratio(hidden: int) -> float:
+        return count(base.config(hidden, base.num_heads[-1], base.intermediate_sizes[-1], base.depths[-1])) / total
+
+    candidates = range(H, narrowest - 1, -head_dim)
+    low = min(candidates, key=lambda h: (abs(ratio(h) - PAPER_MINNET_RATIO), -h))
+    hidden = sorted({H, _round_to((H + low) / 2, head_dim), low}, reverse=True)
+    return {"hidden_sizes": hidden, "num_heads": list(base.num_heads), "intermediate_sizes": list(base.intermediate_sizes),
+            "depths": list(base.depths)}
 
 
 def _uniform(value: int | tuple, what: str) -> int:

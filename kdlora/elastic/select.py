@@ -246,7 +246,7 @@ def selection_data(hparams: dict, holdout_fraction: Optional[float], data_dir: O
     ds = dm.datasets[name]
     if max_samples is not None and max_samples < len(ds):
         ds = ds.select(range(max_samples))
-    return dm, dm._loader(ds, False, dm.eval_batch_size)
+    return dm, dm._loader(ds, dm.eval_batch_size)
 
 
 def write_search_report(candidates: Sequence[Candidate], best: Optional[Candidate], budget: Budget, out: Path,
@@ -356,7 +356,7 @@ def _run(args) -> int:
         raise ValueError(f"{checkpoint} holds no data module hyperparameters: cannot rebuild its data to score subnets")
     encoder, tokenizer = load_encoder(checkpoint)
     encoder.eval().to(device)
-    space = SearchSpace.build(encoder.max_config, hparams.get("search_space"))
+    space = SearchSpace.build(encoder.max_config, hparams.get("search_space"), count=encoder.parameter_count)
     dm, loader = selection_data(data_hparams, args.holdout_fraction, args.data_dir, args.max_samples, args.split)
     batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
     vocab = encoder.model.get_input_embeddings().weight.shape[0]

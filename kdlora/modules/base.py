@@ -210,9 +210,12 @@ class GLUEModule(L.LightningModule):
         checkpoint["kdlora_rng_states"] = rng_states()
 
     # ---- evaluation ----
-    def _eval_suffixes(self) -> list[str]:
+    def _eval_suffixes(self, stage: str = "val") -> list[str]:
+        dev = [s.suffix for s in self.spec.validation] or [""]
+        if stage == "test":  # test always runs on dev (MNLI: _m, _mm), even when validation is a holdout of train
+            return dev
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        return getattr(dm, "eval_suffixes", None) or [s.suffix for s in self.spec.validation] or [""]
+        return getattr(dm, "eval_suffixes", None) or dev
 
     def _eval_step(self, stage: str, batch, dataloader_idx: int = 0) -> None:
         logits = self(batch)
@@ -234,7 +237,7 @@ class GLUEModule(L.LightningModule):
         return values
 
     def _log_eval(self, stage: str) -> None:
-        values = self.compute_eval_metrics(self.eval_metrics, self._eval_suffixes())
+        values = self.compute_eval_metrics(self.eval_metrics, self._eval_suffixes(stage))
         if not values:
             return
         values["score"] = glue_score(values)

@@ -1,7 +1,10 @@
 """SuperTransformer: MLFS multistage low-rank fine-tuning of a weight-sharing supernet (Algorithm 1).
 
-From one fine-tuned teacher (the maxnet) train staged LoRA adapters so that every sub-network of a
-search space works, then evaluate and export a palette of them:
+Train staged LoRA adapters on one maxnet so that every sub-network of a search space works, then
+evaluate and export a palette of them. The maxnet (`base`) is either the pretrained checkpoint, as in
+the paper (W_sup = W_pretrain + Σ_s A_s·B_s: stage 0 *is* the LoRA fine-tuning, with a new classifier
+head that trains, and storage is one shared pretrained base plus small per-task adapters), or a fully
+fine-tuned teacher (`base: finetuned`):
 
 - stage 0: adapters (A0, B0) on the maxnet, task loss only;
 - stage 1: new adapters (A1, B1), earlier ones frozen; K subnets per step with sampled widths, full depth;
@@ -36,7 +39,9 @@ front keeps the parameter set fixed, which DDP needs (it registers parameters on
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -68,7 +73,12 @@ class SuperTransformer(GLUEModule):
     """MLFS super-transformer on a GLUE task.
 
     Args:
-        model_name_or_path: the fine-tuned teacher (maxnet): a local export or a hub id.
+        model_name_or_path: the maxnet's checkpoint: a local export or a hub id.
+        base: what that checkpoint is. "pretrained" (the paper): a pretrained model without a task
+            head; stage 0 is its LoRA fine-tuning and the new head trains (`train_head` forced on); a
+            checkpoint that already has a trained head for the task is refused. "finetuned": a model
+            fine-tuned on the task (e.g. ``runs/<family>/<task>/fft/export``); one lacking a head is
+            warned about and its head trains.
         task: GLUE task (linked from the data module by the CLI).
         stage_epochs: epochs of stages 0, 1, 2 (0 skips a stage); epochs beyond their sum continue
             the last stage that has any.
@@ -83,7 +93,8 @@ class SuperTransformer(GLUEModule):
             norm summed over the d_low projected dimensions).
         gamma, temperature: gradient-scaling exponent, KD temperature.
         feature_dim: d_low, rows of the (orthonormal-row) feature projections U.
-        search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions.
+        search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions, or a
+            preset: "paper" (or {preset: paper, ...}), a minnet of ≈ 0.41 of the maxnet's parameters (README).
         palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.elastic.sampler.palette`).
         sampler_seed: seed of the subnet sampler (default: the run seed, ``PL_GLOBAL_SEED``).
         learning_rate, weight_decay, warmup_ratio: AdamW per stage, linear warmup/decay within each stage.
@@ -104,6 +115,7 @@ class SuperTransformer(GLUEModule):
         self,
         model_name_or_path: str = "bert-base-uncased",
         task: str = "mrpc",
+        base: str = "finetuned",  # "pretrained" | "finetuned"; a str so a typo is one clear error, not a parser dump
         stage_epochs: list[int] = [1, 1, 1],
         lora_r: int = 8,
         lora_alpha: int = 16,
@@ -118,7 +130,7 @@ class SuperTransformer(GLUEModule):
         gamma: float = 2.0,
         temperature: float = 1.0,
         feature_dim: int = 128,
-        search_space: Optional[dict[str, Any]] = None,
+        search_space: Optional[dict[str, Any] | str] = None,
         palette: Optional[list[Any]] = None,
         sampler_seed: Optional[int] = None,
         learning_rate: float = 1e-3,
@@ -142,6 +154,8 @@ class SuperTransformer(GLUEModule):
         check_weight("distill_weight", distill_weight)
         if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
             raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
+        if base not in ("pretrained", "finetuned"):
+            raise ValueError(f"base must be 'pretrained' or 'finetuned', got {base!r}")
         if sampler_seed is None:
             sampler_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.save_hyperparameters(ignore=["alpha"])
@@ -150,8 +164,15 @@ class SuperTransformer(GLUEModule):
 
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
         check_tokenizer_fits(model, load_tokenizer(model_name_or_path), model_name_or_path, model_name_or_path)
-        if new_weights and not train_head:
-            log.warning("%s lacks %s: training the head too", model_name_or_path, ", ".join(new_weights))
+        if base == "pretrained":
+            if not new_weights:
+                raise ValueError(f"base='pretrained' but {model_name_or_path!r} already has a trained classifier head for "
+                                 f"{self.spec.name} (it is a fine-tuned model): pass base='finetuned' to start from it, "
+                                 "or a pretrained checkpoint such as bert-base-uncased")
+            train_head = True  # the pretrained model has no head for the task: stage 0 trains it with the adapters
+        elif new_weights and not train_head:
+            log.warning("base='finetuned' but %s lacks %s (is it a pretrained checkpoint? then pass base='pretrained'): "
+                        "training the head too", model_name_or_path, ", ".join(new_weights))
             train_head = True
         self.newly_initialised = new_weights
         self.encoder = ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head)
@@ -162,7 +183,7 @@ class SuperTransformer(GLUEModule):
             self.stage_parameter_names.append({n for n, p in self.encoder.named_parameters() if p.requires_grad})
         self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
 
-        self.space = SearchSpace.build(self.encoder.max_config, search_space)
+        self.space = SearchSpace.build(self.encoder.max_config, search_space, count=self.encoder.parameter_count)
         self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed)
         members = build_palette(self.space, palette)
         if self.encoder.max_config not in members:
@@ -353,26 +374,30 @@ class SuperTransformer(GLUEModule):
         finally:
             self.encoder.reset_super_network()
 
-    def _log_eval(self, stage: str) -> None:
-        suffixes = self._eval_suffixes()
-        rows, values = [], {}
+    def _palette_rows(self, stage: str) -> list[dict]:
+        """Compute (and reset) every palette member's metrics: one report row per member evaluated."""
+        suffixes = self._eval_suffixes(stage)
+        rows = []
         for cfg, metrics in zip(self.palette, self.palette_metrics):
             metric_values = self.compute_eval_metrics(metrics, suffixes)
-            if not metric_values:
-                continue
-            score = glue_score(metric_values)
-            params = self.encoder.parameter_count(cfg)
-            for k, v in metric_values.items():
-                values[f"{stage}/{cfg.name}/{k}"] = v
-            values[f"{stage}/{cfg.name}/score"] = score
-            values[f"{stage}/{cfg.name}/params"] = float(params)
-            rows.append({"name": cfg.name, "role": self.palette_roles.get(cfg.name, ""), "params": params,
-                         "metrics": metric_values, "score": score, "latency_ms": None, **cfg.to_dict()})
-            if cfg == self.encoder.max_config:
-                values.update({f"{stage}/{k}": v for k, v in metric_values.items()})
-                values[f"{stage}/score"] = score
+            if metric_values:
+                rows.append({"name": cfg.name, "role": self.palette_roles.get(cfg.name, ""), "params": self.encoder.parameter_count(cfg),
+                             "metrics": metric_values, "score": glue_score(metric_values), "latency_ms": None, **cfg.to_dict()})
+        return rows
+
+    def _log_eval(self, stage: str) -> None:
+        rows = self._palette_rows(stage)
         if not rows:
             return
+        values = {}
+        for row in rows:
+            for k, v in row["metrics"].items():
+                values[f"{stage}/{row['name']}/{k}"] = v
+            values[f"{stage}/{row['name']}/score"] = row["score"]
+            values[f"{stage}/{row['name']}/params"] = float(row["params"])
+            if row["name"] == self.encoder.max_config.name:
+                values.update({f"{stage}/{k}": v for k, v in row["metrics"].items()})
+                values[f"{stage}/score"] = row["score"]
         values[f"{stage}/palette_score"] = sum(r["score"] for r in rows) / len(rows)
         headline = {k: values.pop(k) for k in (f"{stage}/score", f"{stage}/palette_score")}
         self.log_dict(values, sync_dist=False)
@@ -380,6 +405,8 @@ class SuperTransformer(GLUEModule):
         if stage == "val" and not self.trainer.sanity_checking:
             self.palette_history[(self.current_epoch, self.global_step)] = rows
             self._log_palette_figure(rows, f"{stage}/palette")
+        if stage == "test":
+            self.test_rows = rows
 
     @rank_zero_only
     def _log_palette_figure(self, rows: list[dict], tag: str) -> None:
@@ -390,45 +417,131 @@ class SuperTransformer(GLUEModule):
                 logger.experiment.add_figure(tag, draw_palette(rows, f"{self.spec.name} palette"), self.global_step)
 
     # ---- fit end: report and export ----
+    def _dev_is_held_out(self) -> bool:
+        """Whether validation (and checkpoint selection) ran on a held-out part of train, not on dev."""
+        dm = getattr(self.trainer, "datamodule", None)
+        return float(getattr(dm, "holdout_fraction", 0.0) or 0.0) > 0
+
+    @torch.no_grad()
+    def evaluate_palette_on_dev(self) -> list[dict]:
+        """The palette rows of the current weights on dev (the test split), outside any trainer loop."""
+        dm = self.trainer.datamodule
+        dm.setup("test")
+        loaders = dm.test_dataloader()
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        was_training = self.training
+        self.eval()
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for idx, loader in enumerate(loaders):
+                    limit = self.trainer.limit_test_batches  # e.g. 1 under fast_dev_run
+                    count = limit if isinstance(limit, int) else math.ceil(limit * len(loader))
+                    for batch in itertools.islice(loader, count):
+                        self._eval_step("test", self.transfer_batch_to_device(batch, self.device, idx), idx)
+        finally:
+            self.train(was_training)
+        return self._palette_rows("test")
+
+    def _provenance(self, weights: str, epoch: Optional[int], step: int, stage: int, split: str) -> dict:
+        return {"base": self.hparams.base, "weights": weights, "epoch": epoch, "step": int(step), "stage": int(stage), "split": split}
+
     def on_fit_end(self) -> None:
+        """Two palettes: the selected one (the best `val/palette_score` checkpoint, exported) and the
+        final one (the weights at the end of fit, i.e. after stage 2: the paper's protocol). With a
+        held-out validation split (`data.holdout_fraction` > 0) both are measured on dev here; else
+        validation ran on dev and each is the palette of its last validation."""
         ckpt_cb = self.trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-        rows = None
-        if best and Path(best).is_file():
-            checkpoint = torch.load(best, map_location=self.device, weights_only=True)
-            self.load_state_dict(checkpoint["state_dict"])
-            rows = self.palette_history.get((checkpoint.get("epoch"), checkpoint.get("global_step")))
-            log.info("palette from best checkpoint %s", best)
-        if rows is None and self.palette_history:
-            rows = self.palette_history[max(self.palette_history)]
         # trainer.log_dir is a collective under DDP: read it on every rank, never only on rank 0.
         log_dir = self.trainer.log_dir
         report_dir = None if self.trainer.fast_dev_run or log_dir is None else Path(log_dir)
-        self._report_and_export(rows, report_dir, self.export_path if self.hparams.export else None)
+        held_out = self._dev_is_held_out()
+        val_split = "holdout" if held_out else "dev"
+        last = max(self.palette_history) if self.palette_history else None
+        final_epoch = last[0] if last is not None and last[1] == self.global_step else None
+        final_info = self._provenance("end of fit", final_epoch, self.global_step, self.stage, "dev" if held_out else val_split)
+        if held_out:
+            final_rows = self.evaluate_palette_on_dev()
+        else:  # the last validation, if it saw these weights
+            final_rows = self.palette_history[last] if final_epoch is not None else None
+        rows, info = final_rows, final_info
+        if best and Path(best).is_file():
+            checkpoint = torch.load(best, map_location=self.device, weights_only=True)
+            self.load_state_dict(checkpoint["state_dict"])
+            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+            weights = os.path.relpath(best, log_dir) if log_dir is not None else str(best)
+            info = self._provenance(weights, epoch, step, int(checkpoint.get("kdlora_mlfs_stage", 0)), "dev" if held_out else val_split)
+            rows = self.evaluate_palette_on_dev() if held_out else self.palette_history.get((epoch, step))
+            selection = self.palette_history.get((epoch, step))
+            if selection:
+                info["selected_on"] = val_split
+                info["selection_palette_score"] = sum(r["score"] for r in selection) / len(selection)
+            log.info("palette from best checkpoint %s", best)
+        elif rows is None and last is not None:  # no checkpointing: the last validation's palette
+            rows, info = self.palette_history[last], self._provenance("last validation", last[0], last[1], self.stage, val_split)
+        self._report_and_export(rows, info, report_dir, self.export_path if self.hparams.export else None,
+                                final=(final_rows, final_info))
         self.trainer.strategy.barrier("kdlora-export")
 
+    def on_test_end(self) -> None:
+        """`train.py test --ckpt_path ...`: the palette of those weights on dev, as palette_test.{json,md,png}."""
+        log_dir = self.trainer.log_dir
+        rows = getattr(self, "test_rows", None)
+        if rows and not self.trainer.fast_dev_run and log_dir is not None:
+            ckpt = self.trainer.ckpt_path
+            info = self._provenance(str(ckpt) if ckpt else "the module's weights", None, self.global_step, self.stage, "dev")
+            self._write_palette(rows, info, Path(log_dir), "palette_test")
+
+    def _palette_title(self, info: dict) -> str:
+        where = f"epoch {info['epoch']}, " if info.get("epoch") is not None else ""
+        selected = (f", selected on {info['selected_on']} (palette score {info['selection_palette_score']:.4f})"
+                    if "selected_on" in info else "")
+        return (f"{self.spec.name}: MLFS palette of {self.hparams.model_name_or_path} ({info['base']} base); weights: "
+                f"{info['weights']} ({where}step {info['step']}, stage {info['stage']}){selected}; measured on {info['split']}")
+
     @rank_zero_only
-    def _report_and_export(self, rows: Optional[list[dict]], report_dir: Optional[Path], export_dir: Optional[Path]) -> None:
+    def _write_palette(self, rows: list[dict], info: dict, out_dir: Path, name: str) -> None:
+        from kdlora.elastic.palette import write_palette_report
+
+        paths = write_palette_report([{**r, **info} for r in rows], out_dir, self._palette_title(info), name=name)
+        print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+
+    @rank_zero_only
+    def _report_and_export(self, rows: Optional[list[dict]], info: dict, report_dir: Optional[Path], export_dir: Optional[Path],
+                           final: tuple[Optional[list[dict]], dict] = (None, {})) -> None:
         """The palette report into `report_dir` (the run's directory) and, with `export_dir`, every member
         as ``export_dir/<name>/`` beside a copy of the report, written as one kdlora export (replaced whole).
+        Every row records the base, the weights (checkpoint, epoch, step, stage) and the split it was
+        measured on. `final` (rows, provenance): the end-of-fit palette, written as ``palette_final.*``.
         Without a run directory (fast_dev_run) the report is printed, not written, unless exported."""
         from kdlora.elastic.palette import draw_palette, measure_latency_ms, palette_markdown, write_palette_report
         from kdlora.models import write_export
 
-        if rows is None:  # no validation ran: sizes only
-            rows = [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
-                     "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
-        rows = [dict(r) for r in rows]
-        if self.hparams.measure_latency:
-            vocab = self.encoder.model.get_input_embeddings().weight.shape[0]
-            for row in rows:
-                model = self.encoder.materialize(SubnetConfig.from_dict({k: row[k] for k in ("hidden_size", "num_heads", "intermediate_size", "layers")}))
-                row["latency_ms"] = measure_latency_ms(model, vocab, self.hparams.latency_batch_size, self.hparams.latency_seq_len)
-                row["latency_batch_size"], row["latency_seq_len"] = self.hparams.latency_batch_size, self.hparams.latency_seq_len
-        title = f"{self.spec.name}: MLFS palette of {self.hparams.model_name_or_path}"
+        def with_latency(rows: Optional[list[dict]], info: dict) -> list[dict]:
+            if rows is None:  # no validation ran: sizes only
+                rows = [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
+                         "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
+            rows = [{**r, **info} for r in rows]
+            if self.hparams.measure_latency:
+                vocab = self.encoder.model.get_input_embeddings().weight.shape[0]
+                for row in rows:
+                    model = self.encoder.materialize(SubnetConfig.from_dict({k: row[k] for k in ("hidden_size", "num_heads", "intermediate_size", "layers")}))
+                    row["latency_ms"] = measure_latency_ms(model, vocab, self.hparams.latency_batch_size, self.hparams.latency_seq_len)
+                    row["latency_batch_size"], row["latency_seq_len"] = self.hparams.latency_batch_size, self.hparams.latency_seq_len
+            return rows
+
+        rows = with_latency(rows, info)
+        title = self._palette_title(info)
+        final_rows, final_info = final
+        if final_rows is not None:  # the same subnets: their latencies are the selected palette's
+            latency = {r["name"]: {k: r[k] for k in ("latency_ms", "latency_batch_size", "latency_seq_len") if k in r} for r in rows}
+            final_rows = [{**r, **final_info, **latency.get(r["name"], {})} for r in final_rows]
         if report_dir is not None:
             paths = write_palette_report(rows, report_dir, title)
             print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+            if final_rows is not None:
+                paths = write_palette_report(final_rows, report_dir, self._palette_title(final_info), name="palette_final")
+                print(f"[kdlora] end-of-fit palette: {paths['md']}")
         elif export_dir is None:
             print("[kdlora] palette report (not written: under fast_dev_run the run has no directory; set "
                   "model.init_args.export_dir to write it with the export):\n" + palette_markdown(rows, title))
