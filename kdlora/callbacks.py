@@ -229,25 +229,27 @@ def _reset_cpu_peak_rss() -> bool:
         return False
 
 
-def cpu_rss_bytes() -> Optional[int]:
-    """Current resident set size of this process (Linux VmRSS), None where unknown."""
+def _proc_status_bytes(field: str) -> Optional[int]:
+    """A kB field of /proc/self/status (Linux: VmRSS, VmHWM) in bytes, None where unavailable."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
 
 
+def cpu_rss_bytes() -> Optional[int]:
+    """Current resident set size of this process (Linux VmRSS), None where unknown."""
+    return _proc_status_bytes("VmRSS")
+
+
 def cpu_peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM on Linux, else `getrusage` (process lifetime)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak_hwm = _proc_status_bytes("VmHWM")
+    if peak_hwm is not None:
+        return peak_hwm
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
