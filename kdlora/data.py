@@ -433,6 +433,12 @@ class GLUEDataModule(L.LightningDataModule):
         self._train_sampler = sampler
         return self._loader(self.datasets["train"], self.batch_size, sampler, ResumableDataLoader)
 
+    def importance_dataloader(self) -> DataLoader:
+        """Training examples in a seeded shuffled order, for estimating importance (training data, never
+        dev). Its own sampler: drawing from it leaves the training loader and its resume position as they are."""
+        sampler = ResumableShuffleSampler(self.datasets["train"], seed=self.seed)
+        return self._loader(self.datasets["train"], self.batch_size, sampler)
+
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the shuffled order (saved in every checkpoint): the seed, the epoch and
         how many examples of this rank's shard of that epoch have been trained on."""

@@ -484,3 +484,79 @@ def test_validate_from_checkpoint_evaluates_the_palette_asked_for(tiny_bert_dir,
     assert cli.model.palette_names == ["h32-a4-f64-l4", "h16-a2-f32-l0.3"]
     assert list(cli.model.hparams.stage_epochs) == [1, 0, 0]
     assert "val/h16-a2-f32-l0.3/score" in cli.trainer.callback_metrics
+
+
+def _headless(model_dir, out: Path) -> Path:
+    """The encoder of `model_dir` alone, as a pretrained hub checkpoint (no task head)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    AutoModel.from_pretrained(model_dir).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def test_pretrained_base_ranks_importance_on_the_stage0_maxnet(tiny_bert_nodropout, small_glue_dir, tmp_path):
+    """A pretrained base's head is random before stage 0, so heads/FFN are ranked when stage 1 begins:
+    the weights trained in stage 0 are permuted then (not at setup), and the maxnet's function is kept."""
+    pretrained = _headless(tiny_bert_nodropout, tmp_path / "pretrained")
+    rec = Recorder()
+    kw = dict(base="pretrained", stage_epochs=[1, 1, 0], num_subnets=1)
+    module = supernet(pretrained, importance_reorder=True, importance_batches=2, **kw)
+    trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[rec]).fit(
+        module, datamodule(pretrained, small_glue_dir))
+    query = next(k for k in rec.states[0] if k.endswith("layer.0.attention.self.query.weight"))
+    fresh = supernet(pretrained, **kw).state_dict()
+    assert torch.equal(rec.states[0][query], fresh[query])  # not reordered before stage 0
+    end_of_stage0, start_of_stage1 = rec.epoch_end_states[0], rec.states[2]
+    assert not torch.equal(start_of_stage1[query], end_of_stage0[query])  # reordered when stage 1 began
+    assert torch.equal(start_of_stage1[query].sort(0).values, end_of_stage0[query].sort(0).values)  # rows moved whole
+    before, after = supernet(pretrained, **kw), supernet(pretrained, **kw)
+    before.load_state_dict(end_of_stage0)
+    after.load_state_dict(start_of_stage1)
+    batch = rec.batches[2]
+    with torch.no_grad():  # the stage-0 adapters moved with their weights: the maxnet is the same function
+        assert torch.allclose(after.eval().logits(batch), before.eval().logits(batch), atol=1e-5)
+
+
+def test_smallest_subnet_loss_is_logged_as_computed_by_hand(tiny_bert_nodropout, small_glue_dir, tmp_path):
+    from kdlora.losses import task_loss
+
+    rec = Recorder()
+    module = supernet(tiny_bert_nodropout, stage_epochs=[0, 1, 0], num_subnets=2, sandwich=True)
+    fit = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[rec])
+    fit.fit(module, datamodule(tiny_bert_nodropout, small_glue_dir))
+    smallest = module.space.smallest(full_depth=True)  # stage 1: widths only
+    assert smallest.name in rec.sampled[0][2]
+    reference = supernet(tiny_bert_nodropout, stage_epochs=[0, 1, 0])
+    reference.load_state_dict(rec.states[0])
+    reference.encoder.set_sub_network(smallest)
+    batch = rec.batches[0]
+    with torch.no_grad():
+        want = task_loss(reference.eval().logits(batch), batch["labels"], False)
+    assert fit.callback_metrics["train/smallest_task"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert fit.callback_metrics["train/smallest_loss"].item() > 0
+
+
+def test_stage_palettes_are_measured_on_dev_and_change_nothing(tiny_bert_nodropout, small_glue_dir, tmp_path):
+    def run(root: Path, stage_palettes: bool) -> SuperTransformer:
+        L.seed_everything(0)
+        module = supernet(tiny_bert_nodropout, stage_epochs=[1, 1, 1], num_subnets=1, stage_palettes=stage_palettes, palette=["max", "min"])
+        dm = GLUEDataModule("mrpc", str(tiny_bert_nodropout), data_dir=str(small_glue_dir), max_seq_length=32, batch_size=8,
+                            holdout_fraction=0.25, cache_dir=str(small_glue_dir.parent / "cache"))
+        trainer(root, max_epochs=3, limit_train_batches=2, logger=TensorBoardLogger(str(root), name="mlfs")).fit(module, dm)
+        return module
+
+    with_reports = run(tmp_path / "a", True)
+    without = run(tmp_path / "b", False)
+    run_dir = tmp_path / "a" / "mlfs" / "version_0"
+    for stage in range(3):
+        rows = json.loads((run_dir / f"palette_stage{stage}.json").read_text())
+        assert [r["name"] for r in rows] == with_reports.palette_names
+        assert all(r["split"] == "dev" and r["stage"] == stage and r["weights"] == f"end of stage {stage}" for r in rows)
+    assert not list((tmp_path / "b" / "mlfs" / "version_0").glob("palette_stage*"))
+    final = json.loads((run_dir / "palette_final.json").read_text())
+    stage2 = json.loads((run_dir / "palette_stage2.json").read_text())
+    assert [r["score"] for r in final] == pytest.approx([r["score"] for r in stage2])  # the same weights, the same dev
+    # Measuring dev between stages draws no randomness and touches no training state.
+    a, b = with_reports.state_dict(), without.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -100,9 +100,15 @@ class SuperTransformer(GLUEModule):
         learning_rate, weight_decay, warmup_ratio: AdamW per stage, linear warmup/decay within each stage.
         gradient_clip: max gradient norm (0 disables).
         importance_reorder, importance_batches: rank heads/FFN neurons on training batches and permute
-            weights before training so the leading slices are the most important.
+            weights so the leading slices are the most important. The ranking needs a maxnet that does
+            the task: with `base: finetuned` it runs before training; with `base: pretrained` (whose head
+            is random before stage 0) when the first subnet stage begins, on the stage-0 maxnet (stage-0
+            adapters permuted with their weights; the optimizer of the new stage is built afterwards).
         importance_hidden: with importance_reorder, rank and permute the hidden (residual-stream)
             dimensions too (see `benchmarks/results/slice_start_*.md` for what each ordering buys).
+        stage_palettes: with a held-out validation split, also measure the palette on dev at the end of
+            each stage (``palette_stage<N>.{md,json,png}`` in the run's directory): what every stage did to
+            every member. Reported only: selection still uses the held-out split.
         measure_latency, latency_batch_size, latency_seq_len: time palette members at fit end.
         export, export_dir: write every palette member as a Hugging Face directory at fit end.
         alpha: the old name of distill_weight; setting it is an error.
@@ -140,6 +146,7 @@ class SuperTransformer(GLUEModule):
         importance_reorder: bool = False,
         importance_batches: int = 8,
         importance_hidden: bool = False,
+        stage_palettes: bool = False,
         measure_latency: bool = True,
         latency_batch_size: int = 1,
         latency_seq_len: int = 128,
@@ -234,13 +241,17 @@ class SuperTransformer(GLUEModule):
             for _, p in self.stage_parameters(s):
                 p.requires_grad_(True)
         self.projections.requires_grad_(True)
-        if self.hparams.importance_reorder and self.trainer.ckpt_path is None:
+        if self.hparams.importance_reorder and self.trainer.ckpt_path is None and not self._reorder_after_stage0():
             self._reorder_by_importance()
+
+    def _reorder_after_stage0(self) -> bool:
+        """Whether importance is ranked on the stage-0 maxnet (a pretrained base's head is random before it)."""
+        return self.hparams.base == "pretrained" and int(self.hparams.stage_epochs[0]) > 0
 
     def _reorder_by_importance(self) -> None:
         from kdlora.elastic import importance
 
-        loader = self.trainer.datamodule.train_dataloader()
+        loader = self.trainer.datamodule.importance_dataloader()
         importance.reorder_by_importance(self.encoder, loader, num_batches=self.hparams.importance_batches,
                                          hidden=self.hparams.importance_hidden)
 
@@ -269,9 +280,24 @@ class SuperTransformer(GLUEModule):
     def on_train_epoch_start(self) -> None:
         stage = self.stage_for_epoch(self.current_epoch)
         if stage != self.stage:
+            if self.hparams.importance_reorder and self.stage == 0 and self._reorder_after_stage0():
+                # Entering the first subnet stage from stage 0 (a run resumed later restores stage >= 1
+                # and its permuted weights, so this happens once, as in an uninterrupted run).
+                self._reorder_by_importance()
             self.stage = stage
             self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers -> enter_stage
             log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
+
+    def on_train_epoch_end(self) -> None:
+        last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
+        stage_ends = last_epoch or self.stage_for_epoch(self.current_epoch + 1) != self.stage
+        if not (self.hparams.stage_palettes and stage_ends and self._dev_is_held_out()) or self.trainer.fast_dev_run:
+            return
+        rows = self.evaluate_palette_on_dev()
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank reads it
+        if log_dir is not None:
+            info = self._provenance(f"end of stage {self.stage}", self.current_epoch, self.global_step, self.stage, "dev")
+            self._write_palette(rows, info, Path(log_dir), f"palette_stage{self.stage}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # never from non-finite weights
@@ -317,7 +343,7 @@ class SuperTransformer(GLUEModule):
         self.log("train/loss", losses["loss"], prog_bar=True)
         self.log("train/maxnet_loss", losses["maxnet"])
         self.log("train/stage", float(self.stage))
-        for key in ("subnet_task", "subnet_kd", "subnet_features"):
+        for key in ("subnet_task", "subnet_kd", "subnet_features", "smallest_loss", "smallest_task"):
             if key in losses:
                 self.log(f"train/{key}", losses[key])
 
@@ -340,6 +366,8 @@ class SuperTransformer(GLUEModule):
 
         total = max_loss.detach() / count
         parts: dict[str, list[torch.Tensor]] = {"task": [], "kd": [], "features": []}
+        smallest = self.space.smallest(full_depth=self.stage == 1)
+        result: dict[str, torch.Tensor] = {}
         for cfg in subnets:
             self.encoder.set_sub_network(cfg)
             sub = self.encoder(**inputs, output_hidden_states=want_features)
@@ -356,8 +384,10 @@ class SuperTransformer(GLUEModule):
             total = total + scale * loss.detach() / count
             for k, v in p.items():
                 parts[k].append(v)
+            if cfg == smallest:  # the stage's smallest subnet (the minnet in stage 2): the paper's Fig. 3 curve
+                result["smallest_loss"], result["smallest_task"] = loss.detach(), p["task"]
         self.encoder.reset_super_network()
-        result = {"loss": total, "maxnet": max_loss.detach()}
+        result.update({"loss": total, "maxnet": max_loss.detach()})
         for k, v in parts.items():
             if v:
                 result[f"subnet_{k}"] = torch.stack(v).mean()

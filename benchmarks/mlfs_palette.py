@@ -1,0 +1,279 @@
+"""MLFS palettes with the paper's recipe on MiniLM-L6, beside the same slices trained alone (issue 11 §2).
+
+Every run goes through `train.py fit` with `configs/local/minilm-supernet-paper.yaml` plus the task's
+paper schedule (`configs/supernet/tasks/<task>.yaml`: batch, stage epochs, lr, gamma), scaled to a
+2-core CPU by `--train-samples` (a seeded subset of train; the held-out 10 % used for selection is
+split off the full train first) and `--val-batches` (batches of that held-out split per validation).
+Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever reported.
+
+    # one MLFS run (the paper's recipe), with the dev palette at the end of every stage:
+    python benchmarks/mlfs_palette.py mlfs --task mrpc
+    # an ablation or a variant: a name and any train.py overrides after `--`
+    python benchmarks/mlfs_palette.py mlfs --task stsb --name gamma0 -- --model.init_args.gamma 0
+    # the baseline: the same slice of the pretrained model, fine-tuned alone with the same LoRA
+    # (targets, rank, lr, batch, head) for as many epochs as the whole MLFS run
+    python benchmarks/mlfs_palette.py alone --task mrpc --member h256-a6-f768-l0.3.5
+    # batch-1 / batch-32 CPU latency of the exported members, round-robin, ratios to the maxnet
+    python benchmarks/mlfs_palette.py latency --task mrpc
+    # tables (markdown + JSON) and the ablation figures (PNG)
+    python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette
+    python benchmarks/mlfs_palette.py ablations --task stsb --out benchmarks/results/mlfs_ablations
+
+"start" in the tables is the member sliced from the stage-0 maxnet: with a pretrained base the
+maxnet only does the task after stage 0 (its LoRA fine-tuning), so that is the teacher the subnets
+are cut from, before MLFS trains any subnet (`palette_stage0.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIG = "configs/local/minilm-supernet-paper.yaml"
+RUNS = Path("runs/mlfs_palette")
+TASK_CONFIG = "configs/supernet/tasks/{task}.yaml"
+
+
+def scale_args(a) -> list[str]:
+    return ["--data.max_train_samples", str(a.train_samples), "--trainer.limit_val_batches", str(a.val_batches),
+            "--data.data_dir", a.data_dir]
+
+
+def run_fit(args: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "train.py", "fit", *args]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+
+
+def latest_run(path: Path) -> Path:
+    versions = sorted(path.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    finished = [v for v in versions if (v / "palette_final.json").is_file()]
+    if not finished:
+        raise FileNotFoundError(f"no finished run under {path}")
+    return finished[-1]
+
+
+def cmd_mlfs(a) -> None:
+    out = RUNS / a.task / a.name
+    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
+             "--model.init_args.stage_palettes", "true", "--model.init_args.measure_latency", "false",
+             "--model.init_args.export_dir", str(out / "export"),
+             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", a.name,
+             *a.overrides])
+
+
+def task_epochs(task: str) -> int:
+    import yaml
+
+    return int(sum(yaml.safe_load((ROOT / TASK_CONFIG.format(task=task)).read_text())["model"]["init_args"]["stage_epochs"]))
+
+
+def export_pretrained_slice(member: str, pretrained: str, out: Path) -> None:
+    """The member's slice of the pretrained model as an HF directory without a classifier head (so the
+    run that trains it sees a pretrained model: a new head, `base: pretrained`)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from kdlora.elastic import ElasticEncoder, SubnetConfig
+    from kdlora.models import load_classifier, load_tokenizer
+
+    if (out / "model.safetensors").is_file():
+        return
+    model, _ = load_classifier(pretrained, 2, False)
+    encoder = ElasticEncoder(model)
+    cfg = encoder.max_config if member == "max" else SubnetConfig.from_name(member)
+    encoder.export_hf(cfg, out, load_tokenizer(pretrained))
+    weights = out / "model.safetensors"
+    tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("classifier.")}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    torch.cuda.empty_cache()
+
+
+def cmd_alone(a) -> None:
+    name = f"alone-{a.member}"
+    model_dir = RUNS / a.task / name / "model"
+    export_pretrained_slice(a.member, a.pretrained, model_dir)
+    epochs = task_epochs(a.task)
+    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
+             "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.palette", "[max]",
+             "--model.init_args.stage_epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs),
+             "--model.init_args.measure_latency", "false", "--model.init_args.export", "false",
+             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
+             *a.overrides])
+
+
+def cmd_latency(a) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from palette_latency import time_round_robin
+
+    torch.set_num_threads(a.threads)
+    export = RUNS / a.task / a.name / "export"
+    members = json.loads((export / "kdlora_export.json").read_text())["members"]
+    models = [AutoModelForSequenceClassification.from_pretrained(export / m).eval() for m in members]
+    vocab = models[0].config.vocab_size
+    result = {"task": a.task, "threads": a.threads, "members": members, "ms": {}}
+    for batch, repeats in ((1, 40), (32, 8)):
+        ms = time_round_robin(models, batch, 128, vocab, warmup=3, repeats=repeats)
+        result["ms"][f"b{batch}"] = dict(zip(members, ms))
+        print(f"batch {batch}: " + ", ".join(f"{m} {t / ms[0]:.2f}" for m, t in zip(members, ms)), flush=True)
+    (RUNS / "latency.json").write_text(json.dumps(result, indent=2))
+
+
+def rows_by_name(path: Path) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+
+
+def pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def cmd_table(a) -> None:
+    latency = json.loads((RUNS / "latency.json").read_text()) if (RUNS / "latency.json").is_file() else None
+    out_md = ["# MLFS palettes, paper recipe, MiniLM-L6 (pretrained base), beside the same slices trained alone", "",
+              f"Command: `python benchmarks/mlfs_palette.py mlfs|alone ... --train-samples {a.train_samples} "
+              f"--val-batches {a.val_batches}` per run, then `python benchmarks/mlfs_palette.py latency --task mrpc` and "
+              "`python benchmarks/mlfs_palette.py table` (see the script's docstring and the README of these results below).", ""]
+    data = {}
+    for task in a.tasks:
+        try:
+            run = latest_run(RUNS / task / a.name)
+        except FileNotFoundError:
+            continue
+        selected, final = rows_by_name(run / "palette.json"), rows_by_name(run / "palette_final.json")
+        start = rows_by_name(run / "palette_stage0.json")
+        names = list(final)
+        max_name = names[0]
+        n_max = final[max_name]["params"]
+        task_rows = []
+        for n in names:
+            alone_sel, alone_final = {}, {}
+            try:
+                alone_run = latest_run(RUNS / task / f"alone-{n}")
+                alone_sel = next(iter(rows_by_name(alone_run / "palette.json").values()), {})
+                alone_final = next(iter(rows_by_name(alone_run / "palette_final.json").values()), {})
+            except FileNotFoundError:
+                pass
+            lat = latency["ms"]["b1"] if latency else {}
+            row = {"member": n, "role": final[n].get("role", ""), "params": final[n]["params"], "params_ratio": final[n]["params"] / n_max,
+                   "latency_ratio_b1": (lat[n] / lat[max_name]) if n in lat and max_name in lat else None,
+                   "start": start.get(n, {}).get("score"), "mlfs_selected": selected.get(n, {}).get("score"),
+                   "mlfs_final": final[n]["score"], "alone_selected": alone_sel.get("score"), "alone_final": alone_final.get("score"),
+                   "metrics_final": final[n]["metrics"], "alone_metrics_final": alone_final.get("metrics")}
+            task_rows.append(row)
+        sel_info = next(iter(selected.values()))
+        data[task] = {"run": str(run), "selected": {k: sel_info.get(k) for k in ("weights", "epoch", "step", "stage")}, "rows": task_rows}
+        out_md += [f"## {task} (dev, GLUE score ×100; selected checkpoint: epoch {sel_info.get('epoch')}, stage {sel_info.get('stage')})", "",
+                   "| member | params (M, ×max) | latency ×max (b1) | start (stage-0 slice) | MLFS selected | MLFS end of stage 2 | alone selected | alone end | MLFS end − alone end |",
+                   "|---|---|---|---|---|---|---|---|---|"]
+        for r in task_rows:
+            diff = None if r["alone_final"] is None else r["mlfs_final"] - r["alone_final"]
+            lat = "–" if r["latency_ratio_b1"] is None else f"{r['latency_ratio_b1']:.2f}"
+            out_md.append(f"| {r['member']} {r['role']} | {r['params'] / 1e6:.2f} ({r['params_ratio']:.2f}) | {lat} | {pct(r['start'])} | "
+                          f"{pct(r['mlfs_selected'])} | {pct(r['mlfs_final'])} | {pct(r['alone_selected'])} | {pct(r['alone_final'])} | "
+                          f"{'–' if diff is None else f'{100 * diff:+.1f}'} |")
+        out_md.append("")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"latency": latency, "tasks": data}, indent=2))
+    out.with_suffix(".md").write_text("\n".join(out_md) + "\n")
+    print("\n".join(out_md))
+
+
+def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [(e.step, e.value) for e in ea.Scalars(tag)] if tag in ea.Tags()["scalars"] else []
+
+
+def cmd_ablations(a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result, md = {"task": a.task, "gamma": {}, "rank": {}}, [f"# MLFS ablations on {a.task} (MiniLM-L6, paper recipe)", ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for gamma, name in (("0", "gamma0"), ("1", "gamma1"), ("2", a.name)):
+        try:
+            run = latest_run(RUNS / a.task / name)
+        except FileNotFoundError:
+            continue
+        curve = scalars(run, "train/smallest_loss")
+        final = rows_by_name(run / "palette_final.json")
+        result["gamma"][gamma] = {"run": str(run), "smallest_loss": curve, "final": {n: r["score"] for n, r in final.items()}}
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], label=f"γ = {gamma}")
+    ax.set_xlabel("step"); ax.set_ylabel("minnet training loss (stage 2; smallest full-depth subnet in stage 1)")
+    ax.set_title(f"{a.task}: gradient scaling (Fig. 3)"); ax.legend()
+    fig.tight_layout(); fig.savefig(out.parent / f"{out.name}_gamma.png", dpi=120); plt.close(fig)
+    md += ["## Gradient scaling γ: dev score (×100) at the end of stage 2", "",
+           "| γ | " + " | ".join(next(iter(result["gamma"].values()))["final"]) + " |" if result["gamma"] else "", ]
+    if result["gamma"]:
+        md.append("|---|" + "---|" * len(next(iter(result["gamma"].values()))["final"]))
+        for g, r in result["gamma"].items():
+            md.append(f"| {g} | " + " | ".join(pct(v) for v in r["final"].values()) + " |")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rank, name in (("4", "rank4"), ("8", a.name), ("16", "rank16")):
+        try:
+            run = latest_run(RUNS / a.task / name)
+        except FileNotFoundError:
+            continue
+        final = rows_by_name(run / "palette_final.json")
+        result["rank"][rank] = {"run": str(run), "final": {n: r["score"] for n, r in final.items()}}
+    if result["rank"]:
+        members = list(next(iter(result["rank"].values()))["final"])
+        for m in members:
+            ranks = [int(r) for r in result["rank"]]
+            ax.plot(ranks, [100 * result["rank"][str(r)]["final"].get(m, float("nan")) for r in ranks], marker="o", label=m)
+        ax.set_xscale("log", base=2); ax.set_xticks([4, 8, 16], ["4", "8", "16"])
+        ax.set_xlabel("LoRA rank r"); ax.set_ylabel("dev score ×100 (end of stage 2)"); ax.set_title(f"{a.task}: LoRA rank (Fig. 4)")
+        ax.legend(fontsize=7)
+        md += ["", "## LoRA rank r: dev score (×100) at the end of stage 2", "", "| r | " + " | ".join(members) + " |",
+               "|---|" + "---|" * len(members)]
+        for r, v in result["rank"].items():
+            md.append(f"| {r} | " + " | ".join(pct(v["final"].get(m)) for m in members) + " |")
+    fig.tight_layout(); fig.savefig(out.parent / f"{out.name}_rank.png", dpi=120); plt.close(fig)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("mlfs", "alone", "latency", "table", "ablations"):
+        p = sub.add_parser(name)
+        p.add_argument("--task", default="mrpc")
+        p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
+        p.add_argument("--name", default="paper", help="run name under runs/mlfs_palette/<task>/ (the MLFS run for table/latency)")
+        p.add_argument("--member", default="min")
+        p.add_argument("--pretrained", default="models/minilm")
+        p.add_argument("--data-dir", default="../shared/glue")
+        p.add_argument("--train-samples", type=int, default=1000)
+        p.add_argument("--val-batches", type=int, default=4)
+        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--out", default="benchmarks/results/mlfs_palette")
+        p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
+    a = ap.parse_args(argv)
+    {"mlfs": cmd_mlfs, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
