@@ -18,6 +18,8 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     # tables (markdown + JSON) and the ablation figures (PNG)
     python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette
     python benchmarks/mlfs_palette.py ablations --task stsb --out benchmarks/results/mlfs_ablations
+    # (the ablation runs: mlfs --name abl-paper | abl-gamma0 | abl-gamma1 | abl-rank4 | abl-rank16, with the
+    # gamma / lora_r overrides; benchmarks/results/mlfs_ablations.md gives the exact commands)
 
 "start" in the tables is the member sliced from the stage-0 maxnet: with a pretrained base the
 maxnet only does the task after stage 0 (its LoRA fine-tuning), so that is the teacher the subnets
@@ -209,7 +211,7 @@ def cmd_ablations(a) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     result, md = {"task": a.task, "gamma": {}, "rank": {}}, [f"# MLFS ablations on {a.task} (MiniLM-L6, paper recipe)", ""]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for gamma, name in (("0", "gamma0"), ("1", "gamma1"), ("2", a.name)):
+    for gamma, name in (("0", f"{a.prefix}gamma0"), ("1", f"{a.prefix}gamma1"), ("2", f"{a.prefix}paper")):
         try:
             run = latest_run(RUNS / a.task / name)
         except FileNotFoundError:
@@ -229,7 +231,7 @@ def cmd_ablations(a) -> None:
         for g, r in result["gamma"].items():
             md.append(f"| {g} | " + " | ".join(pct(v) for v in r["final"].values()) + " |")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for rank, name in (("4", "rank4"), ("8", a.name), ("16", "rank16")):
+    for rank, name in (("4", f"{a.prefix}rank4"), ("8", f"{a.prefix}paper"), ("16", f"{a.prefix}rank16")):
         try:
             run = latest_run(RUNS / a.task / name)
         except FileNotFoundError:
@@ -262,7 +264,8 @@ def main(argv=None) -> int:
         p.add_argument("--task", default="mrpc")
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
         p.add_argument("--name", default="paper", help="run name under runs/mlfs_palette/<task>/ (the MLFS run for table/latency)")
-        p.add_argument("--member", default="min")
+        p.add_argument("--member", default="h256-a6-f768-l0.3.5", help="alone: the subnet name of the slice to train")
+        p.add_argument("--prefix", default="abl-", help="ablations: the runs are <prefix>{paper,gamma0,gamma1,rank4,rank16}")
         p.add_argument("--pretrained", default="models/minilm")
         p.add_argument("--data-dir", default="../shared/glue")
         p.add_argument("--train-samples", type=int, default=1000)
