@@ -10,6 +10,10 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     python benchmarks/mlfs_palette.py mlfs --task mrpc
     # an ablation or a variant: a name and any train.py overrides after `--`
     python benchmarks/mlfs_palette.py mlfs --task stsb --name gamma0 -- --model.init_args.gamma 0
+    # the paper's base vs a fine-tuned one: an FFT teacher on the same data, then MLFS from it
+    python benchmarks/mlfs_palette.py fft --task stsb
+    python benchmarks/mlfs_palette.py mlfs --task stsb --name finetuned -- --model.init_args.base finetuned \
+        --model.init_args.model_name_or_path runs/mlfs_palette/stsb/fft/export
     # the baseline: the same slice of the pretrained model, fine-tuned alone with the same LoRA
     # (targets, rank, lr, batch, head) for as many epochs as the whole MLFS run
     python benchmarks/mlfs_palette.py alone --task mrpc --member h256-a6-f768-l0.3.5
@@ -71,6 +75,14 @@ def cmd_mlfs(a) -> None:
              "--model.init_args.export_dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", a.name,
              *a.overrides])
+
+
+def cmd_fft(a) -> None:
+    """A fully fine-tuned teacher on the same data (same held-out split and training subset), for `base: finetuned`."""
+    out = RUNS / a.task / "fft"
+    run_fit(["--config", "configs/local/minilm-fft.yaml", "--data.task", a.task, *scale_args(a), "--data.holdout_fraction", "0.1",
+             "--model.init_args.export_dir", str(out / "export"),
+             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", "fft", *a.overrides])
 
 
 def task_epochs(task: str) -> int:
@@ -259,7 +271,7 @@ def cmd_ablations(a) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("mlfs", "alone", "latency", "table", "ablations"):
+    for name in ("mlfs", "fft", "alone", "latency", "table", "ablations"):
         p = sub.add_parser(name)
         p.add_argument("--task", default="mrpc")
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
@@ -274,7 +286,7 @@ def main(argv=None) -> int:
         p.add_argument("--out", default="benchmarks/results/mlfs_palette")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
-    {"mlfs": cmd_mlfs, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
+    {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
     return 0
 
 
