@@ -155,10 +155,12 @@ def pct(x) -> str:
 
 def cmd_table(a) -> None:
     latency = json.loads((RUNS / "latency.json").read_text()) if (RUNS / "latency.json").is_file() else None
-    out_md = ["# MLFS palettes, paper recipe, MiniLM-L6 (pretrained base), beside the same slices trained alone", "",
-              f"Command: `python benchmarks/mlfs_palette.py mlfs|alone ... --train-samples {a.train_samples} "
-              f"--val-batches {a.val_batches}` per run, then `python benchmarks/mlfs_palette.py latency --task mrpc` and "
-              "`python benchmarks/mlfs_palette.py table` (see the script's docstring and the README of these results below).", ""]
+    out_md = ["# MLFS palettes, the paper's recipe on MiniLM-L6, beside the same slices trained alone", "",
+              "Made by `benchmarks/mlfs_palette.py` (its docstring has every command; the exact runs are listed under "
+              "*Runs* below). Dev scores are GLUE scores ×100 (MRPC: mean of F1 and accuracy; STS-B: mean of Pearson "
+              "and Spearman; SST-2: accuracy). Selection (\"selected\") uses the held-out 10 % of train, never dev.", ""]
+    if a.notes and Path(a.notes).is_file():
+        out_md += [Path(a.notes).read_text().strip(), ""]
     data = {}
     for task in a.tasks:
         try:
@@ -167,9 +169,18 @@ def cmd_table(a) -> None:
             continue
         selected, final = rows_by_name(run / "palette.json"), rows_by_name(run / "palette_final.json")
         start = rows_by_name(run / "palette_stage0.json")
+        variants = {}
+        for v in a.variants:
+            try:
+                vrun = latest_run(RUNS / task / v)
+                variants[v] = {"run": str(vrun), "final": rows_by_name(vrun / "palette_final.json"),
+                               "start": rows_by_name(vrun / "palette_stage0.json")}
+            except FileNotFoundError:
+                pass
         names = list(final)
         max_name = names[0]
         n_max = final[max_name]["params"]
+        lat = latency["ms"]["b1"] if latency else {}
         task_rows = []
         for n in names:
             alone_sel, alone_final = {}, {}
@@ -179,24 +190,30 @@ def cmd_table(a) -> None:
                 alone_final = next(iter(rows_by_name(alone_run / "palette_final.json").values()), {})
             except FileNotFoundError:
                 pass
-            lat = latency["ms"]["b1"] if latency else {}
-            row = {"member": n, "role": final[n].get("role", ""), "params": final[n]["params"], "params_ratio": final[n]["params"] / n_max,
-                   "latency_ratio_b1": (lat[n] / lat[max_name]) if n in lat and max_name in lat else None,
-                   "start": start.get(n, {}).get("score"), "mlfs_selected": selected.get(n, {}).get("score"),
-                   "mlfs_final": final[n]["score"], "alone_selected": alone_sel.get("score"), "alone_final": alone_final.get("score"),
-                   "metrics_final": final[n]["metrics"], "alone_metrics_final": alone_final.get("metrics")}
-            task_rows.append(row)
+            task_rows.append({
+                "member": n, "role": final[n].get("role", ""), "params": final[n]["params"], "params_ratio": final[n]["params"] / n_max,
+                "latency_ratio_b1": (lat[n] / lat[max_name]) if n in lat and max_name in lat else None,
+                "start": start.get(n, {}).get("score"), "mlfs_selected": selected.get(n, {}).get("score"),
+                "mlfs_final": final[n]["score"], "alone_selected": alone_sel.get("score"), "alone_final": alone_final.get("score"),
+                "metrics_final": final[n]["metrics"], "alone_metrics_final": alone_final.get("metrics"),
+                **{f"{v}_final": r["final"].get(n, {}).get("score") for v, r in variants.items()},
+                **{f"{v}_start": r["start"].get(n, {}).get("score") for v, r in variants.items()}})
         sel_info = next(iter(selected.values()))
-        data[task] = {"run": str(run), "selected": {k: sel_info.get(k) for k in ("weights", "epoch", "step", "stage")}, "rows": task_rows}
-        out_md += [f"## {task} (dev, GLUE score ×100; selected checkpoint: epoch {sel_info.get('epoch')}, stage {sel_info.get('stage')})", "",
-                   "| member | params (M, ×max) | latency ×max (b1) | start (stage-0 slice) | MLFS selected | MLFS end of stage 2 | alone selected | alone end | MLFS end − alone end |",
-                   "|---|---|---|---|---|---|---|---|---|"]
+        data[task] = {"run": str(run), "selected": {k: sel_info.get(k) for k in ("weights", "epoch", "step", "stage")},
+                      "variants": {v: r["run"] for v, r in variants.items()}, "rows": task_rows}
+        extra = [c for v in variants for c in (f"{v} start", f"{v} end")]
+        out_md += [f"## {task} (selected checkpoint: epoch {sel_info.get('epoch')}, stage {sel_info.get('stage')})", "",
+                   "| member | params M (×max) | latency ×max (b1) | start | MLFS selected | MLFS end | alone selected | alone end | "
+                   "MLFS end − alone end | " + "".join(f"{c} | " for c in extra),
+                   "|---" * (9 + len(extra)) + "|"]
         for r in task_rows:
-            diff = None if r["alone_final"] is None else r["mlfs_final"] - r["alone_final"]
-            lat = "–" if r["latency_ratio_b1"] is None else f"{r['latency_ratio_b1']:.2f}"
-            out_md.append(f"| {r['member']} {r['role']} | {r['params'] / 1e6:.2f} ({r['params_ratio']:.2f}) | {lat} | {pct(r['start'])} | "
-                          f"{pct(r['mlfs_selected'])} | {pct(r['mlfs_final'])} | {pct(r['alone_selected'])} | {pct(r['alone_final'])} | "
-                          f"{'–' if diff is None else f'{100 * diff:+.1f}'} |")
+            diff = None if r["alone_final"] is None or r["mlfs_final"] is None else r["mlfs_final"] - r["alone_final"]
+            latency_cell = "–" if r["latency_ratio_b1"] is None else f"{r['latency_ratio_b1']:.2f}"
+            cells = [f"{r['member']} {r['role']}".strip(), f"{r['params'] / 1e6:.2f} ({r['params_ratio']:.2f})", latency_cell,
+                     pct(r["start"]), pct(r["mlfs_selected"]), pct(r["mlfs_final"]), pct(r["alone_selected"]), pct(r["alone_final"]),
+                     "–" if diff is None else f"{100 * diff:+.1f}"]
+            cells += [pct(r.get(f"{v}_{k}")) for v in variants for k in ("start", "final")]
+            out_md.append("| " + " | ".join(cells) + " |")
         out_md.append("")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -284,6 +301,8 @@ def main(argv=None) -> int:
         p.add_argument("--val-batches", type=int, default=4)
         p.add_argument("--threads", type=int, default=1)
         p.add_argument("--out", default="benchmarks/results/mlfs_palette")
+        p.add_argument("--variants", nargs="*", default=["finetuned", "importance"], help="table: other MLFS runs shown beside")
+        p.add_argument("--notes", help="table: a markdown file of notes put under the title")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
     {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
