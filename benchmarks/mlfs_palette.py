@@ -91,31 +91,31 @@ def task_epochs(task: str) -> int:
     return int(sum(yaml.safe_load((ROOT / TASK_CONFIG.format(task=task)).read_text())["model"]["init_args"]["stage_epochs"]))
 
 
-def export_pretrained_slice(member: str, pretrained: str, out: Path) -> None:
+def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) -> None:
     """The member's slice of the pretrained model as an HF directory without a classifier head (so the
     run that trains it sees a pretrained model: a new head, `base: pretrained`)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from kdlora.elastic import ElasticEncoder, SubnetConfig
     from kdlora.models import load_classifier, load_tokenizer
+    from kdlora.tasks import get_task
 
     if (out / "model.safetensors").is_file():
         return
-    model, _ = load_classifier(pretrained, 2, False)
+    spec = get_task(task)
+    model, _ = load_classifier(pretrained, spec.num_labels, spec.is_regression)  # the task's head config (STS-B: 1 output)
     encoder = ElasticEncoder(model)
     cfg = encoder.max_config if member == "max" else SubnetConfig.from_name(member)
     encoder.export_hf(cfg, out, load_tokenizer(pretrained))
     weights = out / "model.safetensors"
     tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("classifier.")}
     save_file(tensors, weights, metadata={"format": "pt"})
-    torch.cuda.empty_cache()
 
 
 def cmd_alone(a) -> None:
     name = f"alone-{a.member}"
     model_dir = RUNS / a.task / name / "model"
-    export_pretrained_slice(a.member, a.pretrained, model_dir)
+    export_pretrained_slice(a.member, a.pretrained, model_dir, a.task)
     epochs = task_epochs(a.task)
     run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
              "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.palette", "[max]",
