@@ -334,21 +334,22 @@ def lora_parameter_counts(config, ranks: Sequence[int] = RANKS, num_labels: int 
     accountings behind them: "r8_adapters" (the LoRA A/B matrices alone, what the paper's formula
     counts), "head" (the head modules trained beside them here: every top-level module outside the
     encoder, e.g. DistilBERT's newly initialised ``pre_classifier`` + ``classifier``), and
-    "final_classifier" (peft's ``SEQ_CLS`` convention: only the ``classifier``/``score`` module).
+    "final_classifier" (only the final classifier layer, `kdlora.models.final_classifier_modules`: what
+    ``head: seq_cls`` trains; RoBERTa's ``classifier.out_proj``, not its ``dense``).
 
     The model is built on the meta device: no memory, no weights, any size.
     """
     from transformers import AutoModelForSequenceClassification
 
-    from kdlora.models import apply_lora
+    from kdlora.models import apply_lora, final_classifier_modules
 
     config = copy.deepcopy(config)
     config.num_labels = num_labels
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
         counts = {"total": sum(p.numel() for p in model.parameters())}
-        counts["final_classifier"] = sum(p.numel() for n, m in model.named_children() if n in ("classifier", "score")
-                                         for p in m.parameters())
+        counts["final_classifier"] = sum(p.numel() for n in final_classifier_modules(model)
+                                         for p in model.get_submodule(n).parameters())
         for r in ranks:
             lora = apply_lora(copy.deepcopy(model), r=r, alpha=2 * r, dropout=0.0, targets=targets)
             counts[f"r{r}"] = sum(p.numel() for p in lora.parameters() if p.requires_grad)
