@@ -526,11 +526,23 @@ class GLUEDataModule(L.LightningDataModule):
         epoch = sampler.epoch
         if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
             epoch, batches = epoch + 1, 0
-        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size}}
+        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size},
+                "train_batching": {"group_by_length": self.group_by_length, "batch_size": self.batch_size}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Called by Lightning when it restores a checkpoint, before it builds the train dataloader."""
+        """Called by Lightning when it restores a checkpoint, before it builds the train dataloader.
+
+        Inside an epoch the order is only the checkpoint's with the same batching: resuming there
+        with another `group_by_length` (or, grouped, another `batch_size`) is an error."""
         order = state_dict.get("train_order")
+        saved = state_dict.get("train_batching", {"group_by_length": False})  # checkpoints before the option
+        if order and order.get("start", 0) > 0 and (
+                saved["group_by_length"] != self.group_by_length
+                or (self.group_by_length and saved.get("batch_size") != self.batch_size)):
+            raise ValueError(
+                f"the checkpoint stopped inside epoch {order['epoch']} with data.group_by_length: "
+                f"{str(saved['group_by_length']).lower()}, data.batch_size: {saved.get('batch_size', '?')}; resume it with "
+                f"the same values (now {str(self.group_by_length).lower()}, {self.batch_size}), or change them at an epoch end")
         self._resume_order = dict(order) if order else None
         if self._resume_order is not None and self._train_sampler is not None:
             self._train_sampler.resume(**self._resume_order)

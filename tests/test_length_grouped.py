@@ -120,6 +120,16 @@ def test_data_module_groups_by_length_and_resumes_from_its_state_dict(small_glue
     resumed.load_state_dict(state)
     assert [b["idx"].tolist() for b in resumed.train_dataloader()] == batches[5:]
 
+    # Inside an epoch, another batching would not continue this order: one clear error.
+    for other in (dict(group_by_length=False), dict(batch_size=8)):
+        changed = GLUEDataModule("sst2", str(tiny_bert_dir), data_dir=str(small_glue_dir), max_seq_length=64,
+                                 cache_dir=str(tmp_path), seed=7, **{"batch_size": 4, "group_by_length": True, **other})
+        with pytest.raises(ValueError, match="stopped inside epoch 0 with data.group_by_length: true, data.batch_size: 4"):
+            changed.load_state_dict(state)
+    at_epoch_end = {**state, "train_order": {**state["train_order"], "epoch": 1, "start": 0}}
+    plain.load_state_dict(at_epoch_end)  # at an epoch end the batching may change
+    assert plain._resume_order == at_epoch_end["train_order"]
+
 
 def test_cached_teacher_targets_follow_idx_under_grouping(small_glue_dir, tiny_bert_dir, tmp_path):
     """A subset (max_train_samples) makes positions and idx differ: each row must get its own teacher output."""
