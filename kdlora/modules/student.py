@@ -118,8 +118,8 @@ class KDLoRAStudent(GLUEModule):
         lora_r, lora_alpha, lora_dropout, lora_targets: LoRA on the student (default: family query/value).
         head: which head modules train beside the adapters. ``new``: the whole head and every newly
             initialised weight (e.g. DistilBERT's ``pre_classifier``, a pooler the checkpoint lacks).
-            ``seq_cls``: only the final classifier layer, the paper's count of
-            peft's ``SEQ_CLS`` convention (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
+            ``seq_cls``: only the final classifier layer, as the report's "adapters + final
+            classifier" count assumes (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
             ``classifier.out_proj``); newly initialised non-final layers (DistilBERT's ``pre_classifier``,
             a missing pooler) then stay frozen at their random init, loaded ones
             (or, with `student_layers`, the teacher's) at their loaded values.

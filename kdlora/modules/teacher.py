@@ -22,8 +22,8 @@ class Teacher(GLUEModule):
         lora_targets: module names to adapt; default is the family's query/value projections.
         head: which head modules train beside the adapters (``finetune: lora``). ``new``: the whole
             head and every newly initialised weight (e.g. DistilBERT's ``pre_classifier``, a pooler
-            the checkpoint lacks). ``seq_cls``: only the final classifier layer, the paper's count of
-            peft's ``SEQ_CLS`` convention (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
+            the checkpoint lacks). ``seq_cls``: only the final classifier layer, as the report's "adapters + final
+            classifier" count assumes (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
             ``classifier.out_proj``); newly initialised non-final layers (DistilBERT's ``pre_classifier``,
             a missing pooler) then stay frozen at their random init, loaded ones at their loaded values.
         learning_rate, weight_decay, warmup_ratio: AdamW + linear warmup/decay.
