@@ -19,6 +19,7 @@ LAYOUT = {
     "bert": ("bert.encoder.layer.{i}.attention.self.{t}", ("query", "value")),
     "distilbert": ("distilbert.transformer.layer.{i}.attention.{t}", ("q_lin", "v_lin")),
     "roberta": ("roberta.encoder.layer.{i}.attention.self.{t}", ("query", "value")),
+    "deberta-v2": ("deberta.encoder.layer.{i}.attention.self.{t}", ("query_proj", "value_proj")),
 }
 
 
@@ -49,7 +50,7 @@ def recorded_trainable(module, tmp_path) -> int:
     return json.loads((tmp_path / "results.json").read_text())["parameters"]["trainable"]
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "deberta-v2"])
 def test_seq_cls_trains_exactly_the_adapters_and_the_final_classifier(tiny_model_dirs, family, tmp_path):
     model_dir = str(tiny_model_dirs[family])
     names, count = expected_trainable(family, "model.")
@@ -60,7 +61,8 @@ def test_seq_cls_trains_exactly_the_adapters_and_the_final_classifier(tiny_model
         assert set(got) == names, sorted(set(got) ^ names)
         assert sum(got.values()) == count
         assert recorded_trainable(module, tmp_path / str(i)) == count
-    # The default head also trains the rest of the head: DistilBERT's pre_classifier, RoBERTa's classifier.dense.
+    # The default head also trains the rest of the head: DistilBERT's pre_classifier, RoBERTa's classifier.dense,
+    # DeBERTa's pooler.dense (each H x H + H).
     default = trainable(KDLoRAStudent(model_dir, model_dir, "mrpc", lora_r=R))
     config = tiny_config(family, 200)
     hidden = config.dim if family == "distilbert" else config.hidden_size
