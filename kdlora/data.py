@@ -190,9 +190,82 @@ class ResumableShuffleSampler(DistributedSampler):
             self.seed = int(seed)
         self.epoch, self.start = int(epoch), int(start)
 
+    def epoch_order(self):
+        """This rank's order for the current (seed, epoch), from its beginning: `DistributedSampler`'s."""
+        return DistributedSampler.__iter__(self)
+
     def __iter__(self):
         # A generator, so the order is drawn at the first batch: after Lightning's set_epoch.
-        yield from itertools.islice(super().__iter__(), self.start, None)
+        yield from itertools.islice(self.epoch_order(), self.start, None)
+
+
+MEGA_BATCH_FACTOR = 50
+
+
+class LengthGroupedSampler(ResumableShuffleSampler):
+    """`ResumableShuffleSampler` with batches of similar length (less padding, faster steps), as
+    Hugging Face's `LengthGroupedSampler`: the examples are permuted by (seed, epoch), cut into
+    mega-batches of `mega_batch_factor` global batches (`batch_size × num_replicas`), each sorted by
+    length, longest first, and split into global batches; the order of the full global batches is
+    shuffled by the same generator, the one holding the longest example goes first (an out-of-memory
+    shows at the first step) and a partial last batch stays last. Each rank takes its contiguous
+    `batch_size` slice of every global batch, so under DDP the ranks' shares are disjoint (up to
+    `DistributedSampler`'s padding of the order to a multiple of `num_replicas`), equal-sized and of
+    similar length at every step, and the same on every rank.
+
+    The loader must batch it with the same `batch_size`: then its batch k is examples
+    ``[k·batch_size, (k+1)·batch_size)`` of this rank's order and `resume(epoch, start)` (start a
+    multiple of batch_size, as `GLUEDataModule.state_dict` writes it) continues at exactly the next batch.
+
+    `lengths[i]` is the token count of ``dataset[i]`` (position, not `idx`; `token_lengths`).
+    """
+
+    def __init__(self, dataset, lengths, batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 mega_batch_factor: int = MEGA_BATCH_FACTOR) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"lengths has {len(lengths)} entries but the dataset {len(dataset)} examples")
+        if batch_size < 1 or mega_batch_factor < 1:
+            raise ValueError(f"batch_size and mega_batch_factor must be at least 1, got {batch_size} and {mega_batch_factor}")
+        self.lengths = [int(n) for n in lengths]
+        self.batch_size, self.mega_batch_factor = int(batch_size), int(mega_batch_factor)
+
+    def global_batches(self) -> list[list[int]]:
+        """Every rank's batches of the current (seed, epoch), each `batch_size × num_replicas` long but the last."""
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.dataset), generator=g).tolist()
+        if not order:
+            return []
+        padding = self.total_size - len(order)  # as DistributedSampler: repeat the order's start
+        order += (order * math.ceil(padding / len(order)))[:padding] if padding else []
+        size = self.batch_size * self.num_replicas
+        mega = size * self.mega_batch_factor
+        batches = []
+        for m in range(0, len(order), mega):
+            chunk = sorted(order[m:m + mega], key=lambda i: -self.lengths[i])  # stable: ties keep the permutation
+            batches += [chunk[b:b + size] for b in range(0, len(chunk), size)]
+        full, last = (batches, []) if len(batches[-1]) == size else (batches[:-1], batches[-1:])
+        full = [full[i] for i in torch.randperm(len(full), generator=g).tolist()]
+        if full:
+            longest = max(range(len(full)), key=lambda b: self.lengths[full[b][0]])
+            full.insert(0, full.pop(longest))
+        return full + last
+
+    def epoch_order(self):
+        rank, replicas = self.rank, self.num_replicas
+        return iter([i for b in self.global_batches()
+                     for i in b[rank * len(b) // replicas:(rank + 1) * len(b) // replicas]])
+
+
+def token_lengths(dataset: Dataset) -> list[int]:
+    """Tokens of each example of a tokenized dataset, by position (through any select/shuffle mapping)."""
+    import pyarrow.compute as pc
+
+    lengths: list[int] = []
+    for table in dataset.with_format("arrow").iter(batch_size=65536):
+        lengths += pc.list_value_length(table.column("input_ids")).to_pylist()
+    return lengths
 
 
 class ResumableDataLoader(DataLoader):
@@ -228,6 +301,8 @@ class GLUEDataModule(L.LightningDataModule):
         data_dir: local GLUE directory (``<data_dir>/<TASK>/train.tsv`` ...); None reads the hub.
         max_seq_length: truncation length; batches are padded dynamically to their longest example.
         batch_size: training batch size; `eval_batch_size` defaults to twice it.
+        group_by_length: train on batches of similar length (`LengthGroupedSampler`: less padding,
+            faster steps; seeded, resumable and DDP-sharded like the default shuffled order).
         holdout_fraction: if > 0, this seeded fraction of train becomes the validation set (for
             hyperparameter selection) and dev is used only by `test`.
         max_train_samples: keep a seeded random subset of train (quick runs).
@@ -251,6 +326,7 @@ class GLUEDataModule(L.LightningDataModule):
         max_eval_samples: Optional[int] = None,
         max_malformed_fraction: float = 0.01,
         cache_dir: Optional[str] = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.spec = get_task(task)  # fails early and clearly on an unknown task
@@ -288,6 +364,7 @@ class GLUEDataModule(L.LightningDataModule):
         self.max_train_samples = max_train_samples
         self.max_eval_samples = max_eval_samples
         self.max_malformed_fraction = max_malformed_fraction
+        self.group_by_length = group_by_length
         self.cache_dir = Path(cache_dir or os.environ.get("KDLORA_CACHE", Path.home() / ".cache" / "kdlora")) / "tokenized"
         self._tokenizer: Optional[PreTrainedTokenizerBase] = None
         self.datasets: dict[str, Dataset] = {}
@@ -422,16 +499,21 @@ class GLUEDataModule(L.LightningDataModule):
                             generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by (seed, epoch) and sharded over DDP ranks (`ResumableShuffleSampler`); after a
-        resume it starts where the checkpoint's run stopped inside the epoch."""
+        """Shuffled by (seed, epoch) and sharded over DDP ranks (`ResumableShuffleSampler`, or with
+        `group_by_length` `LengthGroupedSampler`); after a resume it starts where the checkpoint's run
+        stopped inside the epoch."""
         trainer = self.trainer
         shard = (trainer.distributed_sampler_kwargs if trainer is not None and _uses_distributed_sampler(trainer) else None)
         seed = int(os.environ.get("PL_GLOBAL_SEED", self.seed))  # the run seed, as Lightning's DistributedSampler
-        sampler = ResumableShuffleSampler(self.datasets["train"], seed=seed, **(shard or {}))
+        train = self.datasets["train"]
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(train, token_lengths(train), self.batch_size, seed=seed, **(shard or {}))
+        else:
+            sampler = ResumableShuffleSampler(train, seed=seed, **(shard or {}))
         if self._resume_order is not None:
             sampler.resume(**self._resume_order)
         self._train_sampler = sampler
-        return self._loader(self.datasets["train"], self.batch_size, sampler, ResumableDataLoader)
+        return self._loader(train, self.batch_size, sampler, ResumableDataLoader)
 
     def importance_dataloader(self) -> DataLoader:
         """Training examples in a seeded shuffled order, for estimating importance (training data, never
@@ -450,11 +532,23 @@ class GLUEDataModule(L.LightningDataModule):
         epoch = sampler.epoch
         if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
             epoch, batches = epoch + 1, 0
-        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size}}
+        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size},
+                "train_batching": {"group_by_length": self.group_by_length, "batch_size": self.batch_size}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Called by Lightning when it restores a checkpoint, before it builds the train dataloader."""
+        """Called by Lightning when it restores a checkpoint, before it builds the train dataloader.
+
+        Inside an epoch the order is only the checkpoint's with the same batching: resuming there
+        with another `group_by_length` (or, grouped, another `batch_size`) is an error."""
         order = state_dict.get("train_order")
+        saved = state_dict.get("train_batching", {"group_by_length": False})  # checkpoints before the option
+        if order and order.get("start", 0) > 0 and (
+                saved["group_by_length"] != self.group_by_length
+                or (self.group_by_length and saved.get("batch_size") != self.batch_size)):
+            raise ValueError(
+                f"the checkpoint stopped inside epoch {order['epoch']} with data.group_by_length: "
+                f"{str(saved['group_by_length']).lower()}, data.batch_size: {saved.get('batch_size', '?')}; resume it with "
+                f"the same values (now {str(self.group_by_length).lower()}, {self.batch_size}), or change them at an epoch end")
         self._resume_order = dict(order) if order else None
         if self._resume_order is not None and self._train_sampler is not None:
             self._train_sampler.resume(**self._resume_order)

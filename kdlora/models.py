@@ -102,6 +102,32 @@ def classifier_head_modules(model: PreTrainedModel) -> list[str]:
     return [n for n, _ in model.named_children() if n != base and n not in ("dropout",)]
 
 
+# Which head modules train beside the LoRA adapters (`apply_lora(head=...)`).
+HEADS = ("new", "seq_cls")
+
+
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ValueError(f"head must be 'new' (the whole head and every newly initialised weight train) or 'seq_cls' "
+                         f"(only the final classifier layer trains), got {head!r}")
+
+
+def final_classifier_modules(model: torch.nn.Module) -> list[str]:
+    """The final classifier layer of a sequence classifier: its top-level ``classifier``/``score``
+    module if that is a Linear (BERT, DistilBERT, DeBERTa), else that module's last Linear (RoBERTa,
+    ELECTRA, MPNet: ``classifier.out_proj``). Never DistilBERT's ``pre_classifier`` or a pooler."""
+    found = []
+    for name, module in model.named_children():
+        if name not in ("classifier", "score"):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            found.append(name)
+        else:
+            linear = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+            found += [f"{name}.{linear[-1]}"] if linear else []
+    return found
+
+
 def in_classifier_head(name: str) -> bool:
     """Whether a parameter/module name lies in a classifier head (``classifier``, ``classifier.out_proj``, peft copies)."""
     return any(part.startswith("classifier") for part in name.split("."))
@@ -151,11 +177,32 @@ def apply_lora(
     dropout: float = 0.1,
     targets: Optional[Sequence[str]] = None,
     trainable_modules: Sequence[str] = (),
+    head: str = "new",
 ) -> PeftModel:
-    """Wrap `model` with peft LoRA on the family's query/value (or `targets`); head stays trainable."""
+    """Wrap `model` with peft LoRA on the family's query/value (or `targets`) and a trainable head.
+
+    `head` ``new``: every head module (`classifier_head_modules`) and `trainable_modules` (the
+    newly initialised ones, e.g. a pooler the checkpoint lacks) train. ``seq_cls``: only the final
+    classifier layer (`final_classifier_modules`) trains; `trainable_modules` outside it are kept
+    in the adapter (peft's ``modules_to_save``, so a saved adapter reproduces them) but stay frozen
+    at their random init. (peft matches ``modules_to_save`` by name suffix: its own ``SEQ_CLS``
+    task type, ``classifier``, also trains DistilBERT's ``pre_classifier`` and RoBERTa's
+    ``classifier.dense``; here they are frozen.)
+    """
     if r <= 0:
         raise ValueError(f"LoRA rank must be positive, got {r}")
-    modules_to_save = sorted(set(classifier_head_modules(model)) | set(trainable_modules))
+    check_head(head)
+    if head == "seq_cls":
+        final = final_classifier_modules(model)
+        if not final:
+            raise ValueError(f"head: seq_cls trains the final classifier layer (in a classifier or score module), but "
+                             f"this {model_family(model)} model has none; use head: new")
+        frozen_new = sorted(set(trainable_modules) - set(final))
+        if frozen_new:
+            log.warning("head: seq_cls leaves the newly initialised %s frozen at their random init", ", ".join(frozen_new))
+        modules_to_save = sorted(set(final) | set(trainable_modules))
+    else:
+        modules_to_save = sorted(set(classifier_head_modules(model)) | set(trainable_modules))
     target_modules = lora_targets_for(model_family(model), targets)
     check_lora_targets(model, target_modules)
     config = LoraConfig(
@@ -163,7 +210,17 @@ def apply_lora(
         target_modules=target_modules,
         modules_to_save=modules_to_save,
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    if head == "seq_cls":
+        # peft trains every module whose name ends with a modules_to_save entry ("pre_classifier"
+        # ends with "classifier"): train exactly the final layer's copy.
+        from peft.utils import ModulesToSaveWrapper
+
+        inner = peft_model.get_base_model()
+        for name, module in inner.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                module.modules_to_save.requires_grad_(name in final)
+    return peft_model
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

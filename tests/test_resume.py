@@ -191,10 +191,13 @@ def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tm
                           monkeypatch, kill_at, checkpoint_every)
 
 
-def test_student_with_cached_targets_resumes_exactly_after_sigkill_mid_epoch(tiny_bert_dir, student_dir, small_glue_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("group_by_length", ["false", "true"], ids=["shuffled", "length-grouped"])
+def test_student_with_cached_targets_resumes_exactly_after_sigkill_mid_epoch(tiny_bert_dir, student_dir, small_glue_dir, tmp_path, monkeypatch,
+                                                                             group_by_length):
     check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.modules.KDLoRAStudent", "--model.model_name_or_path", str(student_dir),
                                                      "--model.teacher_path", str(tiny_bert_dir), "--model.teacher_targets", "cached",
-                                                     "--model.learning_rate", "1e-2"], monkeypatch, kill_at=6)
+                                                     "--model.learning_rate", "1e-2", "--data.group_by_length", group_by_length],
+                          monkeypatch, kill_at=6)
 
 
 def test_supernet_resumes_exactly_after_sigkill_mid_stage(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from kdlora.checkpoint import read_checkpoint
 from kdlora.losses import check_weight, distillation_loss, feature_loss, orthonormal_projection, renamed_argument
 from kdlora.models import (
     apply_lora,
+    check_head,
     check_tokenizer_fits,
     layer_dropped_copy,
     load_classifier,
@@ -115,6 +116,13 @@ class KDLoRAStudent(GLUEModule):
         student_layers: build the student from the teacher by keeping these teacher layers (0-based,
             e.g. ``[0, 2, 4, 6, 8, 10]``), DistilBERT-style, instead of loading `model_name_or_path`.
         lora_r, lora_alpha, lora_dropout, lora_targets: LoRA on the student (default: family query/value).
+        head: which head modules train beside the adapters. ``new``: the whole head and every newly
+            initialised weight (e.g. DistilBERT's ``pre_classifier``, a pooler the checkpoint lacks).
+            ``seq_cls``: only the final classifier layer, as the report's "adapters + final
+            classifier" count assumes (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
+            ``classifier.out_proj``); newly initialised non-final layers (DistilBERT's ``pre_classifier``,
+            a missing pooler) then stay frozen at their random init, loaded ones
+            (or, with `student_layers`, the teacher's) at their loaded values.
         task_weight: weight of the task loss; ``1 − task_weight`` weighs the distillation term (paper: 0.5).
         temperature: softmax temperature of the KD term (classification).
         teacher_targets: ``online`` (teacher runs on every batch) or ``cached`` (teacher logits computed
@@ -140,6 +148,7 @@ class KDLoRAStudent(GLUEModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.1,
         lora_targets: Optional[list[str]] = None,
+        head: str = "new",
         task_weight: float = 0.5,
         temperature: float = 2.0,
         teacher_targets: Literal["online", "cached"] = "online",
@@ -159,6 +168,7 @@ class KDLoRAStudent(GLUEModule):
         if teacher_path is None:
             raise ValueError("teacher_path is required: an exported Teacher directory or a Teacher .ckpt")
         check_weight("task_weight", task_weight)
+        check_head(head)
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if teacher_targets not in ("online", "cached"):
@@ -184,8 +194,8 @@ class KDLoRAStudent(GLUEModule):
         else:
             model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
             check_tokenizer_fits(model, student_tokenizer, model_name_or_path, model_name_or_path)
-        # Newly initialised weights (classifier, a pooler the checkpoint lacks) train with the adapters.
-        model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights))
+        # Newly initialised weights (classifier, a pooler the checkpoint lacks) train with the adapters (head: new).
+        model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights), head)
         self.model: nn.Module = model.train()  # transformers returns eval-mode models
         self.newly_initialised = new_weights
 

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 from torch import nn
 
 from kdlora.losses import task_loss
-from kdlora.models import apply_lora, check_tokenizer_fits, load_classifier, load_tokenizer, new_weight_modules
+from kdlora.models import apply_lora, check_head, check_tokenizer_fits, load_classifier, load_tokenizer, new_weight_modules
 from kdlora.modules.base import GLUEModule
 
 
@@ -20,6 +20,12 @@ class Teacher(GLUEModule):
         finetune: ``full`` (all weights) or ``lora`` (peft adapters + classifier head).
         lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator, dropout.
         lora_targets: module names to adapt; default is the family's query/value projections.
+        head: which head modules train beside the adapters (``finetune: lora``). ``new``: the whole
+            head and every newly initialised weight (e.g. DistilBERT's ``pre_classifier``, a pooler
+            the checkpoint lacks). ``seq_cls``: only the final classifier layer, as the report's "adapters + final
+            classifier" count assumes (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
+            ``classifier.out_proj``); newly initialised non-final layers (DistilBERT's ``pre_classifier``,
+            a missing pooler) then stay frozen at their random init, loaded ones at their loaded values.
         learning_rate, weight_decay, warmup_ratio: AdamW + linear warmup/decay.
         export, export_dir: write the best model (LoRA merged, adapter kept in ``adapter/``) at fit end.
     """
@@ -33,6 +39,7 @@ class Teacher(GLUEModule):
         lora_alpha: int = 16,
         lora_dropout: float = 0.1,
         lora_targets: Optional[list[str]] = None,
+        head: str = "new",
         learning_rate: float = 2e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
@@ -42,12 +49,16 @@ class Teacher(GLUEModule):
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
         if finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
+        check_head(head)
+        if head != "new" and finetune == "full":
+            raise ValueError(f"head: {head} chooses the head trained beside LoRA adapters: use it with finetune: lora "
+                             "(full fine-tuning trains every weight)")
         self.save_hyperparameters()
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
         check_tokenizer_fits(model, load_tokenizer(model_name_or_path), model_name_or_path, model_name_or_path)
         if finetune == "lora":
-            # Newly initialised weights (classifier, a missing pooler) train alongside the adapters.
-            model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights))
+            # Newly initialised weights (classifier, a missing pooler) train alongside the adapters (head: new).
+            model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights), head)
         # transformers returns models in eval mode; Lightning keeps submodule modes, so without
         # this dropout would silently stay off during training.
         self.model: nn.Module = model.train()
