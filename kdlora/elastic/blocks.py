@@ -176,8 +176,10 @@ class ElasticLinear(Sliced):
         permute_axes(self.output_axes(), index)
 
 
-class ElasticLayerNorm(Sliced):
-    """LayerNorm over the leading `width` features (statistics of the slice, not of the full width)."""
+class WidthSliced(Sliced):
+    """A leaf whose tensors are cut along one feature axis to `width`: norms and embedding tables."""
+
+    axis = 0  # the axis of `base.weight` that `width` cuts (its last axis, as for every tensor in `slices`)
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -187,7 +189,14 @@ class ElasticLayerNorm(Sliced):
         self.width = width
 
     def reset_super_network(self) -> None:
-        self.set_sub_network(self.base.weight.shape[0])
+        self.set_sub_network(self.base.weight.shape[self.axis])
+
+    def hidden_axes(self, adapters: bool = True) -> Axes:
+        return [(getattr(self.base, n), len(shape) - 1) for n, shape in self.slices().items()]
+
+
+class ElasticLayerNorm(WidthSliced):
+    """LayerNorm over the leading `width` features (statistics of the slice, not of the full width)."""
 
     def slices(self) -> dict[str, tuple[int, ...]]:
         return {n: (self.width,) for n in ("weight", "bias") if getattr(self.base, n, None) is not None}
@@ -195,9 +204,6 @@ class ElasticLayerNorm(Sliced):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.width
         return F.layer_norm(x, (w,), self.base.weight[:w], self.base.bias[:w], self.base.eps)
-
-    def hidden_axes(self, adapters: bool = True) -> Axes:
-        return [(getattr(self.base, n), 0) for n in self.slices()]
 
 
 class ElasticRMSNorm(ElasticLayerNorm):
@@ -210,18 +216,10 @@ class ElasticRMSNorm(ElasticLayerNorm):
         return self.base.weight[: self.width] * h.to(x.dtype)
 
 
-class ElasticEmbedding(Sliced):
+class ElasticEmbedding(WidthSliced):
     """An embedding table read through its leading `width` columns (all rows)."""
 
-    def __init__(self, base: nn.Embedding) -> None:
-        super().__init__(base)
-        self.reset_super_network()
-
-    def set_sub_network(self, width: int) -> None:
-        self.width = width
-
-    def reset_super_network(self) -> None:
-        self.set_sub_network(self.base.weight.shape[1])
+    axis = 1
 
     def slices(self) -> dict[str, tuple[int, ...]]:
         return {"weight": (self.base.weight.shape[0], self.width)}
@@ -232,9 +230,6 @@ class ElasticEmbedding(Sliced):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.table)
-
-    def hidden_axes(self, adapters: bool = True) -> Axes:
-        return [(self.base.weight, 1)]
 
 
 def _split_heads(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
