@@ -125,26 +125,27 @@ def reference_attention(block: ElasticAttention, x: torch.Tensor, mask: torch.Te
         return F.linear(t, w, b).view(t.shape[0], t.shape[1], n, d).transpose(1, 2)
 
     q, k, v = project(block.query, x, heads), project(block.key, x, kv), project(block.value, x, kv)
-    k, v = k.repeat_interleave(heads // kv, 1), v.repeat_interleave(heads // kv, 1)
+    group = block.query.base.out_features // block.key.base.out_features
+    k, v = k.repeat_interleave(group, 1)[:, :heads], v.repeat_interleave(group, 1)[:, :heads]
     scores = q @ k.transpose(-1, -2) / d ** 0.5 + torch.zeros_like(mask, dtype=x.dtype).masked_fill(mask == 0, -1e9)[:, None, None]
     context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], heads * d)
     w, b = block.output.merged_weight()
     return F.linear(context, w, b)
 
 
-@pytest.mark.parametrize("heads, kv_heads, sub", [(4, 4, (12, 2, 2)), (4, 2, (12, 2, 1)), (4, 2, (16, 4, 2))])
+# (maxnet heads, key/value heads), (subnet hidden, heads, the key/value heads those read)
+@pytest.mark.parametrize("heads, kv_heads, sub", [(4, 4, (12, 2, 2)), (4, 2, (12, 2, 1)), (4, 2, (12, 3, 2)), (4, 2, (16, 4, 2))])
 def test_attention_on_leading_heads_with_grouped_key_value_heads(heads, kv_heads, sub):
     block = attention(heads, kv_heads)
     hidden, sub_heads, sub_kv = sub
-    block.set_sub_network(hidden, sub_heads, sub_kv)
+    block.set_sub_network(hidden, sub_heads)
     x = torch.randn(2, 5, hidden)
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, 3:] = 0
     with torch.no_grad():
         torch.testing.assert_close(block(x, AdditiveMask(mask)), reference_attention(block, x, mask), atol=1e-5, rtol=0)
-    assert block.query.sub_out == sub_heads * 4 and block.key.sub_out == sub_kv * 4 and block.output.sub_in == sub_heads * 4
-    with pytest.raises(ValueError, match="cannot share"):
-        block.set_sub_network(hidden, 3, 2)
+    assert block.num_kv_heads == sub_kv and block.key.sub_out == block.value.sub_out == sub_kv * 4
+    assert block.query.sub_out == block.output.sub_in == sub_heads * 4
 
 
 def test_permuting_heads_and_neurons_keeps_the_function():

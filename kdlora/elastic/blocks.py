@@ -258,10 +258,12 @@ class AdditiveMask:
 
 
 class ElasticAttention(nn.Module):
-    """Multi-head attention on the leading heads; key/value heads may be fewer (grouped-query attention).
+    """Multi-head attention on the leading heads, with grouped-query attention's shared key/value heads.
 
-    Query head j reads key/value head j // (heads / kv_heads). Head size is fixed, so `heads` query
-    heads read `heads·d` query rows and write `heads·d` output columns.
+    Head size is fixed, so `heads` query heads read `heads·d` query rows and write `heads·d` output
+    columns. The group size (query heads per key/value head) is the maxnet's, read from the
+    projection widths (1 for encoders): query head j reads key/value head j // group, so a subnet
+    keeps the leading ceil(heads / group) key/value heads.
     """
 
     def __init__(self, query: ElasticLinear, key: ElasticLinear, value: ElasticLinear, output: ElasticLinear,
@@ -269,29 +271,27 @@ class ElasticAttention(nn.Module):
         super().__init__()
         self.query, self.key, self.value, self.output = query, key, value, output
         self.head_dim, self.dropout, self.output_dropout = head_dim, dropout, output_dropout
+        self.group = query.base.out_features // key.base.out_features
         self.reset_super_network()
 
-    def set_sub_network(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None) -> None:
-        d, kv = self.head_dim, num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads % kv:
-            raise ValueError(f"{num_heads} query heads cannot share {kv} key/value heads evenly")
-        self.num_heads, self.num_kv_heads = num_heads, kv
+    def set_sub_network(self, hidden_size: int, num_heads: int) -> None:
+        d = self.head_dim
+        self.num_heads, self.num_kv_heads = num_heads, -(-num_heads // self.group)
         self.query.set_sub_network(hidden_size, num_heads * d)
         for linear in (self.key, self.value):
-            linear.set_sub_network(hidden_size, kv * d)
+            linear.set_sub_network(hidden_size, self.num_kv_heads * d)
         self.output.set_sub_network(num_heads * d, hidden_size)
 
     def reset_super_network(self) -> None:
-        self.set_sub_network(self.output.base.out_features, self.query.base.out_features // self.head_dim,
-                             self.key.base.out_features // self.head_dim)
+        self.set_sub_network(self.output.base.out_features, self.query.base.out_features // self.head_dim)
 
     def forward(self, x: torch.Tensor, mask: AdditiveMask) -> torch.Tensor:
         heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = _split_heads(self.query(x), heads, d)
         k = _split_heads(self.key(x), kv, d)
         v = _split_heads(self.value(x), kv, d)
-        if kv != heads:
-            k, v = k.repeat_interleave(heads // kv, dim=1), v.repeat_interleave(heads // kv, dim=1)
+        if self.group > 1:
+            k, v = (t.repeat_interleave(self.group, dim=1)[:, :heads] for t in (k, v))
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask(q.dtype, heads),
                                                  dropout_p=self.dropout if self.training else 0.0, scale=d ** -0.5)
         context = context.transpose(1, 2).reshape(x.shape[0], x.shape[1], heads * d)
@@ -303,7 +303,7 @@ class ElasticAttention(nn.Module):
 
     def permute_heads(self, order: torch.Tensor) -> None:
         """Make head order[j] the new head j: its rows of every per-head projection, its output columns."""
-        if self.query.base.out_features != self.key.base.out_features:
+        if self.group > 1:
             raise ValueError("permuting the heads of grouped-query attention is not supported")
         d = self.head_dim
         rows = (order[:, None] * d + torch.arange(d, device=order.device)[None, :]).reshape(-1)
@@ -406,8 +406,8 @@ class DisentangledAttention(ElasticAttention):
     def position_projections(self) -> list[ElasticLinear]:
         return [m for n, m in self.named_children() if n in ("pos_key", "pos_query")]
 
-    def set_sub_network(self, hidden_size: int, num_heads: int, num_kv_heads: Optional[int] = None) -> None:
-        super().set_sub_network(hidden_size, num_heads, num_kv_heads)
+    def set_sub_network(self, hidden_size: int, num_heads: int) -> None:
+        super().set_sub_network(hidden_size, num_heads)
         for linear in self.position_projections():
             linear.set_sub_network(hidden_size, num_heads * self.head_dim)
 
