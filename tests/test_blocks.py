@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_decoders import DECODERS
 from test_elastic import FAMILIES, make_model
 from torch import nn
 
@@ -189,7 +190,8 @@ def test_blocks_add_no_state_dict_keys(family):
 def test_the_registry_is_the_one_source_of_family_names():
     from kdlora.models import LORA_TARGETS
 
-    assert set(SUPPORTED_FAMILIES) <= {"deberta-v2" if f == "deberta-v3" else f for f in FAMILIES}  # every family is tested
+    tested = {"deberta-v2" if f == "deberta-v3" else f for f in FAMILIES + DECODERS}
+    assert set(SUPPORTED_FAMILIES) <= tested  # every elastic family has its equivalence tests
     assert LORA_TARGETS["bert"] == ["query", "value"] and LORA_TARGETS["distilbert"] == ["q_lin", "v_lin"]
     assert LORA_TARGETS["deberta-v2"] == ["query_proj", "value_proj"] and LORA_TARGETS["deberta"] == ["in_proj"]
     assert set(LORA_TARGETS) == set(REGISTRY)

@@ -238,14 +238,18 @@ def _split_heads(t: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
 
 
 class AdditiveMask:
-    """The padding mask as an additive attention bias, plus an optional per-head bias [1, heads, T, T].
+    """The padding (and, for decoders, causal) mask as an additive attention bias, plus an optional
+    per-head bias [1, heads, T, T].
 
     Built once per forward and cached per dtype: autocast may run q/k/v in a lower precision, and
     the mask must follow (its -inf stand-in is the dtype's minimum).
     """
 
-    def __init__(self, attention_mask: torch.Tensor, head_bias: Optional[torch.Tensor] = None) -> None:
+    def __init__(self, attention_mask: torch.Tensor, head_bias: Optional[torch.Tensor] = None, causal: bool = False) -> None:
         self.padded = attention_mask[:, None, None, :] == 0
+        if causal:  # decoders: no position sees a later one
+            seq = attention_mask.shape[1]
+            self.padded = self.padded | torch.ones(seq, seq, dtype=torch.bool, device=attention_mask.device).triu(1)
         self.head_bias = head_bias
         self._masks: dict[torch.dtype, torch.Tensor] = {}
 
@@ -255,6 +259,13 @@ class AdditiveMask:
                 self.padded, torch.finfo(dtype).min)
         mask = self._masks[dtype]
         return mask if self.head_bias is None else mask + self.head_bias[:, :heads].to(dtype)
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of [B, heads, T, d] by cos/sin [B, T, d] (rotate-half form, as Llama)."""
+    half = t.shape[-1] // 2
+    rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+    return t * cos[:, None] + rotated * sin[:, None]
 
 
 class ElasticAttention(nn.Module):
@@ -285,11 +296,14 @@ class ElasticAttention(nn.Module):
     def reset_super_network(self) -> None:
         self.set_sub_network(self.output.base.out_features, self.query.base.out_features // self.head_dim)
 
-    def forward(self, x: torch.Tensor, mask: AdditiveMask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: AdditiveMask, rotary: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
         heads, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = _split_heads(self.query(x), heads, d)
         k = _split_heads(self.key(x), kv, d)
         v = _split_heads(self.value(x), kv, d)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if self.group > 1:
             k, v = (t.repeat_interleave(self.group, dim=1)[:, :heads] for t in (k, v))
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask(q.dtype, heads),
@@ -384,6 +398,14 @@ class TransformerLayer(nn.Module):
     def hidden_axes(self, adapters: bool = True) -> Axes:
         return [a for block in (self.attention, self.attention_norm, self.ffn, self.output_norm)
                 for a in block.hidden_axes(adapters)]
+
+
+class PreNormLayer(TransformerLayer):
+    """A pre-norm decoder layer (Llama): x = x + attention(norm(x)), then x = x + ffn(norm(x))."""
+
+    def forward(self, x: torch.Tensor, attention_inputs: dict) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), **attention_inputs)
+        return x + self.ffn(self.output_norm(x))
 
 
 class DisentangledAttention(ElasticAttention):
@@ -481,6 +503,20 @@ class RelativePositionBias(PaddingMask):
         permute_axes([(self.table.base.weight, 1)], order)
 
 
+class RotaryPositions(PaddingMask):
+    """Decoders: a causal mask and the rotary cos/sin of each position, from the model's own rotary
+    module (a view: it has no parameters, and rope scaling stays Hugging Face's). Head size is
+    fixed, so slicing never changes the rotation."""
+
+    def __init__(self, rotary: nn.Module) -> None:
+        super().__init__()
+        _view(self, "rotary", rotary)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        position_ids = torch.arange(x.shape[1], device=x.device)[None, :]
+        return {"mask": AdditiveMask(attention_mask, causal=True), "rotary": self.rotary(x, position_ids)}
+
+
 class DisentangledPositions(nn.Module):
     """DeBERTa-v2/v3 relative positions: the (normed) relative embeddings and the c2p/p2c gather indices."""
 
@@ -519,11 +555,11 @@ class DisentangledPositions(nn.Module):
         return self.embeddings.hidden_axes() + [a for norm in self._norms() for a in norm.hidden_axes()]
 
 
-class EncoderEmbeddings(nn.Module):
-    """Word + position (+ token type) embeddings, summed in the family's order, normed, dropped out."""
+class Embeddings(nn.Module):
+    """Word (+ position, + token type) embeddings, summed in the family's order, normed (encoders), dropped out."""
 
     def __init__(self, word: ElasticEmbedding, position: Optional[ElasticEmbedding], token_type: Optional[ElasticEmbedding],
-                 norm: ElasticLayerNorm, *, dropout: float, position_padding_idx: Optional[int],
+                 norm: Optional[ElasticLayerNorm], *, dropout: float, position_padding_idx: Optional[int],
                  positions_first: bool, mask_padding: bool) -> None:
         super().__init__()
         self.word, self.position, self.token_type, self.norm = word, position, token_type, norm
@@ -554,7 +590,8 @@ class EncoderEmbeddings(nn.Module):
         for table, ids in (summands[::-1] if self.positions_first else summands):
             if table is not None:
                 x = x + table(ids)
-        x = self.norm(x)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.mask_padding:
             x = x * attention_mask[:, :, None].to(x.dtype)
         return F.dropout(x, self.dropout, self.training)
@@ -564,7 +601,7 @@ class EncoderEmbeddings(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """classifier(dropout(activation(dense(input_dropout(x_cls))))): the BERT pooler, RoBERTa's
+    """classifier(dropout(activation(dense(input_dropout(x[:, 0]))))): the BERT pooler, RoBERTa's
     dense-tanh head, DeBERTa's ContextPooler and DistilBERT's pre_classifier, by their dropouts and activation."""
 
     def __init__(self, dense: ElasticLinear, classifier: ElasticLinear, activation: Callable[[torch.Tensor], torch.Tensor],
@@ -580,10 +617,31 @@ class ClassifierHead(nn.Module):
     def reset_super_network(self) -> None:
         self.set_sub_network(self.dense.base.out_features)
 
-    def forward(self, cls: torch.Tensor) -> torch.Tensor:
-        z = self.activation(self.dense(F.dropout(cls, self.input_dropout, self.training)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.activation(self.dense(F.dropout(x[:, 0], self.input_dropout, self.training)))
         return self.classifier(F.dropout(z, self.dropout, self.training))
 
     def hidden_axes(self, adapters: bool = True) -> Axes:
         """The dense output is pooled hidden features: it shares the permutation with the classifier's input."""
         return self.dense.output_axes() + self.dense.input_axes() + self.classifier.input_axes()
+
+
+class LMHead(nn.Module):
+    """Decoders: the final norm, then the vocabulary projection at every position."""
+
+    def __init__(self, norm: ElasticLayerNorm, projection: ElasticLinear) -> None:
+        super().__init__()
+        self.norm, self.projection = norm, projection
+
+    def set_sub_network(self, hidden_size: int) -> None:
+        self.norm.set_sub_network(hidden_size)
+        self.projection.set_sub_network(hidden_size, self.projection.base.out_features)
+
+    def reset_super_network(self) -> None:
+        self.set_sub_network(self.projection.base.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.norm(x))
+
+    def hidden_axes(self, adapters: bool = True) -> Axes:
+        return self.norm.hidden_axes() + self.projection.input_axes()

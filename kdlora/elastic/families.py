@@ -26,16 +26,18 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(kw_only=True)
 class LayerLayout:
-    """One post-LN encoder layer's modules."""
+    """One layer's modules (post-LN encoders: the norms follow attention and FFN; pre-norm decoders:
+    they precede them)."""
 
     query: nn.Linear
     key: nn.Linear
     value: nn.Linear
     attention_output: nn.Linear
-    attention_norm: nn.LayerNorm
-    intermediate: nn.Linear
+    attention_norm: nn.Module  # nn.LayerNorm, or an RMSNorm in decoders
+    intermediate: nn.Linear  # decoders: the up projection
     output: nn.Linear
-    output_norm: nn.LayerNorm
+    output_norm: nn.Module
+    gate: Optional[nn.Linear] = None  # SwiGLU gate projection (decoders)
     pos_key_proj: Optional[nn.Linear] = None  # DeBERTa position projections (absent with share_att_key)
     pos_query_proj: Optional[nn.Linear] = None
 
@@ -62,12 +64,13 @@ class Layout:
     word: nn.Embedding
     position: Optional[nn.Embedding]  # None: DeBERTa without position_biased_input
     token_type: Optional[nn.Embedding]
-    embedding_norm: nn.LayerNorm
+    embedding_norm: Optional[nn.LayerNorm]  # None: decoders
     layers: list[LayerLayout]
     activation: Activation
-    head_dense: nn.Linear  # BERT pooler / RoBERTa head dense / DeBERTa ContextPooler / DistilBERT pre_classifier
+    head_dense: Optional[nn.Linear]  # BERT pooler / RoBERTa head dense / DeBERTa ContextPooler / DistilBERT
+    # pre_classifier; None: a decoder's LM head (final_norm, then `classifier` at every position)
     classifier: nn.Linear
-    head_activation: Activation
+    head_activation: Optional[Activation]
     hidden_dropout: float
     attention_dropout: float
     classifier_dropout: float
@@ -79,6 +82,9 @@ class Layout:
     relative_bias: Optional[nn.Embedding] = None  # MPNet: shared relative position bias [buckets, heads]
     relative_buckets: Optional[Callable[[int, torch.device], torch.Tensor]] = None
     disentangled: Optional[Disentangled] = None
+    pre_norm: bool = False  # decoders: pre-norm layers, causal attention
+    rotary: Optional[nn.Module] = None  # decoders: the model's rotary embedding module
+    final_norm: Optional[nn.Module] = None  # decoders: the norm before the LM head
 
 
 def _bert_style_export(config: PretrainedConfig, cfg: SubnetConfig, head_dim: int, ffn_name: str = "intermediate_size") -> None:
@@ -96,6 +102,7 @@ class Family:
     module_names: dict[str, str] = field(default_factory=dict)  # role -> family-native module name
     lora_targets: tuple[str, ...] = ()  # default KD-LoRA targets; () = the query and value modules
     layout: Optional[Callable[[PreTrainedModel], Layout]] = None  # None: peft LoRA only, not elastic
+    model_class: str = "ForSequenceClassification"  # how the elastic model's class name ends
     export_config: Callable[[PretrainedConfig, SubnetConfig, int], None] = _bert_style_export
 
     @property
@@ -227,6 +234,34 @@ def _deberta_v2_export(config: PretrainedConfig, cfg: SubnetConfig, head_dim: in
     config.attention_head_size = head_dim
 
 
+def _llama(model: PreTrainedModel) -> Layout:
+    from transformers.activations import ACT2FN
+
+    config, base = model.config, model.model
+    if config.attention_bias or config.mlp_bias or config.tie_word_embeddings:
+        raise ValueError("elastic Llama does not support attention_bias, mlp_bias or tie_word_embeddings")
+    layers = [LayerLayout(query=l.self_attn.q_proj, key=l.self_attn.k_proj, value=l.self_attn.v_proj,
+                          attention_output=l.self_attn.o_proj, attention_norm=l.input_layernorm, intermediate=l.mlp.up_proj,
+                          output=l.mlp.down_proj, output_norm=l.post_attention_layernorm, gate=l.mlp.gate_proj)
+              for l in base.layers]
+    return Layout(
+        family="llama", word=base.embed_tokens, position=None, token_type=None, embedding_norm=None, layers=layers,
+        activation=ACT2FN[config.hidden_act], head_dense=None, classifier=model.lm_head, head_activation=None,
+        hidden_dropout=0.0, attention_dropout=config.attention_dropout, classifier_dropout=0.0,
+        attention_output_dropout=False, pre_norm=True, rotary=base.rotary_emb, final_norm=base.norm,
+    )
+
+
+def _llama_export(config: PretrainedConfig, cfg: SubnetConfig, head_dim: int) -> None:
+    group = config.num_attention_heads // config.num_key_value_heads
+    _bert_style_export(config, cfg, head_dim)
+    if config.num_attention_heads % group:
+        raise ValueError(f"subnet {cfg.name}: a Llama export has hidden/head size = {config.num_attention_heads} heads, "
+                         f"not a multiple of the maxnet's {group} query heads per key/value head")
+    config.num_key_value_heads = config.num_attention_heads // group
+    config.head_dim = head_dim
+
+
 _BERT_NAMES = {"query": "query", "key": "key", "value": "value", "attention_output": "attention.output",
                "intermediate": "intermediate", "output": "output"}
 
@@ -242,6 +277,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="deberta-v2", module_names={**_BERT_NAMES, "query": "query_proj", "key": "key_proj",
                                                   "value": "value_proj"},
            layout=_deberta_v2, export_config=_deberta_v2_export),
+    Family(model_type="llama", module_names={"query": "q_proj", "key": "k_proj", "value": "v_proj",
+                                             "attention_output": "o_proj", "intermediate": "up_proj", "output": "down_proj"},
+           layout=_llama, model_class="ForCausalLM", export_config=_llama_export),
     Family(model_type="electra", module_names=_BERT_NAMES),
     Family(model_type="deberta", lora_targets=("in_proj",)),  # DeBERTa v1: one fused q/k/v projection
 )}
@@ -253,13 +291,15 @@ ROLE_ALIASES = {name: role for f in FAMILIES.values() for role, name in f.module
 
 
 def elastic_family(model: PreTrainedModel) -> Family:
-    """The registry entry of an elastic `*ForSequenceClassification` model (ValueError otherwise)."""
+    """The registry entry of an elastic model (`*ForSequenceClassification`; Llama `*ForCausalLM`), else a ValueError."""
     family = FAMILIES.get(getattr(model.config, "model_type", None))
-    if family is None or family.layout is None or not type(model).__name__.endswith("ForSequenceClassification"):
-        raise ValueError(
-            f"elastic slicing supports *ForSequenceClassification models of families {', '.join(SUPPORTED_FAMILIES)}; "
-            f"got {type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})"
-        )
+    if family is None or family.layout is None or not type(model).__name__.endswith(family.model_class):
+        kinds = {}
+        for name in SUPPORTED_FAMILIES:
+            kinds.setdefault(FAMILIES[name].model_class, []).append(name)
+        supported = " and ".join(f"*{suffix} models of families {', '.join(names)}" for suffix, names in kinds.items())
+        raise ValueError(f"elastic slicing supports {supported}; got {type(model).__name__} "
+                         f"(model_type {getattr(model.config, 'model_type', None)!r})")
     return family
 
 

@@ -7,7 +7,8 @@ leading rows/columns, and the LoRA matrices through the matching slices. Head si
 maxnet's, so `num_heads` selects the leading heads. transformers v5 has no head masking or pruning,
 so the blocks reproduce the Hugging Face math of each family with functional ops on the sliced
 weights (post-LN encoders: BERT, RoBERTa/XLM-R, MPNet, DistilBERT, and DeBERTa-v2/v3 with
-disentangled attention, except the ConvLayer / embed_proj / z_steps variants).
+disentangled attention, except the ConvLayer / embed_proj / z_steps variants; and the pre-norm Llama
+decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, logits at every position).
 
 Storage mode: the encoder holds one base model plus the adapters (the only owners of parameters,
 so checkpoints name them `model.…` and `lora.layer<i>_<role>.{A,B}.<stage>`); `materialize(Φ)`
@@ -29,8 +30,8 @@ from transformers import PreTrainedModel
 
 from kdlora.elastic.blocks import (ROLES, Axes, ClassifierHead, DisentangledAttention, DisentangledPositions,
                                    ElasticAttention, ElasticEmbedding, ElasticFFN, ElasticLayerNorm, ElasticLinear,
-                                   EncoderEmbeddings, LoraStages, PaddingMask, RelativePositionBias, TransformerLayer,
-                                   leaves, parameter_count)
+                                   ElasticRMSNorm, Embeddings, LMHead, LoraStages, PaddingMask, PreNormLayer, RelativePositionBias,
+                                   RotaryPositions, TransformerLayer, leaves, parameter_count)
 from kdlora.elastic.config import SubnetConfig, maxnet_config
 from kdlora.elastic.families import SUPPORTED_FAMILIES, Layout, elastic_family, lora_roles
 
@@ -39,7 +40,7 @@ __all__ = ["ROLES", "SUPPORTED_FAMILIES", "ElasticEncoder", "ElasticOutput"]
 
 @dataclass
 class ElasticOutput:
-    logits: torch.Tensor  # [B, num_labels]
+    logits: torch.Tensor  # [B, num_labels]; decoders: [B, T, vocab]
     hidden_states: Optional[list[torch.Tensor]] = None  # output of each kept layer, [B, T, h_sub]
 
 
@@ -47,8 +48,8 @@ class ElasticEncoder(nn.Module):
     """A frozen HF `*ForSequenceClassification` plus staged LoRA, runnable as any sub-network.
 
     Args:
-        model: the maxnet (BERT, RoBERTa/XLM-R, MPNet, DistilBERT or DeBERTa-v2/v3 sequence classifier). Its
-            weights are used in place (not copied) and frozen.
+        model: the maxnet (BERT, RoBERTa/XLM-R, MPNet, DistilBERT or DeBERTa-v2/v3 sequence classifier, or a
+            Llama causal LM). Its weights are used in place (not copied) and frozen.
         lora_r, lora_alpha, lora_dropout: adapter rank, scale alpha/r and input dropout.
         lora_targets: projections that get adapters: role names (query, key, value,
             attention_output, intermediate, output) or family-native names (q_lin, lin1, ...).
@@ -98,9 +99,10 @@ class ElasticEncoder(nn.Module):
         """Blocks over the layout's modules: embeddings, attention inputs, layers, head."""
         lay, d = self._layout, self._head_dim
         optional = lambda m, block: block(m) if m is not None else None  # noqa: E731
-        self.embeddings = EncoderEmbeddings(
+        norm = lambda m: ElasticLayerNorm(m) if isinstance(m, nn.LayerNorm) else ElasticRMSNorm(m)  # noqa: E731
+        self.embeddings = Embeddings(
             ElasticEmbedding(lay.word), optional(lay.position, ElasticEmbedding), optional(lay.token_type, ElasticEmbedding),
-            ElasticLayerNorm(lay.embedding_norm), dropout=lay.hidden_dropout, position_padding_idx=lay.position_padding_idx,
+            optional(lay.embedding_norm, norm), dropout=lay.hidden_dropout, position_padding_idx=lay.position_padding_idx,
             positions_first=lay.positions_first, mask_padding=lay.mask_embeddings)
         ext = lay.disentangled
         if ext is not None:
@@ -109,6 +111,8 @@ class ElasticEncoder(nn.Module):
                 position_buckets=ext.position_buckets, max_relative_positions=ext.max_relative_positions)
         elif lay.relative_bias is not None:
             self.attention_inputs = RelativePositionBias(ElasticEmbedding(lay.relative_bias), lay.relative_buckets)
+        elif lay.rotary is not None:
+            self.attention_inputs = RotaryPositions(lay.rotary)
         else:
             self.attention_inputs = PaddingMask()
         layers = []
@@ -124,12 +128,16 @@ class ElasticEncoder(nn.Module):
                     position_dropout=lay.hidden_dropout)
             else:
                 attention = ElasticAttention(*qkvo, dropout=lay.attention_dropout, output_dropout=output_dropout)
-            ffn = ElasticFFN(linear["intermediate"], linear["output"], lay.activation, dropout=lay.hidden_dropout)
-            layers.append(TransformerLayer(attention, ElasticLayerNorm(parts.attention_norm), ffn,
-                                           ElasticLayerNorm(parts.output_norm)))
+            ffn = ElasticFFN(linear["intermediate"], linear["output"], lay.activation, dropout=lay.hidden_dropout,
+                             gate=optional(parts.gate, ElasticLinear))
+            layer = PreNormLayer if lay.pre_norm else TransformerLayer
+            layers.append(layer(attention, norm(parts.attention_norm), ffn, norm(parts.output_norm)))
         self.layers = nn.ModuleList(layers)
-        self.head = ClassifierHead(ElasticLinear(lay.head_dense), ElasticLinear(lay.classifier), lay.head_activation,
-                                   dropout=lay.classifier_dropout, input_dropout=lay.head_input_dropout)
+        if lay.head_dense is None:
+            self.head = LMHead(norm(lay.final_norm), ElasticLinear(lay.classifier))
+        else:
+            self.head = ClassifierHead(ElasticLinear(lay.head_dense), ElasticLinear(lay.classifier), lay.head_activation,
+                                       dropout=lay.classifier_dropout, input_dropout=lay.head_input_dropout)
 
     def _linear(self, layer: int, role: str, base: nn.Linear) -> ElasticLinear:
         key = self._lora_key(layer, role)
@@ -188,7 +196,7 @@ class ElasticEncoder(nn.Module):
             self._configure(self._current)
 
     def head_modules(self) -> list[nn.Linear]:
-        return [self._layout.head_dense, self._layout.classifier]
+        return [m for m in (self._layout.head_dense, self._layout.classifier) if m is not None]
 
     def set_trainable_head(self, trainable: bool = True) -> None:
         """(Un)freeze the pooler/classifier head (shared by all subnets, sliced like the rest)."""
@@ -248,7 +256,7 @@ class ElasticEncoder(nn.Module):
             x = self.layers[g](x, attention_inputs)
             if hidden_states is not None:
                 hidden_states.append(x)
-        return ElasticOutput(self.head(x[:, 0]), hidden_states)
+        return ElasticOutput(self.head(x), hidden_states)
 
     # ---- sizes ----
     def parameter_count(self, cfg: Optional[SubnetConfig] = None, trainable_only: bool = False) -> int:
