@@ -18,19 +18,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
+from kdlora.elastic.families import FAMILIES
+
 log = logging.getLogger(__name__)
 
-# Attention query/value projections per `config.model_type`: the KD-LoRA paper's LoRA targets.
-LORA_TARGETS: dict[str, list[str]] = {
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "deberta": ["in_proj"],
-    "distilbert": ["q_lin", "v_lin"],
-    "mpnet": ["q", "v"],
-}
+# Attention query/value projections per `config.model_type`: the KD-LoRA paper's LoRA targets,
+# read from the family registry (which also names each family's other projections).
+LORA_TARGETS: dict[str, list[str]] = {name: list(f.default_lora_targets) for name, f in FAMILIES.items()}
 
 
 def model_family(model_or_config) -> str:

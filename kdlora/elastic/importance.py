@@ -18,22 +18,13 @@ from typing import Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from kdlora.elastic.blocks import permute_axes
 from kdlora.elastic.model import ElasticEncoder
 from kdlora.losses import task_loss
 
 log = logging.getLogger(__name__)
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
-
-
-@torch.no_grad()
-def _permute_rows(t: torch.Tensor, index: torch.Tensor) -> None:
-    t.copy_(t.index_select(0, index))
-
-
-@torch.no_grad()
-def _permute_cols(t: torch.Tensor, index: torch.Tensor) -> None:
-    t.copy_(t.index_select(1, index))
 
 
 def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tensors: list[torch.Tensor],
@@ -95,83 +86,24 @@ def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_b
 
 @torch.no_grad()
 def permute_heads(encoder: ElasticEncoder, layer: int, order: torch.Tensor, permute_shared_bias: bool = True) -> None:
-    """Make head order[j] of `layer` the new head j (Q/K/V rows, attention-output columns, adapters)."""
-    d = encoder.head_dim
-    rows = (order[:, None] * d + torch.arange(d)[None, :]).reshape(-1).to(encoder.linear_module(layer, "query").weight.device)
-    for role in ("query", "key", "value"):
-        linear = encoder.linear_module(layer, role)
-        _permute_rows(linear.weight, rows)
-        if linear.bias is not None:
-            _permute_rows(linear.bias, rows)
-        for _, B in encoder.adapters(layer, role):
-            _permute_rows(B, rows)
-    deberta = encoder._layout.deberta
-    if deberta is not None:
-        for proj in (deberta.pos_key_proj[layer], deberta.pos_query_proj[layer]):
-            if proj is not None:
-                _permute_rows(proj.weight, rows)
-                _permute_rows(proj.bias, rows)
-    _permute_cols(encoder.linear_module(layer, "attention_output").weight, rows)
-    for A, _ in encoder.adapters(layer, "attention_output"):
-        _permute_cols(A, rows)
-    bias = encoder._layout.relative_bias
-    if bias is not None and permute_shared_bias:
-        _permute_cols(bias.weight, order.to(bias.weight.device))
+    """Make head order[j] of `layer` the new head j (Q/K/V rows, attention-output columns, adapters).
+
+    With `permute_shared_bias`, also a per-head table all layers share (MPNet's relative bias).
+    """
+    encoder.layers[layer].attention.permute_heads(order)
+    if permute_shared_bias and encoder.attention_inputs.shares_heads:
+        encoder.attention_inputs.permute_heads(order)
 
 
 @torch.no_grad()
 def permute_neurons(encoder: ElasticEncoder, layer: int, order: torch.Tensor) -> None:
     """Make FFN neuron order[j] of `layer` the new neuron j (intermediate rows, output columns, adapters)."""
-    inner = encoder.linear_module(layer, "intermediate")
-    order = order.to(inner.weight.device)
-    _permute_rows(inner.weight, order)
-    if inner.bias is not None:
-        _permute_rows(inner.bias, order)
-    for _, B in encoder.adapters(layer, "intermediate"):
-        _permute_rows(B, order)
-    _permute_cols(encoder.linear_module(layer, "output").weight, order)
-    for A, _ in encoder.adapters(layer, "output"):
-        _permute_cols(A, order)
-
-
-def hidden_axes(encoder: ElasticEncoder, adapters: bool = True) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, axis) for every axis that indexes the hidden (residual-stream) dimension.
-
-    Permuting all of them alike leaves the maxnet's function unchanged: LayerNorm is
-    permutation-equivariant, and every reader/writer of the residual stream is permuted with it.
-    The pooler/head dense layer's output axis shares the permutation with the classifier's input.
-    """
-    lay = encoder._layout
-    axes: list[tuple[torch.Tensor, int]] = [(e.weight, 1) for e in (lay.word, lay.position, lay.token_type) if e is not None]
-    norms = [lay.embedding_norm] + [n for layer in lay.layers for n in (layer.attention_norm, layer.output_norm)]
-    for layer_index, layer in enumerate(lay.layers):
-        for role in ("query", "key", "value", "intermediate"):  # read the residual stream
-            axes.append((getattr(layer, role).weight, 1))
-            if adapters:
-                axes += [(A, 1) for A, _ in encoder.adapters(layer_index, role)]
-        for role in ("attention_output", "output"):  # write it
-            linear = getattr(layer, role)
-            axes.append((linear.weight, 0))
-            if linear.bias is not None:
-                axes.append((linear.bias, 0))
-            if adapters:
-                axes += [(B, 0) for _, B in encoder.adapters(layer_index, role)]
-    if lay.deberta is not None:
-        axes.append((lay.deberta.rel_embeddings.weight, 1))
-        if lay.deberta.rel_norm is not None:
-            norms.append(lay.deberta.rel_norm)
-        for proj in lay.deberta.pos_key_proj + lay.deberta.pos_query_proj:
-            if proj is not None:
-                axes.append((proj.weight, 1))
-    for norm in norms:
-        axes += [(norm.weight, 0), (norm.bias, 0)]
-    axes += [(lay.head_dense.weight, 0), (lay.head_dense.weight, 1), (lay.head_dense.bias, 0), (lay.classifier.weight, 1)]
-    return axes
+    encoder.layers[layer].ffn.permute_neurons(order)
 
 
 def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None) -> torch.Tensor:
     """Importance [hidden] of each residual-stream dimension: Σ |W ⊙ ∂L/∂W| over the weights indexed by it."""
-    axes = hidden_axes(encoder, adapters=False)
+    axes = encoder.hidden_axes(adapters=False)
     tensors = list({id(t): t for t, _ in axes}.values())
     score = torch.zeros(encoder.max_config.hidden_size, dtype=torch.float64)
     seen = 0
@@ -187,9 +119,12 @@ def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_b
 
 @torch.no_grad()
 def permute_hidden(encoder: ElasticEncoder, order: torch.Tensor) -> None:
-    """Make hidden dimension order[j] the new dimension j everywhere (weights, norms, adapters, head)."""
-    for t, axis in hidden_axes(encoder):
-        t.copy_(t.index_select(axis, order.to(t.device)))
+    """Make hidden dimension order[j] the new dimension j everywhere (weights, norms, adapters, head).
+
+    This leaves the maxnet's function unchanged: LayerNorm is permutation-equivariant, and every
+    reader/writer of the residual stream (`ElasticEncoder.hidden_axes`) is permuted with it.
+    """
+    permute_axes(encoder.hidden_axes(), order)
 
 
 def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, dataloader: Iterable[dict],
@@ -212,7 +147,7 @@ def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, datal
         encoder = ElasticEncoder(encoder_or_hf_model).train(was_training)
     try:
         head_score, neuron_score = importance_scores(encoder, dataloader, num_batches)
-        shared_bias = encoder._layout.relative_bias is not None
+        shared_bias = encoder.attention_inputs.shares_heads
         if shared_bias:
             head_score = head_score.sum(0, keepdim=True).expand_as(head_score)
         # Stable sort: ties keep the original order (so an all-zero layer is left as it is).
