@@ -21,9 +21,9 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     python benchmarks/mlfs_palette.py latency --task mrpc
     # tables (markdown + JSON) and the ablation figures (PNG)
     python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette
-    python benchmarks/mlfs_palette.py ablations --task stsb --out benchmarks/results/mlfs_ablations
-    # (the ablation runs: mlfs --name abl-paper | abl-gamma0 | abl-gamma1 | abl-rank4 | abl-rank16, with the
-    # gamma / lora_r overrides; benchmarks/results/mlfs_ablations.md gives the exact commands)
+    python benchmarks/mlfs_palette.py mlfs --task sst2 --name gamma0 -- --model.init_args.gamma 0   # ... gamma2, rank4, rank16
+    python benchmarks/mlfs_palette.py ablations --task sst2 --runs paper gamma0 gamma2 rank4 rank16 \
+        --out benchmarks/results/mlfs_ablations_sst2
 
 "start" in the tables is the member sliced from the stage-0 maxnet: with a pretrained base the
 maxnet only does the task after stage 0 (its LoRA fine-tuning), so that is the teacher the subnets
@@ -231,56 +231,69 @@ def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def cmd_ablations(a) -> None:
+    """The paper's two ablations from finished MLFS runs of one task: gradient scaling (runs that differ from
+    the first, the reference, in gamma only: the minnet's training loss over steps, Fig. 3) and LoRA rank
+    (runs that differ in lora_r only: every member's dev score at the end of stage 2, Fig. 4)."""
     import matplotlib
+    import yaml
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = {}
+    for name in a.runs:
+        try:
+            run = latest_run(RUNS / a.task / name)
+        except FileNotFoundError:
+            print(f"skipping {name}: no finished run")
+            continue
+        hp = yaml.safe_load((run / "hparams.yaml").read_text())
+        runs[name] = {"run": str(run), "gamma": float(hp["gamma"]), "lora_r": int(hp["lora_r"]),
+                      "final": {n: r["score"] for n, r in rows_by_name(run / "palette_final.json").items()},
+                      "smallest_loss": scalars(run, "train/smallest_loss"), "stage": scalars(run, "train/stage")}
+    ref = runs[a.runs[0]]
+    by_gamma = {r["gamma"]: (n, r) for n, r in runs.items() if r["lora_r"] == ref["lora_r"]}
+    by_rank = {r["lora_r"]: (n, r) for n, r in runs.items() if r["gamma"] == ref["gamma"]}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result, md = {"task": a.task, "gamma": {}, "rank": {}}, [f"# MLFS ablations on {a.task} (MiniLM-L6, paper recipe)", ""]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for gamma, name in (("0", f"{a.prefix}gamma0"), ("1", f"{a.prefix}gamma1"), ("2", f"{a.prefix}paper")):
-        try:
-            run = latest_run(RUNS / a.task / name)
-        except FileNotFoundError:
-            continue
-        curve = scalars(run, "train/smallest_loss")
-        final = rows_by_name(run / "palette_final.json")
-        result["gamma"][gamma] = {"run": str(run), "smallest_loss": curve, "final": {n: r["score"] for n, r in final.items()}}
-        if curve:
-            ax.plot([s for s, _ in curve], [v for _, v in curve], label=f"γ = {gamma}")
-    ax.set_xlabel("step"); ax.set_ylabel("minnet training loss (stage 2; smallest full-depth subnet in stage 1)")
-    ax.set_title(f"{a.task}: gradient scaling (Fig. 3)"); ax.legend()
-    fig.tight_layout(); fig.savefig(out.parent / f"{out.name}_gamma.png", dpi=120); plt.close(fig)
-    md += ["## Gradient scaling γ: dev score (×100) at the end of stage 2", "",
-           "| γ | " + " | ".join(next(iter(result["gamma"].values()))["final"]) + " |" if result["gamma"] else "", ]
-    if result["gamma"]:
-        md.append("|---|" + "---|" * len(next(iter(result["gamma"].values()))["final"]))
-        for g, r in result["gamma"].items():
-            md.append(f"| {g} | " + " | ".join(pct(v) for v in r["final"].values()) + " |")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for rank, name in (("4", f"{a.prefix}rank4"), ("8", f"{a.prefix}paper"), ("16", f"{a.prefix}rank16")):
-        try:
-            run = latest_run(RUNS / a.task / name)
-        except FileNotFoundError:
-            continue
-        final = rows_by_name(run / "palette_final.json")
-        result["rank"][rank] = {"run": str(run), "final": {n: r["score"] for n, r in final.items()}}
-    if result["rank"]:
-        members = list(next(iter(result["rank"].values()))["final"])
-        for m in members:
-            ranks = [int(r) for r in result["rank"]]
-            ax.plot(ranks, [100 * result["rank"][str(r)]["final"].get(m, float("nan")) for r in ranks], marker="o", label=m)
-        ax.set_xscale("log", base=2); ax.set_xticks([4, 8, 16], ["4", "8", "16"])
-        ax.set_xlabel("LoRA rank r"); ax.set_ylabel("dev score ×100 (end of stage 2)"); ax.set_title(f"{a.task}: LoRA rank (Fig. 4)")
-        ax.legend(fontsize=7)
-        md += ["", "## LoRA rank r: dev score (×100) at the end of stage 2", "", "| r | " + " | ".join(members) + " |",
-               "|---|" + "---|" * len(members)]
-        for r, v in result["rank"].items():
-            md.append(f"| {r} | " + " | ".join(pct(v["final"].get(m)) for m in members) + " |")
-    fig.tight_layout(); fig.savefig(out.parent / f"{out.name}_rank.png", dpi=120); plt.close(fig)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    members = list(ref["final"])
+    md = [f"# MLFS ablations on {a.task}: gradient scaling γ and LoRA rank r (MiniLM-L6, paper recipe)", "",
+          f"Runs: `python benchmarks/mlfs_palette.py mlfs --task {a.task} --name NAME --train-samples {a.train_samples} -- "
+          "--data.batch_size 16 [--model.init_args.gamma G | --model.init_args.lora_r R --model.init_args.lora_alpha 2R]`, then "
+          f"`python benchmarks/mlfs_palette.py ablations --task {a.task} --runs {' '.join(a.runs)}`. Dev score ×100 at the end of stage 2.", ""]
+    if a.notes and Path(a.notes).is_file():
+        md += [Path(a.notes).read_text().strip(), ""]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for gamma, (name, r) in sorted(by_gamma.items()):
+        if r["smallest_loss"]:
+            ax.plot([s for s, _ in r["smallest_loss"]], [v for _, v in r["smallest_loss"]], label=f"γ = {gamma:g} ({name})")
+    ax.set_xlabel("step (stage 1: smallest full-depth subnet; stage 2: the minnet)")
+    ax.set_ylabel("smallest subnet's training objective")
+    ax.set_title(f"{a.task}: gradient scaling (n1/nj)^γ (Fig. 3)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_gamma.png", dpi=120)
+    plt.close(fig)
+    md += ["## Gradient scaling γ (r = %d)" % ref["lora_r"], "", "| γ | run | " + " | ".join(members) + " |", "|---" * (len(members) + 2) + "|"]
+    md += [f"| {g:g} | {n} | " + " | ".join(pct(r["final"].get(m)) for m in members) + " |" for g, (n, r) in sorted(by_gamma.items())]
+    md += ["", f"Figure: `{out.name}_gamma.png`.", ""]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ranks = sorted(by_rank)
+    for m in members:
+        ax.plot(ranks, [100 * by_rank[k][1]["final"].get(m, float("nan")) for k in ranks], marker="o", label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ranks, [str(k) for k in ranks])
+    ax.set_xlabel("LoRA rank r")
+    ax.set_ylabel("dev score ×100, end of stage 2")
+    ax.set_title(f"{a.task}: LoRA rank (Fig. 4), γ = {ref['gamma']:g}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.parent / f"{out.name}_rank.png", dpi=120)
+    plt.close(fig)
+    md += [f"## LoRA rank r (γ = {ref['gamma']:g})", "", "| r | run | " + " | ".join(members) + " |", "|---" * (len(members) + 2) + "|"]
+    md += [f"| {k} | {by_rank[k][0]} | " + " | ".join(pct(by_rank[k][1]["final"].get(m)) for m in members) + " |" for k in ranks]
+    md += ["", f"Figure: `{out.name}_rank.png`."]
+    out.with_suffix(".json").write_text(json.dumps({"task": a.task, "runs": runs}, indent=2))
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -294,7 +307,8 @@ def main(argv=None) -> int:
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
         p.add_argument("--name", default="paper", help="run name under runs/mlfs_palette/<task>/ (the MLFS run for table/latency)")
         p.add_argument("--member", default="h256-a6-f768-l0.3.5", help="alone: the subnet name of the slice to train")
-        p.add_argument("--prefix", default="abl-", help="ablations: the runs are <prefix>{paper,gamma0,gamma1,rank4,rank16}")
+        p.add_argument("--runs", nargs="+", default=["paper", "gamma0", "gamma2", "rank4", "rank16"],
+                       help="ablations: run names, the reference (the paper's recipe) first")
         p.add_argument("--pretrained", default="models/minilm")
         p.add_argument("--data-dir", default="../shared/glue")
         p.add_argument("--train-samples", type=int, default=1000)
