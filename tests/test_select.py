@@ -127,7 +127,11 @@ def test_select_by_params_meets_budget_scores_on_holdout_and_exports(trained_che
 
     plain = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     cfg = SubnetConfig.from_name(best["name"])
-    assert sum(p.numel() for p in plain.parameters()) == best["params"]
+    exported = sum(p.numel() for p in plain.parameters())
+    # An HF model needs heads × head size = hidden size, so fewer heads are exported zero-padded (more parameters,
+    # the same function); the count of what the subnet uses is best["params"]. Which one wins a tie is timing noise.
+    padded = min(cfg.heads_per_layer()) * module.encoder.head_dim < cfg.hidden_size
+    assert exported > best["params"] if padded else exported == best["params"]
     info = json.loads((out / "model" / "subnet.json").read_text())
     assert info["selected_by"]["split"] == "holdout" and "dev_score" in info
     ids = torch.randint(5, 100, (2, 12))
