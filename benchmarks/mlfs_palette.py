@@ -250,7 +250,7 @@ def cmd_ablations(a) -> None:
         hp = yaml.safe_load((run / "hparams.yaml").read_text())
         runs[name] = {"run": str(run), "gamma": float(hp["gamma"]), "lora_r": int(hp["lora_r"]),
                       "final": {n: r["score"] for n, r in rows_by_name(run / "palette_final.json").items()},
-                      "smallest_loss": scalars(run, "train/smallest_loss"), "stage": scalars(run, "train/stage")}
+                      "smallest_loss": scalars(run, "train/smallest_loss"), "smallest_task": scalars(run, "train/smallest_task")}
     ref = runs[a.runs[0]]
     by_gamma = {r["gamma"]: (n, r) for n, r in runs.items() if r["lora_r"] == ref["lora_r"]}
     by_rank = {r["lora_r"]: (n, r) for n, r in runs.items() if r["gamma"] == ref["gamma"]}
@@ -263,14 +263,15 @@ def cmd_ablations(a) -> None:
           f"`python benchmarks/mlfs_palette.py ablations --task {a.task} --runs {' '.join(a.runs)}`. Dev score ×100 at the end of stage 2.", ""]
     if a.notes and Path(a.notes).is_file():
         md += [Path(a.notes).read_text().strip(), ""]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for gamma, (name, r) in sorted(by_gamma.items()):
-        if r["smallest_loss"]:
-            ax.plot([s for s, _ in r["smallest_loss"]], [v for _, v in r["smallest_loss"]], label=f"γ = {gamma:g} ({name})")
-    ax.set_xlabel("step (stage 1: smallest full-depth subnet; stage 2: the minnet)")
-    ax.set_ylabel("smallest subnet's training objective")
-    ax.set_title(f"{a.task}: gradient scaling (n1/nj)^γ (Fig. 3)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, what in zip(axes, ("smallest_loss", "smallest_task"), ("objective", "task loss")):
+        for gamma, (name, r) in sorted(by_gamma.items()):
+            if r[key]:
+                ax.plot([s for s, _ in r[key]], [v for _, v in r[key]], label=f"γ = {gamma:g} ({name})")
+        ax.set_xlabel("step (stage 1: smallest full-depth subnet; stage 2: the minnet)")
+        ax.set_ylabel(f"smallest subnet's training {what}")
+        ax.legend()
+    fig.suptitle(f"{a.task}: gradient scaling (n1/nj)^γ (Fig. 3)")
     fig.tight_layout()
     fig.savefig(out.parent / f"{out.name}_gamma.png", dpi=120)
     plt.close(fig)
