@@ -103,9 +103,11 @@ def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) 
     if (out / "model.safetensors").is_file():
         return
     spec = get_task(task)
+    cfg = None if member == "max" else SubnetConfig.from_name(member)  # a bad name fails before the model loads
     model, _ = load_classifier(pretrained, spec.num_labels, spec.is_regression)  # the task's head config (STS-B: 1 output)
     encoder = ElasticEncoder(model)
-    cfg = encoder.max_config if member == "max" else SubnetConfig.from_name(member)
+    cfg = cfg or encoder.max_config
+    cfg.validate(encoder.max_config)
     encoder.export_hf(cfg, out, load_tokenizer(pretrained))
     weights = out / "model.safetensors"
     tensors = {k: v for k, v in load_file(weights).items() if not k.startswith("classifier.")}
@@ -320,7 +322,14 @@ def main(argv=None) -> int:
         p.add_argument("--notes", help="table: a markdown file of notes put under the title")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
-    {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
+    try:
+        {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # a bad member name, task or missing run: one line
+        print(f"mlfs_palette: error: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:  # train.py printed its own error above
+        print(f"mlfs_palette: error: {' '.join(e.cmd[:3])} ... exited {e.returncode}", file=sys.stderr)
+        return e.returncode
     return 0
 
 
