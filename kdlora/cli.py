@@ -113,6 +113,15 @@ class KDLoRACLI(LightningCLI):
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is d for d in defaults)]
         return trainer
 
+    def after_fit(self) -> None:
+        # Select on the held-out part of train, report dev: the best checkpoint is scored on dev once
+        # (results.json gains "test"; `python -m kdlora.report --split test` ranks by the held-out score).
+        trainer, dm = self.trainer, self.datamodule
+        if (getattr(dm, "holdout_fraction", 0) > 0 and getattr(self.model, "TEST_ON_DEV_AFTER_HELD_OUT_FIT", False)
+                and not trainer.fast_dev_run and not trainer.interrupted and trainer.checkpoint_callback is not None
+                and trainer.checkpoint_callback.best_model_path):
+            trainer.test(self.model, datamodule=dm, ckpt_path=trainer.checkpoint_callback.best_model_path)
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         # Evaluating or predicting with weights initialised at random just now (the classifier head a

@@ -178,20 +178,27 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
     """{method: {task: {score, metrics, n, k}, "average": ...}}: scores ×100. Per cell (method, task) the
     runs are ranked by score and the `top_k` best kept (all of them where fewer: ``k`` < `top_k`); the
     cell's score and each metric are the median over those. ``average``: mean of the paper's columns
-    (`columns`: MNLI-m and MNLI-mm count separately). Diverged runs (`divergence`) are left out:
+    (`columns`: MNLI-m and MNLI-mm count separately). With ``split="test"`` (dev, scored after a fit
+    that selected on a held-out part of train) the runs are ranked by their held-out score
+    (``val_best``) and the cell is the median of the top-k runs' dev scores. Diverged runs (`divergence`) are left out:
     see `diverged_runs`. One run per cell gives that run's numbers."""
-    cells: dict[str, dict[str, list[dict[str, float]]]] = {}
+    rank_split = "val_best" if split == "test" else split
+    cells: dict[str, dict[str, list[tuple[float, dict[str, float]]]]] = {}
     for run in runs:
         values = run.get(split)
         if not values or divergence(run, split):
             continue
-        cells.setdefault(method_of(run), {}).setdefault(get_task(run["run"]["task"]).name, []).append(values)
+        rank_by = (run.get(rank_split) or values)["score"]
+        cells.setdefault(method_of(run), {}).setdefault(get_task(run["run"]["task"]).name, []).append((rank_by, values))
     table: dict[str, dict[str, Any]] = {}
     for method, tasks in cells.items():
         row: dict[str, Any] = {}
-        for task, results in tasks.items():
-            score, k = median_of_top_k([r["score"] for r in results], top_k)
-            top = sorted(results, key=lambda r: r["score"], reverse=True)[:k]
+        for task, ranked in tasks.items():
+            ranked = sorted(ranked, key=lambda rv: rv[0], reverse=True)
+            k = median_of_top_k([rank for rank, _ in ranked], top_k)[1]
+            results = [values for _, values in ranked]
+            top = results[:k]
+            score = statistics.median(r["score"] for r in top)
             names = get_task(task).metric_names()
             metrics = {m: 100 * statistics.median(r[m] for r in top if m in r) for m in names if any(m in r for r in top)}
             row[task] = {"score": 100 * score, "metrics": metrics, "n": len(results), "k": k}
@@ -478,14 +485,17 @@ def _millions(n: Optional[float]) -> str:
 
 def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS,
                     palette_items: Sequence[dict] = (), excluded: Sequence[dict] = (), top_k: int = TOP_K,
-                    compared: Optional[dict] = None, unfinished: Sequence[str] = ()) -> str:
+                    compared: Optional[dict] = None, unfinished: Sequence[str] = (), split: str = "val_best") -> str:
     lines = ["# KD-LoRA report", ""]
+    protocol = {"val_best": f"at the best validation epoch: the median of the top {top_k} runs by that score (the paper's protocol)",
+                "val_last": f"at the last validation epoch: the median of the top {top_k} runs by that score",
+                "test": f"on dev, of the checkpoint selected on a held-out part of train: the median of the dev scores "
+                        f"of the top {top_k} runs by held-out score (the paper's protocol, with selection off the reported split)"}[split]
     tasks = [t for t in TASK_ORDER if any(t in row for row in t1.values())]
     methods = [m for m in METHOD_ORDER if m in t1] + sorted(m for m in t1 if m not in METHOD_ORDER)
     lines += ["## Table 1: GLUE validation scores (×100)", "",
               "Each cell is the task's GLUE score (mean of its metrics: CoLA MCC, STS-B Pearson/Spearman, "
-              f"MRPC/QQP accuracy/F1, else accuracy) at the best validation epoch: the median of the top {top_k} runs "
-              "by that score (the paper's protocol), n = the runs behind the cell. MNLI-m and MNLI-mm are separate "
+              f"MRPC/QQP accuracy/F1, else accuracy) {protocol}, n = the runs behind the cell. MNLI-m and MNLI-mm are separate "
               "columns of the average, as in the paper.", ""]
     if methods:
         mnli_split = any("mnli" in t1[m] and len(columns("mnli", t1[m]["mnli"])) == 2 for m in methods)
@@ -590,7 +600,7 @@ def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, 
     data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "palettes": pals, "ranks": list(ranks),
             "runs": [r["dir"] for r in runs], "split": split, "top_k": top_k, "diverged_runs": excluded,
             "unfinished_sweep_attempts": unfinished, "paper_comparison": compared}
-    return render_markdown(t1, params, eff, ranks, pals, excluded, top_k, compared, unfinished), data
+    return render_markdown(t1, params, eff, ranks, pals, excluded, top_k, compared, unfinished, split), data
 
 
 def parse_pair(text: str) -> tuple[str, tuple[str, str]]:

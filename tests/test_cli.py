@@ -101,3 +101,30 @@ def test_parser_errors_are_one_line_with_their_cause(tiny_bert_dir, small_glue_d
     assert code == 2
     assert err.startswith("kdlora: error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_fit_with_holdout_selects_on_it_then_scores_dev(tiny_bert_dir, small_glue_dir, tmp_path):
+    """`data.holdout_fraction`: selection on the held-out part of train, then the best checkpoint's dev
+    score in results.json["test"], equal to the exported model's accuracy on dev computed here."""
+    import csv
+    import json
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    export = tmp_path / "export"
+    args = _args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--data.holdout_fraction", "0.25",
+                 "--model.export_dir", str(export), "--model.learning_rate", "1e-3", "--trainer.max_epochs", "2",
+                 "--trainer.callbacks+=kdlora.callbacks.GLUEResults")
+    assert cli_main(["fit", *args]) == 0
+    results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
+    assert {"val_best", "test"} <= results.keys()
+    with open(small_glue_dir / "RTE" / "dev.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    tokenizer, model = AutoTokenizer.from_pretrained(export), AutoModelForSequenceClassification.from_pretrained(export).eval()
+    with torch.no_grad():
+        enc = tokenizer([r["sentence1"] for r in rows], [r["sentence2"] for r in rows], padding=True, truncation=True,
+                        max_length=128, return_tensors="pt")
+        predicted = model(**enc).logits.argmax(-1).tolist()
+    labels = [["entailment", "not_entailment"].index(r["label"]) for r in rows]
+    expected = sum(p == y for p, y in zip(predicted, labels)) / len(rows)
+    assert results["test"]["accuracy"] == pytest.approx(expected, abs=1e-6)

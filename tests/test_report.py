@@ -234,3 +234,17 @@ def test_paper_claims_beside_our_ratios(tmp_path):
 def test_bad_top_k_is_one_clear_error(tmp_path, capsys):
     assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs", "--top-k", "0"]) == 2
     assert "--top-k must be at least 1, got 0" in capsys.readouterr().err and not (tmp_path / "r.md").exists()
+
+
+def test_split_test_ranks_by_held_out_and_reports_dev(tmp_path):
+    """`--split test`: the top-k runs by held-out score (val_best), then the median of their dev scores."""
+    held_out = [0.9, 0.8, 0.7, 0.6]  # ranking on held-out keeps runs 0, 1, 2 for k = 3
+    dev = [0.60, 0.70, 0.50, 0.95]   # run 3 is the best on dev but is not among the top 3 held out
+    for i, (h, d) in enumerate(zip(held_out, dev)):
+        _fake_run(tmp_path, f"r{i}", "Teacher", "rte", {"accuracy": h, "score": h}, "full", test={"accuracy": d, "score": d})
+    runs = report.find_runs([tmp_path])
+    cell = report.table1(runs, split="test", top_k=3)["FFT"]["rte"]
+    assert cell["score"] == pytest.approx(60.0) and cell["metrics"]["accuracy"] == pytest.approx(60.0)  # median(.6, .7, .5)
+    assert report.table1(runs, split="val_best", top_k=3)["FFT"]["rte"]["score"] == pytest.approx(80.0)
+    md, _ = report.build_report([str(tmp_path)], pairs={}, split="test", top_k=3)
+    assert "selected on a held-out part of train" in md

@@ -83,6 +83,10 @@ class GLUEModule(L.LightningModule):
     checkpoint is ever written from non-finite weights.
     """
 
+    # With a held-out split for selection (`data.holdout_fraction`), `train.py fit` then scores the best
+    # checkpoint on dev (`test`): selected on held-out data, reported on dev. The supernet scores its palette itself.
+    TEST_ON_DEV_AFTER_HELD_OUT_FIT = True
+
     def __init__(
         self,
         task: str = "mrpc",

@@ -115,6 +115,7 @@ class SuperTransformer(GLUEModule):
     """
 
     # What to evaluate and write, not what was trained: `train.py validate --ckpt_path ...` may change them.
+    TEST_ON_DEV_AFTER_HELD_OUT_FIT = False  # on_fit_end already writes the dev palette
     EVALUATION_ARGS = ("palette", "measure_latency", "latency_batch_size", "latency_seq_len", "export", "export_dir")
 
     def __init__(
