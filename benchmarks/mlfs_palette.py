@@ -68,12 +68,22 @@ def latest_run(path: Path) -> Path:
     return finished[-1]
 
 
+def seeded(name: str, seed: int) -> str:
+    """The run name of `name` at `seed` (the default seed 42 keeps the plain name)."""
+    return name if seed == 42 else f"{name}-s{seed}"
+
+
+def seed_args(a) -> list[str]:
+    return ["--seed_everything", str(a.seed)]
+
+
 def cmd_mlfs(a) -> None:
-    out = RUNS / a.task / a.name
-    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
+    name = seeded(a.name, a.seed)
+    out = RUNS / a.task / name
+    run_fit([*seed_args(a), "--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
              "--model.init_args.stage_palettes", "true", "--model.init_args.measure_latency", "false",
              "--model.init_args.export_dir", str(out / "export"),
-             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", a.name,
+             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
              *a.overrides])
 
 
@@ -115,11 +125,11 @@ def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) 
 
 
 def cmd_alone(a) -> None:
-    name = f"alone-{a.member}"
+    name = seeded(f"alone-{a.member}", a.seed)
     model_dir = RUNS / a.task / name / "model"
     export_pretrained_slice(a.member, a.pretrained, model_dir, a.task)
     epochs = task_epochs(a.task)
-    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
+    run_fit([*seed_args(a), "--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
              "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.palette", "[max]",
              "--model.init_args.stage_epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs),
              "--model.init_args.measure_latency", "false", "--model.init_args.export", "false",
@@ -301,10 +311,73 @@ def cmd_ablations(a) -> None:
     print("\n".join(md))
 
 
+def cmd_seeds(a) -> None:
+    """Every member's end-of-stage-2 dev score per seed, mean and sample sd, for the MLFS runs named in
+    --runs and for the slices trained alone (`alone-<member>`, each member that has runs at every seed)."""
+    import statistics
+
+    from kdlora.callbacks import write_atomic
+
+    table, members = {}, None
+    for name in a.runs:
+        per_seed = {}
+        for seed in a.seeds:
+            try:
+                per_seed[seed] = {n: r["score"] for n, r in rows_by_name(latest_run(RUNS / a.task / seeded(name, seed)) /
+                                                                           "palette_final.json").items()}
+            except FileNotFoundError:
+                pass
+        if per_seed:
+            table[name] = per_seed
+            members = members or list(next(iter(per_seed.values())))
+    if not table:
+        raise FileNotFoundError(f"no finished runs of {', '.join(a.runs)} under {RUNS / a.task}")
+    for m in members:
+        per_seed = {}
+        for seed in a.seeds:
+            try:
+                per_seed[seed] = {m: next(iter(rows_by_name(latest_run(RUNS / a.task / seeded(f"alone-{m}", seed)) /
+                                                            "palette_final.json").values()))["score"]}
+            except (FileNotFoundError, StopIteration):
+                pass
+        if per_seed:
+            table[f"alone-{m}"] = per_seed
+
+    def summary(values: list[float]) -> str:
+        if not values:
+            return "–"
+        sd = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
+        return f"{100 * statistics.fmean(values):.1f}{sd} (n={len(values)})"
+
+    md = [f"# MLFS across seeds on {a.task}: dev score ×100 at the end of stage 2, mean ± sd over seeds", "",
+          f"Seeds {', '.join(map(str, a.seeds))} (`seed_everything`: initialisation, dropout, subnet sampling, batch order); "
+          f"the {a.train_samples}-example training subset and the held-out split are the same in every run. Runs: "
+          f"`python benchmarks/mlfs_palette.py mlfs|alone --task {a.task} [--name NAME | --member M] --seed S "
+          f"--train-samples {a.train_samples} -- --data.batch_size 16 [overrides]`, then "
+          f"`python benchmarks/mlfs_palette.py seeds --task {a.task} --runs {' '.join(a.runs)} --seeds {' '.join(map(str, a.seeds))}`.", ""]
+    if a.notes and Path(a.notes).is_file():
+        md += [Path(a.notes).read_text().strip(), ""]
+    mlfs = [n for n in table if not n.startswith("alone-")]
+    md += ["| member | " + " | ".join(mlfs) + " | alone |", "|---" * (len(mlfs) + 2) + "|"]
+    for m in members:
+        cells = [summary([s[m] for s in table[n].values() if m in s]) for n in mlfs]
+        alone = table.get(f"alone-{m}", {})
+        cells.append(summary([s[m] for s in alone.values()]))
+        md.append(f"| {m} | " + " | ".join(cells) + " |")
+    md += ["", "Per seed:", "", "| run | member | " + " | ".join(map(str, a.seeds)) + " |", "|---" * (len(a.seeds) + 2) + "|"]
+    for n, per_seed in table.items():
+        for m in (members if not n.startswith("alone-") else [n[len("alone-"):]]):
+            md.append(f"| {n} | {m} | " + " | ".join(pct(per_seed.get(s, {}).get(m)) for s in a.seeds) + " |")
+    out = Path(a.out)
+    write_atomic(out.with_suffix(".json"), json.dumps({"task": a.task, "seeds": a.seeds, "runs": table}, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("mlfs", "fft", "alone", "latency", "table", "ablations"):
+    for name in ("mlfs", "fft", "alone", "latency", "table", "ablations", "seeds"):
         p = sub.add_parser(name)
         p.add_argument("--task", default="mrpc")
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
@@ -317,13 +390,17 @@ def main(argv=None) -> int:
         p.add_argument("--train-samples", type=int, default=1000)
         p.add_argument("--val-batches", type=int, default=4)
         p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--seed", type=int, default=42, help="mlfs/alone: seed_everything; a seed other than 42 "
+                       "suffixes the run name with -s<seed> (the training subset and held-out split stay the same)")
+        p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds: the seeds to put side by side")
         p.add_argument("--out", default="benchmarks/results/mlfs_palette")
         p.add_argument("--variants", nargs="*", default=["finetuned", "importance"], help="table: other MLFS runs shown beside")
         p.add_argument("--notes", help="table: a markdown file of notes put under the title")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
     try:
-        {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations}[a.cmd](a)
+        {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations,
+         "seeds": cmd_seeds}[a.cmd](a)
     except (ValueError, KeyError, FileNotFoundError) as e:  # a bad member name, task or missing run: one line
         print(f"mlfs_palette: error: {e}", file=sys.stderr)
         return 2
