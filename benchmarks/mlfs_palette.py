@@ -43,6 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from kdlora.callbacks import write_atomic  # noqa: E402
+
 CONFIG = "configs/local/minilm-supernet-paper.yaml"
 RUNS = Path("runs/mlfs_palette")
 TASK_CONFIG = "configs/supernet/tasks/{task}.yaml"
@@ -154,7 +156,7 @@ def cmd_latency(a) -> None:
         ms = time_round_robin(models, batch, 128, vocab, warmup=3, repeats=repeats)
         result["ms"][f"b{batch}"] = dict(zip(members, ms))
         print(f"batch {batch}: " + ", ".join(f"{m} {t / ms[0]:.2f}" for m, t in zip(members, ms)), flush=True)
-    (RUNS / "latency.json").write_text(json.dumps(result, indent=2))
+    write_atomic((RUNS / "latency.json"), json.dumps(result, indent=2))
 
 
 def rows_by_name(path: Path) -> dict[str, dict]:
@@ -229,8 +231,8 @@ def cmd_table(a) -> None:
         out_md.append("")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"latency": latency, "tasks": data}, indent=2))
-    out.with_suffix(".md").write_text("\n".join(out_md) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps({"latency": latency, "tasks": data}, indent=2))
+    write_atomic(out.with_suffix(".md"), "\n".join(out_md) + "\n")
     print("\n".join(out_md))
 
 
@@ -306,8 +308,8 @@ def cmd_ablations(a) -> None:
     md += [f"## LoRA rank r (γ = {ref['gamma']:g})", "", "| r | run | " + " | ".join(members) + " |", "|---" * (len(members) + 2) + "|"]
     md += [f"| {k} | {by_rank[k][0]} | " + " | ".join(pct(by_rank[k][1]["final"].get(m)) for m in members) + " |" for k in ranks]
     md += ["", f"Figure: `{out.name}_rank.png`."]
-    out.with_suffix(".json").write_text(json.dumps({"task": a.task, "runs": runs}, indent=2))
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps({"task": a.task, "runs": runs}, indent=2))
+    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -316,7 +318,6 @@ def cmd_seeds(a) -> None:
     --runs and for the slices trained alone (`alone-<member>`, each member that has runs at every seed)."""
     import statistics
 
-    from kdlora.callbacks import write_atomic
 
     table, members = {}, None
     for name in a.runs:

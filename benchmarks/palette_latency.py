@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
+from kdlora.callbacks import write_atomic
 from kdlora.elastic import ElasticEncoder, SubnetConfig, evenly_spread_layers
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -112,7 +113,7 @@ def main() -> None:
                     "ratio = member latency / maxnet latency measured in the same rounds"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Palette latency (exported subnets vs maxnet)", "",
              f"CPU, {args.threads} threads, torch {torch.__version__}, seq len {args.seq_len}, "
              f"median of {args.repeats} (batch 1) / {args.repeats_large} (larger) round-robin rounds after {args.warmup} warm-up; "
@@ -124,7 +125,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['member']} | `{r['subnet']}` | {r['params'] / 1e6:.2f} | "
                      f"{r['param_ratio']:.2f} | {r['latency_ms']:.1f} | {r['latency_ratio']:.2f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kdlora.callbacks import write_atomic
 from kdlora.data import MODEL_COLUMNS, GLUEDataModule
 from kdlora.elastic import ElasticEncoder, SubnetConfig
 from kdlora.elastic.importance import reorder_by_importance
@@ -115,8 +116,8 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps({"model": args.model, "task": args.task, "results": results}, indent=2))
-        out.with_suffix(".md").write_text(text)
+        write_atomic(out.with_suffix(".json"), json.dumps({"model": args.model, "task": args.task, "results": results}, indent=2))
+        write_atomic(out.with_suffix(".md"), text)
     return 0
 
 
