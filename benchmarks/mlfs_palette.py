@@ -318,7 +318,6 @@ def cmd_seeds(a) -> None:
     --runs and for the slices trained alone (`alone-<member>`, each member that has runs at every seed)."""
     import statistics
 
-
     table, members = {}, None
     for name in a.runs:
         per_seed = {}
