@@ -17,6 +17,8 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     # the baseline: the same slice of the pretrained model, fine-tuned alone with the same LoRA
     # (targets, rank, lr, batch, head) for as many epochs as the whole MLFS run
     python benchmarks/mlfs_palette.py alone --task mrpc --member h256-a6-f768-l0.3.5
+    # the KD-LoRA MiniLM-L3 student on the same data, distilling the `fft` teacher (run that first)
+    python benchmarks/mlfs_palette.py student --task sst2
     # batch-1 / batch-32 CPU latency of the exported members, round-robin, ratios to the maxnet
     python benchmarks/mlfs_palette.py latency --task mrpc
     # tables (markdown + JSON) and the ablation figures (PNG)
@@ -101,6 +103,32 @@ def task_epochs(task: str) -> int:
     import yaml
 
     return int(sum(yaml.safe_load((ROOT / TASK_CONFIG.format(task=task)).read_text())["model"]["init_args"]["stage_epochs"]))
+
+
+def cmd_student(a) -> None:
+    """The KD-LoRA MiniLM-L3 student (`configs/local/minilm-student.yaml`) on the same data as the MLFS run
+    (training subset, held-out split for selection, batch via overrides), for as many epochs as the whole
+    MLFS run, distilling the FFT teacher of `fft` (same data); dev scored after fit (results.json "test")."""
+    teacher = RUNS / a.task / "fft" / "export"
+    if not (teacher / "config.json").is_file():
+        raise FileNotFoundError(f"no FFT teacher at {teacher}: run `mlfs_palette.py fft --task {a.task}` first")
+    name = seeded("kdlora-l3", a.seed)
+    run_fit([*seed_args(a), "--config", "configs/local/minilm-student.yaml", "--data.task", a.task, *scale_args(a),
+             "--data.holdout_fraction", "0.1", "--model.init_args.teacher_path", str(teacher),
+             "--model.init_args.teacher_cache_dir", str(RUNS / a.task / name / "teacher_targets"),
+             "--model.init_args.export", "false", "--trainer.max_epochs", str(task_epochs(a.task)),
+             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name, *a.overrides])
+
+
+def student_result(task: str) -> dict | None:
+    """{score, params, run} of the latest finished `student` run of `task` (dev, selected on held-out), else None."""
+    runs = sorted((RUNS / task / "kdlora-l3").glob("version_*/results.json"), key=lambda p: int(p.parent.name.split("_")[1]))
+    for path in reversed(runs):
+        results = json.loads(path.read_text())
+        if "test" in results:
+            return {"score": results["test"]["score"], "params": (results.get("parameters") or {}).get("total"),
+                    "run": str(path.parent)}
+    return None
 
 
 def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) -> None:
@@ -228,6 +256,13 @@ def cmd_table(a) -> None:
                      "–" if diff is None else f"{100 * diff:+.1f}"]
             cells += [pct(r.get(f"{v}_{k}")) for v in variants for k in ("start", "final")]
             out_md.append("| " + " | ".join(cells) + " |")
+        student = student_result(task)
+        data[task]["kdlora_l3_student"] = student
+        if student:
+            size = f"{student['params'] / 1e6:.2f}M, {student['params'] / n_max:.2f}× the maxnet" if student["params"] else "size unknown"
+            out_md += ["", f"KD-LoRA MiniLM-L3 student ({size}; LoRA r 8 on query/value, the same training subset, "
+                           f"held-out selection, distilling an FFT MiniLM-L6 teacher trained on the same subset): dev "
+                           f"{pct(student['score'])} (`mlfs_palette.py fft` then `student`, `{student['run']}`)."]
         out_md.append("")
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -377,7 +412,7 @@ def cmd_seeds(a) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("mlfs", "fft", "alone", "latency", "table", "ablations", "seeds"):
+    for name in ("mlfs", "fft", "alone", "student", "latency", "table", "ablations", "seeds"):
         p = sub.add_parser(name)
         p.add_argument("--task", default="mrpc")
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
@@ -399,7 +434,7 @@ def main(argv=None) -> int:
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
     try:
-        {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations,
+        {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "student": cmd_student, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations,
          "seeds": cmd_seeds}[a.cmd](a)
     except (ValueError, KeyError, FileNotFoundError) as e:  # a bad member name, task or missing run: one line
         print(f"mlfs_palette: error: {e}", file=sys.stderr)
