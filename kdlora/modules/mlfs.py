@@ -53,7 +53,8 @@ class MLFSTraining:
     def init_mlfs(self, encoder: ElasticEncoder, *, search_space: Optional[dict[str, Any] | str], num_subnets: int,
                   sandwich: bool, per_layer: bool, sampler_seed: int, palette: Optional[list[Any]], feature_dim: int) -> None:
         """Set ``encoder`` (with all stages' adapters), the search space, sampler, palette (maxnet first
-        if not in it) and the maxnet-owned feature projections ``projections``."""
+        if not in it; a member that cannot export as a plain model is a ValueError now) and the
+        maxnet-owned feature projections ``projections``."""
         self.encoder = encoder
         # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
         self.stage_parameter_names: list[set[str]] = []
@@ -66,6 +67,8 @@ class MLFSTraining:
         members = build_palette(self.space, palette)
         if self.encoder.max_config not in members:
             members.insert(0, self.encoder.max_config)  # the headline metrics are the maxnet's
+        for cfg in members:  # every member must export (a Llama one needs whole key/value heads): fail now, not at fit end
+            self.encoder.export_config(cfg)
         self.palette = members
         self.palette_names = [c.name for c in members]
         self.palette_roles = {self.encoder.max_config.name: "maxnet", self.space.smallest().name: "minnet"}
