@@ -52,7 +52,7 @@ class ElasticEncoder(nn.Module):
 
     Args:
         model: the maxnet (BERT, RoBERTa/XLM-R, MPNet, DistilBERT or DeBERTa-v2/v3 sequence classifier, or a
-            Llama causal LM). Its weights are used in place (not copied) and frozen.
+            Llama or GPT-2 causal LM). Its weights are used in place (not copied) and frozen.
         lora_r, lora_alpha, lora_dropout: adapter rank, scale alpha/r and input dropout.
         lora_targets: projections that get adapters: role names (query, key, value,
             attention_output, intermediate, output) or family-native names (q_lin, lin1, ...).
