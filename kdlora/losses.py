@@ -1,10 +1,13 @@
-"""Every training loss of kdlora: task, logit distillation, feature distillation. Plain functions, no Lightning.
+"""Every training loss of kdlora: task, language modelling, logit distillation, feature distillation. Plain functions, no Lightning.
 
 - KD-LoRA student (`kdlora.modules.KDLoRAStudent`): ``task_weight·task + (1 − task_weight)·KD``
   (`distillation_loss`), plus ``β·Σ_l feature_loss(U_s h_s^l, U_t h_t^l)``.
 - MLFS supernet (`kdlora.modules.SuperTransformer`): per subnet j
   ``(1 − distill_weight)·task + distill_weight·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)``
   (`subnet_loss`, `projected_feature_loss`).
+- MLFS causal-LM supernet (`kdlora.modules.CausalLMSuperTransformer`): the maxnet on next-token
+  cross-entropy (`causal_lm_loss`), each subnet on ``(1 − distill_weight)·LM + distill_weight·(token KD
+  + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)`` (`decoder_subnet_loss`, `token_kd_loss`).
 
 One feature-loss definition (`feature_loss`): the squared L2 norm over the projected dimensions
 (a sum, as in the MLFS paper), averaged over non-padding tokens. The projections are orthonormal-row
@@ -117,12 +120,61 @@ def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, p
     return feature_loss(projected, target, attention_mask)
 
 
+def mlfs_objective(hard: torch.Tensor, soft: torch.Tensor, feature_losses: list[torch.Tensor], distill_weight: float,
+                   beta: float) -> tuple[torch.Tensor, dict]:
+    """(1−w)·hard + w·(soft + β·Σ feature losses), w = distill_weight, and its detached parts (task, kd, features)."""
+    feat = torch.stack(feature_losses).sum() if feature_losses else hard.new_zeros((), dtype=torch.float32)
+    loss = (1.0 - distill_weight) * hard + distill_weight * (soft + beta * feat)
+    return loss, {"task": hard.detach(), "kd": soft.detach(), "features": feat.detach()}
+
+
 def subnet_loss(logits: torch.Tensor, max_logits: torch.Tensor, labels: torch.Tensor, is_regression: bool,
                 distill_weight: float, temperature: float, feature_losses: list[torch.Tensor],
                 beta: float) -> tuple[torch.Tensor, dict]:
     """MLFS subnet objective (1−w)·task + w·(KD + β·Σ feature losses), w = distill_weight, targets detached."""
     hard = task_loss(logits, labels, is_regression)
     soft = kd_loss(logits, max_logits.detach(), is_regression, temperature)
-    feat = torch.stack(feature_losses).sum() if feature_losses else logits.new_zeros((), dtype=torch.float32)
-    loss = (1.0 - distill_weight) * hard + distill_weight * (soft + beta * feat)
-    return loss, {"task": hard.detach(), "kd": soft.detach(), "features": feat.detach()}
+    return mlfs_objective(hard, soft, feature_losses, distill_weight, beta)
+
+
+# ---- causal language models ----
+def lm_token_losses(logits: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, count) of next-token cross-entropy over the predicted tokens: position t of `logits`
+    [B, T, V] predicts labels[:, t + 1] (the shift happens here); labels of -100, and with
+    `attention_mask` [B, T] padding positions, are not predicted. A split's perplexity is
+    exp(Σ sums / Σ counts), never a mean of per-batch perplexities."""
+    targets = labels[:, 1:]
+    if attention_mask is not None:
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, -100)
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets.long(), ignore_index=-100, reduction="none")
+    return losses.sum(), (targets != -100).sum()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next-token cross-entropy averaged over the predicted tokens (`lm_token_losses`)."""
+    total, count = lm_token_losses(logits, labels, attention_mask)
+    return total / count.clamp_min(1)
+
+
+def token_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Token-level `logit_kd_loss`: T²·KL(softmax(t/T) ‖ softmax(s/T)) of the next-token distributions
+    at every real position (`attention_mask` [B, T] is 1; every position without one), averaged over them."""
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)  # [B, T]
+    if attention_mask is None:
+        return kl.mean() * t * t
+    mask = attention_mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1.0) * t * t
+
+
+def decoder_subnet_loss(logits: torch.Tensor, max_logits: torch.Tensor, labels: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor], distill_weight: float, temperature: float,
+                        feature_losses: list[torch.Tensor], beta: float) -> tuple[torch.Tensor, dict]:
+    """MLFS subnet objective of a causal LM: (1−w)·LM + w·(token KD from the maxnet + β·Σ feature losses)."""
+    hard = causal_lm_loss(logits, labels, attention_mask)
+    soft = token_kd_loss(logits, max_logits.detach(), attention_mask, temperature)
+    return mlfs_objective(hard, soft, feature_losses, distill_weight, beta)

@@ -55,6 +55,32 @@ def parameter_count(blocks: list[nn.Module], trainable_only: bool = False) -> in
     return sum(m.parameter_count(trainable_only) for m in unique.values())
 
 
+class ConvView:
+    """A Hugging Face `Conv1D` (weight [in, out], GPT-2) read as an `nn.Linear` (weight [out, in]), or
+    part `part` of `parts` equal output blocks of it (GPT-2's fused c_attn: query, key, value).
+
+    `weight` and `bias` are views built on each read (so they follow device moves and in-place
+    updates): slicing, merging, export and permutation read and write the Conv1D's own tensors.
+    """
+
+    def __init__(self, conv: nn.Module, part: int = 0, parts: int = 1) -> None:
+        if conv.weight.shape[1] % parts:
+            raise ValueError(f"cannot split a Conv1D of {conv.weight.shape[1]} outputs into {parts} equal parts")
+        self.conv, self.part, self.parts = conv, part, parts
+        self.in_features, self.out_features = conv.weight.shape[0], conv.weight.shape[1] // parts
+
+    def _columns(self) -> slice:
+        return slice(self.part * self.out_features, (self.part + 1) * self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.conv.weight[:, self._columns()].t()
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.conv.bias[self._columns()] if self.conv.bias is not None else None
+
+
 class LoraStages(nn.Module):
     """The adapters of one projection: one (A_s, B_s) pair per stage."""
 
@@ -174,6 +200,23 @@ class ElasticLinear(Sliced):
 
     def permute_outputs(self, index: torch.Tensor) -> None:
         permute_axes(self.output_axes(), index)
+
+
+class TiedLinear(ElasticLinear):
+    """A projection whose weight is another leaf's table (a tied LM head reads the word embeddings):
+    it reads no tensor of its own, so counts, exports and permutes nothing (the embedding does)."""
+
+    def slices(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def sliced_state(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def input_axes(self, adapters: bool = True) -> Axes:
+        return []
+
+    def output_axes(self, adapters: bool = True) -> Axes:
+        return []
 
 
 class WidthSliced(Sliced):
@@ -401,7 +444,7 @@ class TransformerLayer(nn.Module):
 
 
 class PreNormLayer(TransformerLayer):
-    """A pre-norm decoder layer (Llama): x = x + attention(norm(x)), then x = x + ffn(norm(x))."""
+    """A pre-norm decoder layer (Llama, GPT-2): x = x + attention(norm(x)), then x = x + ffn(norm(x))."""
 
     def forward(self, x: torch.Tensor, attention_inputs: dict) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), **attention_inputs)
@@ -501,6 +544,13 @@ class RelativePositionBias(PaddingMask):
 
     def permute_heads(self, order: torch.Tensor) -> None:
         permute_axes([(self.table.base.weight, 1)], order)
+
+
+class CausalMask(PaddingMask):
+    """Decoders with embedded positions (GPT-2): the padding mask plus the causal mask."""
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        return {"mask": AdditiveMask(attention_mask, causal=True)}
 
 
 class RotaryPositions(PaddingMask):

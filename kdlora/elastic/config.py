@@ -168,9 +168,11 @@ def evenly_spread_layers(num_max_layers: int, depth: int) -> tuple[int, ...]:
 
 
 def maxnet_config(hf_config) -> SubnetConfig:
-    """The full-size SubnetConfig of a Hugging Face encoder config (BERT-style or DistilBERT names)."""
+    """The full-size SubnetConfig of a Hugging Face config (BERT-style, DistilBERT or GPT-2 names)."""
     hidden = getattr(hf_config, "hidden_size", None) or hf_config.dim
     heads = getattr(hf_config, "num_attention_heads", None) or hf_config.n_heads
-    ffn = getattr(hf_config, "intermediate_size", None) or hf_config.hidden_dim
+    ffn = getattr(hf_config, "intermediate_size", None) or getattr(hf_config, "hidden_dim", None)
+    if ffn is None and getattr(hf_config, "model_type", None) == "gpt2":
+        ffn = hf_config.n_inner or 4 * hidden  # GPT-2: n_inner, None meaning 4 × n_embd
     layers = getattr(hf_config, "num_hidden_layers", None) or hf_config.n_layers
     return SubnetConfig(int(hidden), int(heads), int(ffn), tuple(range(int(layers))))

@@ -3,7 +3,8 @@
 A `Family` names its projections (the module names peft and `lora_targets` use) and its default
 KD-LoRA targets; an elastic family also has an adapter, a function from the HF model to a `Layout`
 (its modules and the constants of its forward, as keyword fields), from which `ElasticEncoder`
-builds its blocks. Adding an encoder family is one adapter here plus one test parameter.
+builds its blocks. Adding a family is one adapter here plus one test parameter (encoders: the
+families of tests/test_elastic.py; decoders: `DECODERS` of tests/test_decoders.py).
 `kdlora.models.LORA_TARGETS` is read from this registry.
 """
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from kdlora.elastic.blocks import ROLES
+from kdlora.elastic.blocks import ROLES, ConvView
 from kdlora.elastic.config import SubnetConfig
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -27,7 +28,8 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 @dataclass(kw_only=True)
 class LayerLayout:
     """One layer's modules (post-LN encoders: the norms follow attention and FFN; pre-norm decoders:
-    they precede them)."""
+    they precede them). A projection is an `nn.Linear` or anything with its `weight` [out, in],
+    `bias`, `in_features` and `out_features` (`ConvView`: GPT-2's Conv1D, or a part of the fused c_attn)."""
 
     query: nn.Linear
     key: nn.Linear
@@ -82,7 +84,9 @@ class Layout:
     relative_bias: Optional[nn.Embedding] = None  # MPNet: shared relative position bias [buckets, heads]
     relative_buckets: Optional[Callable[[int, torch.device], torch.Tensor]] = None
     disentangled: Optional[Disentangled] = None
-    pre_norm: bool = False  # decoders: pre-norm layers, causal attention
+    embedding_dropout: Optional[float] = None  # dropout after the embeddings; None: hidden_dropout (GPT-2: embd_pdrop)
+    pre_norm: bool = False  # decoders: pre-norm layers
+    causal: bool = False  # decoders: causal attention (no position sees a later one)
     rotary: Optional[nn.Module] = None  # decoders: the model's rotary embedding module
     final_norm: Optional[nn.Module] = None  # decoders: the norm before the LM head
 
@@ -248,7 +252,7 @@ def _llama(model: PreTrainedModel) -> Layout:
         family="llama", word=base.embed_tokens, position=None, token_type=None, embedding_norm=None, layers=layers,
         activation=ACT2FN[config.hidden_act], head_dense=None, classifier=model.lm_head, head_activation=None,
         hidden_dropout=0.0, attention_dropout=config.attention_dropout, classifier_dropout=0.0,
-        attention_output_dropout=False, pre_norm=True, rotary=base.rotary_emb, final_norm=base.norm,
+        attention_output_dropout=False, pre_norm=True, causal=True, rotary=base.rotary_emb, final_norm=base.norm,
     )
 
 
@@ -260,6 +264,33 @@ def _llama_export(config: PretrainedConfig, cfg: SubnetConfig, head_dim: int) ->
                          f"not a multiple of the maxnet's {group} query heads per key/value head")
     config.num_key_value_heads = config.num_attention_heads // group
     config.head_dim = head_dim
+
+
+def _gpt2(model: PreTrainedModel) -> Layout:
+    """GPT-2: Conv1D projections ([in, out] weights, read through `ConvView`), one fused c_attn whose
+    query/key/value column blocks are three projections (each with its own LoRA), learned positions,
+    pre-norm LayerNorm, gelu_new FFN and an LM head tied to the word embeddings."""
+    from transformers.activations import ACT2FN
+
+    config, base = model.config, model.transformer
+    unsupported = [name for name, bad in (
+        ("scale_attn_weights=False", not config.scale_attn_weights),
+        ("scale_attn_by_inverse_layer_idx", config.scale_attn_by_inverse_layer_idx),
+        ("add_cross_attention", config.add_cross_attention),
+        ("an LM head not tied to the word embeddings", model.lm_head.weight is not base.wte.weight)) if bad]
+    if unsupported:
+        raise ValueError(f"elastic GPT-2 does not support {', '.join(unsupported)}")
+    layers = [LayerLayout(query=ConvView(l.attn.c_attn, 0, 3), key=ConvView(l.attn.c_attn, 1, 3),
+                          value=ConvView(l.attn.c_attn, 2, 3), attention_output=ConvView(l.attn.c_proj),
+                          attention_norm=l.ln_1, intermediate=ConvView(l.mlp.c_fc), output=ConvView(l.mlp.c_proj),
+                          output_norm=l.ln_2)
+              for l in base.h]
+    return Layout(
+        family="gpt2", word=base.wte, position=base.wpe, token_type=None, embedding_norm=None, layers=layers,
+        activation=ACT2FN[config.activation_function], head_dense=None, classifier=model.lm_head, head_activation=None,
+        hidden_dropout=config.resid_pdrop, attention_dropout=config.attn_pdrop, classifier_dropout=0.0,
+        embedding_dropout=config.embd_pdrop, pre_norm=True, causal=True, final_norm=base.ln_f,
+    )
 
 
 _BERT_NAMES = {"query": "query", "key": "key", "value": "value", "attention_output": "attention.output",
@@ -280,6 +311,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family(model_type="llama", module_names={"query": "q_proj", "key": "k_proj", "value": "v_proj",
                                              "attention_output": "o_proj", "intermediate": "up_proj", "output": "down_proj"},
            layout=_llama, model_class="ForCausalLM", export_config=_llama_export),
+    # GPT-2's attention and FFN output projections are both `c_proj`: the elastic names say which.
+    Family(model_type="gpt2", module_names={"query": "c_attn.query", "key": "c_attn.key", "value": "c_attn.value",
+                                            "attention_output": "attn.c_proj", "intermediate": "mlp.c_fc",
+                                            "output": "mlp.c_proj"},
+           lora_targets=("c_attn",), layout=_gpt2, model_class="LMHeadModel",
+           export_config=partial(_bert_style_export, ffn_name="n_inner")),
     Family(model_type="electra", module_names=_BERT_NAMES),
     Family(model_type="deberta", lora_targets=("in_proj",)),  # DeBERTa v1: one fused q/k/v projection
 )}
@@ -291,7 +328,7 @@ ROLE_ALIASES = {name: role for f in FAMILIES.values() for role, name in f.module
 
 
 def elastic_family(model: PreTrainedModel) -> Family:
-    """The registry entry of an elastic model (`*ForSequenceClassification`; Llama `*ForCausalLM`), else a ValueError."""
+    """The registry entry of an elastic model (`*ForSequenceClassification`; Llama `*ForCausalLM`, `GPT2LMHeadModel`), else a ValueError."""
     family = FAMILIES.get(getattr(model.config, "model_type", None))
     if family is None or family.layout is None or not type(model).__name__.endswith(family.model_class):
         kinds = {}

@@ -5,7 +5,9 @@ head's context / each FFN neuron's activation, averaged as E|∂L/∂ξ| over tr
 et al., 2019, as in DynaBERT). No mask is needed in the forward: with output projection W_o, the
 derivative is ∂L/∂ξ = Σ (W_o ⊙ ∂L/∂W_o) over the columns the head/neuron feeds, per batch.
 
-Use training batches only, never dev data. Permuting rows of Q/K/V (per head block), intermediate
+Decoders rank on the next-token loss of their training batches (labels = input ids, -100 at padding).
+Grouped-query attention (Llama) shares key/value heads, so its heads cannot be permuted one by one:
+a ValueError. Use training batches only, never dev data. Permuting rows of Q/K/V (per head block), intermediate
 rows and the matching columns of the output projections (and LoRA A/B slices) leaves the maxnet's
 function unchanged. Reorder before training: optimizer state is not permuted.
 """
@@ -20,11 +22,24 @@ from torch import nn
 
 from kdlora.elastic.blocks import permute_axes
 from kdlora.elastic.model import ElasticEncoder
-from kdlora.losses import task_loss
+from kdlora.losses import causal_lm_loss, task_loss
 
 log = logging.getLogger(__name__)
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    """The parameter a view reads (a GPT-2 `ConvView` weight), or `t` itself."""
+    return t._base if t._base is not None else t
+
+
+def _view_of(root_grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The gradient of view `t`: the same window of its root's gradient (a root's is itself)."""
+    root = _root(t)
+    if root is t:
+        return root_grad
+    return root_grad.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset())
 
 
 def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tensors: list[torch.Tensor],
@@ -34,14 +49,15 @@ def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tenso
     Dropout is off and the maxnet is active while iterating; requires_grad flags, train mode and
     the sub-network are restored afterwards. Fails clearly on unlabelled or empty loaders.
     """
-    flags = [t.requires_grad for t in tensors]
+    roots = list({id(_root(t)): _root(t) for t in tensors}.values())  # GPT-2 leaves are views of Conv1D weights
+    flags = [t.requires_grad for t in roots]
     was_training, previous = encoder.training, encoder.sub_network
     device = tensors[0].device
     seen = 0
     try:
         encoder.eval()  # no dropout: importance of the deterministic maxnet
         encoder.reset_super_network()
-        for t in tensors:
+        for t in roots:
             t.requires_grad_(True)
         for batch in dataloader:
             if num_batches is not None and seen >= num_batches:
@@ -51,10 +67,15 @@ def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tenso
                 raise ValueError("importance reordering needs labelled training batches (a 'labels' entry)")
             inputs = {k: v.to(device) for k, v in batch.items() if k in _INPUT_KEYS}
             logits = encoder(**inputs).logits
-            yield torch.autograd.grad(task_loss(logits, labels.to(device), is_regression=logits.shape[-1] == 1), tensors)
+            if encoder.is_causal_lm:
+                loss = causal_lm_loss(logits, labels.to(device), inputs.get("attention_mask"))
+            else:
+                loss = task_loss(logits, labels.to(device), is_regression=logits.shape[-1] == 1)
+            root_grads = dict(zip(map(id, roots), torch.autograd.grad(loss, roots)))
+            yield tuple(_view_of(root_grads[id(_root(t))], t) for t in tensors)
             seen += 1
     finally:
-        for t, flag in zip(tensors, flags):
+        for t, flag in zip(roots, flags):
             t.requires_grad_(flag)
         encoder.train(was_training)
         encoder.set_sub_network(previous)

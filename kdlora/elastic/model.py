@@ -7,8 +7,10 @@ leading rows/columns, and the LoRA matrices through the matching slices. Head si
 maxnet's, so `num_heads` selects the leading heads. transformers v5 has no head masking or pruning,
 so the blocks reproduce the Hugging Face math of each family with functional ops on the sliced
 weights (post-LN encoders: BERT, RoBERTa/XLM-R, MPNet, DistilBERT, and DeBERTa-v2/v3 with
-disentangled attention, except the ConvLayer / embed_proj / z_steps variants; and the pre-norm Llama
-decoder: RMSNorm, rotary positions, grouped-query attention, SwiGLU, logits at every position).
+disentangled attention, except the ConvLayer / embed_proj / z_steps variants; and the pre-norm
+decoders, logits at every position: Llama (RMSNorm, rotary positions, grouped-query attention,
+SwiGLU) and GPT-2 (Conv1D projections with a fused q/k/v, learned positions, LayerNorm, gelu_new,
+an LM head tied to the word embeddings: the sliced head is the sliced table, and exports stay tied).
 
 Storage mode: the encoder holds one base model plus the adapters (the only owners of parameters,
 so checkpoints name them `model.…` and `lora.layer<i>_<role>.{A,B}.<stage>`); `materialize(Φ)`
@@ -17,6 +19,7 @@ slices and merges on demand into a plain, smaller Hugging Face model (cached), w
 
 from __future__ import annotations
 
+import copy
 import json
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -31,7 +34,7 @@ from transformers import PreTrainedModel
 from kdlora.elastic.blocks import (ROLES, Axes, ClassifierHead, DisentangledAttention, DisentangledPositions,
                                    ElasticAttention, ElasticEmbedding, ElasticFFN, ElasticLayerNorm, ElasticLinear,
                                    ElasticRMSNorm, Embeddings, LMHead, LoraStages, PaddingMask, PreNormLayer, RelativePositionBias,
-                                   RotaryPositions, TransformerLayer, leaves, parameter_count)
+                                   RotaryPositions, TiedLinear, TransformerLayer, CausalMask, leaves, parameter_count)
 from kdlora.elastic.config import SubnetConfig, maxnet_config
 from kdlora.elastic.families import SUPPORTED_FAMILIES, Layout, elastic_family, lora_roles
 
@@ -49,7 +52,7 @@ class ElasticEncoder(nn.Module):
 
     Args:
         model: the maxnet (BERT, RoBERTa/XLM-R, MPNet, DistilBERT or DeBERTa-v2/v3 sequence classifier, or a
-            Llama causal LM). Its weights are used in place (not copied) and frozen.
+            Llama or GPT-2 causal LM). Its weights are used in place (not copied) and frozen.
         lora_r, lora_alpha, lora_dropout: adapter rank, scale alpha/r and input dropout.
         lora_targets: projections that get adapters: role names (query, key, value,
             attention_output, intermediate, output) or family-native names (q_lin, lin1, ...).
@@ -102,7 +105,8 @@ class ElasticEncoder(nn.Module):
         norm = lambda m: ElasticLayerNorm(m) if isinstance(m, nn.LayerNorm) else ElasticRMSNorm(m)  # noqa: E731
         self.embeddings = Embeddings(
             ElasticEmbedding(lay.word), optional(lay.position, ElasticEmbedding), optional(lay.token_type, ElasticEmbedding),
-            optional(lay.embedding_norm, norm), dropout=lay.hidden_dropout, position_padding_idx=lay.position_padding_idx,
+            optional(lay.embedding_norm, norm),
+            dropout=lay.hidden_dropout if lay.embedding_dropout is None else lay.embedding_dropout, position_padding_idx=lay.position_padding_idx,
             positions_first=lay.positions_first, mask_padding=lay.mask_embeddings)
         ext = lay.disentangled
         if ext is not None:
@@ -113,6 +117,8 @@ class ElasticEncoder(nn.Module):
             self.attention_inputs = RelativePositionBias(ElasticEmbedding(lay.relative_bias), lay.relative_buckets)
         elif lay.rotary is not None:
             self.attention_inputs = RotaryPositions(lay.rotary)
+        elif lay.causal:
+            self.attention_inputs = CausalMask()
         else:
             self.attention_inputs = PaddingMask()
         layers = []
@@ -134,7 +140,8 @@ class ElasticEncoder(nn.Module):
             layers.append(layer(attention, norm(parts.attention_norm), ffn, norm(parts.output_norm)))
         self.layers = nn.ModuleList(layers)
         if lay.head_dense is None:
-            self.head = LMHead(norm(lay.final_norm), ElasticLinear(lay.classifier))
+            tied = lay.classifier.weight is lay.word.weight  # GPT-2: the LM head is the word embedding table
+            self.head = LMHead(norm(lay.final_norm), (TiedLinear if tied else ElasticLinear)(lay.classifier))
         else:
             self.head = ClassifierHead(ElasticLinear(lay.head_dense), ElasticLinear(lay.classifier), lay.head_activation,
                                        dropout=lay.classifier_dropout, input_dropout=lay.head_input_dropout)
@@ -152,6 +159,11 @@ class ElasticEncoder(nn.Module):
     @property
     def family(self) -> str:
         return self._layout.family
+
+    @property
+    def is_causal_lm(self) -> bool:
+        """Whether the model is a decoder with an LM head (logits [B, T, vocab]), not a sequence classifier."""
+        return isinstance(self.head, LMHead)
 
     @property
     def max_config(self) -> SubnetConfig:
@@ -297,14 +309,14 @@ class ElasticEncoder(nn.Module):
         weight = self.model.get_input_embeddings().weight
         plain = type(self.model)(new_config).to(device=weight.device, dtype=weight.dtype)
         target = ElasticEncoder(plain, lora_targets=self.lora_targets)  # the same blocks over the plain model
-        assigned: set[int] = set()
+        assigned: set[int] = set()  # storages written (a GPT-2 leaf writes a view of a Conv1D weight)
 
         def put(param: torch.Tensor, value: torch.Tensor) -> None:
             if any(v > p for v, p in zip(value.shape, param.shape)) or value.ndim != param.ndim:
                 raise RuntimeError(f"cannot place a {tuple(value.shape)} slice into {tuple(param.shape)}")
             param.zero_()
             param[tuple(slice(0, s) for s in value.shape)].copy_(value)
-            assigned.add(id(param))
+            assigned.add(param.untyped_storage().data_ptr())
 
         with self._sized_as(cfg):
             # The export has hidden/head-size heads in every layer (padded ones included), each with its bias column.
@@ -317,9 +329,15 @@ class ElasticEncoder(nn.Module):
                     assert name == dst_name, (name, dst_name)
                     for attr, value in leaf.sliced_state().items():
                         put(getattr(dst_leaf.base, attr), value)
-        missing = [n for n, p in plain.named_parameters() if id(p) not in assigned]
+        missing = [n for n, p in plain.named_parameters() if p.untyped_storage().data_ptr() not in assigned]
         if missing:
             raise RuntimeError(f"materialize left parameters of the {self.family} export unset: {missing[:5]}")
+        if self.is_causal_lm:  # generate() as the maxnet would: its generation settings, padding with eos if it has no pad
+            plain.generation_config = copy.deepcopy(self.model.generation_config)
+            gen = plain.generation_config
+            if gen.pad_token_id is None and gen.eos_token_id is not None:
+                eos = gen.eos_token_id
+                gen.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
         plain.eval()
         for p in plain.parameters():
             p.requires_grad_(False)

@@ -1,4 +1,5 @@
-"""What every kdlora LightningModule shares: optimizer, schedule, GLUE metric logging, predict, export."""
+"""What every kdlora LightningModule shares (`KDLoraModule`: optimizer, schedule, divergence, resuming, export
+place) and what the GLUE ones add (`GLUEModule`: task, metric logging, predict, export)."""
 
 from __future__ import annotations
 
@@ -67,17 +68,14 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), python_gauss))
 
 
-class GLUEModule(L.LightningModule):
-    """Base class: subclasses provide `self.model`-like forward via `logits(batch)` and a `training_step`.
+class KDLoraModule(L.LightningModule):
+    """What every kdlora LightningModule shares, whatever its data: argument checks of the optimizer,
+    AdamW with a linear schedule, divergence checks, the random streams a checkpoint carries, where
+    exports go, and the check (when fit starts) that the export can be written there.
 
     Args:
-        task: GLUE task name (linked from the data module by the CLI).
         learning_rate, weight_decay, warmup_ratio: AdamW with linear warmup then linear decay.
-        export_dir: where the best model is written as a Hugging Face directory at the end of fit
-            (default ``<log_dir>/export``; without a run directory, as under fast_dev_run, nothing is
-            exported unless export_dir is given); `export=False` skips it. An existing directory is
-            replaced only if it is empty or a previous kdlora export (`kdlora.models.check_export_dir`),
-            checked when fit starts and again when writing.
+        export, export_dir: see `GLUEModule`.
 
     Training stops with `TrainingDivergedError` at the first non-finite training loss, and no
     checkpoint is ever written from non-finite weights.
@@ -89,7 +87,6 @@ class GLUEModule(L.LightningModule):
 
     def __init__(
         self,
-        task: str = "mrpc",
         learning_rate: float = 2e-5,
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
@@ -97,69 +94,19 @@ class GLUEModule(L.LightningModule):
         export_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
-        self.spec = get_task(task)
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {learning_rate}")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        # One metric collection per evaluation dataloader (MNLI has matched + mismatched).
-        self.eval_metrics = nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))])
-        self._forward_keys: Optional[set[str]] = None
         self._batch_idx: Optional[int] = None
         self._rng_to_restore: Optional[dict[str, Any]] = None
 
-    # ---- model plumbing ----
-    def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-        """The batch entries `model.forward` accepts (DistilBERT takes no token_type_ids)."""
-        base = getattr(model, "get_base_model", lambda: model)()
-        params = inspect.signature(base.forward).parameters
-        keys = {"input_ids", "attention_mask", "token_type_ids"} & set(params)
-        # RoBERTa/DeBERTa-v3 have no segment embeddings (type_vocab_size <= 1): segment ids would index out of range.
-        if getattr(base.config, "type_vocab_size", 2) < 2:
-            keys.discard("token_type_ids")
-        return {k: v for k, v in batch.items() if k in keys}
-
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of `self.model` (a transformers or peft classifier); the supernet overrides this."""
-        return self.model(**self.model_inputs(batch, self.model)).logits
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.logits(batch)
-
-    def exported_model(self) -> nn.Module:
-        """The model written by export (export_hf merges LoRA on a copy)."""
-        return self.model
-
-    def merged_model(self) -> nn.Module:
-        """A plain transformers model with any LoRA merged (modifies the module: use after training)."""
-        return plain_model(self.model)
-
-    def tokenizer_source(self) -> str:
-        return self.hparams.model_name_or_path
-
-    # ---- set-up ----
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.hparams.get("export", False):
             # Before any training: a refusal at fit end would waste the run.
             path = self.export_path  # on every rank: trainer.log_dir is a collective under DDP
             if path is not None:
                 check_export_dir(path)
-        # Before any checkpoint is restored, so a resumed run keeps its trained head.
-        if stage == "fit" and self.spec.is_regression and self._regression_head_is_new():
-            self._init_regression_head()
-
-    def _regression_head_is_new(self) -> bool:
-        new = getattr(self, "newly_initialised", ())
-        return any(in_classifier_head(name) for name in new)
-
-    def _init_regression_head(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        mean = dm.train_label_mean() if hasattr(dm, "train_label_mean") else None
-        if mean is None:
-            rank_zero_warn("new regression head left with bias 0: the data module gives no train_label_mean()")
-            return
-        if init_regression_bias(self, mean):
-            rank_zero_info(f"[kdlora] new regression head starts at the mean training label {mean:.3f}")
 
     # ---- resuming ----
     # Lightning restores weights, optimizer, schedule, loops and callbacks, not the random streams
@@ -212,6 +159,100 @@ class GLUEModule(L.LightningModule):
                                         "training diverged; no checkpoint is written from these weights and nothing "
                                         "is exported. Lower learning_rate or check the training data", record)
         checkpoint["kdlora_rng_states"] = rng_states()
+
+    # ---- export ----
+    @property
+    def export_path(self) -> Optional[Path]:
+        """`export_dir`, else ``<log_dir>/export``; None when the run has no directory of its own
+        (fast_dev_run replaces the loggers), so nothing lands in the working directory unasked."""
+        if self.hparams.get("export_dir"):
+            return Path(self.hparams.export_dir)
+        log_dir = self.trainer.log_dir
+        if self.trainer.fast_dev_run or log_dir is None:
+            return None
+        return Path(log_dir) / "export"
+
+
+class GLUEModule(KDLoraModule):
+    """Base class of the GLUE modules: subclasses provide `self.model`-like forward via `logits(batch)` and a `training_step`.
+
+    Args:
+        task: GLUE task name (linked from the data module by the CLI).
+        learning_rate, weight_decay, warmup_ratio: AdamW with linear warmup then linear decay.
+        export_dir: where the best model is written as a Hugging Face directory at the end of fit
+            (default ``<log_dir>/export``; without a run directory, as under fast_dev_run, nothing is
+            exported unless export_dir is given); `export=False` skips it. An existing directory is
+            replaced only if it is empty or a previous kdlora export (`kdlora.models.check_export_dir`),
+            checked when fit starts and again when writing.
+
+    Training stops with `TrainingDivergedError` at the first non-finite training loss, and no
+    checkpoint is ever written from non-finite weights.
+    """
+
+    def __init__(
+        self,
+        task: str = "mrpc",
+        learning_rate: float = 2e-5,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        export: bool = True,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        spec = get_task(task)
+        super().__init__(learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        self.spec = spec
+        # One metric collection per evaluation dataloader (MNLI has matched + mismatched).
+        self.eval_metrics = nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))])
+        self._forward_keys: Optional[set[str]] = None
+
+    # ---- model plumbing ----
+    def model_inputs(self, batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """The batch entries `model.forward` accepts (DistilBERT takes no token_type_ids)."""
+        base = getattr(model, "get_base_model", lambda: model)()
+        params = inspect.signature(base.forward).parameters
+        keys = {"input_ids", "attention_mask", "token_type_ids"} & set(params)
+        # RoBERTa/DeBERTa-v3 have no segment embeddings (type_vocab_size <= 1): segment ids would index out of range.
+        if getattr(base.config, "type_vocab_size", 2) < 2:
+            keys.discard("token_type_ids")
+        return {k: v for k, v in batch.items() if k in keys}
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of `self.model` (a transformers or peft classifier); the supernet overrides this."""
+        return self.model(**self.model_inputs(batch, self.model)).logits
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.logits(batch)
+
+    def exported_model(self) -> nn.Module:
+        """The model written by export (export_hf merges LoRA on a copy)."""
+        return self.model
+
+    def merged_model(self) -> nn.Module:
+        """A plain transformers model with any LoRA merged (modifies the module: use after training)."""
+        return plain_model(self.model)
+
+    def tokenizer_source(self) -> str:
+        return self.hparams.model_name_or_path
+
+    # ---- set-up ----
+    def setup(self, stage: str) -> None:
+        super().setup(stage)  # the export directory first
+        # Before any checkpoint is restored, so a resumed run keeps its trained head.
+        if stage == "fit" and self.spec.is_regression and self._regression_head_is_new():
+            self._init_regression_head()
+
+    def _regression_head_is_new(self) -> bool:
+        new = getattr(self, "newly_initialised", ())
+        return any(in_classifier_head(name) for name in new)
+
+    def _init_regression_head(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        mean = dm.train_label_mean() if hasattr(dm, "train_label_mean") else None
+        if mean is None:
+            rank_zero_warn("new regression head left with bias 0: the data module gives no train_label_mean()")
+            return
+        if init_regression_bias(self, mean):
+            rank_zero_info(f"[kdlora] new regression head starts at the mean training label {mean:.3f}")
 
     # ---- evaluation ----
     def _eval_suffixes(self, stage: str = "val") -> list[str]:
@@ -276,17 +317,6 @@ class GLUEModule(L.LightningModule):
             source = str(best)
         self._export(path, source)
         self.trainer.strategy.barrier("kdlora-export")
-
-    @property
-    def export_path(self) -> Optional[Path]:
-        """`export_dir`, else ``<log_dir>/export``; None when the run has no directory of its own
-        (fast_dev_run replaces the loggers), so nothing lands in the working directory unasked."""
-        if self.hparams.get("export_dir"):
-            return Path(self.hparams.export_dir)
-        log_dir = self.trainer.log_dir
-        if self.trainer.fast_dev_run or log_dir is None:
-            return None
-        return Path(log_dir) / "export"
 
     def export_info(self, source: str) -> dict[str, Any]:
         """What an export holds (module, task, which weights), for its ``kdlora_export.json``."""

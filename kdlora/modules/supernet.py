@@ -30,6 +30,8 @@ parameters the subnet reads (slices of the current stage's adapters, plus the he
     ∇ [ L_1 + Σ_j s_j·L_j ] / (K + 1)
 
 accumulated by one `manual_backward` per network, so only one network's graph is alive at a time.
+The stages and this step are `kdlora.modules.mlfs.MLFSTraining`, shared with the causal-LM supernet
+(`kdlora.modules.lm_supernet`); this module says what the GLUE losses and metrics are.
 
 Optimisation: every stage's adapters exist from the start (B = 0, so they change nothing until
 trained); at a stage boundary the earlier ones get requires_grad=False and a fresh AdamW with its own
@@ -51,25 +53,23 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
-from transformers import get_linear_schedule_with_warmup
 
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
-from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
-from kdlora.losses import check_weight, orthonormal_projection, projected_feature_loss, renamed_argument, subnet_loss, task_loss
+from kdlora.losses import check_weight, renamed_argument, subnet_loss, task_loss
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.models import check_tokenizer_fits, load_classifier, load_tokenizer
-from kdlora.modules.base import GLUEModule, optimizer_groups
+from kdlora.modules.base import GLUEModule
+from kdlora.modules.mlfs import MLFSTraining, check_stage_epochs
 
 log = logging.getLogger(__name__)
 
-NUM_STAGES = 3
 # Lightning warns at each step checkpoint of a manual-optimization module that it holds the weights
 # after that step's optimizer step: exactly what a resume needs (the checkpoint's global_step counts it).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
 
-class SuperTransformer(GLUEModule):
+class SuperTransformer(MLFSTraining, GLUEModule):
     """MLFS super-transformer on a GLUE task.
 
     Args:
@@ -157,8 +157,7 @@ class SuperTransformer(GLUEModule):
     ) -> None:
         renamed_argument("alpha", "distill_weight", "the weight of a subnet's distillation terms; its task loss gets 1 − distill_weight", alpha)
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
-        if len(stage_epochs) != NUM_STAGES or any(int(e) < 0 for e in stage_epochs) or sum(stage_epochs) < 1:
-            raise ValueError(f"stage_epochs must be 3 non-negative epoch counts (stages 0, 1, 2) with a positive sum, got {stage_epochs}")
+        check_stage_epochs(stage_epochs)
         check_weight("distill_weight", distill_weight)
         if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
             raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
@@ -183,65 +182,20 @@ class SuperTransformer(GLUEModule):
                         "training the head too", model_name_or_path, ", ".join(new_weights))
             train_head = True
         self.newly_initialised = new_weights
-        self.encoder = ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head)
-        # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
-        self.stage_parameter_names: list[set[str]] = []
-        for _ in range(NUM_STAGES):
-            self.encoder.add_lora_stage()
-            self.stage_parameter_names.append({n for n, p in self.encoder.named_parameters() if p.requires_grad})
-        self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
-
-        self.space = SearchSpace.build(self.encoder.max_config, search_space, count=self.encoder.parameter_count)
-        self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed)
-        members = build_palette(self.space, palette)
-        if self.encoder.max_config not in members:
-            members.insert(0, self.encoder.max_config)  # val/score is the maxnet's
-        self.palette = members
-        self.palette_names = [c.name for c in members]
-        self.palette_roles = {self.encoder.max_config.name: "maxnet", self.space.smallest().name: "minnet"}
-        # Feature distillation only on the maxnet layers the smallest subnet keeps.
-        self.distill_layers = tuple(self.space.smallest().layers)
-        H = self.encoder.max_config.hidden_size
-        self.projections = nn.ModuleDict({str(l): orthonormal_projection(H, feature_dim) for l in self.distill_layers})
+        self.init_mlfs(ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head),
+                       search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
+                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim)
         self.palette_metrics = nn.ModuleList([
-            nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in members
+            nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in self.palette
         ])
-        self.stage = 0  # stage the optimizer was built for; restored from checkpoints
-        self.last_sampled: list[SubnetConfig] = []
         self.palette_history: dict[tuple[int, int], list[dict]] = {}
-        self._scale_cache: dict[tuple[int, SubnetConfig], float] = {}
 
     # ---- stages ----
-    def stage_for_epoch(self, epoch: int) -> int:
-        end = 0
-        for stage, epochs in enumerate(self.hparams.stage_epochs):
-            end += int(epochs)
-            if epoch < end:
-                return stage
-        return max(s for s, e in enumerate(self.hparams.stage_epochs) if int(e) > 0)
-
-    def stage_parameters(self, stage: int) -> list[tuple[str, nn.Parameter]]:
-        names = self.stage_parameter_names[stage]
-        return [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters() if n in names]
-
-    def enter_stage(self, stage: int) -> None:
-        """Make only `stage`'s adapters (and, from stage 1, the projections) trainable."""
-        names = self.stage_parameter_names[stage]
-        for n, p in self.encoder.named_parameters():
-            p.requires_grad_(n in names)
-        self.projections.requires_grad_(stage > 0 and self.hparams.beta > 0)
-        self.stage = stage
-
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage != "fit":
             return
-        # DDP registers only parameters that require grad when it wraps the module (right after this
-        # hook), so everything any stage trains must be trainable now; configure_optimizers narrows it.
-        for s in range(NUM_STAGES):
-            for _, p in self.stage_parameters(s):
-                p.requires_grad_(True)
-        self.projections.requires_grad_(True)
+        self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
         if self.hparams.importance_reorder and self.trainer.ckpt_path is None and not self._reorder_after_stage0():
             self._reorder_by_importance()
 
@@ -256,38 +210,11 @@ class SuperTransformer(GLUEModule):
         importance.reorder_by_importance(self.encoder, loader, num_batches=self.hparams.importance_batches,
                                          hidden=self.hparams.importance_hidden)
 
-    def configure_optimizers(self):
-        self.enter_stage(self.stage)
-        params = self.stage_parameters(self.stage)
-        groups = optimizer_groups(params, self.hparams.weight_decay)
-        projections = [p for p in self.projections.parameters() if p.requires_grad]
-        if projections:  # no weight decay: it would only shrink the feature targets
-            groups.append({"params": projections, "weight_decay": 0.0})
-        opt = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
-        total = self._stage_steps(self.stage)
-        sched = get_linear_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def _stage_steps(self, stage: int) -> int:
-        trainer = self.trainer
-        total = int(trainer.estimated_stepping_batches)  # also loads the train dataloader
-        per_epoch = trainer.num_training_batches
-        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else sum(self.hparams.stage_epochs)
-        if per_epoch == float("inf"):
-            per_epoch = max(1, total // max(1, max_epochs))
-        epochs = [e for e in range(max_epochs) if self.stage_for_epoch(e) == stage]
-        return max(1, min(total, int(per_epoch) * max(1, len(epochs))))
-
-    def on_train_epoch_start(self) -> None:
-        stage = self.stage_for_epoch(self.current_epoch)
-        if stage != self.stage:
-            if self.hparams.importance_reorder and self.stage == 0 and self._reorder_after_stage0():
-                # Entering the first subnet stage from stage 0 (a run resumed later restores stage >= 1
-                # and its permuted weights, so this happens once, as in an uninterrupted run).
-                self._reorder_by_importance()
-            self.stage = stage
-            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers -> enter_stage
-            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
+    def before_stage_change(self, stage: int) -> None:
+        if self.hparams.importance_reorder and self.stage == 0 and self._reorder_after_stage0():
+            # Entering the first subnet stage from stage 0 (a run resumed later restores stage >= 1
+            # and its permuted weights, so this happens once, as in an uninterrupted run).
+            self._reorder_by_importance()
 
     def on_train_epoch_end(self) -> None:
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
@@ -301,19 +228,12 @@ class SuperTransformer(GLUEModule):
             self._write_palette(rows, info, Path(log_dir), f"palette_stage{self.stage}")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
-        checkpoint["kdlora_mlfs_stage"] = self.stage
+        super().on_save_checkpoint(checkpoint)  # the stage; never from non-finite weights
         # The palette of every validation so far: the report at fit end shows the best checkpoint's.
         checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        free = [k for k in checkpoint.get("state_dict", {}) if k.startswith("projections.") and ".parametrizations." not in k]
-        if free:
-            raise ValueError(f"checkpoint holds free feature projections ({free[0]}, ...) from before they were made "
-                             "orthonormal (kdlora.losses.orthonormal_projection); this version cannot resume or load it")
-        super().on_load_checkpoint(checkpoint)
-        # Before the optimizer is built and its state restored, so the param groups match.
-        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+        super().on_load_checkpoint(checkpoint)  # the stage (and a refusal of free projections)
         self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
 
     # ---- training ----
@@ -321,89 +241,21 @@ class SuperTransformer(GLUEModule):
         # What the maxnet's own forward takes (no segment ids for RoBERTa-style type_vocab_size 1).
         return self.model_inputs(batch, self.encoder.model)
 
-    def gradient_scale(self, cfg: SubnetConfig) -> float:
-        """(n_1/n_j)^γ with n the trainable parameters the subnet reads in the current stage."""
-        key = (self.stage, cfg)
-        if key not in self._scale_cache:
-            n_max = self.encoder.parameter_count(self.encoder.max_config, trainable_only=True)
-            n_sub = self.encoder.parameter_count(cfg, trainable_only=True)
-            self._scale_cache[key] = float((n_max / max(n_sub, 1)) ** self.hparams.gamma)
-        return self._scale_cache[key]
-
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**self.encoder_inputs(batch)).logits
 
-    def training_step(self, batch, batch_idx):
-        opt, sched = self.optimizers(), self.lr_schedulers()
-        opt.zero_grad()
-        losses = self.accumulate_gradients(batch, self.sampler.sample(self.stage, self.global_step))
-        if self.hparams.gradient_clip > 0:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        sched.step()
-        self.log("train/loss", losses["loss"], prog_bar=True)
-        self.log("train/maxnet_loss", losses["maxnet"])
-        self.log("train/stage", float(self.stage))
-        for key in ("subnet_task", "subnet_kd", "subnet_features", "smallest_loss", "smallest_task"):
-            if key in losses:
-                self.log(f"train/{key}", losses[key])
+    def maxnet_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return task_loss(logits, batch["labels"], self.spec.is_regression)
 
-    def accumulate_gradients(self, batch: dict[str, torch.Tensor], subnets: list[SubnetConfig]) -> dict[str, torch.Tensor]:
-        """Backward of [L_1 + Σ_j s_j L_j] / (K+1), one network at a time; returns detached losses."""
-        self.last_sampled = list(subnets)
-        inputs, labels = self.encoder_inputs(batch), batch["labels"]
-        mask = batch.get("attention_mask")
-        count = len(subnets) + 1
-        want_features = bool(subnets) and self.hparams.beta > 0 and self.hparams.distill_weight > 0
-
-        self.encoder.reset_super_network()
-        out = self.encoder(**inputs, output_hidden_states=want_features)
-        max_loss = task_loss(out.logits, labels, self.spec.is_regression)
-        self.check_finite_loss(max_loss, "maxnet loss")
-        self.manual_backward(max_loss / count)
-        max_logits = out.logits.detach()
-        max_features = ({l: out.hidden_states[l].detach() for l in self.distill_layers} if want_features else {})
-        del out
-
-        total = max_loss.detach() / count
-        parts: dict[str, list[torch.Tensor]] = {"task": [], "kd": [], "features": []}
-        smallest = self.space.smallest(full_depth=self.stage == 1)
-        result: dict[str, torch.Tensor] = {}
-        for cfg in subnets:
-            self.encoder.set_sub_network(cfg)
-            sub = self.encoder(**inputs, output_hidden_states=want_features)
-            feature_losses = []
-            if want_features:
-                for l, h in zip(cfg.layers, sub.hidden_states):
-                    if l in max_features:
-                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)].weight, mask))
-            loss, p = subnet_loss(sub.logits, max_logits, labels, self.spec.is_regression, self.hparams.distill_weight,
-                                  self.hparams.temperature, feature_losses, self.hparams.beta)
-            self.check_finite_loss(loss, f"subnet {cfg.name} loss")
-            scale = self.gradient_scale(cfg)
-            self.manual_backward(scale * loss / count)
-            total = total + scale * loss.detach() / count
-            for k, v in p.items():
-                parts[k].append(v)
-            if cfg == smallest:  # the stage's smallest subnet (the minnet in stage 2): the paper's Fig. 3 curve
-                result["smallest_loss"], result["smallest_task"] = loss.detach(), p["task"]
-        self.encoder.reset_super_network()
-        result.update({"loss": total, "maxnet": max_loss.detach()})
-        for k, v in parts.items():
-            if v:
-                result[f"subnet_{k}"] = torch.stack(v).mean()
-        return result
+    def subnet_objective(self, logits: torch.Tensor, max_logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                         feature_losses: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return subnet_loss(logits, max_logits, batch["labels"], self.spec.is_regression, self.hparams.distill_weight,
+                           self.hparams.temperature, feature_losses, self.hparams.beta)
 
     # ---- palette evaluation ----
     def _eval_step(self, stage: str, batch, dataloader_idx: int = 0) -> None:
-        inputs = self.encoder_inputs(batch)
-        try:
-            for cfg, metrics in zip(self.palette, self.palette_metrics):
-                self.encoder.set_sub_network(cfg)
-                logits = self.encoder(**inputs).logits
-                metrics[dataloader_idx].update(predictions_from_logits(logits, self.spec.is_regression), batch["labels"])
-        finally:
-            self.encoder.reset_super_network()
+        for i, _, logits in self.palette_logits(batch):
+            self.palette_metrics[i][dataloader_idx].update(predictions_from_logits(logits, self.spec.is_regression), batch["labels"])
 
     def _palette_rows(self, stage: str) -> list[dict]:
         """Compute (and reset) every palette member's metrics: one report row per member evaluated."""

@@ -1,0 +1,243 @@
+"""CausalLMSuperTransformer: MLFS on a decoder (Llama, GPT-2): one causal LM, every sub-network a causal LM.
+
+The stages and the step are `kdlora.modules.mlfs.MLFSTraining`, as for the GLUE `SuperTransformer`;
+only the losses differ. Per step the maxnet runs first on the next-token loss, then K sampled subnets on
+
+    L_j = (1−α)·LM(z_j) + α·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)
+
+(`kdlora.losses.decoder_subnet_loss`): LM is next-token cross-entropy (the shift happens in the
+loss; labels of -100 and padding are not predicted), KD the token-level T²·KL from the maxnet's
+detached logits averaged over real (non-padding) positions, the feature term the one of the
+encoders (maxnet-owned orthonormal projections, on the layers the smallest subnet keeps). Subnet j's
+gradient is scaled by (n_1/n_j)^γ.
+
+Batches: ``{"input_ids": [B, T], "attention_mask": [B, T], "labels": [B, T]}``, labels equal to
+input_ids with -100 at padding.
+
+Validation, per palette member: ``val/<subnet>/loss`` and ``val/<subnet>/perplexity`` (exp of the
+token-mean loss over the whole split, `kdlora.metrics.TokenMeanLoss`), and ``val/loss``,
+``val/perplexity`` for the maxnet. At fit end the palette report (params, val loss, perplexity) is
+written and, with `export`, every member as a standalone Hugging Face causal LM that `generate()`s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from kdlora.elastic.model import ElasticEncoder
+from kdlora.losses import causal_lm_loss, check_weight, decoder_subnet_loss, lm_token_losses
+from kdlora.metrics import TokenMeanLoss
+from kdlora.modules.base import KDLoraModule
+from kdlora.modules.mlfs import MLFSTraining, check_stage_epochs
+
+log = logging.getLogger(__name__)
+
+
+def load_causal_lm(model_name_or_path: Optional[str], model_config: Optional[dict[str, Any]]):
+    """`AutoModelForCausalLM.from_pretrained(model_name_or_path)`, or a new random model of `model_config`
+    (a Hugging Face config as a dict with its ``model_type``; for tests and from-scratch runs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (model_name_or_path is None) == (model_config is None):
+        raise ValueError("give exactly one of model_name_or_path (a causal LM checkpoint) and model_config "
+                         "(a Hugging Face config dict with its model_type, for a new random model)")
+    if model_name_or_path is not None:
+        return AutoModelForCausalLM.from_pretrained(model_name_or_path)
+    if not isinstance(model_config, dict) or "model_type" not in model_config:
+        raise ValueError(f"model_config must be a dict with a model_type (e.g. llama, gpt2), got {model_config!r}")
+    config = dict(model_config)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
+    """MLFS super-transformer of a causal LM.
+
+    Args:
+        model_name_or_path: the maxnet's checkpoint (`AutoModelForCausalLM`), or
+        model_config: a Hugging Face config dict (with ``model_type``) for a new random maxnet.
+        stage_epochs: epochs of stages 0 (the maxnet's LoRA fine-tuning), 1 (widths sampled) and 2 (widths
+            and depth sampled); 0 skips a stage.
+        lora_r, lora_alpha, lora_dropout, lora_targets: adapters of every stage (roles or family names).
+        num_subnets, sandwich, per_layer, search_space, palette, sampler_seed: as `SuperTransformer`.
+        distill_weight: α, the weight of a subnet's distillation terms (token KD + β·features); its LM loss gets 1 − α.
+        beta, gamma, temperature, feature_dim: feature-term weight, gradient-scaling exponent, KD temperature, d_low.
+        learning_rate, weight_decay, warmup_ratio, gradient_clip: AdamW per stage with linear warmup/decay.
+        export, export_dir: write every palette member as a causal LM at fit end (see `GLUEModule`).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        model_config: Optional[dict[str, Any]] = None,
+        stage_epochs: list[int] = [1, 1, 1],
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        lora_targets: list[str] = ["query", "key", "value", "intermediate", "output"],
+        num_subnets: int = 2,
+        sandwich: bool = True,
+        per_layer: bool = False,
+        distill_weight: float = 0.9,
+        beta: float = 0.1,
+        gamma: float = 2.0,
+        temperature: float = 1.0,
+        feature_dim: int = 128,
+        search_space: Optional[dict[str, Any] | str] = None,
+        palette: Optional[list[Any]] = None,
+        sampler_seed: Optional[int] = None,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_ratio: float = 0.06,
+        gradient_clip: float = 1.0,
+        export: bool = True,
+        export_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__(learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        check_stage_epochs(stage_epochs)
+        check_weight("distill_weight", distill_weight)
+        if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
+            raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
+        if sampler_seed is None:
+            sampler_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # K+1 backward passes and one optimizer step per batch
+        encoder = ElasticEncoder(load_causal_lm(model_name_or_path, model_config), lora_r, lora_alpha, lora_dropout,
+                                 tuple(lora_targets))
+        if not encoder.is_causal_lm:
+            raise ValueError(f"CausalLMSuperTransformer needs a causal LM; {type(encoder.model).__name__} is not one")
+        self.init_mlfs(encoder, search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
+                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim)
+        self.palette_losses = nn.ModuleList([TokenMeanLoss() for _ in self.palette])
+        self.palette_history: dict[tuple[int, int], list[dict]] = {}
+
+    # ---- losses ----
+    def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+
+    def maxnet_loss(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return causal_lm_loss(logits, batch["labels"], batch.get("attention_mask"))
+
+    def subnet_objective(self, logits: torch.Tensor, max_logits: torch.Tensor, batch: dict[str, torch.Tensor],
+                         feature_losses: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return decoder_subnet_loss(logits, max_logits, batch["labels"], batch.get("attention_mask"),
+                                   self.hparams.distill_weight, self.hparams.temperature, feature_losses, self.hparams.beta)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encoder(**self.encoder_inputs(batch)).logits
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
+
+    # ---- palette evaluation ----
+    def _eval_step(self, batch) -> None:
+        for i, _, logits in self.palette_logits(batch):
+            self.palette_losses[i].update(*lm_token_losses(logits, batch["labels"], batch.get("attention_mask")))
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        self._eval_step(batch)
+
+    def _palette_rows(self) -> list[dict]:
+        """Compute (and reset) every member's loss and perplexity: one report row per member evaluated."""
+        rows = []
+        for cfg, metric in zip(self.palette, self.palette_losses):
+            if int(metric.count) == 0:
+                continue
+            values = {k: float(v) for k, v in metric.compute().items()}
+            metric.reset()
+            rows.append({"name": cfg.name, "role": self.palette_roles.get(cfg.name, ""),
+                         "params": self.encoder.parameter_count(cfg), "metrics": values, "score": None,
+                         "latency_ms": None, **cfg.to_dict()})
+        return rows
+
+    def _log_eval(self, stage: str) -> None:
+        rows = self._palette_rows()
+        if not rows:
+            return
+        values = {}
+        for row in rows:
+            for k, v in row["metrics"].items():
+                values[f"{stage}/{row['name']}/{k}"] = v
+            values[f"{stage}/{row['name']}/params"] = float(row["params"])
+            if row["name"] == self.encoder.max_config.name:
+                values.update({f"{stage}/{k}": v for k, v in row["metrics"].items()})
+        headline = {k: values.pop(k) for k in (f"{stage}/loss", f"{stage}/perplexity") if k in values}
+        self.log_dict(values, sync_dist=False)
+        self.log_dict(headline, prog_bar=True, sync_dist=False)
+        if stage == "val" and not self.trainer.sanity_checking:
+            self.palette_history[(self.current_epoch, self.global_step)] = rows
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
+
+    # ---- fit end: report and export ----
+    def on_fit_end(self) -> None:
+        """The palette of the last validation (sizes only without one) as ``palette.{json,md,png}`` in the
+        run's directory and, with `export`, every member as ``<export_dir>/<name>/`` (a causal LM), beside the report."""
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank reads it
+        report_dir = None if self.trainer.fast_dev_run or log_dir is None else Path(log_dir)
+        export_dir = self.export_path if self.hparams.export else None
+        self._report_and_export(report_dir, export_dir)
+        self.trainer.strategy.barrier("kdlora-export")
+
+    def palette_report_rows(self) -> list[dict]:
+        """The last validation's rows, or the members' sizes when no validation ran."""
+        if self.palette_history:
+            return self.palette_history[max(self.palette_history)]
+        return [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
+                 "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
+
+    @rank_zero_only
+    def _report_and_export(self, report_dir: Optional[Path], export_dir: Optional[Path]) -> None:
+        from kdlora.elastic.palette import write_palette_report
+        from kdlora.models import write_export
+
+        rows = self.palette_report_rows()
+        source = self.hparams.model_name_or_path or f"a random {self.encoder.family} model"
+        title = f"MLFS causal-LM palette of {source} (step {self.global_step}, stage {self.stage}): val loss and perplexity"
+        if report_dir is not None:
+            paths = write_palette_report(rows, report_dir, title)
+            print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+        if export_dir is None:
+            return
+        tokenizer = None
+        if self.hparams.model_name_or_path:
+            try:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+            except (OSError, ValueError) as e:
+                log.warning("no tokenizer saved with the export: cannot load %r (%s)", self.hparams.model_name_or_path, e)
+        self.encoder.eval()
+
+        def write(tmp: Path) -> None:
+            for cfg in self.palette:
+                self.encoder.export_hf(cfg, tmp / cfg.name, tokenizer)
+            write_palette_report(rows, tmp, title)
+
+        write_export(export_dir, write, {"module": type(self).__name__, "kind": "palette",
+                                         "members": [c.name for c in self.palette]})
+        for cfg in self.palette:
+            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {export_dir / cfg.name}")

@@ -1,0 +1,237 @@
+"""The MLFS step (Algorithm 1), shared by the GLUE `SuperTransformer` and the `CausalLMSuperTransformer`.
+
+`MLFSTraining` is a mixin of LightningModules (put it before their base class): it owns the stages
+(which adapters train when, one AdamW and schedule per stage), the gradient scaling (n_1/n_j)^γ,
+and the manual-optimisation step: the maxnet first on its own loss, then the K sampled subnets on
+their objective against the maxnet's detached logits and features, one `manual_backward` per
+network, one optimizer step per batch. A module says only what its losses are:
+
+- `encoder_inputs(batch)`: what `ElasticEncoder.forward` takes;
+- `maxnet_loss(logits, batch)`: the maxnet's loss (GLUE: the task loss; causal LMs: next-token cross-entropy);
+- `subnet_objective(logits, max_logits, batch, feature_losses)`: (loss, parts with task, kd, features).
+
+It registers no module of its own (`init_mlfs` sets ``encoder`` and ``projections`` on the module),
+so checkpoints keep their names. Every stage's adapters exist from the start (B = 0, so they change
+nothing until trained); at a stage boundary the earlier ones get requires_grad=False and a fresh
+AdamW with its own warmup/decay schedule over that stage's steps is built for the new ones. Creating
+all adapters up front keeps the parameter set fixed, which DDP needs (it registers parameters once).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from transformers import get_linear_schedule_with_warmup
+
+from kdlora.elastic.config import SubnetConfig
+from kdlora.elastic.model import ElasticEncoder
+from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
+from kdlora.losses import orthonormal_projection, projected_feature_loss
+from kdlora.modules.base import optimizer_groups
+
+log = logging.getLogger(__name__)
+
+NUM_STAGES = 3
+
+
+def check_stage_epochs(stage_epochs) -> None:
+    if len(stage_epochs) != NUM_STAGES or any(int(e) < 0 for e in stage_epochs) or sum(stage_epochs) < 1:
+        raise ValueError(f"stage_epochs must be 3 non-negative epoch counts (stages 0, 1, 2) with a positive sum, got {stage_epochs}")
+
+
+class MLFSTraining:
+    """Stages, gradient scaling and the MLFS training step of a module with ``self.encoder`` (see the module docstring).
+
+    Reads hparams stage_epochs, learning_rate, weight_decay, warmup_ratio, gradient_clip, gamma,
+    beta, distill_weight.
+    """
+
+    # ---- construction ----
+    def init_mlfs(self, encoder: ElasticEncoder, *, search_space: Optional[dict[str, Any] | str], num_subnets: int,
+                  sandwich: bool, per_layer: bool, sampler_seed: int, palette: Optional[list[Any]], feature_dim: int) -> None:
+        """Set ``encoder`` (with all stages' adapters), the search space, sampler, palette (maxnet first
+        if not in it; a member that cannot export as a plain model is a ValueError now) and the
+        maxnet-owned feature projections ``projections``."""
+        self.encoder = encoder
+        # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
+        self.stage_parameter_names: list[set[str]] = []
+        for _ in range(NUM_STAGES):
+            self.encoder.add_lora_stage()
+            self.stage_parameter_names.append({n for n, p in self.encoder.named_parameters() if p.requires_grad})
+        self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
+        self.space = SearchSpace.build(self.encoder.max_config, search_space, count=self.encoder.parameter_count)
+        self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed)
+        members = build_palette(self.space, palette)
+        if self.encoder.max_config not in members:
+            members.insert(0, self.encoder.max_config)  # the headline metrics are the maxnet's
+        for cfg in members:  # every member must export (a Llama one needs whole key/value heads): fail now, not at fit end
+            self.encoder.export_config(cfg)
+        self.palette = members
+        self.palette_names = [c.name for c in members]
+        self.palette_roles = {self.encoder.max_config.name: "maxnet", self.space.smallest().name: "minnet"}
+        # Feature distillation only on the maxnet layers the smallest subnet keeps.
+        self.distill_layers = tuple(self.space.smallest().layers)
+        H = self.encoder.max_config.hidden_size
+        self.projections = nn.ModuleDict({str(l): orthonormal_projection(H, feature_dim) for l in self.distill_layers})
+        self.stage = 0  # stage the optimizer was built for; restored from checkpoints
+        self.last_sampled: list[SubnetConfig] = []
+        self._scale_cache: dict[tuple[int, SubnetConfig], float] = {}
+
+    # ---- stages ----
+    def stage_for_epoch(self, epoch: int) -> int:
+        end = 0
+        for stage, epochs in enumerate(self.hparams.stage_epochs):
+            end += int(epochs)
+            if epoch < end:
+                return stage
+        return max(s for s, e in enumerate(self.hparams.stage_epochs) if int(e) > 0)
+
+    def stage_parameters(self, stage: int) -> list[tuple[str, nn.Parameter]]:
+        names = self.stage_parameter_names[stage]
+        return [(f"encoder.{n}", p) for n, p in self.encoder.named_parameters() if n in names]
+
+    def enter_stage(self, stage: int) -> None:
+        """Make only `stage`'s adapters (and, from stage 1, the projections) trainable."""
+        names = self.stage_parameter_names[stage]
+        for n, p in self.encoder.named_parameters():
+            p.requires_grad_(n in names)
+        self.projections.requires_grad_(stage > 0 and self.hparams.beta > 0)
+        self.stage = stage
+
+    def make_every_stage_trainable(self) -> None:
+        """DDP registers only parameters that require grad when it wraps the module (right after `setup`),
+        so everything any stage trains must be trainable then; configure_optimizers narrows it."""
+        for s in range(NUM_STAGES):
+            for _, p in self.stage_parameters(s):
+                p.requires_grad_(True)
+        self.projections.requires_grad_(True)
+
+    def configure_optimizers(self):
+        self.enter_stage(self.stage)
+        params = self.stage_parameters(self.stage)
+        groups = optimizer_groups(params, self.hparams.weight_decay)
+        projections = [p for p in self.projections.parameters() if p.requires_grad]
+        if projections:  # no weight decay: it would only shrink the feature targets
+            groups.append({"params": projections, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        total = self._stage_steps(self.stage)
+        sched = get_linear_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _stage_steps(self, stage: int) -> int:
+        trainer = self.trainer
+        total = int(trainer.estimated_stepping_batches)  # also loads the train dataloader
+        per_epoch = trainer.num_training_batches
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else sum(self.hparams.stage_epochs)
+        if per_epoch == float("inf"):
+            per_epoch = max(1, total // max(1, max_epochs))
+        epochs = [e for e in range(max_epochs) if self.stage_for_epoch(e) == stage]
+        return max(1, min(total, int(per_epoch) * max(1, len(epochs))))
+
+    def before_stage_change(self, stage: int) -> None:
+        """Called at the start of the first epoch of `stage`, before its optimizer is built (self.stage is the old one)."""
+
+    def on_train_epoch_start(self) -> None:
+        stage = self.stage_for_epoch(self.current_epoch)
+        if stage != self.stage:
+            self.before_stage_change(stage)
+            self.stage = stage
+            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers -> enter_stage
+            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
+        checkpoint["kdlora_mlfs_stage"] = self.stage
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        free = [k for k in checkpoint.get("state_dict", {}) if k.startswith("projections.") and ".parametrizations." not in k]
+        if free:
+            raise ValueError(f"checkpoint holds free feature projections ({free[0]}, ...) from before they were made "
+                             "orthonormal (kdlora.losses.orthonormal_projection); this version cannot resume or load it")
+        super().on_load_checkpoint(checkpoint)
+        # Before the optimizer is built and its state restored, so the param groups match.
+        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+
+    # ---- the step ----
+    def gradient_scale(self, cfg: SubnetConfig) -> float:
+        """(n_1/n_j)^γ with n the trainable parameters the subnet reads in the current stage."""
+        key = (self.stage, cfg)
+        if key not in self._scale_cache:
+            n_max = self.encoder.parameter_count(self.encoder.max_config, trainable_only=True)
+            n_sub = self.encoder.parameter_count(cfg, trainable_only=True)
+            self._scale_cache[key] = float((n_max / max(n_sub, 1)) ** self.hparams.gamma)
+        return self._scale_cache[key]
+
+    def training_step(self, batch, batch_idx):
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad()
+        losses = self.accumulate_gradients(batch, self.sampler.sample(self.stage, self.global_step))
+        if self.hparams.gradient_clip > 0:
+            self.clip_gradients(opt, gradient_clip_val=self.hparams.gradient_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log("train/maxnet_loss", losses["maxnet"])
+        self.log("train/stage", float(self.stage))
+        for key in ("subnet_task", "subnet_kd", "subnet_features", "smallest_loss", "smallest_task"):
+            if key in losses:
+                self.log(f"train/{key}", losses[key])
+
+    def accumulate_gradients(self, batch: dict[str, torch.Tensor], subnets: list[SubnetConfig]) -> dict[str, torch.Tensor]:
+        """Backward of [L_1 + Σ_j s_j L_j] / (K+1), one network at a time; returns detached losses."""
+        self.last_sampled = list(subnets)
+        inputs = self.encoder_inputs(batch)
+        mask = batch.get("attention_mask")
+        count = len(subnets) + 1
+        want_features = bool(subnets) and self.hparams.beta > 0 and self.hparams.distill_weight > 0
+
+        self.encoder.reset_super_network()
+        out = self.encoder(**inputs, output_hidden_states=want_features)
+        max_loss = self.maxnet_loss(out.logits, batch)
+        self.check_finite_loss(max_loss, "maxnet loss")
+        self.manual_backward(max_loss / count)
+        max_logits = out.logits.detach()
+        max_features = ({l: out.hidden_states[l].detach() for l in self.distill_layers} if want_features else {})
+        del out
+
+        total = max_loss.detach() / count
+        parts: dict[str, list[torch.Tensor]] = {"task": [], "kd": [], "features": []}
+        smallest = self.space.smallest(full_depth=self.stage == 1)
+        result: dict[str, torch.Tensor] = {}
+        for cfg in subnets:
+            self.encoder.set_sub_network(cfg)
+            sub = self.encoder(**inputs, output_hidden_states=want_features)
+            feature_losses = []
+            if want_features:
+                for l, h in zip(cfg.layers, sub.hidden_states):
+                    if l in max_features:
+                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)].weight, mask))
+            loss, p = self.subnet_objective(sub.logits, max_logits, batch, feature_losses)
+            self.check_finite_loss(loss, f"subnet {cfg.name} loss")
+            scale = self.gradient_scale(cfg)
+            self.manual_backward(scale * loss / count)
+            total = total + scale * loss.detach() / count
+            for k, v in p.items():
+                parts[k].append(v)
+            if cfg == smallest:  # the stage's smallest subnet (the minnet in stage 2): the paper's Fig. 3 curve
+                result["smallest_loss"], result["smallest_task"] = loss.detach(), p["task"]
+        self.encoder.reset_super_network()
+        result.update({"loss": total, "maxnet": max_loss.detach()})
+        for k, v in parts.items():
+            if v:
+                result[f"subnet_{k}"] = torch.stack(v).mean()
+        return result
+
+    # ---- evaluation ----
+    def palette_logits(self, batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, SubnetConfig, torch.Tensor]]:
+        """(index, config, logits) of every palette member on `batch`; the maxnet again afterwards."""
+        inputs = self.encoder_inputs(batch)
+        try:
+            for i, cfg in enumerate(self.palette):
+                self.encoder.set_sub_network(cfg)
+                yield i, cfg, self.encoder(**inputs).logits
+        finally:
+            self.encoder.reset_super_network()
