@@ -81,10 +81,6 @@ class KDLoraModule(L.LightningModule):
     checkpoint is ever written from non-finite weights.
     """
 
-    # With a held-out split for selection (`data.holdout_fraction`), `train.py fit` then scores the best
-    # checkpoint on dev (`test`): selected on held-out data, reported on dev. The supernet scores its palette itself.
-    TEST_ON_DEV_AFTER_HELD_OUT_FIT = True
-
     def __init__(
         self,
         learning_rate: float = 2e-5,
@@ -188,6 +184,10 @@ class GLUEModule(KDLoraModule):
     Training stops with `TrainingDivergedError` at the first non-finite training loss, and no
     checkpoint is ever written from non-finite weights.
     """
+
+    # With a held-out split for selection (`data.holdout_fraction`), `train.py fit` then scores the best
+    # checkpoint on dev (`test`): selected on held-out data, reported on dev. The supernet scores its palette itself.
+    TEST_ON_DEV_AFTER_HELD_OUT_FIT = True
 
     def __init__(
         self,
