@@ -329,7 +329,10 @@ class CausalLMDataModule(L.LightningDataModule):
 
     # ---- Lightning hooks ----
     def prepare_data(self) -> None:
-        self.tokenizer  # noqa: B018
+        """Tokenise into the cache once (Lightning calls this on one process), so every rank's `setup` reads it."""
+        for split, docs in self.documents.items():
+            if docs:
+                self._stream(split)
 
     def setup(self, stage: Optional[str] = None) -> None:
         splits = ["train", "validation"] if stage in ("fit", None) else ["validation"]

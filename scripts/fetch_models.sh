@@ -165,6 +165,10 @@ try:
         expected = quantized(**probe).logits
         got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(**probe).logits
     assert torch.equal(expected, got), "the saved model differs from the GGUF model"
+    mask = os.umask(0); os.umask(mask)  # transformers writes safetensors owner-only: give the umask's modes
+    for name in os.listdir(out):
+        os.chmod(os.path.join(out, name), 0o666 & ~mask)
+    os.chmod(out, 0o777 & ~mask)
     if os.path.exists(dest):
         raise SystemExit(f"fetch_models.sh: error: {dest} appeared meanwhile; nothing was written there")
     os.rename(out, dest)

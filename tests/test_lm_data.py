@@ -223,3 +223,11 @@ def test_non_utf8_files_are_skipped_and_named(tok_dir, tmp_path, caplog):
     assert "latin1.py" not in dm.files["train"] + dm.files["validation"]
     assert "skipped 1 file(s) that are not UTF-8 text: latin1.py" in caplog.text
     assert np.sum([len(v) for v in dm.files.values()]) == 3
+
+
+def test_prepare_data_fills_the_cache_that_setup_reads(corpus, tok_dir, tmp_path):
+    dm = make(tok_dir, str(corpus), tmp_path)
+    dm.prepare_data()  # Lightning: one process per machine
+    assert dm.tokenized_documents == N_FILES
+    dm.setup("fit")  # every rank
+    assert dm.tokenized_documents == N_FILES and set(dm.datasets) == {"train", "validation"}
