@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kdlora.callbacks import write_atomic
-from kdlora.data import ResumableShuffleSampler, _uses_distributed_sampler
+from kdlora.data import ResumableDataLoader, ResumableShuffleSampler, _uses_distributed_sampler
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +250,8 @@ class CausalLMDataModule(L.LightningDataModule):
         self.tokenizer  # noqa: B018 (loads and checks it)
         self.tokenized_documents = 0  # documents tokenised by this module (0 when every split came from the cache)
         self.datasets: dict[str, PackedBlocks] = {}
+        self._train_sampler: Optional[ResumableShuffleSampler] = None
+        self._resume_order: Optional[dict[str, int]] = None  # from a checkpoint: where training resumes
 
     @property
     def files(self) -> dict[str, list[str]]:
@@ -352,16 +354,53 @@ class CausalLMDataModule(L.LightningDataModule):
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def _loader(self, ds: PackedBlocks, batch_size: int, sampler=None) -> DataLoader:
-        return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
+    def _loader(self, ds: PackedBlocks, batch_size: int, sampler=None, loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+        return loader_class(ds, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+                            persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by (seed, epoch) alone (never the global RNG) and sharded over DDP ranks."""
+        """Shuffled by (seed, epoch) alone (never the global RNG) and sharded over DDP ranks; after a
+        resume it starts where the checkpoint's run stopped inside the epoch."""
         trainer = self.trainer
         shard = trainer.distributed_sampler_kwargs if trainer is not None and _uses_distributed_sampler(trainer) else None
         sampler = ResumableShuffleSampler(self.datasets["train"], seed=self.seed, **(shard or {}))
-        return self._loader(self.datasets["train"], self.batch_size, sampler)
+        if self._resume_order is not None:
+            sampler.resume(**self._resume_order)
+        self._train_sampler = sampler
+        return self._loader(self.datasets["train"], self.batch_size, sampler, ResumableDataLoader)
+
+    def _train_data(self) -> dict[str, Any]:
+        return {"block_size": self.block_size, "batch_size": self.batch_size, "train_key": self.cache_key("train")}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the shuffled order (saved in every checkpoint, as `GLUEDataModule` does):
+        the seed, the epoch and how many blocks of this rank's shard of that epoch have been trained on,
+        plus what the order is of (block and batch size, the training stream's cache key)."""
+        sampler, trainer = self._train_sampler, self.trainer
+        if sampler is None or trainer is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        epoch = sampler.epoch
+        if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
+            epoch, batches = epoch + 1, 0
+        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size},
+                "train_data": self._train_data()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Called by Lightning when it restores a checkpoint, before it builds the train dataloader. Inside an
+        epoch the position means something only for the same blocks and batch size: else it is an error."""
+        order = state_dict.get("train_order")
+        saved = state_dict.get("train_data")
+        if order and order.get("start", 0) > 0 and saved is not None:
+            now = self._train_data()
+            changed = [k for k in now if saved.get(k) != now[k]]
+            if changed:
+                what = ", ".join(f"{k} {saved.get(k)} -> {now[k]}" for k in changed)
+                raise LMDataError(f"the checkpoint stopped inside epoch {order['epoch']} of other training data ({what}); "
+                                  "resume with the same files, tokenizer, block_size and batch_size, or from an epoch end")
+        self._resume_order = dict(order) if order else None
+        if self._resume_order is not None and self._train_sampler is not None:
+            self._train_sampler.resume(**self._resume_order)
 
     def val_dataloader(self):
         if "validation" not in self.datasets:

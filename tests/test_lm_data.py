@@ -231,3 +231,60 @@ def test_prepare_data_fills_the_cache_that_setup_reads(corpus, tok_dir, tmp_path
     assert dm.tokenized_documents == N_FILES
     dm.setup("fit")  # every rank
     assert dm.tokenized_documents == N_FILES and set(dm.datasets) == {"train", "validation"}
+
+
+class BlockRecorder:
+    """A bigram LM (one embedding of next-token logits) that records the first token of every training block."""
+
+    @staticmethod
+    def make(vocab: int):
+        import lightning as L
+
+        class Bigram(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.logits = torch.nn.Embedding(vocab, vocab)
+                self.seen: list[int] = []
+
+            def training_step(self, batch, batch_idx):
+                self.seen += batch["input_ids"][:, 0].tolist()
+                logits = self.logits(batch["input_ids"][:, :-1])
+                return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        return Bigram()
+
+
+def test_resume_inside_an_epoch_continues_the_order(corpus, tok_dir, tmp_path):
+    import lightning as L
+
+    def trainer(**kw):
+        return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, **kw)
+
+    def data(**kw):
+        return make(tok_dir, str(corpus), tmp_path, val_fraction=0.0, block_size=8, batch_size=2, **kw)
+
+    full_dm = data()
+    full_dm.setup("fit")
+    steps = math.ceil(len(full_dm.datasets["train"]) / 2)
+    assert steps >= 4
+    stop = steps + 2  # two steps into the second epoch
+
+    class SaveAt(L.Callback):  # as a step checkpoint does: in on_train_batch_end
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == stop:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    whole = BlockRecorder.make(full_dm.vocab_size)
+    trainer(max_epochs=2, callbacks=[SaveAt()]).fit(whole, datamodule=full_dm)
+    assert len(whole.seen) == 2 * len(full_dm.datasets["train"])
+    resumed = BlockRecorder.make(full_dm.vocab_size)
+    trainer(max_epochs=2).fit(resumed, datamodule=data(), ckpt_path=tmp_path / "mid.ckpt")
+    assert resumed.seen == whole.seen[stop * 2:]
+    assert whole.seen[:len(whole.seen) // 2] != whole.seen[len(whole.seen) // 2:]  # each epoch its own order
+    with pytest.raises(LMDataError, match=r"stopped inside epoch 1 of other training data \(block_size 8 -> 16"):
+        trainer(max_epochs=2).fit(BlockRecorder.make(full_dm.vocab_size), ckpt_path=tmp_path / "mid.ckpt",
+                                  datamodule=make(tok_dir, str(corpus), tmp_path, val_fraction=0.0, block_size=16, batch_size=2))
