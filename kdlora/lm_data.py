@@ -67,17 +67,21 @@ def _text_digest(text: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_text_files(paths: Sequence[Path], names: Sequence[str]) -> list[Document]:
-    """The files as documents; a file that is not UTF-8 is skipped and named in one warning."""
+def read_text_files(paths: Sequence[Path], names: Sequence[str], limit: Optional[int] = None) -> list[Document]:
+    """The non-empty files as documents, in the given order, stopping at `limit` documents (files past it
+    are not read); a file that is not UTF-8 is skipped and named in one warning."""
     docs, skipped = [], []
     for path, name in zip(paths, names):
+        if limit is not None and len(docs) >= limit:
+            break
         raw = Path(path).read_bytes()
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             skipped.append(name)
             continue
-        docs.append(Document(name, text, hashlib.sha256(raw).hexdigest()))
+        if text:  # an empty file holds no document (not even an EOS)
+            docs.append(Document(name, text, hashlib.sha256(raw).hexdigest()))
     if skipped:
         log.warning("skipped %d file(s) that are not UTF-8 text: %s%s", len(skipped), ", ".join(skipped[:5]),
                     " ..." if len(skipped) > 5 else "")
@@ -287,26 +291,27 @@ class CausalLMDataModule(L.LightningDataModule):
                     split = {k: rng.sample(v, min(self.max_files, len(v))) for k, v in split.items()}
                 return split
             source = source["train"]
+        # One seeded permutation of the sorted documents; `max_files` keeps its first ones (files past them
+        # are never read), the first ceil(val_fraction * n) of those are held out.
+        rng = random.Random(self.seed)
         if isinstance(source, Dataset):
             docs = dataset_documents(source, text_column, "train")
-        elif isinstance(source, (str, os.PathLike)):
-            docs = read_text_files(*folder_files(Path(source), pattern))
-        elif isinstance(source, (list, tuple)):
-            docs = read_text_files(*listed_files(source))
+            rng.shuffle(docs)
+            docs = docs[:self.max_files]
+        elif isinstance(source, (str, os.PathLike, list, tuple)):
+            paths, names = folder_files(Path(source), pattern) if isinstance(source, (str, os.PathLike)) else listed_files(source)
+            order = list(range(len(paths)))
+            rng.shuffle(order)
+            docs = read_text_files([paths[i] for i in order], [names[i] for i in order], self.max_files)
         else:
             raise LMDataError(f"source must be a folder, a list of files or a datasets Dataset/DatasetDict, got {type(source).__name__}")
-        docs = [d for d in docs if d.text]  # an empty file holds no document (not even an EOS)
         if not docs:
             raise LMDataError(f"source has no non-empty documents ({_describe(source)})")
-        order = list(range(len(docs)))
-        random.Random(self.seed).shuffle(order)
-        if self.max_files is not None:
-            order = order[:self.max_files]
-        n_val = math.ceil(self.val_fraction * len(order))
-        if n_val >= len(order):
-            raise LMDataError(f"val_fraction={self.val_fraction} of {len(order)} document(s) holds out {n_val}, "
+        n_val = math.ceil(self.val_fraction * len(docs))
+        if n_val >= len(docs):
+            raise LMDataError(f"val_fraction={self.val_fraction} of {len(docs)} document(s) holds out {n_val}, "
                               f"leaving the training split empty; use more documents or a smaller val_fraction")
-        return {"train": [docs[i] for i in order[n_val:]], "validation": [docs[i] for i in order[:n_val]]}
+        return {"train": docs[n_val:], "validation": docs[:n_val]}
 
     # ---- tokenising, with the cache ----
     def cache_key(self, split: str) -> str:

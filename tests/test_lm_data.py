@@ -97,8 +97,8 @@ def test_held_out_split_is_by_file_and_seeded(corpus, tok_dir, tmp_path):
         assert (corpus / name).read_text().split("\n")[0][2:] not in text["validation"]
     again = make(tok_dir, str(corpus), tmp_path)
     assert again.files == dm.files
-    # Listing the same files in another order gives the same split: it depends on the seed alone.
-    listed = make(tok_dir, [str(corpus / n) for n in reversed(train + val)], tmp_path)
+    # Listing the same files (the empty one too) in another order gives the same split: the seed decides it.
+    listed = make(tok_dir, [str(p) for p in sorted(corpus.rglob("*.py"), reverse=True)], tmp_path)
     assert sorted(map(lambda n: Path(n).name, listed.files["validation"])) == sorted(Path(n).name for n in val)
     splits = {tuple(sorted(make(tok_dir, str(corpus), tmp_path, seed=s).files["validation"])) for s in range(5)}
     assert len(splits) > 1
@@ -160,6 +160,8 @@ def test_training_order_is_seeded_and_leaves_the_global_rng_alone(corpus, tok_di
 def test_limits_size_the_run(corpus, tok_dir, tmp_path):
     dm = make(tok_dir, str(corpus), tmp_path, max_files=3, max_train_tokens=40)
     assert len(dm.files["train"]) + len(dm.files["validation"]) == 3 and len(dm.files["validation"]) == 1
+    full = make(tok_dir, str(corpus), tmp_path)  # max_files keeps the head of the same seeded order
+    assert dm.files["validation"] + dm.files["train"] == (full.files["validation"] + full.files["train"])[:3]
     dm.setup("fit")
     stream = [t for name in dm.files["train"] for t in reference_ids(tok_dir, (corpus / name).read_text()) + [EOS]]
     assert [b["input_ids"].tolist() for b in all_blocks(dm.datasets["train"])] == [stream[:16], stream[16:32]]
