@@ -343,6 +343,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--memory-mb", type=int, default=1024, help="address-space limit of each completion's process")
     parser.add_argument("--workers", type=int, default=1, help="completions run at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device for generation (default: cuda if available, else cpu)")
     parser.add_argument("--max-problems", type=int, default=None, help="the first N problems only")
     args = parser.parse_args(argv)
     ks = sorted(set(args.k or [1]))
@@ -363,14 +364,15 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         start = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(args.model)
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).to(device)
         completions = generate_completions(model, tokenizer, problems, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
         generated = time.perf_counter() - start
         result = evaluate(problems, completions, ks, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
         result.update({"model": args.model, "problems_file": args.problems or "kdlora/assets/humaneval_mini.jsonl", "n": args.n,
                        "temperature": temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
-                       "seed": args.seed, "generation_seconds": round(generated, 2)})
+                       "seed": args.seed, "device": device, "generation_seconds": round(generated, 2)})
         write_results(out, result, f"pass@k of {Path(args.model).name} ({len(problems)} problems, n={args.n}, T={temperature:g})")
     except (ValueError, FileExistsError) as e:
         print(f"kdlora.passk: error: {e}", file=sys.stderr)
