@@ -27,12 +27,16 @@ from kdlora.metrics import predictions_from_logits
 TEXT_LABEL_TASKS = {"mnli", "qnli", "rte", "ax"}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file via a temporary sibling so a crash never leaves half a file."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Write a file (text, or bytes as given) via a temporary sibling so a crash never leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class GLUESubmissionWriter(BasePredictionWriter):

