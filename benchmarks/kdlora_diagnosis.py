@@ -1,0 +1,116 @@
+"""Why the MiniLM KD-LoRA student falls short of its teacher (issue 12 §3): one table per task.
+
+Reads finished runs (nothing is trained here):
+- the FFT teacher, `runs/minilm/<task>/fft/version_*` (`bash scripts/minilm_glue_runs.sh fft TASK
+  --data.holdout_fraction 0.1 --data.max_train_samples 2000`),
+- the student's own FFT, `runs/minilm-l3/<task>/fft/sweep/*` (`configs/sweeps/minilm-l3-fft-diagnose.yaml`),
+- LoRA on the teacher, `runs/minilm/<task>/lora/sweep/*` (`configs/sweeps/minilm-lora-diagnose.yaml`),
+- the KD-LoRA points, `runs/minilm/<task>/kdlora/sweep/*` (`configs/sweeps/minilm-kdlora-diagnose.yaml`),
+each selected on its held-out 10 % of train and scored on dev after fit (`results.json` "test").
+
+    python benchmarks/kdlora_diagnosis.py --tasks stsb cola --out benchmarks/results/minilm_kdlora_diagnosis
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kdlora.callbacks import RESULTS_FILE, write_atomic  # noqa: E402
+from kdlora.sweep import DONE_MARKER, POINT_FILE  # noqa: E402
+from kdlora.tasks import get_task  # noqa: E402
+
+
+def finished(root: Path) -> list[dict]:
+    """[{dir, overrides, held_out, dev, metrics}] of the finished runs under `root` (a dev score after fit)."""
+    runs = []
+    for path in sorted(root.rglob(RESULTS_FILE)):
+        results = json.loads(path.read_text())
+        if "test" not in results or "val_best" not in results:
+            continue
+        point = path.parent.parent / POINT_FILE
+        if point.is_file() and not (path.parent / DONE_MARKER).is_file():
+            continue  # a crashed sweep attempt
+        overrides = json.loads(point.read_text())["overrides"] if point.is_file() else {}
+        runs.append({"dir": str(path.parent), "overrides": overrides, "held_out": results["val_best"]["score"],
+                     "dev": results["test"]["score"], "metrics": results["test"],
+                     "trainable": (results.get("parameters") or {}).get("trainable")})
+    return runs
+
+
+def best_on_held_out(runs: list[dict]) -> Optional[dict]:
+    return max(runs, key=lambda r: r["held_out"]) if runs else None
+
+
+def describe(overrides: dict) -> str:
+    if not overrides:
+        return "base recipe (r 8, q/v, lr 1e-3, 3 epochs, task_weight 0.5, T 2)"
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in overrides.items())
+
+
+def pct(x: Optional[float]) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "–" if a is None or not b else f"{100 * a / b:.0f} %"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=["stsb", "cola"])
+    ap.add_argument("--runs", default="runs", help="the folder holding minilm/ and minilm-l3/")
+    ap.add_argument("--notes", help="a markdown file of findings put under the title")
+    ap.add_argument("--out", default="benchmarks/results/minilm_kdlora_diagnosis")
+    a = ap.parse_args(argv)
+    runs = Path(a.runs)
+    command = "python benchmarks/kdlora_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = ["# KD-LoRA on MiniLM: where the student's gap to its teacher comes from", "",
+          f"Made by `{command}` from finished runs (the docstring of `benchmarks/kdlora_diagnosis.py` lists the "
+          "commands). Every run: 2,000 training examples (a seeded subset of the 90 % of train not held out), "
+          "selection on the held-out 10 % of train, dev reported (GLUE score ×100: STS-B mean of Pearson and "
+          "Spearman, CoLA MCC). Teacher all-MiniLM-L6-v2 (22.7M), student paraphrase-MiniLM-L3-v2 (17.4M), seed 42, "
+          "one run per cell.", ""]
+    if a.notes and Path(a.notes).is_file():
+        md += [Path(a.notes).read_text().strip(), ""]
+    data = {}
+    for task in a.tasks:
+        name = get_task(task).name
+        teacher = best_on_held_out(finished(runs / "minilm" / name / "fft"))
+        student_fft = best_on_held_out(finished(runs / "minilm-l3" / name / "fft"))
+        lora = best_on_held_out(finished(runs / "minilm" / name / "lora"))
+        points = finished(runs / "minilm" / name / "kdlora")
+        if teacher is None and not points:
+            continue
+        t_dev, s_dev = (teacher or {}).get("dev"), (student_fft or {}).get("dev")
+        md += [f"## {get_task(task).dir_name}", "",
+               f"FFT teacher (MiniLM-L6): **{pct(t_dev)}**. The student's own FFT (MiniLM-L3, best of its lr grid on "
+               f"held-out): **{pct(s_dev)}** ({ratio(s_dev, t_dev)} of the teacher). LoRA on the teacher: "
+               f"{pct((lora or {}).get('dev'))}.", "",
+               "| KD-LoRA point | trainable | held-out | dev | / FFT teacher | / student FFT |", "|---|---|---|---|---|---|"]
+        for p in sorted(points, key=lambda p: -p["dev"]):
+            trainable = f"{p['trainable'] / 1e3:.0f}K" if p.get("trainable") else "–"
+            md.append(f"| {describe(p['overrides'])} | {trainable} | {pct(p['held_out'])} | {pct(p['dev'])} | "
+                      f"{ratio(p['dev'], t_dev)} | {ratio(p['dev'], s_dev)} |")
+        chosen = best_on_held_out(points)
+        if chosen:
+            md += ["", f"Selected on held-out: {describe(chosen['overrides'])}: dev {pct(chosen['dev'])}, "
+                       f"{ratio(chosen['dev'], t_dev)} of the FFT teacher, {ratio(chosen['dev'], s_dev)} of the student's own FFT."]
+        md.append("")
+        data[name] = {"teacher_fft": teacher, "student_fft": student_fft, "lora": lora, "kdlora": points,
+                      "kdlora_selected": chosen}
+    out = Path(a.out)
+    write_atomic(out.with_suffix(".json"), json.dumps({"command": command, "tasks": data}, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
