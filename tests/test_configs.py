@@ -97,6 +97,9 @@ def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, par
     monkeypatch.chdir(REPO)
     s = sweep.load_sweep(sweep_file.relative_to(REPO))
     family, method = layout_of(REPO / s.base)
+    model = s.fixed.get("model.init_args.model_name_or_path")
+    if model:  # a sweep over another model of the family (the student's own FFT): runs/<that model>/...
+        family = Path(model).name
     task = s.tasks[0]
     for point in s.points[:2] + s.points[-1:]:  # every point sets every key of the grid; parsing takes ~0.2 s
         command = sweep.train_command(s, task, point, version=0)
