@@ -292,6 +292,19 @@ def _uses_distributed_sampler(trainer: L.Trainer) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
+def train_order_position(sampler, trainer, batch_size: int) -> Optional[dict[str, int]]:
+    """Where training is in a resumable sampler's order, for a data module's `state_dict`: its seed, the
+    epoch and how many examples of this rank's shard of that epoch have been trained on (None before fit)."""
+    if sampler is None or trainer is None:
+        return None
+    # Batches trained this epoch: at on_train_batch_end (step checkpoints) the current one is counted.
+    batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    epoch = sampler.epoch
+    if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
+        epoch, batches = epoch + 1, 0
+    return {"seed": sampler.seed, "epoch": epoch, "start": batches * batch_size}
+
+
 class GLUEDataModule(L.LightningDataModule):
     """Any GLUE task from the hub (default) or a local directory in the standard GLUE layout.
 
@@ -524,15 +537,10 @@ class GLUEDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the shuffled order (saved in every checkpoint): the seed, the epoch and
         how many examples of this rank's shard of that epoch have been trained on."""
-        sampler, trainer = self._train_sampler, self.trainer
-        if sampler is None or trainer is None:
+        order = train_order_position(self._train_sampler, self.trainer, self.batch_size)
+        if order is None:
             return {}
-        # Batches trained this epoch: at on_train_batch_end (step checkpoints) the current one is counted.
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        epoch = sampler.epoch
-        if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
-            epoch, batches = epoch + 1, 0
-        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size},
+        return {"train_order": order,
                 "train_batching": {"group_by_length": self.group_by_length, "batch_size": self.batch_size}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

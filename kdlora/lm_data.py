@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from kdlora.callbacks import write_atomic
-from kdlora.data import ResumableDataLoader, ResumableShuffleSampler, _uses_distributed_sampler
+from kdlora.data import ResumableDataLoader, ResumableShuffleSampler, _uses_distributed_sampler, train_order_position
 
 log = logging.getLogger(__name__)
 
@@ -381,15 +381,10 @@ class CausalLMDataModule(L.LightningDataModule):
         """Where training is in the shuffled order (saved in every checkpoint, as `GLUEDataModule` does):
         the seed, the epoch and how many blocks of this rank's shard of that epoch have been trained on,
         plus what the order is of (block and batch size, the training stream's cache key)."""
-        sampler, trainer = self._train_sampler, self.trainer
-        if sampler is None or trainer is None:
+        order = train_order_position(self._train_sampler, self.trainer, self.batch_size)
+        if order is None:
             return {}
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        epoch = sampler.epoch
-        if batches >= trainer.num_training_batches:  # the epoch is done: the next one starts at 0
-            epoch, batches = epoch + 1, 0
-        return {"train_order": {"seed": sampler.seed, "epoch": epoch, "start": batches * self.batch_size},
-                "train_data": self._train_data()}
+        return {"train_order": order, "train_data": self._train_data()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Called by Lightning when it restores a checkpoint, before it builds the train dataloader. Inside an
