@@ -246,3 +246,16 @@ def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
         prompt = tok("def add(a, b):", return_tensors="pt")
         generated = member.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+
+    # `python -m kdlora.elastic.export` on the decoder's best checkpoint: the same causal LM as the fit's export.
+    member = selected[-1]["name"]
+    cli_out = tmp_path / "cli_export"
+    done = subprocess.run([sys.executable, "-m", "kdlora.elastic.export", "--checkpoint", str(best[0]), "--subnet", member,
+                           "--out", str(cli_out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = AutoModelForCausalLM.from_pretrained(cli_out).eval()
+    fitted = AutoModelForCausalLM.from_pretrained(export / member).eval()
+    ids = blocks[0]["input_ids"][None]
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, fitted(input_ids=ids).logits, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(cli_out).get_vocab() == tok.get_vocab()
