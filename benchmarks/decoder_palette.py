@@ -5,9 +5,10 @@ held out by file (`CausalLMDataModule`, seeded), packed into `--block` token blo
 stream is cut at exactly ``steps · batch · block`` tokens, so one epoch is the run; the held-out
 stream at `--val-tokens`. The base is the pretrained model (LoRA only, the supernet's staged adapters).
 
-    # MLFS (CausalLMSuperTransformer, stage 2 only: widths and depth sampled, the sandwich's smallest
-    # subnet every step): the curve slice's held-out perplexity every --eval-every steps, the whole
-    # palette at step 0 (sliced, untrained) and at the end, every member exported as a causal LM
+    # MLFS (CausalLMSuperTransformer, stage 2 only, K = --num-subnets subnets per step besides the maxnet,
+    # the sandwich's smallest one among them every step; K = 1: the smallest alone): the curve slice
+    # (the smallest) held-out perplexity every --eval-every steps, the whole palette at step 0 (sliced,
+    # untrained) and at the end, every member exported as a causal LM
     python benchmarks/decoder_palette.py mlfs
     # the same slice, trained alone: LM loss only, same adapters, lr, schedule, batches and tokens
     python benchmarks/decoder_palette.py alone
