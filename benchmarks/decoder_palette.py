@@ -178,10 +178,20 @@ def cmd_latency(a) -> None:
 
     torch.set_num_threads(a.threads)
     work = Path(a.work)
-    mlfs = json.loads((work / "mlfs.json").read_text())
-    export = work / "mlfs" / "export"
-    names = [r["name"] for r in mlfs["palette_end"]]
-    models = {n: AutoModelForCausalLM.from_pretrained(export / n).eval() for n in names}
+    if a.from_pretrained:  # the same architectures, sliced from the pretrained model: timing does not depend on the weights
+        from kdlora.elastic.model import ElasticEncoder
+        from kdlora.elastic.sampler import SearchSpace, palette
+
+        encoder = ElasticEncoder(AutoModelForCausalLM.from_pretrained(a.model)).eval()
+        space = SearchSpace.build(encoder.max_config, SEARCH_SPACE)
+        members = palette(space, PALETTE)
+        names = [c.name for c in members]
+        models = {c.name: encoder.materialize(c) for c in members}
+    else:
+        mlfs = json.loads((work / "mlfs.json").read_text())
+        export = work / "mlfs" / "export"
+        names = [r["name"] for r in mlfs["palette_end"]]
+        models = {n: AutoModelForCausalLM.from_pretrained(export / n).eval() for n in names}
     dm = data_module(a)
     dm.setup("validate")
     prompt = dm.datasets["validation"][0]["input_ids"][: a.prompt_tokens][None, :]
@@ -203,7 +213,8 @@ def cmd_latency(a) -> None:
         print(f"[decoder_palette] latency round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f} ms" for n in names if samples[n]), flush=True)
     rows = [{"name": n, "params": models[n].num_parameters(), "ms_per_token": statistics.median(samples[n]),
              "samples_ms": samples[n]} for n in names]
-    record = {"command": " ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]), "threads": a.threads,
+    weights = "sliced from the pretrained model (untrained: same shapes as the exports)" if a.from_pretrained else "the MLFS exports"
+    record = {"command": " ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]), "threads": a.threads, "weights": weights,
               "prompt_tokens": int(prompt.shape[1]), "new_tokens": a.new_tokens, "rounds": a.rounds, "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     write_atomic(work / "latency.json", json.dumps(record, indent=2) + "\n")
@@ -236,22 +247,27 @@ def cmd_report(a) -> None:
     md += [f"Data: `{d['source']}`, {d['files']['train']} train / {d['files']['validation']} held-out files; "
            f"{d['train']['tokens']} training tokens ({mlfs['steps']} steps × batch {mlfs['batch']} × block {mlfs['block']}), "
            f"{d['validation']['tokens']} held-out tokens. Seed {mlfs['seed']}, one run each. LoRA r={mlfs['lora_r']}, "
-           f"lr {mlfs['lr']}, {mlfs['num_subnets']} subnets per step (sandwich). MLFS wall time {mlfs['wall_s'] / 60:.1f} min"
-           + (f", alone {alone['wall_s'] / 60:.1f} min" if alone else "") + f", {mlfs['threads']} threads, shared CPU.", ""]
-    md += ["## Palette", "", "| member | role | parameters | ms / generated token | vs maxnet | held-out ppl, start (sliced, untrained) | after MLFS |",
+           f"lr {mlfs['lr']}, {mlfs['num_subnets']} subnet(s) per step besides the maxnet (sandwich). MLFS wall time "
+           f"{mlfs['wall_s'] / 60:.1f} min ({mlfs['threads']} threads)" + (f", alone {alone['wall_s'] / 60:.1f} min "
+           f"({alone['threads']} thread(s))" if alone else "") + ", on 2 cores shared with other jobs (and with each other for a while).", ""]
+    md += ["## Palette", "", "| member | role | parameters (exported) | ms / generated token | vs maxnet | held-out ppl, start (sliced, untrained) | after MLFS |",
            "|---|---|---:|---:|---:|---:|---:|"]
-    max_lat = next((lat[r["name"]]["ms_per_token"] for r in mlfs["palette_end"] if r["role"] == "maxnet" and r["name"] in lat), None)
+    max_lat = next((lat[r["name"]]["ms_per_token"] for r in mlfs["palette_start"] if r["role"] == "maxnet" and r["name"] in lat), None)
+    end = {r["name"]: r for r in mlfs["palette_end"]}
     table = []
-    for r in mlfs["palette_end"]:
+    for r in mlfs["palette_start"]:
         l = lat.get(r["name"], {}).get("ms_per_token")
-        row = {"name": r["name"], "role": r["role"], "params": r["params"], "ms_per_token": l,
-               "perplexity_start": start[r["name"]]["perplexity"], "perplexity_mlfs": r["perplexity"]}
+        exported = lat.get(r["name"], {}).get("params")
+        after = end.get(r["name"], {}).get("perplexity")
+        row = {"name": r["name"], "role": r["role"], "params": r["params"], "exported_params": exported, "ms_per_token": l,
+               "perplexity_start": r["perplexity"], "perplexity_mlfs": after}
         table.append(row)
         ratio = f"{l / max_lat:.2f}×" if l is not None and max_lat else "–"
-        md.append(f"| `{r['name']}` | {r['role']} | {r['params'] / 1e6:.1f}M | {'%.1f' % l if l is not None else '–'} | {ratio} | "
-                  f"{row['perplexity_start']:.2f} | {r['perplexity']:.2f} |")
+        size = f"{r['params'] / 1e6:.1f}M" + (f" ({exported / 1e6:.1f}M)" if exported and exported != r["params"] else "")
+        md.append(f"| `{r['name']}` | {r['role']} | {size} | {'%.1f' % l if l is not None else '–'} | {ratio} | "
+                  f"{row['perplexity_start']:.5g} | {'%.5g' % after if after is not None else '(not finished)'} |")
     if latency:
-        md += ["", f"Latency: exported members (plain `LlamaForCausalLM`), greedy `generate` with the kv cache, batch 1, "
+        md += ["", f"Latency: plain `LlamaForCausalLM` members ({latency.get('weights', 'the MLFS exports')}), greedy `generate` with the kv cache, batch 1, "
                    f"{latency['prompt_tokens']}-token held-out prompt, (t({latency['new_tokens']} new) − t(1 new)) / "
                    f"{latency['new_tokens'] - 1}; median of {latency['rounds']} round-robin rounds after one warm-up; "
                    f"{latency['threads']} threads on {latency['machine']}, shared with other jobs."]
@@ -260,11 +276,14 @@ def cmd_report(a) -> None:
            "smallest subnet, trained every step) against the same slice trained alone (LM loss only).", "",
            "| step | tokens | MLFS | alone |", "|---:|---:|---:|---:|"]
     alone_curve = {p["step"]: p["perplexity"] for p in (alone or {}).get("curve", [])}
+    mlfs_curve = {p["step"]: p for p in mlfs["curve"]}
     curve = []
-    for p in mlfs["curve"]:
+    for step in sorted(set(mlfs_curve) | set(alone_curve)):
+        p = mlfs_curve.get(step, {"step": step, "tokens": step * mlfs["batch"] * mlfs["block"], "perplexity": None})
         al = alone_curve.get(p["step"])
         curve.append({"step": p["step"], "tokens": p["tokens"], "mlfs": p["perplexity"], "alone": al})
-        md.append(f"| {p['step']} | {p['tokens']} | {p['perplexity']:.2f} | {'%.2f' % al if al is not None else '–'} |")
+        ml = p["perplexity"]
+        md.append(f"| {p['step']} | {p['tokens']} | {'%.5g' % ml if ml is not None else '(not reached)'} | {'%.5g' % al if al is not None else '–'} |")
     md += ["", f"![recovery curve]({out.name}_curve.png)", ""]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p["tokens"] for p in mlfs["curve"]], [p["perplexity"] for p in mlfs["curve"]], "o-", label="MLFS (distilled from the maxnet)")
@@ -313,6 +332,8 @@ def main(argv=None) -> int:
         p.add_argument("--prompt-tokens", type=int, default=32)
         p.add_argument("--new-tokens", type=int, default=33)
         p.add_argument("--rounds", type=int, default=5)
+        p.add_argument("--from-pretrained", action="store_true",
+                       help="latency: time the members sliced from --model instead of the MLFS exports (same shapes)")
         p.add_argument("--out", default=str(RESULTS / "decoder_palette"))
         p.add_argument("--notes", default=str(RESULTS / "decoder_palette_notes.md"))
     a = ap.parse_args(argv)
