@@ -254,18 +254,27 @@ def cmd_report(a) -> None:
            "|---|---|---:|---:|---:|---:|---:|"]
     max_lat = next((lat[r["name"]]["ms_per_token"] for r in mlfs["palette_start"] if r["role"] == "maxnet" and r["name"] in lat), None)
     end = {r["name"]: r for r in mlfs["palette_end"]}
+    total_steps = mlfs["steps"]
+    if not mlfs["palette_end"]:
+        last = mlfs["curve"][-1]["step"] if mlfs["curve"] else 0
+        md.insert(md.index("## Palette") + 2, f"**The MLFS run was stopped at step {last} of {total_steps}** (the session's time "
+                  "limit): its end-of-run palette was never measured; the curve slice's value is its last curve point.\n")
     table = []
     for r in mlfs["palette_start"]:
         l = lat.get(r["name"], {}).get("ms_per_token")
         exported = lat.get(r["name"], {}).get("params")
         after = end.get(r["name"], {}).get("perplexity")
+        partial = None
+        if after is None and r["name"] == mlfs["slice"] and mlfs["curve"]:  # a stopped run: the slice's last point
+            after, partial = mlfs["curve"][-1]["perplexity"], mlfs["curve"][-1]["step"]
         row = {"name": r["name"], "role": r["role"], "params": r["params"], "exported_params": exported, "ms_per_token": l,
-               "perplexity_start": r["perplexity"], "perplexity_mlfs": after}
+               "perplexity_start": r["perplexity"], "perplexity_mlfs": after, "mlfs_steps": partial or mlfs["steps"]}
         table.append(row)
         ratio = f"{l / max_lat:.2f}×" if l is not None and max_lat else "–"
         size = f"{r['params'] / 1e6:.1f}M" + (f" ({exported / 1e6:.1f}M)" if exported and exported != r["params"] else "")
         md.append(f"| `{r['name']}` | {r['role']} | {size} | {'%.1f' % l if l is not None else '–'} | {ratio} | "
-                  f"{row['perplexity_start']:.5g} | {'%.5g' % after if after is not None else '(not finished)'} |")
+                  f"{row['perplexity_start']:.5g} | {'%.5g' % after if after is not None else 'not measured'}"
+                  f"{f' (step {partial} of {total_steps})' if partial else ''} |")
     if latency:
         md += ["", f"Latency: plain `LlamaForCausalLM` members ({latency.get('weights', 'the MLFS exports')}), greedy `generate` with the kv cache, batch 1, "
                    f"{latency['prompt_tokens']}-token held-out prompt, (t({latency['new_tokens']} new) − t(1 new)) / "
