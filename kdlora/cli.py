@@ -1,7 +1,13 @@
-"""The command line: LightningCLI with GLUE-aware links and defaults.
+"""The command line: LightningCLI with GLUE-aware links and defaults, and one for causal LMs.
 
     python train.py fit --config configs/demo/teacher.yaml
     python train.py test --config configs/demo/teacher.yaml --ckpt_path runs/.../best.ckpt
+    python train.py fit --config configs/decoder/smollm2-mlfs.yaml
+
+Which of the two a command gets is decided by its model (`uses_causal_lm_module`): a causal-LM module
+(`CausalLMSuperTransformer`) runs under `DecoderCLI`, on a `CausalLMDataModule`, without the GLUE task
+and its links, and selects its checkpoint on the held-out ``val/palette_loss`` (min); every other module
+under `KDLoRACLI`, on a `GLUEDataModule`.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import inspect
 import os
 import re
 import sys
+import sysconfig
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -51,16 +58,7 @@ class KDLoRACLI(LightningCLI):
         parser.link_arguments("data.task", "model.init_args.task")
         # Teacher and student share a vocabulary, so the model's own tokenizer is the data's.
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.monitor": "val/score", "checkpoint.mode": "max",
-                             "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
-                             "checkpoint.auto_insert_metric_name": False})
-        # For resuming (`fit --ckpt_path last`): `last.ckpt` beside the best one, rewritten every N
-        # optimizer steps and at the end of training. It keeps no top-k, so it is never the best:
-        # `trainer.checkpoint_callback` (the first ModelCheckpoint, the group above) stays the best one.
-        parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
-        parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 0,
-                             "last_checkpoint.every_n_train_steps": 100})
+        add_checkpoint_arguments(parser, "val/score", "max")
         parser.add_lightning_class_args(GLUESubmissionWriter, "predictions")
 
     def _parse_ckpt_path(self) -> None:
@@ -78,7 +76,7 @@ class KDLoRACLI(LightningCLI):
         # The checkpoint is checked first (a file, Lightning's, this run's module class and task):
         # otherwise Lightning would run it as whatever class it names, on whatever task the data is.
         if ckpt_path and not _lightning_ckpt_keyword(str(ckpt_path)):
-            read_checkpoint(ckpt_path, cls, self.config[sub].data.task)
+            read_checkpoint(ckpt_path, cls, getattr(self.config[sub].data, "task", None))
         init_args = model.get("init_args") if cls is not None else None
         chosen = {}
         if init_args is not None:
@@ -98,6 +96,9 @@ class KDLoRACLI(LightningCLI):
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
+        self.check_export_dir(config)
+
+    def check_export_dir(self, config) -> None:
         # An export would replace its directory at fit end: refuse a user's directory now, before
         # the run directory exists and hours are spent training (the module checks again at fit start).
         init_args = (config.get("model") or {}).get("init_args") if self.subcommand == "fit" else None
@@ -133,6 +134,116 @@ class KDLoRACLI(LightningCLI):
                 f"{sub} without --ckpt_path would use the untrained {', '.join(new_weight_modules(new))} that "
                 f"{self.model.hparams.get('model_name_or_path')} lacks (initialised at random): give --ckpt_path of a "
                 "trained run, or a fine-tuned model (e.g. a run's export/) as model_name_or_path")
+
+
+def add_checkpoint_arguments(parser, monitor: str, mode: str) -> None:
+    """The best checkpoint (`checkpoint`, by `monitor`) and the resume one (`last_checkpoint`)."""
+    parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+    parser.set_defaults({"checkpoint.monitor": monitor, "checkpoint.mode": mode,
+                         "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
+                         "checkpoint.auto_insert_metric_name": False})
+    # For resuming (`fit --ckpt_path last`): `last.ckpt` beside the best one, rewritten every N
+    # optimizer steps and at the end of training. It keeps no top-k, so it is never the best:
+    # `trainer.checkpoint_callback` (the first ModelCheckpoint, the group above) stays the best one.
+    parser.add_lightning_class_args(LastCheckpoint, "last_checkpoint")
+    parser.set_defaults({"last_checkpoint.save_last": True, "last_checkpoint.save_top_k": 0,
+                         "last_checkpoint.every_n_train_steps": 100})
+
+
+class DecoderCLI(KDLoRACLI):
+    """`KDLoRACLI` for causal-LM modules on a `CausalLMDataModule`: no GLUE task, links or submission writer.
+
+    - ``data.tokenizer_name`` defaults to the model's ``model_name_or_path`` (a run from a random
+      ``model_config`` must name its tokenizer);
+    - ``{stdlib}`` in ``data.source`` is this Python's standard library (``sysconfig``), so a config
+      can train on it without naming a machine's path;
+    - the best checkpoint is the lowest held-out ``val/palette_loss`` (the members' mean loss); the
+      module reports and exports its palette, and the end-of-fit one beside it.
+    """
+
+    def parse_arguments(self, parser, args) -> None:
+        LightningCLI.parse_arguments(self, parser, args)
+        sub = self.config.get("subcommand")
+        config = self.config[sub] if sub else self.config
+        data = config.get("data")
+        if data is not None and isinstance(data.get("source"), str):
+            data.source = fill_stdlib(data.source)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        add_checkpoint_arguments(parser, "val/palette_loss", "min")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        init_args = (config.get("model") or {}).get("init_args") or {}
+        if config.data.get("tokenizer_name") is None:
+            if not init_args.get("model_name_or_path"):
+                raise ValueError("data.tokenizer_name is required when the model is built from model_config "
+                                 "(it defaults to model.init_args.model_name_or_path)")
+            config.data.tokenizer_name = init_args["model_name_or_path"]
+        self.check_export_dir(config)
+
+
+def fill_stdlib(source: str) -> str:
+    """`source` with ``{stdlib}`` replaced by this interpreter's standard library directory."""
+    return source.replace("{stdlib}", sysconfig.get_paths()["stdlib"])
+
+
+def uses_causal_lm_module(args: list[str]) -> bool:
+    """Whether the command's model is a causal-LM module (`CausalLMSuperTransformer` or a subclass): the last
+    of ``--model X``, ``--model.class_path X`` and the ``model`` of each ``--config`` file, in order."""
+    choice = None
+    i = 0
+    while i < len(args):
+        key, eq, value = args[i].partition("=")
+        if key in ("--config", "--model", "--model.class_path"):
+            if not eq:
+                if i + 1 >= len(args):
+                    break
+                i += 1
+                value = args[i]
+            found = _config_model(value) if key == "--config" else _class_path(value)
+            if found is not None:
+                choice = found
+        i += 1
+    return choice is not None and _is_causal_lm_class(choice)
+
+
+def _class_path(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("{"):  # --model '{class_path: ..., init_args: ...}'
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return None
+    if isinstance(value, dict):
+        return value.get("class_path")
+    return value if isinstance(value, str) else None
+
+
+def _config_model(path: str) -> Any:
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except (OSError, ValueError, yaml.YAMLError):  # the parser reports a missing or broken config itself
+        return None
+    if not isinstance(config, dict):
+        return None
+    for sub in ("fit", "validate", "test", "predict"):  # a config of a subcommand's arguments
+        if isinstance(config.get(sub), dict) and "model" in config[sub]:
+            config = config[sub]
+    return _class_path(config.get("model"))
+
+
+def _is_causal_lm_class(name: str) -> bool:
+    from kdlora.modules.lm_supernet import CausalLMSuperTransformer
+
+    try:
+        cls = _import(name) if "." in name else getattr(importlib.import_module("kdlora.modules"), name, None)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, CausalLMSuperTransformer)
 
 
 # `{name}` fields of a template (`{2}`/`{1,2}` regex quantifiers are not placeholders).
@@ -236,9 +347,16 @@ def clean_error(exc: BaseException) -> str:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
-    return KDLoRACLI(
-        GLUEModule,
-        GLUEDataModule,
+    if uses_causal_lm_module(sys.argv[1:] if args is None else args):
+        from kdlora.lm_data import CausalLMDataModule
+        from kdlora.modules.lm_supernet import CausalLMSuperTransformer
+
+        cli_class, model_class, data_class = DecoderCLI, CausalLMSuperTransformer, CausalLMDataModule
+    else:
+        cli_class, model_class, data_class = KDLoRACLI, GLUEModule, GLUEDataModule
+    return cli_class(
+        model_class,
+        data_class,
         subclass_mode_model=True,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},

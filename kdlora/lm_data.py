@@ -193,8 +193,9 @@ class CausalLMDataModule(L.LightningDataModule):
     """Text documents packed into blocks for next-token prediction, with a held-out split by document.
 
     Args:
-        tokenizer_name: local directory (or hub id) of the tokenizer; it must have an EOS token.
-        source: a folder (files matching `pattern` below it), a list of files, or a `datasets`
+        tokenizer_name: local directory (or hub id) of the tokenizer; it must have an EOS token. Required
+            (under `train.py` it defaults to the model's ``model_name_or_path``).
+        source: required: a folder (files matching `pattern` below it), a list of files, or a `datasets`
             Dataset (rows are documents) / DatasetDict (its ``train`` split and, if present, its
             ``validation`` split, which then is the held-out split and `val_fraction` is not used).
         pattern: glob of the files under a folder source; ``**`` recurses (``**/*.py``).
@@ -210,8 +211,8 @@ class CausalLMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        tokenizer_name: str,
-        source: Union[str, list[str], Dataset, DatasetDict],
+        tokenizer_name: Optional[str] = None,
+        source: Union[str, list[str], Dataset, DatasetDict, None] = None,
         pattern: str = "**/*",
         text_column: str = "text",
         block_size: int = 512,
@@ -226,6 +227,8 @@ class CausalLMDataModule(L.LightningDataModule):
         cache_dir: Optional[str] = None,
     ) -> None:
         super().__init__()
+        if tokenizer_name is None or source is None:  # defaults only so the CLI can fill the tokenizer from the model
+            raise LMDataError("CausalLMDataModule needs a tokenizer_name and a source (a folder, files or a dataset)")
         if block_size < 2:
             raise LMDataError(f"block_size must be at least 2 (one input and one target token), got {block_size}")
         if not 0.0 <= val_fraction < 1.0:

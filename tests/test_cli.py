@@ -128,3 +128,134 @@ def test_fit_with_holdout_selects_on_it_then_scores_dev(tiny_bert_dir, small_glu
     labels = [["entailment", "not_entailment"].index(r["label"]) for r in rows]
     expected = sum(p == y for p, y in zip(predicted, labels)) / len(rows)
     assert results["test"]["accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+# ---- decoders: the causal-LM CLI ------------------------------------------------------------------
+
+DECODER_RECIPE = REPO / "configs" / "decoder" / "smollm2-mlfs.yaml"
+
+
+def test_the_model_chooses_the_cli(tmp_path):
+    """A causal-LM module (by class path, short name or a config's model) gets the decoder CLI; the last choice wins."""
+    from kdlora.cli import uses_causal_lm_module
+
+    glue = REPO / "configs" / "demo" / "supernet.yaml"
+    assert uses_causal_lm_module(["fit", "--config", str(DECODER_RECIPE)])
+    assert not uses_causal_lm_module(["fit", "--config", str(glue)])
+    assert uses_causal_lm_module(["fit", "--model", "CausalLMSuperTransformer"])
+    assert uses_causal_lm_module(["fit", "--model=kdlora.modules.lm_supernet.CausalLMSuperTransformer"])
+    assert uses_causal_lm_module(["fit", "--config", str(glue), "--model.class_path", "kdlora.modules.CausalLMSuperTransformer"])
+    assert not uses_causal_lm_module(["fit", "--config", str(DECODER_RECIPE), "--model", "kdlora.modules.Teacher"])
+    assert not uses_causal_lm_module(["fit", "--config", str(tmp_path / "missing.yaml")])  # the parser says it is missing
+    assert not uses_causal_lm_module(["fit", "--model", "NoSuchModule"])
+
+
+PY_SNIPPETS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\n\nfor name in os.listdir('.'):\n    print(name)\n",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
+]
+
+
+def tiny_llama_dir(root: Path) -> Path:
+    """A random Llama with SmolLM2's head grouping (6 query heads over 2 key/value heads: 3 per kv head,
+    hidden 48 = 6 heads of 8) and a byte-level BPE tokenizer, saved as one Hugging Face directory."""
+    from conftest import write_tiny_bpe_tokenizer
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    write_tiny_bpe_tokenizer(root, PY_SNIPPETS * 4, vocab_size=300)
+    tok = AutoTokenizer.from_pretrained(root)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(root)
+    return root
+
+
+def heldout_loss_by_hand(model, blocks) -> float:
+    """Token-mean next-token cross-entropy of a plain HF causal LM over the held-out blocks: position t
+    predicts token t+1 where that one is real."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:
+            ids, mask = block["input_ids"][None], block["attention_mask"][None]
+            logits = model(input_ids=ids, attention_mask=mask).logits[0]
+            real = mask[0, 1:].bool()
+            total += float(F.cross_entropy(logits[:-1][real], ids[0, 1:][real], reduction="sum"))
+            count += int(real.sum())
+    return total / count
+
+
+def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
+    """`train.py fit --config configs/decoder/smollm2-mlfs.yaml` with only the model (a tiny random Llama),
+    its search space, the data and the trainer limits overridden: MLFS runs its three stages, the best
+    checkpoint is selected on the held-out palette loss, palette.json (selected) and palette_final.json
+    (end of fit) are written, and every member is exported as a causal LM whose held-out loss, computed
+    here from the export alone, is the reported one, and which generates."""
+    import json
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdlora.lm_data import CausalLMDataModule
+
+    model_dir = tiny_llama_dir(tmp_path / "llama")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(8):
+        (src / f"mod{i}.py").write_text("\n".join(PY_SNIPPETS[(i + k) % 4] for k in range(3)) + f"\nX = {i}\n")
+    runs, export = tmp_path / "runs", tmp_path / "export"
+    data = dict(source=str(src), pattern="*.py", block_size=16, batch_size=4, val_fraction=0.25, seed=42)
+    cmd = [sys.executable, "train.py", "fit", "--config", str(DECODER_RECIPE),
+           "--model.init_args.model_name_or_path", str(model_dir),
+           "--model.init_args.search_space", "{hidden_sizes: [48], num_heads: [6, 3], intermediate_sizes: [64, 32], depths: [4, 2]}",
+           "--model.init_args.palette", "[max, min]", "--model.init_args.feature_dim", "16",
+           "--model.init_args.export_dir", str(export),
+           *[a for k, v in data.items() for a in (f"--data.{k}", str(v))], "--data.cache_dir", str(tmp_path / "cache"),
+           "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+           "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+           "--trainer.logger.init_args.save_dir", str(runs)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    run = runs / "mlfs" / "version_0"
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1
+    selected = json.loads((run / "palette.json").read_text())
+    final = json.loads((run / "palette_final.json").read_text())
+    assert [r["name"] for r in selected] == [r["name"] for r in final] == ["h48-a6-f64-l4", "h48-a3-f32-l0.3"]
+    assert {(r["stage"], r["step"], r["weights"]) for r in final} == {(2, 6, "end of fit")}  # 3 stages x 2 steps
+    step = int(re.search(r"-(\d+)\.ckpt$", best[0].name).group(1))
+    assert {(r["step"], r["selected_on"], r["selection_monitor"]) for r in selected} == {(step, "holdout", "val/palette_loss")}
+    mean = lambda rows: sum(r["metrics"]["loss"] for r in rows) / len(rows)  # noqa: E731
+    assert mean(selected) == pytest.approx(selected[0]["selection_value"], rel=1e-5)
+    assert mean(selected) <= mean(final) + 1e-6  # the final weights were validated too: never better than the best
+
+    dm = CausalLMDataModule(str(model_dir), **data, cache_dir=str(tmp_path / "cache2"))
+    dm.setup("validate")
+    blocks = [dm.datasets["validation"][i] for i in range(len(dm.datasets["validation"]))]
+    tok = AutoTokenizer.from_pretrained(export / selected[0]["name"])
+    for row in selected:
+        member = AutoModelForCausalLM.from_pretrained(export / row["name"]).eval()
+        assert heldout_loss_by_hand(member, blocks) == pytest.approx(row["metrics"]["loss"], rel=1e-4)
+        prompt = tok("def add(a, b):", return_tensors="pt")
+        generated = member.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
+
+    # `python -m kdlora.elastic.export` on the decoder's best checkpoint: the same causal LM as the fit's export.
+    member = selected[-1]["name"]
+    cli_out = tmp_path / "cli_export"
+    done = subprocess.run([sys.executable, "-m", "kdlora.elastic.export", "--checkpoint", str(best[0]), "--subnet", member,
+                           "--out", str(cli_out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = AutoModelForCausalLM.from_pretrained(cli_out).eval()
+    fitted = AutoModelForCausalLM.from_pretrained(export / member).eval()
+    ids = blocks[0]["input_ids"][None]
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, fitted(input_ids=ids).logits, atol=1e-5)
+    assert AutoTokenizer.from_pretrained(cli_out).get_vocab() == tok.get_vocab()

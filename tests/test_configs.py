@@ -17,7 +17,9 @@ from kdlora import cli, report
 # configs/sweeps/*.yaml are kdlora.sweep grids over the configs.
 TASK_OVERLAYS = sorted((REPO / "configs" / "supernet" / "tasks").glob("*.yaml"))
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
-CONFIGS = sorted(set((REPO / "configs").rglob("*.yaml")) - set(TASK_OVERLAYS) - set(SWEEPS))  # LightningCLI configs
+# configs/decoder/<family>-<method>.yaml are causal-LM configs (kdlora.cli.DecoderCLI): no GLUE task.
+DECODER_CONFIGS = sorted((REPO / "configs" / "decoder").glob("*.yaml"))
+CONFIGS = sorted(set((REPO / "configs").rglob("*.yaml")) - set(TASK_OVERLAYS) - set(SWEEPS) - set(DECODER_CONFIGS))  # GLUE configs
 PAPER_FAMILIES = {"bert": "bert-base-uncased", "roberta": "roberta-base", "deberta": "microsoft/deberta-v3-base"}
 METHODS = ("fft", "lora", "kdlora", "mlfs")
 
@@ -51,6 +53,32 @@ def layout_of(config_file: Path) -> tuple[str, str]:
         return "demo", names[stem]
     assert kind == "local" and stem.startswith("minilm-"), f"{config_file}: no layout rule for it"
     return "minilm", names[stem.removeprefix("minilm-").removesuffix("-paper")]  # -paper: the paper's recipe
+
+
+@pytest.mark.parametrize("config_file", DECODER_CONFIGS, ids=lambda f: f.name)
+def test_every_decoder_config_parses_and_follows_the_run_layout(config_file, monkeypatch):
+    """configs/decoder/<family>-<method>.yaml runs a causal-LM module under the decoder CLI: runs under
+    runs/<family>/<corpus>/<method>/ with the export beside them, the checkpoint selected on the held-out
+    palette loss, the tokenizer the model's, {stdlib} filled, one epoch per stage."""
+    import sysconfig
+
+    for name in ("instantiate_classes", "after_instantiate_classes", "_run_subcommand"):
+        monkeypatch.setattr(cli.KDLoRACLI, name, lambda self, *a: None)
+    monkeypatch.chdir(REPO)
+    app = cli.main(["fit", "--config", str(config_file)])
+    assert type(app) is cli.DecoderCLI
+    family, method = config_file.stem.split("-", 1)
+    fit = app.config.fit
+    logger = fit.trainer.logger.init_args
+    corpus = Path(logger.save_dir).relative_to(Path("runs") / family)
+    assert len(corpus.parts) == 1 and logger.name == method
+    model = fit.model.init_args
+    assert model.export_dir == f"{logger.save_dir}/{method}/export"
+    assert (fit.checkpoint.monitor, fit.checkpoint.mode) == ("val/palette_loss", "min")
+    assert fit.data.tokenizer_name == model.model_name_or_path
+    assert sum(model.stage_epochs) == fit.trainer.max_epochs
+    if "{stdlib}" in yaml.safe_load(config_file.read_text())["data"]["source"]:
+        assert Path(fit.data.source) == Path(sysconfig.get_paths()["stdlib"])
 
 
 def test_there_are_configs_for_every_family_and_stage():

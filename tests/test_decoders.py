@@ -181,3 +181,44 @@ def test_importance_reordering_of_decoders(family):
     with torch.no_grad():
         torch.testing.assert_close(encoder(**inputs).logits[real], encoder.materialize(cfg)(**inputs).logits[real],
                                    atol=ATOL, rtol=0)
+
+
+def test_llama_with_tied_embeddings_slices_and_exports_tied():
+    """SmolLM2-style Llama (LM head = word embedding table): the maxnet equals the HF model, a subnet with
+    LoRA equals its export, which keeps the head tied and counts the table once."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    reference = copy.deepcopy(model)
+    encoder = ElasticEncoder(model, lora_r=4, lora_targets=ROLES).eval()
+    inputs = make_inputs()
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(**inputs).logits[real], reference(**inputs).logits[real], atol=ATOL, rtol=0)
+    assert encoder.parameter_count() == sum(p.numel() for p in reference.parameters())
+    encoder.add_lora_stage()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for stage in encoder.lora.values():
+            for B in stage.B:
+                B.normal_(0, 0.2)
+    cfg = SubnetConfig(48, 6, 32, (0, 3))  # narrower FFN, 2 of 4 layers
+    encoder.set_sub_network(cfg)
+    plain = encoder.materialize(cfg)
+    assert plain.config.tie_word_embeddings and plain.lm_head.weight is plain.model.embed_tokens.weight
+    assert (plain.config.num_attention_heads, plain.config.num_key_value_heads, plain.config.num_hidden_layers) == (6, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(**inputs).logits[real], plain(**inputs).logits[real], atol=ATOL, rtol=0)
+    assert encoder.parameter_count(cfg) == sum(p.numel() for p in plain.parameters())
+
+
+def test_llama_whose_config_and_weights_disagree_on_tying_is_refused():
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied by hand
+    with pytest.raises(ValueError, match="tie_word_embeddings is True but the LM head is not the word embedding table"):
+        ElasticEncoder(model)

@@ -4,8 +4,10 @@
     python -m kdlora.elastic.export --checkpoint best.ckpt --subnet subnet.yaml --out exports/small
     python -m kdlora.elastic.export --checkpoint best.ckpt --subnet max --subnet h192-a3-f768-l0.2.5 --out exports/
 
-Each export has every LoRA stage merged, weights physically sliced and a smaller config, and loads
-with `AutoModelForSequenceClassification.from_pretrained`. With several --subnet values, --out is
+The checkpoint is a `SuperTransformer`'s (GLUE) or a `CausalLMSuperTransformer`'s (decoders). Each export
+has every LoRA stage merged, weights physically sliced and a smaller config, and loads with
+`AutoModelForSequenceClassification.from_pretrained` (`AutoModelForCausalLM` for a decoder's, with the
+base model's tokenizer beside it). With several --subnet values, --out is
 a parent directory holding one folder per subnet name. A subnet is a name (see
 `SubnetConfig.name`; ``l<n>`` = first n layers, dotted = explicit lists), ``max``, or a JSON/YAML
 file with hidden_size, num_heads, intermediate_size and layers.
@@ -55,13 +57,27 @@ def parse_subnet(spec: str, encoder: ElasticEncoder) -> SubnetConfig:
     return cfg
 
 
-def load_encoder(checkpoint: str | Path):
-    """(ElasticEncoder, tokenizer or None) of a SuperTransformer Lightning checkpoint."""
-    from kdlora.checkpoint import read_checkpoint
-    from kdlora.modules.supernet import SuperTransformer  # lazy: Lightning is slow to import
+def supernet_class(checkpoint: str | Path) -> type:
+    """The super-transformer class a Lightning checkpoint was written by: `SuperTransformer` or
+    `CausalLMSuperTransformer` (a subclass's checkpoint loads as its base); a CheckpointError if neither."""
+    from kdlora.checkpoint import CheckpointError, _check_class, read_checkpoint
+    from kdlora.modules.lm_supernet import CausalLMSuperTransformer  # lazy: Lightning is slow to import
+    from kdlora.modules.supernet import SuperTransformer
 
-    read_checkpoint(checkpoint, SuperTransformer)
-    module = SuperTransformer.load_from_checkpoint(checkpoint, map_location="cpu")
+    hparams = read_checkpoint(checkpoint).get("hyper_parameters") or {}
+    reasons = []
+    for cls in (SuperTransformer, CausalLMSuperTransformer):
+        try:
+            _check_class(Path(checkpoint), hparams, cls)
+            return cls
+        except CheckpointError as e:
+            reasons.append(str(e))
+    raise CheckpointError(f"{checkpoint} is not a super-transformer checkpoint: {'; '.join(reasons)}")
+
+
+def load_encoder(checkpoint: str | Path):
+    """(ElasticEncoder, tokenizer or None) of a SuperTransformer or CausalLMSuperTransformer Lightning checkpoint."""
+    module = supernet_class(checkpoint).load_from_checkpoint(checkpoint, map_location="cpu")
     module.eval()
     tokenizer = None
     name = module.hparams.get("model_name_or_path")
@@ -107,7 +123,7 @@ def export_subnets(encoder: ElasticEncoder, subnets: Sequence[SubnetConfig], out
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdlora.elastic.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="SuperTransformer Lightning checkpoint (.ckpt)")
+    parser.add_argument("--checkpoint", required=True, help="SuperTransformer or CausalLMSuperTransformer Lightning checkpoint (.ckpt)")
     parser.add_argument("--subnet", required=True, action="append",
                         help="subnet name (e.g. h256-a4-f1024-l4), 'max', or a JSON/YAML file; repeatable")
     parser.add_argument("--out", required=True, help="output directory, replaced only if empty or a previous kdlora export; "

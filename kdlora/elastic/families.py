@@ -242,8 +242,12 @@ def _llama(model: PreTrainedModel) -> Layout:
     from transformers.activations import ACT2FN
 
     config, base = model.config, model.model
-    if config.attention_bias or config.mlp_bias or config.tie_word_embeddings:
-        raise ValueError("elastic Llama does not support attention_bias, mlp_bias or tie_word_embeddings")
+    if config.attention_bias or config.mlp_bias:
+        raise ValueError("elastic Llama does not support attention_bias or mlp_bias")
+    # Tied (SmolLM2): the LM head is the word embedding table, sliced with it, and the export stays tied.
+    if bool(config.tie_word_embeddings) != (model.lm_head.weight is base.embed_tokens.weight):
+        raise ValueError(f"elastic Llama: tie_word_embeddings is {config.tie_word_embeddings} but the LM head "
+                         f"{'is not' if config.tie_word_embeddings else 'is'} the word embedding table")
     layers = [LayerLayout(query=l.self_attn.q_proj, key=l.self_attn.k_proj, value=l.self_attn.v_proj,
                           attention_output=l.self_attn.o_proj, attention_norm=l.input_layernorm, intermediate=l.mlp.up_proj,
                           output=l.mlp.down_proj, output_norm=l.post_attention_layernorm, gate=l.mlp.gate_proj)

@@ -15,14 +15,18 @@ Batches: ``{"input_ids": [B, T], "attention_mask": [B, T], "labels": [B, T]}``, 
 input_ids with -100 at padding.
 
 Validation, per palette member: ``val/<subnet>/loss`` and ``val/<subnet>/perplexity`` (exp of the
-token-mean loss over the whole split, `kdlora.metrics.TokenMeanLoss`), and ``val/loss``,
-``val/perplexity`` for the maxnet. At fit end the palette report (params, val loss, perplexity) is
-written and, with `export`, every member as a standalone Hugging Face causal LM that `generate()`s.
+token-mean loss over the whole split, `kdlora.metrics.TokenMeanLoss`), ``val/loss``,
+``val/perplexity`` for the maxnet and ``val/palette_loss``, the members' mean loss. At fit end the
+palette of the best checkpoint (selected on the held-out split by the checkpoint monitor) and the
+end-of-fit palette are reported (params, val loss, perplexity) and, with `export`, every member of the
+selected weights is written as a standalone Hugging Face causal LM that `generate()`s.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -57,7 +61,7 @@ def load_causal_lm(model_name_or_path: Optional[str], model_config: Optional[dic
 
 
 class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
-    """MLFS super-transformer of a causal LM.
+    """MLFS super-transformer of a causal LM (`train.py fit --config configs/decoder/...`, see `kdlora.cli`).
 
     Args:
         model_name_or_path: the maxnet's checkpoint (`AutoModelForCausalLM`), or
@@ -71,6 +75,9 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         learning_rate, weight_decay, warmup_ratio, gradient_clip: AdamW per stage with linear warmup/decay.
         export, export_dir: write every palette member as a causal LM at fit end (see `GLUEModule`).
     """
+
+    # What to evaluate and write, not what was trained: `train.py validate --ckpt_path ...` may change them.
+    EVALUATION_ARGS = ("palette", "export", "export_dir")
 
     def __init__(
         self,
@@ -172,7 +179,10 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
             values[f"{stage}/{row['name']}/params"] = float(row["params"])
             if row["name"] == self.encoder.max_config.name:
                 values.update({f"{stage}/{k}": v for k, v in row["metrics"].items()})
-        headline = {k: values.pop(k) for k in (f"{stage}/loss", f"{stage}/perplexity") if k in values}
+        # The palette's mean loss: what a run selects its checkpoint on (the recipes' monitor), as the
+        # encoders' palette score.
+        values[f"{stage}/palette_loss"] = sum(r["metrics"]["loss"] for r in rows) / len(rows)
+        headline = {k: values.pop(k) for k in (f"{stage}/loss", f"{stage}/perplexity", f"{stage}/palette_loss") if k in values}
         self.log_dict(values, sync_dist=False)
         self.log_dict(headline, prog_bar=True, sync_dist=False)
         if stage == "val" and not self.trainer.sanity_checking:
@@ -192,34 +202,105 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         super().on_load_checkpoint(checkpoint)
         self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
 
-    # ---- fit end: report and export ----
+    # ---- fit end: selection, report and export ----
+    def _provenance(self, weights: str, epoch: Optional[int], step: int, stage: int) -> dict:
+        return {"weights": weights, "epoch": epoch, "step": int(step), "stage": int(stage), "split": "holdout"}
+
+    @torch.no_grad()
+    def evaluate_palette(self) -> Optional[list[dict]]:
+        """The palette rows of the current weights on the held-out split (the datamodule's validation
+        loader, `limit_val_batches` respected), outside any trainer loop; None without one."""
+        dm = getattr(self.trainer, "datamodule", None)
+        loader = dm.val_dataloader() if dm is not None else None
+        if not loader:
+            return None
+        limit = self.trainer.limit_val_batches
+        count = limit if isinstance(limit, int) else math.ceil(limit * len(loader))
+        was_training = self.training
+        self.eval()
+        try:
+            with self.trainer.precision_plugin.forward_context():
+                for batch in itertools.islice(loader, count):
+                    self._eval_step(self.transfer_batch_to_device(batch, self.device, 0))
+        finally:
+            self.train(was_training)
+        return self._palette_rows() or None
+
     def on_fit_end(self) -> None:
-        """The palette of the last validation (sizes only without one) as ``palette.{json,md,png}`` in the
-        run's directory and, with `export`, every member as ``<export_dir>/<name>/`` (a causal LM), beside the report."""
+        """Two palettes, as the GLUE `SuperTransformer`: the selected one (the weights of the best checkpoint
+        on the held-out split, by the checkpoint callback's monitor: ``val/palette_loss`` or ``val/loss``),
+        written as ``palette.{json,md,png}`` in the run's directory and exported; and the end-of-fit one
+        (the weights after the last step) as ``palette_final.*``. Without checkpointing, the end-of-fit
+        palette is the one reported and exported. With `export`, every member as ``<export_dir>/<name>/``
+        (a causal LM), beside the report."""
+        ckpt_cb = self.trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank reads it
         report_dir = None if self.trainer.fast_dev_run or log_dir is None else Path(log_dir)
+        last = max(self.palette_history) if self.palette_history else None
+        if last is not None and last[1] == self.global_step:  # the last validation saw the final weights
+            final_rows, final_epoch = self.palette_history[last], last[0]
+        else:
+            final_rows, final_epoch = (self.evaluate_palette() if self.palette_history else None), None
+        final_info = self._provenance("end of fit", final_epoch, self.global_step, self.stage)
+        rows, info = final_rows, final_info
+        if best and Path(best).is_file():
+            checkpoint = torch.load(best, map_location=self.device, weights_only=True)
+            self.load_state_dict(checkpoint["state_dict"])
+            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+            weights = os.path.relpath(best, log_dir) if log_dir is not None else str(best)
+            info = self._provenance(weights, epoch, step, int(checkpoint.get("kdlora_mlfs_stage", 0)))
+            rows = self.palette_history.get((epoch, step))
+            if rows is None:  # a checkpoint of an earlier run (resumed): measure it now
+                rows = self.evaluate_palette()
+            if ckpt_cb.monitor:
+                info["selected_on"] = "holdout"
+                info["selection_monitor"] = ckpt_cb.monitor
+                if ckpt_cb.best_model_score is not None:
+                    info["selection_value"] = float(ckpt_cb.best_model_score)
+            log.info("palette from best checkpoint %s", best)
+        elif rows is None and last is not None:  # the last validation's palette
+            rows, info = self.palette_history[last], self._provenance("last validation", last[0], last[1], self.stage)
         export_dir = self.export_path if self.hparams.export else None
-        self._report_and_export(report_dir, export_dir)
+        self._report_and_export(rows, info, report_dir, export_dir, final=(final_rows, final_info))
         self.trainer.strategy.barrier("kdlora-export")
 
     def palette_report_rows(self) -> list[dict]:
         """The last validation's rows, or the members' sizes when no validation ran."""
         if self.palette_history:
             return self.palette_history[max(self.palette_history)]
+        return self._size_rows()
+
+    def _size_rows(self) -> list[dict]:
         return [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
                  "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
 
+    def _palette_title(self, info: dict) -> str:
+        source = self.hparams.model_name_or_path or f"a random {self.encoder.family} model"
+        where = f"epoch {info['epoch']}, " if info.get("epoch") is not None else ""
+        selected = ""
+        if "selected_on" in info:
+            value = f" = {info['selection_value']:.4f}" if "selection_value" in info else ""
+            selected = f", selected on {info['selected_on']} {info['selection_monitor']}{value}"
+        return (f"MLFS causal-LM palette of {source}; weights: {info.get('weights', '?')} ({where}step {info.get('step')}, "
+                f"stage {info.get('stage')}){selected}; val loss and perplexity on the {info.get('split', 'holdout')} split")
+
     @rank_zero_only
-    def _report_and_export(self, report_dir: Optional[Path], export_dir: Optional[Path]) -> None:
+    def _report_and_export(self, rows: Optional[list[dict]], info: dict, report_dir: Optional[Path], export_dir: Optional[Path],
+                           final: tuple[Optional[list[dict]], dict] = (None, {})) -> None:
         from kdlora.elastic.palette import write_palette_report
         from kdlora.models import write_export
 
-        rows = self.palette_report_rows()
-        source = self.hparams.model_name_or_path or f"a random {self.encoder.family} model"
-        title = f"MLFS causal-LM palette of {source} (step {self.global_step}, stage {self.stage}): val loss and perplexity"
+        rows = [{**r, **info} for r in (rows if rows is not None else self._size_rows())]
+        title = self._palette_title(info)
+        final_rows, final_info = final
         if report_dir is not None:
             paths = write_palette_report(rows, report_dir, title)
             print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
+            if final_rows is not None:
+                paths = write_palette_report([{**r, **final_info} for r in final_rows], report_dir,
+                                             self._palette_title(final_info), name="palette_final")
+                print(f"[kdlora] end-of-fit palette: {paths['md']}")
         if export_dir is None:
             return
         tokenizer = None

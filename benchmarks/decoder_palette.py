@@ -1,0 +1,359 @@
+"""An MLFS palette of SmolLM2-135M on Python code, and its recovery curve against the slice trained alone.
+
+Data: the Python standard library's own top-level modules (``<sysconfig stdlib>/*.py``), documents
+held out by file (`CausalLMDataModule`, seeded), packed into `--block` token blocks. The training
+stream is cut at exactly ``steps · batch · block`` tokens, so one epoch is the run; the held-out
+stream at `--val-tokens`. The base is the pretrained model (LoRA only, the supernet's staged adapters).
+
+    # MLFS (CausalLMSuperTransformer, stage 2 only, K = --num-subnets subnets per step besides the maxnet,
+    # the sandwich's smallest one among them every step; K = 1: the smallest alone): the curve slice
+    # (the smallest) held-out perplexity every --eval-every steps, the whole palette at step 0 (sliced,
+    # untrained) and at the end, every member exported as a causal LM
+    python benchmarks/decoder_palette.py mlfs
+    # the same slice, trained alone: LM loss only, same adapters, lr, schedule, batches and tokens
+    python benchmarks/decoder_palette.py alone
+    # CPU latency per generated token of the exported members (greedy, kv cache, batch 1), round-robin
+    python benchmarks/decoder_palette.py latency
+    # md + json + png into benchmarks/results/decoder_palette*
+    python benchmarks/decoder_palette.py report
+
+Work files go to ``--work`` (default runs/decoder_palette): ``mlfs.json``, ``alone.json``,
+``latency.json`` and the export ``mlfs/export/<member>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kdlora.callbacks import write_atomic  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+# Palette: the maxnet and two members below it. 9 query heads over 3 key/value heads of SmolLM2: head
+# counts must keep 3 query heads per kv head (9 -> 3 kv, 6 -> 2 kv); hidden stays 576 (tied embeddings).
+# Untrained, evenly spread depth costs least (depth 27: ppl ~58, 24: ~370 on 1k held-out tokens, maxnet ~30), the
+# leading-neuron FFN and head slices most (FFN 1024 at full depth ~14k, 6 heads ~1.7k): the minnet starts broken.
+SEARCH_SPACE = {"hidden_sizes": [576], "num_heads": [9, 6], "intermediate_sizes": [1536, 1024], "depths": [30, 24, 18]}
+PALETTE = ["max", {"hidden_size": 576, "num_heads": 9, "intermediate_size": 1536, "depth": 24}, "min"]
+
+
+def stdlib_source() -> str:
+    return sysconfig.get_paths()["stdlib"]
+
+
+def data_module(a):
+    from kdlora.lm_data import CausalLMDataModule
+
+    return CausalLMDataModule(a.model, stdlib_source(), pattern="*.py", block_size=a.block, val_fraction=a.val_fraction,
+                              seed=a.seed, max_train_tokens=a.steps * a.batch * a.block, max_val_tokens=a.val_tokens,
+                              batch_size=a.batch, eval_batch_size=a.eval_batch, cache_dir=a.cache_dir)
+
+
+@torch.no_grad()
+def heldout_perplexity(encoder, cfg, loader) -> float:
+    """exp(token-mean next-token loss) of subnet `cfg` over every held-out block."""
+    from kdlora.losses import lm_token_losses
+
+    was_training = encoder.training
+    encoder.eval()
+    total, count = 0.0, 0
+    try:
+        encoder.set_sub_network(cfg)
+        for batch in loader:
+            s, c = lm_token_losses(encoder(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"], batch["attention_mask"])
+            total, count = total + float(s), count + int(c)
+    finally:
+        encoder.reset_super_network()
+        encoder.train(was_training)
+    return math.exp(total / count)
+
+
+def build_module(a, alone: bool):
+    from kdlora.modules.lm_supernet import CausalLMSuperTransformer
+
+    class SliceAlone(CausalLMSuperTransformer):
+        """The curve slice trained on its own next-token loss: no maxnet, no distillation, no other subnet;
+        the same staged adapters (only the slice's part of them gets gradients), optimizer and schedule."""
+
+        def accumulate_gradients(self, batch, subnets):
+            cfg = self.space.smallest()
+            self.encoder.set_sub_network(cfg)
+            try:
+                loss = self.maxnet_loss(self.encoder(**self.encoder_inputs(batch)).logits, batch)
+                self.check_finite_loss(loss, f"slice {cfg.name} loss")
+                self.manual_backward(loss)
+            finally:
+                self.encoder.reset_super_network()
+            return {"loss": loss.detach(), "maxnet": loss.detach()}
+
+    cls = SliceAlone if alone else CausalLMSuperTransformer
+    work = Path(a.work)
+    return cls(model_name_or_path=a.model, stage_epochs=[0, 0, 1], lora_r=a.lora_r, lora_alpha=2 * a.lora_r,
+               lora_targets=["query", "key", "value", "intermediate", "output"],
+               num_subnets=a.num_subnets, sandwich=True, search_space=SEARCH_SPACE, palette=PALETTE if not alone else ["max", "min"],
+               sampler_seed=a.seed, learning_rate=a.lr, warmup_ratio=0.06, export=not alone,
+               export_dir=str(work / "mlfs" / "export") if not alone else None)
+
+
+def cmd_train(a, alone: bool) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    torch.set_num_threads(a.threads)
+    L.seed_everything(a.seed, workers=True)
+    name = "alone" if alone else "mlfs"
+    work = Path(a.work)
+    out_json = work / f"{name}.json"
+    dm = data_module(a)
+    dm.prepare_data()
+    dm.setup("fit")
+    val_loader = dm.val_dataloader()
+    model = build_module(a, alone)
+    slice_cfg = model.space.smallest()
+    record: dict = {"mode": name, "command": " ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]),
+                    "model": a.model, "seed": a.seed, "block": a.block, "batch": a.batch, "steps": a.steps, "lr": a.lr,
+                    "lora_r": a.lora_r, "num_subnets": a.num_subnets, "search_space": SEARCH_SPACE,
+                    "data": {"source": "<stdlib>/*.py", "files": {k: len(v) for k, v in dm.files.items()}, **dm.summary()},
+                    "slice": slice_cfg.name, "curve": [], "palette_start": [], "palette_end": [], "threads": a.threads}
+    t0 = time.time()
+
+    def save() -> None:
+        record["wall_s"] = round(time.time() - t0, 1)
+        write_atomic(out_json, json.dumps(record, indent=2) + "\n")
+
+    def palette_rows(key: str) -> None:
+        members = model.palette if not alone else []
+        for cfg in members:
+            ppl = heldout_perplexity(model.encoder, cfg, val_loader)
+            record[key].append({"name": cfg.name, "role": model.palette_roles.get(cfg.name, ""),
+                                "params": model.encoder.parameter_count(cfg), "perplexity": ppl, **cfg.to_dict()})
+            print(f"[decoder_palette] {key} {cfg.name}: perplexity {ppl:.2f}", flush=True)
+
+    class Curve(Callback):
+        def point(self, step: int) -> None:
+            ppl = heldout_perplexity(model.encoder, slice_cfg, val_loader)
+            record["curve"].append({"step": step, "tokens": step * a.batch * a.block, "perplexity": ppl,
+                                    "elapsed_s": round(time.time() - t0, 1)})
+            print(f"[decoder_palette] {name} step {step}: {slice_cfg.name} held-out perplexity {ppl:.2f} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+            save()
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            palette_rows("palette_start")
+            self.point(0)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            step = trainer.global_step
+            if step % a.eval_every == 0 or step == a.steps:
+                self.point(step)
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=str(work / name), callbacks=[Curve()], log_every_n_steps=10)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    if not record["curve"] or record["curve"][-1]["step"] != trainer.global_step:
+        Curve().point(trainer.global_step)
+    palette_rows("palette_end")
+    save()
+    print(f"[decoder_palette] wrote {out_json}")
+
+
+def cmd_latency(a) -> None:
+    """Per generated token: (t(generate N) − t(generate 1)) / (N − 1), greedy with the kv cache, batch 1, a
+    held-out prompt; members round-robin, `--rounds` rounds after one warm-up round, the median."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    if a.from_pretrained:  # the same architectures, sliced from the pretrained model: timing does not depend on the weights
+        from kdlora.elastic.model import ElasticEncoder
+        from kdlora.elastic.sampler import SearchSpace, palette
+
+        encoder = ElasticEncoder(AutoModelForCausalLM.from_pretrained(a.model)).eval()
+        space = SearchSpace.build(encoder.max_config, SEARCH_SPACE)
+        members = palette(space, PALETTE)
+        names = [c.name for c in members]
+        models = {c.name: encoder.materialize(c) for c in members}
+    else:
+        mlfs = json.loads((work / "mlfs.json").read_text())
+        export = work / "mlfs" / "export"
+        names = [r["name"] for r in mlfs["palette_end"]]
+        models = {n: AutoModelForCausalLM.from_pretrained(export / n).eval() for n in names}
+    dm = data_module(a)
+    dm.setup("validate")
+    prompt = dm.datasets["validation"][0]["input_ids"][: a.prompt_tokens][None, :]
+
+    def timed(model, new: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == prompt.shape[1] + new
+        return time.perf_counter() - start
+
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(a.rounds + 1):
+        for n in names:
+            t_full, t_one = timed(models[n], a.new_tokens), timed(models[n], 1)
+            if r > 0:
+                samples[n].append(1000 * (t_full - t_one) / (a.new_tokens - 1))
+        print(f"[decoder_palette] latency round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f} ms" for n in names if samples[n]), flush=True)
+    rows = [{"name": n, "params": models[n].num_parameters(), "ms_per_token": statistics.median(samples[n]),
+             "samples_ms": samples[n]} for n in names]
+    weights = "sliced from the pretrained model (untrained: same shapes as the exports)" if a.from_pretrained else "the MLFS exports"
+    record = {"command": " ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]), "threads": a.threads, "weights": weights,
+              "prompt_tokens": int(prompt.shape[1]), "new_tokens": a.new_tokens, "rounds": a.rounds, "rows": rows,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+    write_atomic(work / "latency.json", json.dumps(record, indent=2) + "\n")
+    print(json.dumps(rows, indent=2))
+
+
+def cmd_report(a) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    work = Path(a.work)
+    mlfs = json.loads((work / "mlfs.json").read_text())
+    alone = json.loads((work / "alone.json").read_text()) if (work / "alone.json").is_file() else None
+    latency = json.loads((work / "latency.json").read_text()) if (work / "latency.json").is_file() else None
+    lat = {r["name"]: r for r in (latency or {}).get("rows", [])}
+    start = {r["name"]: r for r in mlfs["palette_start"]}
+    out = Path(a.out)
+    md = [f"# MLFS palette of SmolLM2-135M-Instruct on Python code (stdlib), CPU", ""]
+    if a.notes and Path(a.notes).is_file():
+        md += [Path(a.notes).read_text().strip(), ""]
+    md += ["## Commands", "", "```", mlfs["command"]]
+    if alone:
+        md.append(alone["command"])
+    if latency:
+        md.append(latency["command"])
+    md += [" ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]), "```", ""]
+    d = mlfs["data"]
+    md += [f"Data: `{d['source']}`, {d['files']['train']} train / {d['files']['validation']} held-out files; "
+           f"{d['train']['tokens']} training tokens ({mlfs['steps']} steps × batch {mlfs['batch']} × block {mlfs['block']}), "
+           f"{d['validation']['tokens']} held-out tokens. Seed {mlfs['seed']}, one run each. LoRA r={mlfs['lora_r']}, "
+           f"lr {mlfs['lr']}, {mlfs['num_subnets']} subnet(s) per step besides the maxnet (sandwich). MLFS wall time "
+           f"{mlfs['wall_s'] / 60:.1f} min ({mlfs['threads']} threads)" + (f", alone {alone['wall_s'] / 60:.1f} min "
+           f"({alone['threads']} thread(s))" if alone else "") + ", on 2 cores shared with other jobs (and with each other for a while).", ""]
+    md += ["## Palette", "", "| member | role | parameters (exported) | ms / generated token | vs maxnet | held-out ppl, start (sliced, untrained) | after MLFS |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    max_lat = next((lat[r["name"]]["ms_per_token"] for r in mlfs["palette_start"] if r["role"] == "maxnet" and r["name"] in lat), None)
+    end = {r["name"]: r for r in mlfs["palette_end"]}
+    total_steps = mlfs["steps"]
+    if not mlfs["palette_end"]:
+        last = mlfs["curve"][-1]["step"] if mlfs["curve"] else 0
+        md.insert(md.index("## Palette") + 2, f"**The MLFS run was stopped at step {last} of {total_steps}** (the session's time "
+                  "limit): its end-of-run palette was never measured; the curve slice's value is its last curve point.\n")
+    table = []
+    for r in mlfs["palette_start"]:
+        l = lat.get(r["name"], {}).get("ms_per_token")
+        exported = lat.get(r["name"], {}).get("params")
+        after = end.get(r["name"], {}).get("perplexity")
+        partial = None
+        if after is None and r["name"] == mlfs["slice"] and mlfs["curve"]:  # a stopped run: the slice's last point
+            after, partial = mlfs["curve"][-1]["perplexity"], mlfs["curve"][-1]["step"]
+        row = {"name": r["name"], "role": r["role"], "params": r["params"], "exported_params": exported, "ms_per_token": l,
+               "perplexity_start": r["perplexity"], "perplexity_mlfs": after, "mlfs_steps": partial or mlfs["steps"]}
+        table.append(row)
+        ratio = f"{l / max_lat:.2f}×" if l is not None and max_lat else "–"
+        size = f"{r['params'] / 1e6:.1f}M" + (f" ({exported / 1e6:.1f}M)" if exported and exported != r["params"] else "")
+        md.append(f"| `{r['name']}` | {r['role']} | {size} | {'%.1f' % l if l is not None else '–'} | {ratio} | "
+                  f"{row['perplexity_start']:.5g} | {'%.5g' % after if after is not None else 'not measured'}"
+                  f"{f' (step {partial} of {total_steps})' if partial else ''} |")
+    if latency:
+        md += ["", f"Latency: plain `LlamaForCausalLM` members ({latency.get('weights', 'the MLFS exports')}), greedy `generate` with the kv cache, batch 1, "
+                   f"{latency['prompt_tokens']}-token held-out prompt, (t({latency['new_tokens']} new) − t(1 new)) / "
+                   f"{latency['new_tokens'] - 1}; median of {latency['rounds']} round-robin rounds after one warm-up; "
+                   f"{latency['threads']} threads on {latency['machine']}, shared with other jobs."]
+    md += ["", f"## Recovery curve of `{mlfs['slice']}`", "",
+           "Held-out perplexity vs training tokens: MLFS (distilling from the maxnet, the slice is the sandwich's "
+           "smallest subnet, trained every step) against the same slice trained alone (LM loss only).", "",
+           "| step | tokens | MLFS | alone |", "|---:|---:|---:|---:|"]
+    alone_curve = {p["step"]: p["perplexity"] for p in (alone or {}).get("curve", [])}
+    mlfs_curve = {p["step"]: p for p in mlfs["curve"]}
+    curve = []
+    for step in sorted(set(mlfs_curve) | set(alone_curve)):
+        p = mlfs_curve.get(step, {"step": step, "tokens": step * mlfs["batch"] * mlfs["block"], "perplexity": None})
+        al = alone_curve.get(p["step"])
+        curve.append({"step": p["step"], "tokens": p["tokens"], "mlfs": p["perplexity"], "alone": al})
+        ml = p["perplexity"]
+        md.append(f"| {p['step']} | {p['tokens']} | {'%.5g' % ml if ml is not None else '(not reached)'} | {'%.5g' % al if al is not None else '–'} |")
+    md += ["", f"![recovery curve]({out.name}_curve.png)", ""]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["tokens"] for p in mlfs["curve"]], [p["perplexity"] for p in mlfs["curve"]], "o-", label="MLFS (distilled from the maxnet)")
+    if alone:
+        ax.plot([p["tokens"] for p in alone["curve"]], [p["perplexity"] for p in alone["curve"]], "s--", label="alone (LM loss only)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"SmolLM2-135M slice {mlfs['slice']} on stdlib Python", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    png = out.with_name(out.name + "_curve.png")
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(png)
+    record = {"commands": [mlfs["command"], *([alone["command"]] if alone else []), *([latency["command"]] if latency else [])],
+              "data": d, "seed": mlfs["seed"], "steps": mlfs["steps"], "batch": mlfs["batch"], "block": mlfs["block"],
+              "lr": mlfs["lr"], "lora_r": mlfs["lora_r"], "search_space": mlfs["search_space"], "palette": table,
+              "curve_slice": mlfs["slice"], "curve": curve, "latency": latency,
+              "wall_s": {"mlfs": mlfs["wall_s"], "alone": alone["wall_s"] if alone else None}}
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("mlfs", "alone", "latency", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--model", default="models/smollm2", help="the pretrained causal LM (scripts/fetch_models.sh smollm2)")
+        p.add_argument("--work", default="runs/decoder_palette")
+        p.add_argument("--steps", type=int, default=40)
+        p.add_argument("--eval-every", type=int, default=5)
+        p.add_argument("--block", type=int, default=128)
+        p.add_argument("--batch", type=int, default=4)
+        p.add_argument("--eval-batch", type=int, default=8)
+        p.add_argument("--val-fraction", type=float, default=0.1)
+        p.add_argument("--val-tokens", type=int, default=4096)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--lora-r", type=int, default=8)
+        p.add_argument("--num-subnets", type=int, default=1, help="K; 1 = the sandwich's smallest subnet alone")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--threads", type=int, default=2)
+        p.add_argument("--cache-dir")
+        p.add_argument("--prompt-tokens", type=int, default=32)
+        p.add_argument("--new-tokens", type=int, default=33)
+        p.add_argument("--rounds", type=int, default=5)
+        p.add_argument("--from-pretrained", action="store_true",
+                       help="latency: time the members sliced from --model instead of the MLFS exports (same shapes)")
+        p.add_argument("--out", default=str(RESULTS / "decoder_palette"))
+        p.add_argument("--notes", default=str(RESULTS / "decoder_palette_notes.md"))
+    a = ap.parse_args(argv)
+    try:
+        {"mlfs": lambda a: cmd_train(a, alone=False), "alone": lambda a: cmd_train(a, alone=True),
+         "latency": cmd_latency, "report": cmd_report}[a.cmd](a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"decoder_palette: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
