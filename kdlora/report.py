@@ -323,7 +323,13 @@ def load_config(name_or_path: str | dict):
     if path.is_dir():
         return AutoConfig.from_pretrained(str(path))
     if path.is_file():
-        return load_config(json.loads(path.read_text()))
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path} is not a model config (a config.json or a model directory)") from None
+        if not isinstance(values, dict) or "model_type" not in values:
+            raise ValueError(f"{path} is not a model config: no model_type")
+        return load_config(values)
     shipped = CONFIG_DIR / f"{name_or_path.replace('/', '--')}.json"
     candidates = [shipped] if shipped.is_file() else sorted(CONFIG_DIR.glob(f"*--{name_or_path}.json"))
     if candidates:

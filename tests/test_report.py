@@ -248,3 +248,14 @@ def test_split_test_ranks_by_held_out_and_reports_dev(tmp_path):
     assert report.table1(runs, split="val_best", top_k=3)["FFT"]["rte"]["score"] == pytest.approx(80.0)
     md, _ = report.build_report([str(tmp_path)], pairs={}, split="test", top_k=3)
     assert "selected on a held-out part of train" in md
+
+
+def test_a_pair_naming_a_file_that_is_no_model_config_is_one_clear_error(tmp_path, capsys):
+    _fake_run(tmp_path, "a", "Teacher", "rte", {"accuracy": 0.6, "score": 0.6}, "full")
+    config = tmp_path / "teacher.yaml"
+    config.write_text("model:\n  class_path: kdlora.modules.Teacher\n")
+    assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs",
+                        "--pair", f"x={config}:{config}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kdlora.report: error: {config} is not a model config (a config.json or a model directory)"
+    assert not (tmp_path / "r.md").exists()
