@@ -518,7 +518,11 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
                 values = [v for _, v in columns(t, row[t])]
                 values = values if len(values) == width else [row[t]["score"]] * width
                 cells += [f"{v:.1f}" + (f" (n={row[t]['n']})" if row[t]["n"] > 1 else "") for v in values]
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(row['average'])} |")
+            # An average over fewer tasks than the other rows is not comparable with theirs: shown with a dagger.
+            partial = any(t not in row for t in tasks)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {_fmt(row['average'])}{' †' if partial else ''} |")
+        if any(t not in t1[m] for m in methods for t in tasks):
+            lines += ["", "† averaged over only the tasks that method has runs for: not comparable with the other rows' averages."]
         clipped = [f"{m} / {get_task(t).dir_name} (n={t1[m][t]['n']})" for m in methods for t in tasks
                    if t in t1[m] and t1[m][t]["k"] < top_k]
         if clipped and top_k > 1:

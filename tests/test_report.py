@@ -59,7 +59,7 @@ def test_table1_averages_runs_and_tasks(tmp_path):
     assert eff["KD-LoRA"]["trainable_params"] == 4 and eff["KD-LoRA"]["peak_memory_mb"] == 123.0
     md = report.render_markdown(t1, {}, eff)
     assert "| Method | MRPC | STS-B | RTE | Avg. |" in md  # GLUE's task order
-    assert "| FFT | 80.0 (n=2) | – | 60.0 | 70.0 |" in md
+    assert "| FFT | 80.0 (n=2) | – | 60.0 | 70.0 † |" in md  # no STS-B run: not comparable with a full row
 
 
 def _config(path, model, data, trainer):
@@ -259,3 +259,12 @@ def test_a_pair_naming_a_file_that_is_no_model_config_is_one_clear_error(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err == f"kdlora.report: error: {config} is not a model config (a config.json or a model directory)"
     assert not (tmp_path / "r.md").exists()
+
+
+def test_an_average_over_fewer_tasks_is_marked(tmp_path):
+    _fake_run(tmp_path, "a", "Teacher", "rte", {"accuracy": 0.6, "score": 0.6}, "full")
+    _fake_run(tmp_path, "b", "Teacher", "mrpc", {"accuracy": 0.8, "f1": 0.8, "score": 0.8}, "full")
+    _fake_run(tmp_path, "c", "KDLoRAStudent", "mrpc", {"accuracy": 0.9, "f1": 0.9, "score": 0.9})
+    md = report.render_markdown(report.table1(report.find_runs([tmp_path])), {}, {})
+    assert "| FFT | 80.0 | 60.0 | 70.0 |" in md and "| KD-LoRA | 90.0 | – | 90.0 † |" in md
+    assert "† averaged over only the tasks" in md
