@@ -36,10 +36,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from kdlora.elastic.model import ElasticEncoder
-from kdlora.losses import causal_lm_loss, check_weight, decoder_subnet_loss, lm_token_losses
+from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses
 from kdlora.metrics import TokenMeanLoss
 from kdlora.modules.base import KDLoraModule
-from kdlora.modules.mlfs import MLFSTraining, check_stage_epochs
+from kdlora.modules.mlfs import MLFSTraining, check_mlfs_arguments
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +107,9 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         export_dir: Optional[str] = None,
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_ratio, export, export_dir)
-        check_stage_epochs(stage_epochs)
-        check_weight("distill_weight", distill_weight)
-        if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
-            raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
-        if sampler_seed is None:
-            sampler_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
+                                            gradient_clip, sampler_seed)
         self.save_hyperparameters()
-        self.automatic_optimization = False  # K+1 backward passes and one optimizer step per batch
         encoder = ElasticEncoder(load_causal_lm(model_name_or_path, model_config), lora_r, lora_alpha, lora_dropout,
                                  tuple(lora_targets))
         if not encoder.is_causal_lm:
@@ -122,7 +117,6 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         self.init_mlfs(encoder, search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
                        sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim)
         self.palette_losses = nn.ModuleList([TokenMeanLoss() for _ in self.palette])
-        self.palette_history: dict[tuple[int, int], list[dict]] = {}
 
     # ---- losses ----
     def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -138,11 +132,6 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**self.encoder_inputs(batch)).logits
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
 
     # ---- palette evaluation ----
     def _eval_step(self, batch) -> None:
@@ -193,14 +182,6 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
 
     # ---- fit end: selection, report and export ----
     def _provenance(self, weights: str, epoch: Optional[int], step: int, stage: int) -> dict:

@@ -20,6 +20,7 @@ all adapters up front keeps the parameter set fixed, which DDP needs (it registe
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Iterator, Optional
 
 import torch
@@ -29,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
 from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
-from kdlora.losses import orthonormal_projection, projected_feature_loss
+from kdlora.losses import check_weight, orthonormal_projection, projected_feature_loss
 from kdlora.modules.base import optimizer_groups
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,16 @@ NUM_STAGES = 3
 def check_stage_epochs(stage_epochs) -> None:
     if len(stage_epochs) != NUM_STAGES or any(int(e) < 0 for e in stage_epochs) or sum(stage_epochs) < 1:
         raise ValueError(f"stage_epochs must be 3 non-negative epoch counts (stages 0, 1, 2) with a positive sum, got {stage_epochs}")
+
+
+def check_mlfs_arguments(stage_epochs, distill_weight: float, beta: float, gamma: float, temperature: float,
+                         feature_dim: int, gradient_clip: float, sampler_seed: Optional[int]) -> int:
+    """Check the MLFS arguments both super-transformers share; the sampler seed to use (the run's seed when None)."""
+    check_stage_epochs(stage_epochs)
+    check_weight("distill_weight", distill_weight)
+    if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
+        raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if sampler_seed is None else sampler_seed
 
 
 class MLFSTraining:
@@ -55,6 +66,7 @@ class MLFSTraining:
         """Set ``encoder`` (with all stages' adapters), the search space, sampler, palette (maxnet first
         if not in it; a member that cannot export as a plain model is a ValueError now) and the
         maxnet-owned feature projections ``projections``."""
+        self.automatic_optimization = False  # K+1 backward passes and one optimizer step per batch: done by hand
         self.encoder = encoder
         # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
         self.stage_parameter_names: list[set[str]] = []
@@ -79,6 +91,8 @@ class MLFSTraining:
         self.stage = 0  # stage the optimizer was built for; restored from checkpoints
         self.last_sampled: list[SubnetConfig] = []
         self._scale_cache: dict[tuple[int, SubnetConfig], float] = {}
+        # The palette of every validation so far, by (epoch, step): the report at fit end shows the selected one's.
+        self.palette_history: dict[tuple[int, int], list[dict]] = {}
 
     # ---- stages ----
     def stage_for_epoch(self, epoch: int) -> int:
@@ -142,9 +156,15 @@ class MLFSTraining:
             self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers -> enter_stage
             log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # never from non-finite weights
         checkpoint["kdlora_mlfs_stage"] = self.stage
+        checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         free = [k for k in checkpoint.get("state_dict", {}) if k.startswith("projections.") and ".parametrizations." not in k]
@@ -154,6 +174,7 @@ class MLFSTraining:
         super().on_load_checkpoint(checkpoint)
         # Before the optimizer is built and its state restored, so the param groups match.
         self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+        self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
 
     # ---- the step ----
     def gradient_scale(self, cfg: SubnetConfig) -> float:

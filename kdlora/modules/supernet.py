@@ -56,11 +56,11 @@ from torch import nn
 
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
-from kdlora.losses import check_weight, renamed_argument, subnet_loss, task_loss
+from kdlora.losses import renamed_argument, subnet_loss, task_loss
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.models import check_tokenizer_fits, load_classifier, load_tokenizer
 from kdlora.modules.base import GLUEModule
-from kdlora.modules.mlfs import MLFSTraining, check_stage_epochs
+from kdlora.modules.mlfs import MLFSTraining, check_mlfs_arguments
 
 log = logging.getLogger(__name__)
 
@@ -157,17 +157,11 @@ class SuperTransformer(MLFSTraining, GLUEModule):
     ) -> None:
         renamed_argument("alpha", "distill_weight", "the weight of a subnet's distillation terms; its task loss gets 1 − distill_weight", alpha)
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
-        check_stage_epochs(stage_epochs)
-        check_weight("distill_weight", distill_weight)
-        if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
-            raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
+        sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
+                                            gradient_clip, sampler_seed)
         if base not in ("pretrained", "finetuned"):
             raise ValueError(f"base must be 'pretrained' or 'finetuned', got {base!r}")
-        if sampler_seed is None:
-            sampler_seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         self.save_hyperparameters(ignore=["alpha"])
-        # K+1 backward passes and one optimizer step per batch: done by hand.
-        self.automatic_optimization = False
 
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
         check_tokenizer_fits(model, load_tokenizer(model_name_or_path), model_name_or_path, model_name_or_path)
@@ -188,14 +182,12 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         self.palette_metrics = nn.ModuleList([
             nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in self.palette
         ])
-        self.palette_history: dict[tuple[int, int], list[dict]] = {}
 
     # ---- stages ----
     def setup(self, stage: str) -> None:
-        super().setup(stage)
+        super().setup(stage)  # every stage's adapters trainable (MLFSTraining)
         if stage != "fit":
             return
-        self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
         if self.hparams.importance_reorder and self.trainer.ckpt_path is None and not self._reorder_after_stage0():
             self._reorder_by_importance()
 
@@ -226,15 +218,6 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         if log_dir is not None:
             info = self._provenance(f"end of stage {self.stage}", self.current_epoch, self.global_step, self.stage, "dev")
             self._write_palette(rows, info, Path(log_dir), f"palette_stage{self.stage}")
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)  # the stage; never from non-finite weights
-        # The palette of every validation so far: the report at fit end shows the best checkpoint's.
-        checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)  # the stage (and a refusal of free projections)
-        self.palette_history = {(int(e), int(s)): rows for e, s, rows in checkpoint.get("kdlora_palette_history", [])}
 
     # ---- training ----
     def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
