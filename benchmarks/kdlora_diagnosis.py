@@ -22,23 +22,24 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdlora.callbacks import RESULTS_FILE, write_atomic  # noqa: E402
-from kdlora.sweep import DONE_MARKER, POINT_FILE  # noqa: E402
+from kdlora.callbacks import write_atomic  # noqa: E402
+from kdlora.report import find_runs  # noqa: E402
+from kdlora.sweep import POINT_FILE  # noqa: E402
 from kdlora.tasks import get_task  # noqa: E402
 
 
 def finished(root: Path) -> list[dict]:
-    """[{dir, overrides, held_out, dev, metrics}] of the finished runs under `root` (a dev score after fit)."""
+    """[{dir, overrides, held_out, dev, metrics}] of the finished runs under `root` with a dev score after
+    fit (`kdlora.report.find_runs`: crashed sweep attempts are left out)."""
+    if not root.exists():
+        return []
     runs = []
-    for path in sorted(root.rglob(RESULTS_FILE)):
-        results = json.loads(path.read_text())
+    for results in find_runs([root]):
         if "test" not in results or "val_best" not in results:
             continue
-        point = path.parent.parent / POINT_FILE
-        if point.is_file() and not (path.parent / DONE_MARKER).is_file():
-            continue  # a crashed sweep attempt
+        point = Path(results["dir"]).parent / POINT_FILE
         overrides = json.loads(point.read_text())["overrides"] if point.is_file() else {}
-        runs.append({"dir": str(path.parent), "overrides": overrides, "held_out": results["val_best"]["score"],
+        runs.append({"dir": results["dir"], "overrides": overrides, "held_out": results["val_best"]["score"],
                      "dev": results["test"]["score"], "metrics": results["test"],
                      "trainable": (results.get("parameters") or {}).get("trainable")})
     return runs
