@@ -159,12 +159,11 @@ def diverged_runs(runs: list[dict[str, Any]], split: str = "val_best") -> list[d
             for r in runs for reason in [divergence(r, split)] if reason]
 
 
-def median_of_top_k(values: Sequence[float], k: int = TOP_K) -> tuple[float, int]:
-    """(median of the k largest values, how many were used: k clipped to len(values))."""
+def best_k(ranked: Sequence[tuple[float, Any]], k: int = TOP_K) -> list[Any]:
+    """The items of the k highest-ranked (rank, item) pairs, best first; k clipped to how many there are."""
     if k < 1:
         raise ValueError(f"--top-k must be at least 1, got {k}")
-    top = sorted(values, reverse=True)[:k]
-    return statistics.median(top), len(top)
+    return [item for _, item in sorted(ranked, key=lambda pair: pair[0], reverse=True)[:k]]
 
 
 def columns(task: str, cell: dict[str, Any]) -> list[tuple[str, float]]:
@@ -194,14 +193,11 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
     for method, tasks in cells.items():
         row: dict[str, Any] = {}
         for task, ranked in tasks.items():
-            ranked = sorted(ranked, key=lambda rv: rv[0], reverse=True)
-            k = median_of_top_k([rank for rank, _ in ranked], top_k)[1]
-            results = [values for _, values in ranked]
-            top = results[:k]
+            top = best_k(ranked, top_k)
             score = statistics.median(r["score"] for r in top)
             names = get_task(task).metric_names()
             metrics = {m: 100 * statistics.median(r[m] for r in top if m in r) for m in names if any(m in r for r in top)}
-            row[task] = {"score": 100 * score, "metrics": metrics, "n": len(results), "k": k}
+            row[task] = {"score": 100 * score, "metrics": metrics, "n": len(ranked), "k": len(top)}
         row["average"] = _mean([v for task, cell in row.items() for _, v in columns(task, cell)])
         table[method] = row
     return table
