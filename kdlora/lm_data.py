@@ -377,6 +377,11 @@ class CausalLMDataModule(L.LightningDataModule):
         self._train_sampler = sampler
         return self._loader(self.datasets["train"], self.batch_size, sampler, ResumableDataLoader)
 
+    def importance_dataloader(self) -> DataLoader:
+        """Training blocks in a seeded shuffled order, for ranking importance (training data, never the held-out
+        files). Its own sampler: drawing from it leaves the training loader and its resume position as they are."""
+        return self._loader(self.datasets["train"], self.batch_size, ResumableShuffleSampler(self.datasets["train"], seed=self.seed))
+
     def _train_data(self) -> dict[str, Any]:
         return {"block_size": self.block_size, "batch_size": self.batch_size, "train_key": self.cache_key("train")}
 

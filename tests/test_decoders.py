@@ -152,8 +152,8 @@ def test_export_loads_as_a_causal_lm_that_generates_greedily(family, cfg, tmp_pa
 
 
 def test_importance_reordering_of_decoders(family):
-    """GPT-2: heads, neurons and hidden dimensions are reordered and the maxnet is unchanged. Llama's
-    grouped-query heads cannot be permuted one by one: a clear error."""
+    """Heads (Llama: in whole grouped-query groups), neurons and hidden dimensions are reordered, the
+    maxnet is unchanged and a reordered subnet still equals its export."""
     from kdlora.elastic.importance import reorder_by_importance
 
     encoder = trained_encoder(family)
@@ -164,10 +164,6 @@ def test_importance_reordering_of_decoders(family):
         mask = torch.ones_like(ids)
         mask[0, 6:] = 0
         batches.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    if family == "llama":
-        with pytest.raises(ValueError, match="grouped-query attention"):
-            reorder_by_importance(encoder, batches)
-        return
     inputs = make_inputs()
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
@@ -181,6 +177,23 @@ def test_importance_reordering_of_decoders(family):
     with torch.no_grad():
         torch.testing.assert_close(encoder(**inputs).logits[real], encoder.materialize(cfg)(**inputs).logits[real],
                                    atol=ATOL, rtol=0)
+
+
+def test_grouped_query_head_order_moves_whole_groups():
+    """Groups ranked by summed importance, heads within a group by their own (hand-computed); an order that
+    splits a key/value group is refused, naming the problem."""
+    from kdlora.elastic.importance import head_order
+
+    score = torch.tensor([1.0, 5.0, 2.0, 0.0, 0.0, 9.0])  # group sums 8 and 9: the second group first
+    assert head_order(score, group=3).tolist() == [5, 3, 4, 1, 2, 0]
+    assert head_order(score, group=1).tolist() == [5, 1, 2, 0, 3, 4]
+    encoder = trained_encoder("llama")
+    attention = encoder.layers[0].attention
+    assert attention.group == 2
+    with pytest.raises(ValueError, match="splits a group"):
+        attention.permute_heads(torch.tensor([0, 2, 1, 3]))
+    with pytest.raises(ValueError, match="permutation"):
+        attention.permute_heads(torch.tensor([0, 0, 1, 2]))
 
 
 def test_llama_with_tied_embeddings_slices_and_exports_tied():

@@ -262,3 +262,41 @@ def test_short_fit_lowers_the_loss_and_exports_causal_lms_that_generate(family, 
                 expected = torch.cat([expected, net.encoder(expected).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert torch.equal(generated, expected)
     net.encoder.reset_super_network()
+
+
+class ImportanceData(L.LightningDataModule):
+    def __init__(self, batches: list[dict]):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        return loader(self.batches)
+
+    def importance_dataloader(self):
+        return loader(self.batches)
+
+
+def test_importance_reorder_at_fit_start_permutes_whole_kv_groups_and_keeps_the_maxnet(tmp_path):
+    """`importance_reorder` ranks on the datamodule's importance batches before training: the same permutation
+    as `reorder_by_importance` applied by hand, the maxnet's logits unchanged; without such a datamodule, a
+    clear error."""
+    from kdlora.elastic.importance import reorder_by_importance
+
+    batches = [make_batch(seed=s) for s in range(2)]
+    net = module("llama", search_space=FIXED_SPACE, importance_reorder=True, importance_batches=2)
+    by_hand = module("llama", search_space=FIXED_SPACE)
+    probe = make_batch(seed=9)
+    with torch.no_grad():
+        before = by_hand.encoder(probe["input_ids"], probe["attention_mask"]).logits
+    orders = reorder_by_importance(by_hand.encoder, batches, num_batches=2)
+    assert any(o != sorted(o) for o in orders["heads"])
+    assert all(o[j] // 2 == o[j + 1] // 2 for o in orders["heads"] for j in (0, 2))  # 2 query heads per kv head
+    trainer(tmp_path, max_steps=0, limit_val_batches=0).fit(net, datamodule=ImportanceData(batches))
+    for (name, a), (_, b) in zip(net.encoder.state_dict().items(), by_hand.encoder.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+    net.encoder.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net.encoder(probe["input_ids"], probe["attention_mask"]).logits, before, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="importance_dataloader"):
+        trainer(tmp_path, max_steps=0, limit_val_batches=0).fit(
+            module("llama", search_space=FIXED_SPACE, importance_reorder=True), loader(batches))

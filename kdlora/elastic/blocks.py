@@ -359,14 +359,29 @@ class ElasticAttention(nn.Module):
         return [self.query, self.key, self.value]
 
     def permute_heads(self, order: torch.Tensor) -> None:
-        """Make head order[j] the new head j: its rows of every per-head projection, its output columns."""
-        if self.group > 1:
-            raise ValueError("permuting the heads of grouped-query attention is not supported")
-        d = self.head_dim
-        rows = (order[:, None] * d + torch.arange(d, device=order.device)[None, :]).reshape(-1)
-        for linear in self.head_rows():
-            linear.permute_outputs(rows)
-        self.output.permute_inputs(rows)
+        """Make head order[j] the new head j: its rows of every per-head projection, its output columns.
+
+        With grouped-query attention a query head must stay with the key/value head it reads, so `order`
+        must move whole groups: new heads j·group … (j+1)·group − 1 all come from one old group, which
+        becomes key/value head j (query heads may be reordered within it). Anything else: a ValueError.
+        """
+        d, g = self.head_dim, self.group
+        order = torch.as_tensor(order, device=self.query.base.weight.device)
+        heads = self.query.base.out_features // d
+        if sorted(order.tolist()) != list(range(heads)):
+            raise ValueError(f"a head order must be a permutation of the {heads} heads, got {order.tolist()}")
+        groups = order.view(-1, g) // g
+        if not bool((groups == groups[:, :1]).all()):
+            raise ValueError(f"grouped-query attention ({g} query heads per key/value head) can only move whole "
+                             f"groups of heads; order {order.tolist()} splits a group")
+
+        def rows(head_order: torch.Tensor) -> torch.Tensor:
+            return (head_order[:, None] * d + torch.arange(d, device=head_order.device)[None, :]).reshape(-1)
+
+        self.query.permute_outputs(rows(order))
+        self.output.permute_inputs(rows(order))
+        for linear in (self.key, self.value):
+            linear.permute_outputs(rows(groups[:, 0]))
 
     def hidden_axes(self, adapters: bool = True) -> Axes:
         axes = [a for linear in self.head_rows() for a in linear.input_axes(adapters)]

@@ -6,8 +6,9 @@ et al., 2019, as in DynaBERT). No mask is needed in the forward: with output pro
 derivative is ∂L/∂ξ = Σ (W_o ⊙ ∂L/∂W_o) over the columns the head/neuron feeds, per batch.
 
 Decoders rank on the next-token loss of their training batches (labels = input ids, -100 at padding).
-Grouped-query attention (Llama) shares key/value heads, so its heads cannot be permuted one by one:
-a ValueError. Use training batches only, never dev data. Permuting rows of Q/K/V (per head block), intermediate
+Grouped-query attention (Llama) shares key/value heads, so its heads move in whole groups: groups are
+ranked by the summed importance of their query heads, and heads by their own within a group (slices keep
+the leading query heads, hence the leading key/value heads). Use training batches only, never dev data. Permuting rows of Q/K/V (per head block), intermediate
 rows and the matching columns of the output projections (and LoRA A/B slices) leaves the maxnet's
 function unchanged. Reorder before training: optimizer state is not permuted.
 """
@@ -105,6 +106,18 @@ def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_b
     return head_score / seen, neuron_score / seen
 
 
+def head_order(score: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """Heads most important first; with `group` query heads per key/value head (grouped-query attention),
+    whole groups ranked by their summed score, and the heads within each group by their own. Stable:
+    ties keep the original order."""
+    if group == 1:
+        return torch.sort(score, descending=True, stable=True).indices
+    per_group = score.view(-1, group)
+    group_order = torch.sort(per_group.sum(-1), descending=True, stable=True).indices
+    within = torch.sort(per_group, dim=-1, descending=True, stable=True).indices
+    return (group_order[:, None] * group + within[group_order]).reshape(-1)
+
+
 @torch.no_grad()
 def permute_heads(encoder: ElasticEncoder, layer: int, order: torch.Tensor, permute_shared_bias: bool = True) -> None:
     """Make head order[j] of `layer` the new head j (Q/K/V rows, attention-output columns, adapters).
@@ -172,7 +185,8 @@ def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, datal
         if shared_bias:
             head_score = head_score.sum(0, keepdim=True).expand_as(head_score)
         # Stable sort: ties keep the original order (so an all-zero layer is left as it is).
-        head_orders = [torch.sort(s, descending=True, stable=True).indices for s in head_score]
+        groups = [encoder.layers[i].attention.group for i in range(len(head_score))]
+        head_orders = [head_order(s, g) for s, g in zip(head_score, groups)]
         neuron_orders = [torch.sort(s, descending=True, stable=True).indices for s in neuron_score]
         for layer, (ho, no) in enumerate(zip(head_orders, neuron_orders)):
             permute_heads(encoder, layer, ho, permute_shared_bias=(not shared_bias or layer == 0))

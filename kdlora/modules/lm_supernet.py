@@ -73,6 +73,10 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         distill_weight: α, the weight of a subnet's distillation terms (token KD + β·features); its LM loss gets 1 − α.
         beta, gamma, temperature, feature_dim: feature-term weight, gradient-scaling exponent, KD temperature, d_low.
         learning_rate, weight_decay, warmup_ratio, gradient_clip: AdamW per stage with linear warmup/decay.
+        importance_reorder, importance_batches, importance_hidden: before training, rank heads (grouped-query
+            attention: whole key/value groups), FFN neurons (and with importance_hidden the hidden dimensions)
+            on `importance_batches` training batches' next-token loss and permute the weights so every slice
+            keeps the most important ones (the maxnet's function is unchanged).
         export, export_dir: write every palette member as a causal LM at fit end (see `GLUEModule`).
     """
 
@@ -103,6 +107,9 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.06,
         gradient_clip: float = 1.0,
+        importance_reorder: bool = False,
+        importance_batches: int = 8,
+        importance_hidden: bool = False,
         export: bool = True,
         export_dir: Optional[str] = None,
     ) -> None:

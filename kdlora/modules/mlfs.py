@@ -147,6 +147,28 @@ class MLFSTraining:
 
     def before_stage_change(self, stage: int) -> None:
         """Called at the start of the first epoch of `stage`, before its optimizer is built (self.stage is the old one)."""
+        if self.hparams.importance_reorder and self.stage == 0 and self.reorder_after_stage0():
+            # Entering the first subnet stage from stage 0 (a run resumed later restores stage >= 1
+            # and its permuted weights, so this happens once, as in an uninterrupted run).
+            self.reorder_by_importance()
+
+    # ---- importance ordering (hparams importance_reorder, importance_batches, importance_hidden) ----
+    def reorder_after_stage0(self) -> bool:
+        """Whether importance is ranked on the stage-0 maxnet rather than before training (see `SuperTransformer`)."""
+        return False
+
+    def reorder_by_importance(self) -> None:
+        """Permute heads (grouped-query attention: whole groups), FFN neurons and, with importance_hidden, hidden
+        dimensions of the maxnet so that every slice keeps the most important ones (`kdlora.elastic.importance`),
+        ranked on the datamodule's `importance_dataloader` (training data)."""
+        from kdlora.elastic import importance
+
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "importance_dataloader"):
+            raise ValueError("importance_reorder needs a datamodule with an importance_dataloader (training batches): "
+                             "pass datamodule= to Trainer.fit")
+        importance.reorder_by_importance(self.encoder, datamodule.importance_dataloader(),
+                                         num_batches=self.hparams.importance_batches, hidden=self.hparams.importance_hidden)
 
     def on_train_epoch_start(self) -> None:
         stage = self.stage_for_epoch(self.current_epoch)
@@ -158,8 +180,11 @@ class MLFSTraining:
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        if stage == "fit":
-            self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
+        if stage != "fit":
+            return
+        self.make_every_stage_trainable()  # for DDP, which wraps the module right after this hook
+        if self.hparams.importance_reorder and self.trainer.ckpt_path is None and not self.reorder_after_stage0():
+            self.reorder_by_importance()  # a resumed run restores the permuted weights instead
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # never from non-finite weights

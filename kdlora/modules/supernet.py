@@ -184,29 +184,9 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         ])
 
     # ---- stages ----
-    def setup(self, stage: str) -> None:
-        super().setup(stage)  # every stage's adapters trainable (MLFSTraining)
-        if stage != "fit":
-            return
-        if self.hparams.importance_reorder and self.trainer.ckpt_path is None and not self._reorder_after_stage0():
-            self._reorder_by_importance()
-
-    def _reorder_after_stage0(self) -> bool:
-        """Whether importance is ranked on the stage-0 maxnet (a pretrained base's head is random before it)."""
+    def reorder_after_stage0(self) -> bool:
+        """Importance is ranked on the stage-0 maxnet when the base is pretrained: its head is random before it."""
         return self.hparams.base == "pretrained" and int(self.hparams.stage_epochs[0]) > 0
-
-    def _reorder_by_importance(self) -> None:
-        from kdlora.elastic import importance
-
-        loader = self.trainer.datamodule.importance_dataloader()
-        importance.reorder_by_importance(self.encoder, loader, num_batches=self.hparams.importance_batches,
-                                         hidden=self.hparams.importance_hidden)
-
-    def before_stage_change(self, stage: int) -> None:
-        if self.hparams.importance_reorder and self.stage == 0 and self._reorder_after_stage0():
-            # Entering the first subnet stage from stage 0 (a run resumed later restores stage >= 1
-            # and its permuted weights, so this happens once, as in an uninterrupted run).
-            self._reorder_by_importance()
 
     def on_train_epoch_end(self) -> None:
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
