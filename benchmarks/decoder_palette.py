@@ -105,6 +105,8 @@ def build_module(a, alone: bool):
                lora_targets=["query", "key", "value", "intermediate", "output"],
                num_subnets=a.num_subnets, sandwich=True, search_space=SEARCH_SPACE, palette=PALETTE if not alone else ["max", "min"],
                sampler_seed=a.seed, learning_rate=a.lr, warmup_ratio=0.06, export=not alone,
+               importance_reorder=a.importance_batches > 0, importance_batches=max(1, a.importance_batches),
+               beta=a.beta, feature_normalization=a.feature_normalization,
                export_dir=str(work / "mlfs" / "export") if not alone else None)
 
 
@@ -126,6 +128,7 @@ def cmd_train(a, alone: bool) -> None:
     record: dict = {"mode": name, "command": " ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]),
                     "model": a.model, "seed": a.seed, "block": a.block, "batch": a.batch, "steps": a.steps, "lr": a.lr,
                     "lora_r": a.lora_r, "num_subnets": a.num_subnets, "search_space": SEARCH_SPACE,
+                    "importance_batches": a.importance_batches, "beta": a.beta, "feature_normalization": a.feature_normalization,
                     "data": {"source": "<stdlib>/*.py", "files": {k: len(v) for k, v in dm.files.items()}, **dm.summary()},
                     "slice": slice_cfg.name, "curve": [], "palette_start": [], "palette_end": [], "threads": a.threads}
     t0 = time.time()
@@ -163,7 +166,7 @@ def cmd_train(a, alone: bool) -> None:
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         num_sanity_val_steps=0, default_root_dir=str(work / name), callbacks=[Curve()], log_every_n_steps=10)
-    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    trainer.fit(model, datamodule=dm)  # importance ordering (if any) ranks on dm.importance_dataloader() first
     if not record["curve"] or record["curve"][-1]["step"] != trainer.global_step:
         Curve().point(trainer.global_step)
     palette_rows("palette_end")
@@ -338,6 +341,14 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--cache-dir")
+        p.add_argument("--importance-batches", type=int, default=8,
+                       help="rank heads (whole key/value groups) and FFN neurons on this many training batches and "
+                            "slice the most important first (0: leading heads/neurons, no ordering)")
+        p.add_argument("--beta", type=float, default=0.1, help="weight of the feature term (paper 0.1)")
+        p.add_argument("--feature-normalization", default="none", choices=["none", "relative"],
+                       help="none: the paper's squared L2 feature loss; relative: divided by the maxnet feature's")
+        p.add_argument("--baseline-work", help="report: an earlier run's work folder (e.g. without importance "
+                                               "ordering) whose start/after-MLFS perplexities go beside this run's")
         p.add_argument("--prompt-tokens", type=int, default=32)
         p.add_argument("--new-tokens", type=int, default=33)
         p.add_argument("--rounds", type=int, default=5)

@@ -94,12 +94,23 @@ def orthonormal_projection(in_features: int, out_features: int) -> nn.Module:
     return orthogonal(nn.Linear(in_features, out_features, bias=False), orthogonal_map="cayley")
 
 
-def feature_loss(projected: torch.Tensor, target: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+FEATURE_NORMALIZATIONS = ("none", "relative")
+
+
+def feature_loss(projected: torch.Tensor, target: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 normalization: str = "none") -> torch.Tensor:
     """‖projected − target‖² summed over the last (projected) dimension, averaged over non-padding tokens.
 
     `projected`, `target`: [B, T, d]; `attention_mask`: [B, T] (1 = real token) or None (every token counts).
+    `normalization`: "none" (the paper's squared L2 norm) or "relative", each token's ‖projected − target‖²
+    divided by its ‖target‖² (+1e-6): scale-free, so a layer whose hidden states are large (decoders' residual
+    streams grow with depth to norms in the hundreds) cannot outweigh the rest of the objective.
     """
+    if normalization not in FEATURE_NORMALIZATIONS:
+        raise ValueError(f"feature normalization must be one of {FEATURE_NORMALIZATIONS}, got {normalization!r}")
     sq = (projected.float() - target.float()).pow(2).sum(-1)  # [B, T]
+    if normalization == "relative":
+        sq = sq / (target.float().pow(2).sum(-1) + 1e-6)
     if attention_mask is None:
         return sq.mean()
     mask = attention_mask.to(sq.dtype)
@@ -107,17 +118,17 @@ def feature_loss(projected: torch.Tensor, target: torch.Tensor, attention_mask: 
 
 
 def projected_feature_loss(sub_hidden: torch.Tensor, max_hidden: torch.Tensor, projection: torch.Tensor,
-                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           attention_mask: Optional[torch.Tensor] = None, normalization: str = "none") -> torch.Tensor:
     """MLFS feature term of one layer: `feature_loss` of U[:, :h_j]·h_j against sg(U)·sg(h_1).
 
     `projection` is U, [d_low, H] (the maxnet's, e.g. `orthonormal_projection(H, d_low).weight`); a
     subnet of hidden size h_j reads its first h_j columns. The target side is detached, so U learns
-    only through the subnet side.
+    only through the subnet side. `normalization`: as `feature_loss`.
     """
     h_sub = sub_hidden.shape[-1]
     projected = sub_hidden.float() @ projection[:, :h_sub].float().T
     target = max_hidden.detach().float() @ projection.detach().float().T
-    return feature_loss(projected, target, attention_mask)
+    return feature_loss(projected, target, attention_mask, normalization)
 
 
 def mlfs_objective(hard: torch.Tensor, soft: torch.Tensor, feature_losses: list[torch.Tensor], distill_weight: float,

@@ -128,17 +128,20 @@ def test_bad_arguments_fail_clearly():
         module("gpt2", stage_epochs=[1, 1])
     with pytest.raises(ValueError, match="distill_weight"):
         module("gpt2", distill_weight=1.5)
+    with pytest.raises(ValueError, match="feature_normalization must be one of"):
+        module("gpt2", feature_normalization="l2")
     # Llama's 2 query heads per key/value head: a default palette member of 3 heads cannot export, said before training.
     with pytest.raises(ValueError, match="h24-a3-f48-l0.2.3: a Llama export has hidden/head size = 3 heads"):
         module("llama")
     module("gpt2")  # GPT-2 has no such constraint
 
 
-@pytest.mark.parametrize("family", sorted(CONFIGS))
-def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(family, tmp_path):
-    """One real step; its gradient = [∇LM_1 + (n_1/n_j)^γ ∇((1−α)·LM_j + α·(KD + β·feat))] / 2, recomputed by hand."""
+@pytest.mark.parametrize("family,normalization", [(f, "none") for f in sorted(CONFIGS)] + [("llama", "relative")])
+def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(family, normalization, tmp_path):
+    """One real step; its gradient = [∇LM_1 + (n_1/n_j)^γ ∇((1−α)·LM_j + α·(KD + β·feat))] / 2, recomputed by hand
+    (feature_normalization "relative": each token's squared error over its projected maxnet feature's squared norm)."""
     kw = dict(stage_epochs=[0, 1, 0], num_subnets=1, sandwich=True, search_space=FIXED_SPACE, gamma=2.0,
-              gradient_clip=0.0, temperature=2.0)
+              gradient_clip=0.0, temperature=2.0, feature_normalization=normalization)
     batch = make_batch()
     rec = Recorder()
     trained = module(family, **kw)
@@ -173,7 +176,10 @@ def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(fami
     feats = 0.0
     for layer in range(4):  # the smallest subnet keeps every layer here
         U = ref.projections[str(layer)].weight
-        d = ((sub.hidden_states[layer] @ U[:, :16].T - out.hidden_states[layer].detach() @ U.detach().T) ** 2).sum(-1)
+        target = out.hidden_states[layer].detach() @ U.detach().T
+        d = ((sub.hidden_states[layer] @ U[:, :16].T - target) ** 2).sum(-1)
+        if normalization == "relative":
+            d = d / ((target ** 2).sum(-1) + 1e-6)
         feats = feats + (d * m).sum() / m.sum()
     loss_j = 0.1 * sub_total / sub_count + 0.9 * (kd_by_hand(sub.logits, out.logits.detach(), mask, 2.0) + 0.1 * feats)
     g_sub = torch.autograd.grad(loss_j, list(params.values()), allow_unused=True)

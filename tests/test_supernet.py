@@ -89,6 +89,15 @@ def test_loss_helpers_match_hand_computation():
             d = sum(U[k, i] * hs[b, t, i] for i in range(4)) - sum(U[k, i] * hm[b, t, i] for i in range(6))
             expected += float(d) ** 2 / 3
     assert projected_feature_loss(hs, hm, U, mask).item() == pytest.approx(expected, rel=1e-5)
+    # "relative": each token's squared error over the squared norm of its projected maxnet feature.
+    relative = 0.0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        target = [float(sum(U[k, i] * hm[b, t, i] for i in range(6))) for k in range(5)]
+        err = sum((float(sum(U[k, i] * hs[b, t, i] for i in range(4))) - target[k]) ** 2 for k in range(5))
+        relative += err / (sum(x * x for x in target) + 1e-6) / 3
+    assert projected_feature_loss(hs, hm, U, mask, "relative").item() == pytest.approx(relative, rel=1e-5)
+    with pytest.raises(ValueError, match="normalization"):
+        projected_feature_loss(hs, hm, U, mask, "l1")
     z, z1, y = torch.tensor([[1.0, -1.0], [0.5, 0.2]]), torch.tensor([[2.0, 0.0], [-1.0, 1.0]]), torch.tensor([0, 1])
     p1, pj = z1.softmax(-1), z.softmax(-1)
     kl = (p1 * (p1.log() - pj.log())).sum(-1).mean()

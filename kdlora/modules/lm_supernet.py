@@ -72,6 +72,8 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         num_subnets, sandwich, per_layer, search_space, palette, sampler_seed: as `SuperTransformer`.
         distill_weight: α, the weight of a subnet's distillation terms (token KD + β·features); its LM loss gets 1 − α.
         beta, gamma, temperature, feature_dim: feature-term weight, gradient-scaling exponent, KD temperature, d_low.
+        feature_normalization: "none" (the paper's squared L2 norm; a pretrained decoder's residual stream makes it
+            ~1e6 times the KD term) or "relative" (divided by the maxnet feature's squared norm, `kdlora.losses.feature_loss`).
         learning_rate, weight_decay, warmup_ratio, gradient_clip: AdamW per stage with linear warmup/decay.
         importance_reorder, importance_batches, importance_hidden: before training, rank heads (grouped-query
             attention: whole key/value groups), FFN neurons (and with importance_hidden the hidden dimensions)
@@ -100,6 +102,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         gamma: float = 2.0,
         temperature: float = 1.0,
         feature_dim: int = 128,
+        feature_normalization: str = "none",
         search_space: Optional[dict[str, Any] | str] = None,
         palette: Optional[list[Any]] = None,
         sampler_seed: Optional[int] = None,
@@ -115,7 +118,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
     ) -> None:
         super().__init__(learning_rate, weight_decay, warmup_ratio, export, export_dir)
         sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
-                                            gradient_clip, sampler_seed)
+                                            gradient_clip, sampler_seed, feature_normalization)
         self.save_hyperparameters()
         encoder = ElasticEncoder(load_causal_lm(model_name_or_path, model_config), lora_r, lora_alpha, lora_dropout,
                                  tuple(lora_targets))

@@ -30,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
 from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
-from kdlora.losses import check_weight, orthonormal_projection, projected_feature_loss
+from kdlora.losses import FEATURE_NORMALIZATIONS, check_weight, orthonormal_projection, projected_feature_loss
 from kdlora.modules.base import optimizer_groups
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,13 @@ def check_stage_epochs(stage_epochs) -> None:
 
 
 def check_mlfs_arguments(stage_epochs, distill_weight: float, beta: float, gamma: float, temperature: float,
-                         feature_dim: int, gradient_clip: float, sampler_seed: Optional[int]) -> int:
+                         feature_dim: int, gradient_clip: float, sampler_seed: Optional[int],
+                         feature_normalization: str = "none") -> int:
     """Check the MLFS arguments both super-transformers share; the sampler seed to use (the run's seed when None)."""
     check_stage_epochs(stage_epochs)
+    if feature_normalization not in FEATURE_NORMALIZATIONS:
+        raise ValueError(f"feature_normalization must be one of {FEATURE_NORMALIZATIONS} (none: the paper's squared "
+                         f"L2 norm; relative: divided by the maxnet feature's), got {feature_normalization!r}")
     check_weight("distill_weight", distill_weight)
     if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
         raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
@@ -254,7 +258,8 @@ class MLFSTraining:
             if want_features:
                 for l, h in zip(cfg.layers, sub.hidden_states):
                     if l in max_features:
-                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)].weight, mask))
+                        feature_losses.append(projected_feature_loss(h, max_features[l], self.projections[str(l)].weight, mask,
+                                                                     self.hparams.feature_normalization))
             loss, p = self.subnet_objective(sub.logits, max_logits, batch, feature_losses)
             self.check_finite_loss(loss, f"subnet {cfg.name} loss")
             scale = self.gradient_scale(cfg)

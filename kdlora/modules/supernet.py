@@ -93,6 +93,8 @@ class SuperTransformer(MLFSTraining, GLUEModule):
             norm summed over the d_low projected dimensions).
         gamma, temperature: gradient-scaling exponent, KD temperature.
         feature_dim: d_low, rows of the (orthonormal-row) feature projections U.
+        feature_normalization: "none" (the paper's squared L2 norm) or "relative" (each token's squared error
+            divided by the maxnet feature's squared norm; `kdlora.losses.feature_loss`).
         search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions, or a
             preset: "paper" (or {preset: paper, ...}), a minnet of ≈ 0.41 of the maxnet's parameters (README).
         palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.elastic.sampler.palette`).
@@ -137,6 +139,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         gamma: float = 2.0,
         temperature: float = 1.0,
         feature_dim: int = 128,
+        feature_normalization: str = "none",
         search_space: Optional[dict[str, Any] | str] = None,
         palette: Optional[list[Any]] = None,
         sampler_seed: Optional[int] = None,
@@ -158,7 +161,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         renamed_argument("alpha", "distill_weight", "the weight of a subnet's distillation terms; its task loss gets 1 − distill_weight", alpha)
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
         sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
-                                            gradient_clip, sampler_seed)
+                                            gradient_clip, sampler_seed, feature_normalization)
         if base not in ("pretrained", "finetuned"):
             raise ValueError(f"base must be 'pretrained' or 'finetuned', got {base!r}")
         self.save_hyperparameters(ignore=["alpha"])
