@@ -72,19 +72,29 @@ def latest_run(path: Path) -> Path:
     return finished[-1]
 
 
+def run_seed(run: Path) -> int | None:
+    """The seed_everything a finished run used (its saved config.yaml)."""
+    import yaml
+
+    config = run / "config.yaml"
+    return yaml.safe_load(config.read_text()).get("seed_everything") if config.is_file() else None
+
+
 def seeded(name: str, seed: int) -> str:
     """The run name of `name` at `seed` (the default seed 42 keeps the plain name)."""
     return name if seed == 42 else f"{name}-s{seed}"
 
 
 def seed_args(a) -> list[str]:
+    """The run seed; LightningCLI applies arguments in order, so this must come after every --config (whose
+    ``seed_everything`` would otherwise win)."""
     return ["--seed_everything", str(a.seed)]
 
 
 def cmd_mlfs(a) -> None:
     name = seeded(a.name, a.seed)
     out = RUNS / a.task / name
-    run_fit([*seed_args(a), "--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
+    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
              "--model.init_args.stage_palettes", "true", "--model.init_args.measure_latency", "false",
              "--model.init_args.export_dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
@@ -113,7 +123,7 @@ def cmd_student(a) -> None:
     if not (teacher / "config.json").is_file():
         raise FileNotFoundError(f"no FFT teacher at {teacher}: run `mlfs_palette.py fft --task {a.task}` first")
     name = seeded("kdlora-l3", a.seed)
-    run_fit([*seed_args(a), "--config", "configs/local/minilm-student.yaml", "--data.task", a.task, *scale_args(a),
+    run_fit(["--config", "configs/local/minilm-student.yaml", *seed_args(a), "--data.task", a.task, *scale_args(a),
              "--data.holdout_fraction", "0.1", "--model.init_args.teacher_path", str(teacher),
              "--model.init_args.teacher_cache_dir", str(RUNS / a.task / name / "teacher_targets"),
              "--model.init_args.export", "false", "--trainer.max_epochs", str(task_epochs(a.task)),
@@ -159,7 +169,7 @@ def cmd_alone(a) -> None:
     model_dir = RUNS / a.task / name / "model"
     export_pretrained_slice(a.member, a.pretrained, model_dir, a.task)
     epochs = task_epochs(a.task)
-    run_fit([*seed_args(a), "--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *scale_args(a),
+    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
              "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.palette", "[max]",
              "--model.init_args.stage_epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs),
              "--model.init_args.measure_latency", "false", "--model.init_args.export", "false",
@@ -353,13 +363,20 @@ def cmd_seeds(a) -> None:
     --runs and for the slices trained alone (`alone-<member>`, each member that has runs at every seed)."""
     import statistics
 
+    def final_rows(name: str, seed: int) -> dict[str, dict]:
+        run = latest_run(RUNS / a.task / seeded(name, seed))
+        ran_with = run_seed(run)
+        if ran_with != seed:
+            raise ValueError(f"{run} ran with seed_everything {ran_with}, not {seed} (a run made before the seed "
+                             "argument came after --config): move it away and run it again")
+        return rows_by_name(run / "palette_final.json")
+
     table, members = {}, None
     for name in a.runs:
         per_seed = {}
         for seed in a.seeds:
             try:
-                per_seed[seed] = {n: r["score"] for n, r in rows_by_name(latest_run(RUNS / a.task / seeded(name, seed)) /
-                                                                           "palette_final.json").items()}
+                per_seed[seed] = {n: r["score"] for n, r in final_rows(name, seed).items()}
             except FileNotFoundError:
                 pass
         if per_seed:
@@ -371,8 +388,7 @@ def cmd_seeds(a) -> None:
         per_seed = {}
         for seed in a.seeds:
             try:
-                per_seed[seed] = {m: next(iter(rows_by_name(latest_run(RUNS / a.task / seeded(f"alone-{m}", seed)) /
-                                                            "palette_final.json").values()))["score"]}
+                per_seed[seed] = {m: next(iter(final_rows(f"alone-{m}", seed).values()))["score"]}
             except (FileNotFoundError, StopIteration):
                 pass
         if per_seed:
