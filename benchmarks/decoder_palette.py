@@ -224,6 +224,15 @@ def cmd_latency(a) -> None:
     print(json.dumps(rows, indent=2))
 
 
+def variant_label(run: dict) -> str:
+    """What an MLFS run did differently: slice ordering and feature-loss normalization (older records: neither)."""
+    order = "importance-ordered" if run.get("importance_batches") else "leading heads/neurons"
+    norm = run.get("feature_normalization", "none")
+    loss = "paper loss (β 0.1, squared L2 features)" if norm == "none" and run.get("beta", 0.1) == 0.1 else \
+        f"β {run.get('beta', 0.1)}, {norm} features"
+    return f"{order}, {loss}"
+
+
 def cmd_report(a) -> None:
     import matplotlib
 
@@ -231,53 +240,69 @@ def cmd_report(a) -> None:
     import matplotlib.pyplot as plt
 
     work = Path(a.work)
-    mlfs = json.loads((work / "mlfs.json").read_text())
+    runs = [json.loads((work / "mlfs.json").read_text())]
+    for other in a.variants or []:
+        runs.append(json.loads((Path(other) / "mlfs.json").read_text()))
+    mlfs = runs[0]
+    labels = [variant_label(r) for r in runs]
     alone = json.loads((work / "alone.json").read_text()) if (work / "alone.json").is_file() else None
     latency = json.loads((work / "latency.json").read_text()) if (work / "latency.json").is_file() else None
     lat = {r["name"]: r for r in (latency or {}).get("rows", [])}
-    start = {r["name"]: r for r in mlfs["palette_start"]}
     out = Path(a.out)
     md = [f"# MLFS palette of SmolLM2-135M-Instruct on Python code (stdlib), CPU", ""]
     if a.notes and Path(a.notes).is_file():
         md += [Path(a.notes).read_text().strip(), ""]
-    md += ["## Commands", "", "```", mlfs["command"]]
+    md += ["## Commands", "", "```", *[r["command"] for r in runs]]
     if alone:
         md.append(alone["command"])
     if latency:
         md.append(latency["command"])
     md += [" ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]), "```", ""]
     d = mlfs["data"]
+    walls = "; ".join(f"MLFS ({lab}) {r['wall_s'] / 60:.1f} min, {r['threads']} thread(s)" for r, lab in zip(runs, labels))
     md += [f"Data: `{d['source']}`, {d['files']['train']} train / {d['files']['validation']} held-out files; "
            f"{d['train']['tokens']} training tokens ({mlfs['steps']} steps × batch {mlfs['batch']} × block {mlfs['block']}), "
            f"{d['validation']['tokens']} held-out tokens. Seed {mlfs['seed']}, one run each. LoRA r={mlfs['lora_r']}, "
-           f"lr {mlfs['lr']}, {mlfs['num_subnets']} subnet(s) per step besides the maxnet (sandwich). MLFS wall time "
-           f"{mlfs['wall_s'] / 60:.1f} min ({mlfs['threads']} threads)" + (f", alone {alone['wall_s'] / 60:.1f} min "
-           f"({alone['threads']} thread(s))" if alone else "") + ", on 2 cores shared with other jobs (and with each other for a while).", ""]
-    md += ["## Palette", "", "| member | role | parameters (exported) | ms / generated token | vs maxnet | held-out ppl, start (sliced, untrained) | after MLFS |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           f"lr {mlfs['lr']}, {mlfs['num_subnets']} subnet(s) per step besides the maxnet (sandwich). Wall time: {walls}"
+           + (f"; alone {alone['wall_s'] / 60:.1f} min, {alone['threads']} thread(s)" if alone else "")
+           + "; on 2 cores shared with other jobs.", ""]
+    md += ["MLFS runs: " + "; ".join(f"**({i + 1})** {lab}" for i, lab in enumerate(labels)) + ". "
+           + (f"Alone: {variant_label(alone).split(',')[0]}, LM loss only." if alone else ""), ""]
     max_lat = next((lat[r["name"]]["ms_per_token"] for r in mlfs["palette_start"] if r["role"] == "maxnet" and r["name"] in lat), None)
-    end = {r["name"]: r for r in mlfs["palette_end"]}
-    total_steps = mlfs["steps"]
-    if not mlfs["palette_end"]:
-        last = mlfs["curve"][-1]["step"] if mlfs["curve"] else 0
-        md.insert(md.index("## Palette") + 2, f"**The MLFS run was stopped at step {last} of {total_steps}** (the session's time "
-                  "limit): its end-of-run palette was never measured; the curve slice's value is its last curve point.\n")
+    head = ["member", "role", "parameters (exported)", "ms / generated token", "vs maxnet"]
+    for i, r in enumerate(runs):
+        head += [f"start ({i + 1})", f"after MLFS ({i + 1})"]
+    if alone:
+        head.append("alone, end")
+    md += ["## Palette: held-out perplexity", "", "Start: sliced, untrained. After MLFS: the end of the run "
+           "(a run stopped early: its curve slice's last point, marked with the step).", "",
+           "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    alone_end = {r["name"]: r["perplexity"] for r in (alone or {}).get("palette_end", [])}
+    if alone and alone.get("curve"):
+        alone_end.setdefault(alone["slice"], alone["curve"][-1]["perplexity"])
     table = []
     for r in mlfs["palette_start"]:
         l = lat.get(r["name"], {}).get("ms_per_token")
         exported = lat.get(r["name"], {}).get("params")
-        after = end.get(r["name"], {}).get("perplexity")
-        partial = None
-        if after is None and r["name"] == mlfs["slice"] and mlfs["curve"]:  # a stopped run: the slice's last point
-            after, partial = mlfs["curve"][-1]["perplexity"], mlfs["curve"][-1]["step"]
         row = {"name": r["name"], "role": r["role"], "params": r["params"], "exported_params": exported, "ms_per_token": l,
-               "perplexity_start": r["perplexity"], "perplexity_mlfs": after, "mlfs_steps": partial or mlfs["steps"]}
+               "runs": [], "alone": alone_end.get(r["name"])}
+        cells = []
+        for run in runs:
+            start = {x["name"]: x["perplexity"] for x in run["palette_start"]}.get(r["name"])
+            after = {x["name"]: x["perplexity"] for x in run["palette_end"]}.get(r["name"])
+            partial = None
+            if after is None and r["name"] == run["slice"] and run["curve"] and run["curve"][-1]["step"] < run["steps"]:
+                after, partial = run["curve"][-1]["perplexity"], run["curve"][-1]["step"]
+            row["runs"].append({"start": start, "after": after, "stopped_at_step": partial})
+            cells += ["–" if start is None else f"{start:.5g}",
+                      "not measured" if after is None else f"{after:.5g}" + (f" (step {partial} of {run['steps']})" if partial else "")]
         table.append(row)
         ratio = f"{l / max_lat:.2f}×" if l is not None and max_lat else "–"
         size = f"{r['params'] / 1e6:.1f}M" + (f" ({exported / 1e6:.1f}M)" if exported and exported != r["params"] else "")
-        md.append(f"| `{r['name']}` | {r['role']} | {size} | {'%.1f' % l if l is not None else '–'} | {ratio} | "
-                  f"{row['perplexity_start']:.5g} | {'%.5g' % after if after is not None else 'not measured'}"
-                  f"{f' (step {partial} of {total_steps})' if partial else ''} |")
+        line = [f"`{r['name']}`", r["role"], size, "%.1f" % l if l is not None else "–", ratio, *cells]
+        if alone:
+            line.append("–" if row["alone"] is None else f"{row['alone']:.5g}")
+        md.append("| " + " | ".join(line) + " |")
     if latency:
         md += ["", f"Latency: plain `LlamaForCausalLM` members ({latency.get('weights', 'the MLFS exports')}), greedy `generate` with the kv cache, batch 1, "
                    f"{latency['prompt_tokens']}-token held-out prompt, (t({latency['new_tokens']} new) − t(1 new)) / "
@@ -286,36 +311,40 @@ def cmd_report(a) -> None:
     md += ["", f"## Recovery curve of `{mlfs['slice']}`", "",
            "Held-out perplexity vs training tokens: MLFS (distilling from the maxnet, the slice is the sandwich's "
            "smallest subnet, trained every step) against the same slice trained alone (LM loss only).", "",
-           "| step | tokens | MLFS | alone |", "|---:|---:|---:|---:|"]
+           "| step | tokens | " + " | ".join(f"MLFS ({i + 1})" for i in range(len(runs))) + " | alone |",
+           "|---:|---:|" + "---:|" * (len(runs) + 1)]
     alone_curve = {p["step"]: p["perplexity"] for p in (alone or {}).get("curve", [])}
-    mlfs_curve = {p["step"]: p for p in mlfs["curve"]}
+    curves = [{p["step"]: p["perplexity"] for p in r["curve"]} for r in runs]
     curve = []
-    for step in sorted(set(mlfs_curve) | set(alone_curve)):
-        p = mlfs_curve.get(step, {"step": step, "tokens": step * mlfs["batch"] * mlfs["block"], "perplexity": None})
-        al = alone_curve.get(p["step"])
-        curve.append({"step": p["step"], "tokens": p["tokens"], "mlfs": p["perplexity"], "alone": al})
-        ml = p["perplexity"]
-        md.append(f"| {p['step']} | {p['tokens']} | {'%.5g' % ml if ml is not None else '(not reached)'} | {'%.5g' % al if al is not None else '–'} |")
+    for step in sorted(set(alone_curve).union(*curves)):
+        values = [c.get(step) for c in curves]
+        al = alone_curve.get(step)
+        curve.append({"step": step, "tokens": step * mlfs["batch"] * mlfs["block"], "mlfs": values, "alone": al})
+        md.append(f"| {step} | {step * mlfs['batch'] * mlfs['block']} | "
+                  + " | ".join("%.5g" % v if v is not None else "(not reached)" for v in values)
+                  + f" | {'%.5g' % al if al is not None else '–'} |")
     md += ["", f"![recovery curve]({out.name}_curve.png)", ""]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["tokens"] for p in mlfs["curve"]], [p["perplexity"] for p in mlfs["curve"]], "o-", label="MLFS (distilled from the maxnet)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (r, lab) in enumerate(zip(runs, labels)):
+        ax.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], "o-", label=f"MLFS ({i + 1}) {lab}")
     if alone:
-        ax.plot([p["tokens"] for p in alone["curve"]], [p["perplexity"] for p in alone["curve"]], "s--", label="alone (LM loss only)")
+        ax.plot([p["tokens"] for p in alone["curve"]], [p["perplexity"] for p in alone["curve"]], "s--",
+                label=f"alone ({variant_label(alone).split(',')[0]}), LM loss only")
     ax.set_yscale("log")
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("held-out perplexity")
-    ax.set_title(f"SmolLM2-135M slice {mlfs['slice']} on stdlib Python", fontsize=9)
-    ax.legend()
+    ax.set_title(f"SmolLM2-135M slice {mlfs['slice'][:40]}… on stdlib Python", fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     png = out.with_name(out.name + "_curve.png")
     tmp = png.with_name(f".{png.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     tmp.replace(png)
-    record = {"commands": [mlfs["command"], *([alone["command"]] if alone else []), *([latency["command"]] if latency else [])],
-              "data": d, "seed": mlfs["seed"], "steps": mlfs["steps"], "batch": mlfs["batch"], "block": mlfs["block"],
+    record = {"commands": [*[r["command"] for r in runs], *([alone["command"]] if alone else []), *([latency["command"]] if latency else [])],
+              "runs": labels, "data": d, "seed": mlfs["seed"], "steps": mlfs["steps"], "batch": mlfs["batch"], "block": mlfs["block"],
               "lr": mlfs["lr"], "lora_r": mlfs["lora_r"], "search_space": mlfs["search_space"], "palette": table,
               "curve_slice": mlfs["slice"], "curve": curve, "latency": latency,
-              "wall_s": {"mlfs": mlfs["wall_s"], "alone": alone["wall_s"] if alone else None}}
+              "wall_s": {"mlfs": [r["wall_s"] for r in runs], "alone": alone["wall_s"] if alone else None}}
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
@@ -347,8 +376,8 @@ def main(argv=None) -> int:
         p.add_argument("--beta", type=float, default=0.1, help="weight of the feature term (paper 0.1)")
         p.add_argument("--feature-normalization", default="none", choices=["none", "relative"],
                        help="none: the paper's squared L2 feature loss; relative: divided by the maxnet feature's")
-        p.add_argument("--baseline-work", help="report: an earlier run's work folder (e.g. without importance "
-                                               "ordering) whose start/after-MLFS perplexities go beside this run's")
+        p.add_argument("--variants", nargs="*", help="report: other MLFS runs' work folders (e.g. without importance "
+                                                     "ordering) whose palettes and curves go beside this run's")
         p.add_argument("--prompt-tokens", type=int, default=32)
         p.add_argument("--new-tokens", type=int, default=33)
         p.add_argument("--rounds", type=int, default=5)

@@ -9,12 +9,16 @@ Reads finished runs (nothing is trained here):
 each selected on its held-out 10 % of train and scored on dev after fit (`results.json` "test").
 
     python benchmarks/kdlora_diagnosis.py --tasks stsb cola --out benchmarks/results/minilm_kdlora_diagnosis
+    # the whole train set (configs/sweeps/*-diagnose-full.yaml, runs under runs/full/):
+    python benchmarks/kdlora_diagnosis.py --runs runs/full --tasks cola mrpc --out benchmarks/results/minilm_kdlora_diagnosis_full
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+import yaml
 import sys
 from pathlib import Path
 from typing import Optional
@@ -39,7 +43,10 @@ def finished(root: Path) -> list[dict]:
             continue
         point = Path(results["dir"]).parent / POINT_FILE
         overrides = json.loads(point.read_text())["overrides"] if point.is_file() else {}
+        config = Path(results["dir"]) / "config.yaml"
+        data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
         runs.append({"dir": results["dir"], "overrides": overrides, "held_out": results["val_best"]["score"],
+                     "train_samples": data.get("max_train_samples"),
                      "dev": results["test"]["score"], "metrics": results["test"],
                      "trainable": (results.get("parameters") or {}).get("trainable")})
     return runs
@@ -74,8 +81,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/kdlora_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = ["# KD-LoRA on MiniLM: where the student's gap to its teacher comes from", "",
           f"Made by `{command}` from finished runs (the docstring of `benchmarks/kdlora_diagnosis.py` lists the "
-          "commands). Every run: 2,000 training examples (a seeded subset of the 90 % of train not held out), "
-          "selection on the held-out 10 % of train, dev reported (GLUE score ×100: STS-B mean of Pearson and "
+          "commands). Every run: the training examples each table names (a seeded subset of the 90 % of train not "
+          "held out, or all of it), selection on the held-out 10 % of train, dev reported (GLUE score ×100: STS-B mean of Pearson and "
           "Spearman, CoLA MCC). Teacher all-MiniLM-L6-v2 (22.7M), student paraphrase-MiniLM-L3-v2 (17.4M), seed 42, "
           "one run per cell.", ""]
     if a.notes and Path(a.notes).is_file():
@@ -90,7 +97,9 @@ def main(argv=None) -> int:
         if teacher is None and not points:
             continue
         t_dev, s_dev = (teacher or {}).get("dev"), (student_fft or {}).get("dev")
-        md += [f"## {get_task(task).dir_name}", "",
+        sizes = {r.get("train_samples") for r in [teacher, student_fft, lora, *points] if r}
+        size = ", ".join("the whole 90 %" if n is None else f"{n:,}" for n in sorted(sizes, key=lambda n: n or 10 ** 9))
+        md += [f"## {get_task(task).dir_name}", "", f"Training examples: {size}.", "",
                f"FFT teacher (MiniLM-L6): **{pct(t_dev)}**. The student's own FFT (MiniLM-L3, best of its lr grid on "
                f"held-out): **{pct(s_dev)}** ({ratio(s_dev, t_dev)} of the teacher). LoRA on the teacher: "
                f"{pct((lora or {}).get('dev'))}.", "",
