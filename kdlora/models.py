@@ -96,6 +96,45 @@ def classifier_head_modules(model: PreTrainedModel) -> list[str]:
     return [n for n, _ in model.named_children() if n != base and n not in ("dropout",)]
 
 
+# A student head module whose teacher counterpart has another name: DistilBERT's pre_classifier is BERT's pooler.
+_TEACHER_HEAD_NAMES = {"pre_classifier": "{base}.pooler.dense"}
+
+
+@torch.no_grad()
+def copy_head_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, names: Sequence[str]) -> list[str]:
+    """Initialise the student's head parameters `names` (e.g. its newly initialised pooler and classifier)
+    with the fine-tuned teacher's: the same name (BERT/MiniLM pooler, RoBERTa ``classifier.dense``, DeBERTa
+    ``pooler.dense``, every ``classifier``), or BERT's pooler for DistilBERT's ``pre_classifier``, of the same
+    shape. A parameter without such a counterpart is a ValueError naming it. Returns the teacher names copied."""
+    t_params = dict(teacher.named_parameters())
+    s_params = dict(student.named_parameters())
+    base = getattr(teacher, "base_model_prefix", "")
+    copied, missing = [], []
+    for name in names:
+        module, leaf = name.rsplit(".", 1)
+        candidates = [name]
+        if module in _TEACHER_HEAD_NAMES:
+            candidates.append(f"{_TEACHER_HEAD_NAMES[module].format(base=base)}.{leaf}")
+        source = next((c for c in candidates if c in t_params and t_params[c].shape == s_params[name].shape), None)
+        if source is None:
+            missing.append(f"{name} {tuple(s_params[name].shape)}")
+            continue
+        s_params[name].copy_(t_params[source])
+        copied.append(source)
+    if missing:
+        raise ValueError(f"head_init='teacher': the teacher ({type(teacher).__name__}) has no weight of the same name "
+                         f"and shape for {', '.join(missing)}; use head_init='new'")
+    return copied
+
+
+def head_parameter_names(model: PreTrainedModel) -> list[str]:
+    """Every parameter of a sequence classifier's head modules (pooler-less heads, `classifier_head_modules`)
+    and of a pooler inside its base model."""
+    heads = tuple(classifier_head_modules(model))
+    base = getattr(model, "base_model_prefix", "")
+    return [n for n, _ in model.named_parameters() if n.split(".", 1)[0] in heads or n.startswith(f"{base}.pooler.")]
+
+
 # Which head modules train beside the LoRA adapters (`apply_lora(head=...)`).
 HEADS = ("new", "seq_cls")
 

@@ -278,3 +278,45 @@ def test_weights_missing_from_the_student_checkpoint_are_trainable(pair, tmp_pat
     assert any("classifier" in n and "modules_to_save" in n for n in trainable)
     frozen_base = [n for n, p in student.model.named_parameters() if not p.requires_grad]
     assert frozen_base and all("lora_" not in n for n in frozen_base)
+
+
+def test_head_init_teacher_starts_the_students_head_as_the_teachers(pair, tmp_path):
+    """head_init='teacher': the student's (missing) pooler and its classifier are the fine-tuned teacher's
+    weights, read back from the teacher's own files; DistilBERT's pre_classifier takes BERT's pooler; a head
+    whose shape the teacher lacks is an error naming the weight."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(str(pair["teacher"]))
+    t = dict(teacher.named_parameters())
+    student_dir = tmp_path / "no_pooler"
+    shutil.copytree(pair["student"], student_dir)
+    weights = load_file(student_dir / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, student_dir / "model.safetensors",
+              metadata={"format": "pt"})
+    default = KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc")
+    student = KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc", head_init="teacher")
+    for model, same in ((student, True), (default, False)):
+        s = {n.replace("base_model.model.", "").replace("modules_to_save.default.", ""): p
+             for n, p in model.model.named_parameters() if "original_module" not in n}
+        for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"):
+            if same or name.endswith("weight"):  # new biases start at zero in both
+                assert torch.equal(s[name], t[name]) is same, name
+    assert any("pooler.dense" in n and p.requires_grad for n, p in student.model.named_parameters())  # still trains
+
+    distil = make_tiny_model_dir(tmp_path / "distil", "distilbert", layers=2, seed=4)
+    d = KDLoRAStudent(str(distil), str(pair["teacher"]), "mrpc", head_init="teacher")
+    s = {n.replace("base_model.model.", "").replace("modules_to_save.default.", ""): p
+         for n, p in d.model.named_parameters() if "original_module" not in n}
+    assert torch.equal(s["pre_classifier.weight"], t["bert.pooler.dense.weight"])
+    assert torch.equal(s["classifier.bias"], t["classifier.bias"])
+
+    narrow = tmp_path / "narrow"
+    shutil.copytree(pair["student"], narrow, ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
+    config = BertConfig.from_pretrained(pair["student"])
+    config.hidden_size, config.intermediate_size = 16, 32
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(narrow)
+    with pytest.raises(ValueError, match=r"head_init='teacher'.*bert.pooler.dense.weight \(16, 16\)"):
+        KDLoRAStudent(str(narrow), str(pair["teacher"]), "mrpc", head_init="teacher")
+    with pytest.raises(ValueError, match="head_init must be"):
+        KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc", head_init="random")

@@ -16,6 +16,8 @@ from kdlora.losses import check_weight, distillation_loss, feature_loss, orthono
 from kdlora.models import (
     apply_lora,
     check_head,
+    copy_head_from_teacher,
+    head_parameter_names,
     check_tokenizer_fits,
     layer_dropped_copy,
     load_classifier,
@@ -123,6 +125,10 @@ class KDLoRAStudent(GLUEModule):
             ``classifier.out_proj``); newly initialised non-final layers (DistilBERT's ``pre_classifier``,
             a missing pooler) then stay frozen at their random init, loaded ones
             (or, with `student_layers`, the teacher's) at their loaded values.
+        head_init: ``new`` (the student checkpoint's head; weights it lacks, e.g. the classifier and a
+            pooler, newly initialised) or ``teacher``: the student's pooler and classifier start as copies
+            of the fine-tuned teacher's (same name and shape; DistilBERT's ``pre_classifier`` from BERT's
+            pooler), which `head` then trains or freezes as usual.
         task_weight: weight of the task loss; ``1 − task_weight`` weighs the distillation term (paper: 0.5).
         temperature: softmax temperature of the KD term (classification).
         teacher_targets: ``online`` (teacher runs on every batch) or ``cached`` (teacher logits computed
@@ -149,6 +155,7 @@ class KDLoRAStudent(GLUEModule):
         lora_dropout: float = 0.1,
         lora_targets: Optional[list[str]] = None,
         head: str = "new",
+        head_init: str = "new",
         task_weight: float = 0.5,
         temperature: float = 2.0,
         teacher_targets: Literal["online", "cached"] = "online",
@@ -169,6 +176,11 @@ class KDLoRAStudent(GLUEModule):
             raise ValueError("teacher_path is required: an exported Teacher directory or a Teacher .ckpt")
         check_weight("task_weight", task_weight)
         check_head(head)
+        if head_init not in ("new", "teacher"):
+            raise ValueError(f"head_init must be 'new' (the student's own or newly initialised head) or 'teacher' "
+                             f"(copied from the fine-tuned teacher), got {head_init!r}")
+        if head_init == "teacher" and student_layers:
+            raise ValueError("head_init='teacher' with student_layers: a layer-dropped copy already has the teacher's head")
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if teacher_targets not in ("online", "cached"):
@@ -194,6 +206,8 @@ class KDLoRAStudent(GLUEModule):
         else:
             model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
             check_tokenizer_fits(model, student_tokenizer, model_name_or_path, model_name_or_path)
+            if head_init == "teacher":
+                copy_head_from_teacher(model, teacher, head_parameter_names(model))
         # Newly initialised weights (classifier, a pooler the checkpoint lacks) train with the adapters (head: new).
         model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights), head)
         self.model: nn.Module = model.train()  # transformers returns eval-mode models
