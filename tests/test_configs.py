@@ -119,7 +119,7 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
 @pytest.mark.parametrize("sweep_file", SWEEPS, ids=lambda f: f.name)
 def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, parse, monkeypatch):
     """Each point's command (base config + overrides + its logger directory) is one the CLI accepts,
-    with the override applied, under runs/<family>/<task>/<method>/sweep/<point id>, and no export."""
+    with the override applied, under runs/[<group>/]<family>/<task>/<method>/sweep/<point id>, and no export."""
     from kdlora import sweep
 
     monkeypatch.chdir(REPO)
@@ -133,7 +133,10 @@ def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, par
         command = sweep.train_command(s, task, point, version=0)
         fit = parse(*command[command.index("fit") + 1:])
         logger = fit.trainer.logger.init_args
-        assert (logger.save_dir, logger.name, logger.version) == (f"runs/{family}/{task}/{method}/sweep", sweep.point_id(point), 0)
+        # runs/[<group>/]<family>/<task>/<method>/sweep: a group (e.g. runs/full/) keeps variants of a study apart
+        assert logger.save_dir.startswith("runs/") and logger.save_dir.endswith(f"{family}/{task}/{method}/sweep")
+        assert logger.save_dir.count("/") <= 6
+        assert (logger.name, logger.version) == (sweep.point_id(point), 0)
         assert fit.model.init_args.export is False
         for key, value in point.items():
             node = fit
