@@ -262,8 +262,8 @@ def test_feature_projections_stay_orthonormal_under_the_modules_own_optimizer(pa
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.student_projections.parameters())
 
 
-def test_weights_missing_from_the_student_checkpoint_are_trainable(pair, tmp_path):
-    # Like paraphrase-MiniLM-L3-v2, which ships without a pooler: it must train, not stay random.
+def student_without_pooler(pair, tmp_path):
+    """The tiny student saved without its pooler, like paraphrase-MiniLM-L3-v2."""
     from safetensors.torch import load_file, save_file
 
     student_dir = tmp_path / "no_pooler"
@@ -271,6 +271,12 @@ def test_weights_missing_from_the_student_checkpoint_are_trainable(pair, tmp_pat
     weights = load_file(student_dir / "model.safetensors")
     save_file({k: v for k, v in weights.items() if ".pooler." not in k}, student_dir / "model.safetensors",
               metadata={"format": "pt"})
+    return student_dir
+
+
+def test_weights_missing_from_the_student_checkpoint_are_trainable(pair, tmp_path):
+    # Like paraphrase-MiniLM-L3-v2, which ships without a pooler: it must train, not stay random.
+    student_dir = student_without_pooler(pair, tmp_path)
     student = KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc")
     assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(student.newly_initialised)
     trainable = {n for n, p in student.model.named_parameters() if p.requires_grad}
@@ -284,16 +290,11 @@ def test_head_init_teacher_starts_the_students_head_as_the_teachers(pair, tmp_pa
     """head_init='teacher': the student's (missing) pooler and its classifier are the fine-tuned teacher's
     weights, read back from the teacher's own files; DistilBERT's pre_classifier takes BERT's pooler; a head
     whose shape the teacher lacks is an error naming the weight."""
-    from safetensors.torch import load_file, save_file
     from transformers import BertConfig
 
     teacher = AutoModelForSequenceClassification.from_pretrained(str(pair["teacher"]))
     t = dict(teacher.named_parameters())
-    student_dir = tmp_path / "no_pooler"
-    shutil.copytree(pair["student"], student_dir)
-    weights = load_file(student_dir / "model.safetensors")
-    save_file({k: v for k, v in weights.items() if ".pooler." not in k}, student_dir / "model.safetensors",
-              metadata={"format": "pt"})
+    student_dir = student_without_pooler(pair, tmp_path)
     default = KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc")
     student = KDLoRAStudent(str(student_dir), str(pair["teacher"]), "mrpc", head_init="teacher")
     for model, same in ((student, True), (default, False)):
