@@ -159,8 +159,13 @@ def test_permuting_heads_and_neurons_keeps_the_function():
         ffn.permute_neurons(torch.randperm(24))
         torch.testing.assert_close(block(x, mask), before[0], atol=1e-5, rtol=0)
         torch.testing.assert_close(ffn(x), before[1], atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="grouped-query"):
-        attention(4, 2).permute_heads(torch.arange(4))
+    grouped = attention(4, 2).eval()  # 2 query heads per key/value head: whole groups move, with their kv head
+    with torch.no_grad():
+        before = grouped(x, mask)
+        grouped.permute_heads(torch.tensor([3, 2, 0, 1]))
+        torch.testing.assert_close(grouped(x, mask), before, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="grouped-query.*splits a group"):
+        grouped.permute_heads(torch.tensor([0, 2, 1, 3]))
 
 
 def test_swiglu_ffn_on_the_leading_neurons():
