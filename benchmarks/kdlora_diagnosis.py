@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import yaml
 import sys
 from pathlib import Path
 from typing import Optional
@@ -27,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.report import find_runs  # noqa: E402
+from kdlora.report import find_runs, saved_config  # noqa: E402
 from kdlora.sweep import POINT_FILE  # noqa: E402
 from kdlora.tasks import get_task  # noqa: E402
 
@@ -43,8 +41,7 @@ def finished(root: Path) -> list[dict]:
             continue
         point = Path(results["dir"]).parent / POINT_FILE
         overrides = json.loads(point.read_text())["overrides"] if point.is_file() else {}
-        config = Path(results["dir"]) / "config.yaml"
-        data = (yaml.safe_load(config.read_text()) or {}).get("data", {}) if config.is_file() else {}
+        data = saved_config(results["dir"]).get("data") or {}
         runs.append({"dir": results["dir"], "overrides": overrides, "held_out": results["val_best"]["score"],
                      "train_samples": data.get("max_train_samples"),
                      "dev": results["test"]["score"], "metrics": results["test"],

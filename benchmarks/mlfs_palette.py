@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kdlora.callbacks import write_atomic  # noqa: E402
+from kdlora.report import saved_config  # noqa: E402
 
 CONFIG = "configs/local/minilm-supernet-paper.yaml"
 RUNS = Path("runs/mlfs_palette")
@@ -70,14 +71,6 @@ def latest_run(path: Path) -> Path:
     if not finished:
         raise FileNotFoundError(f"no finished run under {path}")
     return finished[-1]
-
-
-def run_seed(run: Path) -> int | None:
-    """The seed_everything a finished run used (its saved config.yaml)."""
-    import yaml
-
-    config = run / "config.yaml"
-    return yaml.safe_load(config.read_text()).get("seed_everything") if config.is_file() else None
 
 
 def seeded(name: str, seed: int) -> str:
@@ -365,7 +358,7 @@ def cmd_seeds(a) -> None:
 
     def final_rows(name: str, seed: int) -> dict[str, dict]:
         run = latest_run(RUNS / a.task / seeded(name, seed))
-        ran_with = run_seed(run)
+        ran_with = saved_config(run).get("seed_everything")
         if ran_with != seed:
             raise ValueError(f"{run} ran with seed_everything {ran_with}, not {seed} (a run made before the seed "
                              "argument came after --config): move it away and run it again")

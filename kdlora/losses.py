@@ -97,6 +97,12 @@ def orthonormal_projection(in_features: int, out_features: int) -> nn.Module:
 FEATURE_NORMALIZATIONS = ("none", "relative")
 
 
+def check_feature_normalization(value: str, name: str = "feature_normalization") -> None:
+    if value not in FEATURE_NORMALIZATIONS:
+        raise ValueError(f"{name} must be one of {FEATURE_NORMALIZATIONS} (none: the paper's squared L2 norm; "
+                         f"relative: divided by the target feature's squared norm), got {value!r}")
+
+
 def feature_loss(projected: torch.Tensor, target: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                  normalization: str = "none") -> torch.Tensor:
     """‖projected − target‖² summed over the last (projected) dimension, averaged over non-padding tokens.
@@ -106,8 +112,7 @@ def feature_loss(projected: torch.Tensor, target: torch.Tensor, attention_mask: 
     divided by its ‖target‖² (+1e-6): scale-free, so a layer whose hidden states are large (decoders' residual
     streams grow with depth to norms in the hundreds) cannot outweigh the rest of the objective.
     """
-    if normalization not in FEATURE_NORMALIZATIONS:
-        raise ValueError(f"feature normalization must be one of {FEATURE_NORMALIZATIONS}, got {normalization!r}")
+    check_feature_normalization(normalization, "feature normalization")
     sq = (projected.float() - target.float()).pow(2).sum(-1)  # [B, T]
     if normalization == "relative":
         sq = sq / (target.float().pow(2).sum(-1) + 1e-6)

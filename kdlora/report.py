@@ -92,14 +92,21 @@ def read_results(path: Path) -> dict[str, Any]:
     return results
 
 
+def saved_config(run_dir: str | Path) -> dict[str, Any]:
+    """The full config LightningCLI saved in a run directory (``config.yaml``), or {} if there is none."""
+    import yaml
+
+    config_file = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+
+
 def results_from_tensorboard(run_dir: Path) -> Optional[dict[str, Any]]:
     """A results dict (run identity, best/last validation metrics) from a TensorBoard run directory."""
     import yaml
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     hparams = yaml.safe_load((run_dir / "hparams.yaml").read_text()) or {}
-    config_file = run_dir / "config.yaml"  # the CLI's full config names the module's class
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    config = saved_config(run_dir)  # the CLI's full config names the module's class
     model = (config or {}).get("model") or {}
     if isinstance(model, dict) and model.get("class_path"):
         module = str(model["class_path"]).rsplit(".", 1)[-1]

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -236,11 +235,8 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         final_info = self._provenance("end of fit", final_epoch, self.global_step, self.stage)
         rows, info = final_rows, final_info
         if best and Path(best).is_file():
-            checkpoint = torch.load(best, map_location=self.device, weights_only=True)
-            self.load_state_dict(checkpoint["state_dict"])
-            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
-            weights = os.path.relpath(best, log_dir) if log_dir is not None else str(best)
-            info = self._provenance(weights, epoch, step, int(checkpoint.get("kdlora_mlfs_stage", 0)))
+            epoch, step, stage, weights = self.restore_checkpoint(best, log_dir)
+            info = self._provenance(weights, epoch, step, stage)
             rows = self.palette_history.get((epoch, step))
             if rows is None:  # a checkpoint of an earlier run (resumed): measure it now
                 rows = self.evaluate_palette()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
@@ -30,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
 from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
-from kdlora.losses import FEATURE_NORMALIZATIONS, check_weight, orthonormal_projection, projected_feature_loss
+from kdlora.losses import check_feature_normalization, check_weight, orthonormal_projection, projected_feature_loss
 from kdlora.modules.base import optimizer_groups
 
 log = logging.getLogger(__name__)
@@ -48,9 +49,7 @@ def check_mlfs_arguments(stage_epochs, distill_weight: float, beta: float, gamma
                          feature_normalization: str = "none") -> int:
     """Check the MLFS arguments both super-transformers share; the sampler seed to use (the run's seed when None)."""
     check_stage_epochs(stage_epochs)
-    if feature_normalization not in FEATURE_NORMALIZATIONS:
-        raise ValueError(f"feature_normalization must be one of {FEATURE_NORMALIZATIONS} (none: the paper's squared "
-                         f"L2 norm; relative: divided by the maxnet feature's), got {feature_normalization!r}")
+    check_feature_normalization(feature_normalization)
     check_weight("distill_weight", distill_weight)
     if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
         raise ValueError("need beta >= 0, gamma >= 0, temperature > 0, feature_dim >= 1, gradient_clip >= 0")
@@ -194,6 +193,14 @@ class MLFSTraining:
         super().on_save_checkpoint(checkpoint)  # never from non-finite weights
         checkpoint["kdlora_mlfs_stage"] = self.stage
         checkpoint["kdlora_palette_history"] = [[epoch, step, rows] for (epoch, step), rows in self.palette_history.items()]
+
+    def restore_checkpoint(self, path: str | Path, log_dir: Optional[str]) -> tuple[Optional[int], Optional[int], int, str]:
+        """Load a checkpoint's weights into this module (fit-end selection); its (epoch, step, MLFS stage,
+        path relative to `log_dir`, as the palette report names it)."""
+        checkpoint = torch.load(path, map_location=self.device, weights_only=True)
+        self.load_state_dict(checkpoint["state_dict"])
+        weights = os.path.relpath(path, log_dir) if log_dir is not None else str(path)
+        return checkpoint.get("epoch"), checkpoint.get("global_step"), int(checkpoint.get("kdlora_mlfs_stage", 0)), weights
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         free = [k for k in checkpoint.get("state_dict", {}) if k.startswith("projections.") and ".parametrizations." not in k]

@@ -44,7 +44,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -315,11 +314,8 @@ class SuperTransformer(MLFSTraining, GLUEModule):
             final_rows = self.palette_history[last] if final_epoch is not None else None
         rows, info = final_rows, final_info
         if best and Path(best).is_file():
-            checkpoint = torch.load(best, map_location=self.device, weights_only=True)
-            self.load_state_dict(checkpoint["state_dict"])
-            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
-            weights = os.path.relpath(best, log_dir) if log_dir is not None else str(best)
-            info = self._provenance(weights, epoch, step, int(checkpoint.get("kdlora_mlfs_stage", 0)), "dev" if held_out else val_split)
+            epoch, step, stage, weights = self.restore_checkpoint(best, log_dir)
+            info = self._provenance(weights, epoch, step, stage, "dev" if held_out else val_split)
             rows = self.evaluate_palette_on_dev() if held_out else self.palette_history.get((epoch, step))
             selection = self.palette_history.get((epoch, step))
             if selection:
