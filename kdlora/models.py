@@ -101,15 +101,15 @@ _TEACHER_HEAD_NAMES = {"pre_classifier": "{base}.pooler.dense"}
 
 
 @torch.no_grad()
-def copy_head_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, names: Sequence[str]) -> list[str]:
+def copy_head_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, names: Sequence[str]) -> None:
     """Initialise the student's head parameters `names` (e.g. its newly initialised pooler and classifier)
     with the fine-tuned teacher's: the same name (BERT/MiniLM pooler, RoBERTa ``classifier.dense``, DeBERTa
     ``pooler.dense``, every ``classifier``), or BERT's pooler for DistilBERT's ``pre_classifier``, of the same
-    shape. A parameter without such a counterpart is a ValueError naming it. Returns the teacher names copied."""
+    shape. A parameter without such a counterpart is a ValueError naming it (and nothing is copied)."""
     t_params = dict(teacher.named_parameters())
     s_params = dict(student.named_parameters())
     base = getattr(teacher, "base_model_prefix", "")
-    copied, missing = [], []
+    sources, missing = {}, []
     for name in names:
         module, leaf = name.rsplit(".", 1)
         candidates = [name]
@@ -119,12 +119,12 @@ def copy_head_from_teacher(student: PreTrainedModel, teacher: PreTrainedModel, n
         if source is None:
             missing.append(f"{name} {tuple(s_params[name].shape)}")
             continue
-        s_params[name].copy_(t_params[source])
-        copied.append(source)
+        sources[name] = source
     if missing:
         raise ValueError(f"head_init='teacher': the teacher ({type(teacher).__name__}) has no weight of the same name "
                          f"and shape for {', '.join(missing)}; use head_init='new'")
-    return copied
+    for name, source in sources.items():
+        s_params[name].copy_(t_params[source])
 
 
 def head_parameter_names(model: PreTrainedModel) -> list[str]:

@@ -16,9 +16,9 @@ from kdlora.losses import check_weight, distillation_loss, feature_loss, orthono
 from kdlora.models import (
     apply_lora,
     check_head,
+    check_tokenizer_fits,
     copy_head_from_teacher,
     head_parameter_names,
-    check_tokenizer_fits,
     layer_dropped_copy,
     load_classifier,
     load_tokenizer,
