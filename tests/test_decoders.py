@@ -235,3 +235,41 @@ def test_llama_whose_config_and_weights_disagree_on_tying_is_refused():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied by hand
     with pytest.raises(ValueError, match="tie_word_embeddings is True but the LM head is not the word embedding table"):
         ElasticEncoder(model)
+
+
+@pytest.mark.parametrize("heads", [3, (6, 3)])
+def test_llama_export_keeps_the_subnets_own_heads(heads):
+    """A Llama config carries its head size, so a subnet with fewer heads exports with that many (and whole
+    key/value groups), not zero-padded to hidden/head size: the export's parameter count is the subnet's
+    (layers that differ in heads pad to the widest one), its logits and greedy tokens are the sliced supernet's."""
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=4, num_attention_heads=6,
+                         num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    encoder = ElasticEncoder(LlamaForCausalLM(config).eval(), lora_r=4, lora_targets=ROLES).eval()
+    encoder.add_lora_stage()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for stage in encoder.lora.values():
+            for B in stage.B:
+                B.normal_(0, 0.2)
+    cfg = SubnetConfig(48, heads, 32, (0, 3))
+    encoder.set_sub_network(cfg)
+    plain = encoder.materialize(cfg)
+    widest = max(cfg.heads_per_layer())
+    assert (plain.config.num_attention_heads, plain.config.num_key_value_heads, plain.config.head_dim) == (widest, widest // 3, 8)
+    assert plain.model.layers[0].self_attn.q_proj.weight.shape == (widest * 8, 48)
+    assert plain.model.layers[0].self_attn.o_proj.weight.shape == (48, widest * 8)
+    padding = sum(2 * 48 * (widest - h) * 8 + 2 * 48 * (widest - h) // 3 * 8 for h in cfg.heads_per_layer())  # q, o + k, v
+    assert sum(p.numel() for p in plain.parameters()) == encoder.parameter_count(cfg) + padding
+    assert plain.config == encoder.export_config(cfg)
+    inputs = make_inputs()
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(**inputs).logits[real], plain(**inputs).logits[real], atol=ATOL, rtol=0)
+    prompt = inputs["input_ids"][:1, :4]
+    with torch.no_grad():
+        ids = prompt
+        for _ in range(3):  # greedy from the sliced supernet, one token at a time
+            ids = torch.cat([ids, encoder(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+        torch.testing.assert_close(plain.generate(prompt, max_new_tokens=3, do_sample=False), ids)

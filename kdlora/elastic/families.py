@@ -108,15 +108,21 @@ class Family:
     layout: Optional[Callable[[PreTrainedModel], Layout]] = None  # None: peft LoRA only, not elastic
     model_class: str = "ForSequenceClassification"  # how the elastic model's class name ends
     export_config: Callable[[PretrainedConfig, SubnetConfig, int], None] = _bert_style_export
+    # Families whose config carries the head size (attention width need not be the hidden size): how the padded
+    # export config (hidden/head-size heads) shrinks to the subnet's own heads; None: exports keep padded heads.
+    compact_heads: Optional[Callable[[PretrainedConfig, SubnetConfig], None]] = None
 
     @property
     def default_lora_targets(self) -> tuple[str, ...]:
         return self.lora_targets or (self.module_names["query"], self.module_names["value"])
 
-    def subnet_config(self, config: PretrainedConfig, cfg: SubnetConfig, head_dim: int) -> PretrainedConfig:
-        """The Hugging Face config of the plain model that subnet `cfg` exports to."""
+    def subnet_config(self, config: PretrainedConfig, cfg: SubnetConfig, head_dim: int, padded: bool = False) -> PretrainedConfig:
+        """The Hugging Face config of the plain model that subnet `cfg` exports to; padded=True: with
+        hidden/head-size heads (fewer heads zero-padded), the shape the elastic blocks write into."""
         new = copy.deepcopy(config)
         self.export_config(new, cfg, head_dim)
+        if self.compact_heads is not None and not padded:
+            self.compact_heads(new, cfg)
         return new
 
 
@@ -270,6 +276,13 @@ def _llama_export(config: PretrainedConfig, cfg: SubnetConfig, head_dim: int) ->
     config.head_dim = head_dim
 
 
+def _llama_compact_heads(config: PretrainedConfig, cfg: SubnetConfig) -> None:
+    # o_proj maps heads × head_dim to hidden, so a Llama export needs only its widest layer's heads.
+    group = config.num_attention_heads // config.num_key_value_heads
+    config.num_attention_heads = max(cfg.heads_per_layer())
+    config.num_key_value_heads = config.num_attention_heads // group
+
+
 def _gpt2(model: PreTrainedModel) -> Layout:
     """GPT-2: Conv1D projections ([in, out] weights, read through `ConvView`), one fused c_attn whose
     query/key/value column blocks are three projections (each with its own LoRA), learned positions,
@@ -314,7 +327,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            layout=_deberta_v2, export_config=_deberta_v2_export),
     Family(model_type="llama", module_names={"query": "q_proj", "key": "k_proj", "value": "v_proj",
                                              "attention_output": "o_proj", "intermediate": "up_proj", "output": "down_proj"},
-           layout=_llama, model_class="ForCausalLM", export_config=_llama_export),
+           layout=_llama, model_class="ForCausalLM", export_config=_llama_export, compact_heads=_llama_compact_heads),
     # GPT-2's attention and FFN output projections are both `c_proj`: the elastic names say which.
     Family(model_type="gpt2", module_names={"query": "c_attn.query", "key": "c_attn.key", "value": "c_attn.value",
                                             "attention_output": "attn.c_proj", "intermediate": "mlp.c_fc",

@@ -299,13 +299,16 @@ class ElasticEncoder(nn.Module):
 
         Cached per config until any parameter changes; treat the result as read-only (deepcopy it
         to modify). Layers with fewer heads/FFN neurons than the widest kept layer are zero-padded
-        (exact: padded heads and neurons contribute nothing).
+        (exact: padded heads and neurons contribute nothing). BERT-style exports also pad every layer
+        to hidden/head-size heads (their attention width must be the hidden size); Llama exports keep
+        the subnet's own heads (their config carries the head size).
         """
         key = (cfg, self._fingerprint())
         if key in self._materialized:
             self._materialized.move_to_end(key)
             return self._materialized[key]
-        new_config = self.export_config(cfg)
+        cfg.validate(self._max)
+        new_config = self._family.subnet_config(self.model.config, cfg, self._head_dim, padded=True)
         weight = self.model.get_input_embeddings().weight
         plain = type(self.model)(new_config).to(device=weight.device, dtype=weight.dtype)
         target = ElasticEncoder(plain, lora_targets=self.lora_targets)  # the same blocks over the plain model
@@ -319,7 +322,8 @@ class ElasticEncoder(nn.Module):
             assigned.add(param.untyped_storage().data_ptr())
 
         with self._sized_as(cfg):
-            # The export has hidden/head-size heads in every layer (padded ones included), each with its bias column.
+            # Written with hidden/head-size heads in every layer (padded ones included), each with its bias column;
+            # a family whose config carries the head size then drops the padded heads (_drop_padded_heads).
             self.attention_inputs.set_sub_network(cfg.hidden_size, new_config.num_attention_heads)
             pairs = [(self.embeddings, target.embeddings), (self.attention_inputs, target.attention_inputs),
                      (self.head, target.head)]
@@ -332,6 +336,9 @@ class ElasticEncoder(nn.Module):
         missing = [n for n, p in plain.named_parameters() if p.untyped_storage().data_ptr() not in assigned]
         if missing:
             raise RuntimeError(f"materialize left parameters of the {self.family} export unset: {missing[:5]}")
+        compact_config = self.export_config(cfg)
+        if compact_config.num_attention_heads != new_config.num_attention_heads:
+            plain = _drop_padded_heads(plain, compact_config)
         if self.is_causal_lm:  # generate() as the maxnet would: its generation settings, padding with eos if it has no pad
             plain.generation_config = copy.deepcopy(self.model.generation_config)
             gen = plain.generation_config
@@ -363,3 +370,20 @@ class ElasticEncoder(nn.Module):
             (tmp / "subnet.json").write_text(json.dumps(info, indent=2) + "\n")
 
         return write_export(out_dir, write, {"kind": "subnet", "subnet": cfg.name})
+
+
+@torch.no_grad()
+def _drop_padded_heads(plain: PreTrainedModel, config) -> PreTrainedModel:
+    """`plain` rebuilt with `config`'s fewer attention heads: every weight is `plain`'s leading block of
+    the new shape. Exact, since what is dropped is the zero padding of heads the subnet does not have."""
+    weight = plain.get_input_embeddings().weight
+    compact = type(plain)(config).to(device=weight.device, dtype=weight.dtype)
+    source = plain.state_dict()
+    for name, param in compact.state_dict().items():
+        value, block = source[name], tuple(slice(0, s) for s in param.shape)
+        dropped = value.clone()
+        dropped[block] = 0
+        if value.ndim != param.ndim or value[block].shape != param.shape or dropped.any():
+            raise RuntimeError(f"dropping padded heads would change {name} ({tuple(value.shape)} -> {tuple(param.shape)})")
+        param.copy_(value[block])
+    return compact
