@@ -190,6 +190,11 @@ def cmd_latency(a) -> None:
         members = palette(space, PALETTE)
         names = [c.name for c in members]
         models = {c.name: encoder.materialize(c) for c in members}
+        for c in members:  # beside it, the export as it was before Llama exports dropped their zero-padded heads
+            padded = encoder.export_config(c, padded=True)
+            if padded.num_attention_heads != models[c.name].config.num_attention_heads:
+                names.append(f"{c.name} (zero-padded to {padded.num_attention_heads} heads)")
+                models[names[-1]] = zero_padded(models[c.name], padded)
     else:
         mlfs = json.loads((work / "mlfs.json").read_text())
         export = work / "mlfs" / "export"
@@ -222,6 +227,17 @@ def cmd_latency(a) -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     write_atomic(work / "latency.json", json.dumps(record, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
+
+
+@torch.no_grad()
+def zero_padded(plain, config):
+    """`plain` inside a model of `config`'s larger shapes, the rest zeros: the same function, more heads to run."""
+    model = type(plain)(config).eval()
+    source = plain.state_dict()
+    for name, param in model.state_dict().items():
+        param.zero_()
+        param[tuple(slice(0, s) for s in source[name].shape)].copy_(source[name])
+    return model
 
 
 def variant_label(run: dict) -> str:

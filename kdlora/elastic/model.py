@@ -288,10 +288,11 @@ class ElasticEncoder(nn.Module):
         # In-place updates (optimizer steps, load_state_dict, reordering) bump a tensor's _version.
         return tuple((id(p), p._version) for p in self.parameters())
 
-    def export_config(self, cfg: SubnetConfig):
-        """The Hugging Face config of the plain model that `cfg` exports to."""
+    def export_config(self, cfg: SubnetConfig, padded: bool = False):
+        """The Hugging Face config of the plain model that `cfg` exports to; padded=True: with hidden/head-size
+        heads, as every BERT-style export has (a Llama export keeps the subnet's own heads)."""
         cfg.validate(self._max)
-        return self._family.subnet_config(self.model.config, cfg, self._head_dim)
+        return self._family.subnet_config(self.model.config, cfg, self._head_dim, padded=padded)
 
     @torch.no_grad()
     def materialize(self, cfg: SubnetConfig) -> PreTrainedModel:
@@ -307,8 +308,7 @@ class ElasticEncoder(nn.Module):
         if key in self._materialized:
             self._materialized.move_to_end(key)
             return self._materialized[key]
-        cfg.validate(self._max)
-        new_config = self._family.subnet_config(self.model.config, cfg, self._head_dim, padded=True)
+        new_config = self.export_config(cfg, padded=True)
         weight = self.model.get_input_embeddings().weight
         plain = type(self.model)(new_config).to(device=weight.device, dtype=weight.dtype)
         target = ElasticEncoder(plain, lora_targets=self.lora_targets)  # the same blocks over the plain model
