@@ -211,17 +211,25 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
 
 
 def efficiency(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method: trainable/total parameters, peak training memory and inference latency (mean over runs)."""
+    """Per method: trainable/total parameters, peak training memory and inference latency (mean over runs).
+
+    Inference is taken from the same tasks for every method, so that methods compare like with like:
+    CoLA (the paper times CoLA validation) when every timed method has CoLA runs, else the tasks they
+    all have; if they share none, each method's own (and no ratio between them is drawn)."""
     out: dict[str, dict[str, Any]] = {}
     grouped: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
         grouped.setdefault(method_of(run), []).append(run)
+    task = lambda r: get_task(r["run"]["task"]).name  # noqa: E731
+    timed_by_method = {method: [r for r in group if r.get("latency", {}).get("test") or r.get("latency", {}).get("fit")]
+                       for method, group in grouped.items()}
+    timed_tasks = [{task(r) for r in timed} for timed in timed_by_method.values() if timed]
+    shared = set.intersection(*timed_tasks) if timed_tasks else set()
+    chosen = {"cola"} if "cola" in shared else shared
     for method, group in grouped.items():
         params = [r["parameters"] for r in group if "parameters" in r]
         memory = [r["peak_memory"]["fit"] for r in group if "fit" in r.get("peak_memory", {})]
-        timed = [r for r in group if r.get("latency", {}).get("test") or r.get("latency", {}).get("fit")]
-        cola = [r for r in timed if get_task(r["run"]["task"]).name == "cola"]  # the paper times CoLA validation
-        timed = cola or timed
+        timed = [r for r in timed_by_method[method] if not chosen or task(r) in chosen]
         latency = [r["latency"].get("test") or r["latency"].get("fit") for r in timed]
         row: dict[str, Any] = {"runs": len(group)}
         if params:
@@ -438,14 +446,17 @@ def comparison(t1: dict, params: dict, eff: dict, rank: int = 8) -> dict[str, di
     if by_family or measured is not None:
         out["params_vs_lora"]["ours"] = {"rank": rank, "families": by_family, "measured": measured}
     kd, lora, fft = eff.get("KD-LoRA", {}), eff.get("LoRA", {}), eff.get("FFT", {})
-    if kd.get("inference_memory_kind") and kd.get("inference_memory_kind") == lora.get("inference_memory_kind"):
+    same_tasks = lambda base: kd.get("latency_tasks") == base.get("latency_tasks")  # noqa: E731 (efficiency: shared tasks)
+    if kd.get("inference_memory_kind") and kd.get("inference_memory_kind") == lora.get("inference_memory_kind") and same_tasks(lora):
         out["memory_vs_lora"]["ours"] = {"change": _change(kd["inference_memory_mb"], lora["inference_memory_mb"]),
                                          "kind": kd["inference_memory_kind"]}
     for key, base in (("time_vs_fft", fft), ("time_vs_lora", lora)):
         change = _change(kd.get("latency_total_s"), base.get("latency_total_s"))
-        if change is not None:
-            out[key]["ours"] = {"change": change, "tasks": sorted(set(kd["latency_tasks"]) | set(base["latency_tasks"])),
+        if change is not None and same_tasks(base):
+            out[key]["ours"] = {"change": change, "tasks": kd["latency_tasks"],
                                 "devices": sorted({str(kd.get("latency_device")), str(base.get("latency_device"))})}
+        elif change is not None:
+            out[key]["ours"] = {"different_tasks": {"KD-LoRA": kd["latency_tasks"], "baseline": base["latency_tasks"]}}
     return out
 
 
@@ -472,6 +483,10 @@ def render_comparison(items: dict[str, dict[str, Any]]) -> list[str]:
             text = f"r={ours['rank']}: " + "; ".join(parts)
         elif ours is not None and key == "memory_vs_lora":
             text = _pct(ours["change"]) + (" (CPU peak RSS during inference)" if ours["kind"] == "peak_rss_mb" else " (GPU, during inference)")
+        elif ours is not None and key.startswith("time") and "different_tasks" in ours:
+            tasks = ours["different_tasks"]
+            text = (f"– (timed on different tasks: KD-LoRA on {', '.join(tasks['KD-LoRA'])}, the baseline on "
+                    f"{', '.join(tasks['baseline'])})")
         elif ours is not None and key.startswith("time"):
             text = f"{_pct(ours['change'])} ({', '.join(ours['tasks'])} validation; {', '.join(ours['devices'])})"
         paper_value = _pct(item["paper"], signed=not key.startswith("score"))

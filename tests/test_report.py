@@ -231,6 +231,23 @@ def test_paper_claims_beside_our_ratios(tmp_path):
     assert "12 × 2 × (768·8 + 8·768) = 294,912" in markdown and "per-task Table 1/2 values are not available" in markdown
 
 
+def test_inference_ratios_compare_the_same_tasks(tmp_path):
+    """FFT timed on CoLA and STS-B, KD-LoRA on STS-B only: the time ratio is taken on STS-B for both (not
+    FFT's CoLA against KD-LoRA's STS-B); with no task in common, no ratio is drawn."""
+    def eff(total_s):
+        return {"latency": {"fit": {"total_s": total_s, "batch_mean_ms": 1.0, "examples_per_s": 1.0, "device": "cpu", "num_runs": 1}}}
+    _fake_run(tmp_path / "a", "f1", "Teacher", "cola", {"mcc": 0.3, "score": 0.3}, "full", **eff(2.0))
+    _fake_run(tmp_path / "a", "f2", "Teacher", "stsb", {"pearson": 0.8, "spearman": 0.8, "score": 0.8}, "full", **eff(10.0))
+    _fake_run(tmp_path / "a", "k", "KDLoRAStudent", "stsb", {"pearson": 0.7, "spearman": 0.7, "score": 0.7}, **eff(6.0))
+    _, data = report.build_report([str(tmp_path / "a")], pairs={})
+    assert data["paper_comparison"]["time_vs_fft"]["ours"] == {"change": pytest.approx(-0.4), "tasks": ["STS-B"], "devices": ["cpu"]}
+    _fake_run(tmp_path / "b", "f", "Teacher", "cola", {"mcc": 0.3, "score": 0.3}, "full", **eff(2.0))
+    _fake_run(tmp_path / "b", "k", "KDLoRAStudent", "stsb", {"pearson": 0.7, "spearman": 0.7, "score": 0.7}, **eff(6.0))
+    markdown, data = report.build_report([str(tmp_path / "b")], pairs={})
+    assert "change" not in data["paper_comparison"]["time_vs_fft"]["ours"]
+    assert "| inference time, KD-LoRA vs FFT | -30.0 % | – (timed on different tasks: KD-LoRA on STS-B, the baseline on CoLA) |" in markdown
+
+
 def test_bad_top_k_is_one_clear_error(tmp_path, capsys):
     assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs", "--top-k", "0"]) == 2
     assert "--top-k must be at least 1, got 0" in capsys.readouterr().err and not (tmp_path / "r.md").exists()
