@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from test_elastic import single_thread  # noqa: F401 (autouse: one intra-op thread for tiny matrices)
+from test_elastic import randomize_adapters, single_thread  # noqa: F401 (single_thread: autouse, one intra-op thread)
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from kdlora.elastic import ElasticEncoder, SubnetConfig
@@ -55,20 +55,11 @@ def make_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def with_adapters(encoder: ElasticEncoder, stages: int) -> ElasticEncoder:
-    """`stages` LoRA stages on every role of `encoder`, with non-zero B (so the adapters change every subnet)."""
-    torch.manual_seed(3)
-    for _ in range(stages):
-        encoder.add_lora_stage()
-    with torch.no_grad():
-        for stage in encoder.lora.values():
-            for B in stage.B:
-                B.normal_(0, 0.2)
-    return encoder
-
-
 def trained_encoder(family: str) -> ElasticEncoder:
-    return with_adapters(ElasticEncoder(MAKE_DECODER[family](), lora_r=4, lora_targets=ROLES).eval(), stages=2)
+    """Two LoRA stages on every role, with non-zero B (so the adapters change every subnet)."""
+    encoder = ElasticEncoder(MAKE_DECODER[family](), lora_r=4, lora_targets=ROLES).eval()
+    randomize_adapters(encoder, stages=2)
+    return encoder
 
 
 def test_maxnet_equals_hf_model(family):
@@ -215,7 +206,7 @@ def test_llama_with_tied_embeddings_slices_and_exports_tied():
     with torch.no_grad():
         torch.testing.assert_close(encoder(**inputs).logits[real], reference(**inputs).logits[real], atol=ATOL, rtol=0)
     assert encoder.parameter_count() == sum(p.numel() for p in reference.parameters())
-    with_adapters(encoder, stages=1)
+    randomize_adapters(encoder, stages=1)
     cfg = SubnetConfig(48, 6, 32, (0, 3))  # narrower FFN, 2 of 4 layers
     encoder.set_sub_network(cfg)
     plain = encoder.materialize(cfg)
@@ -244,7 +235,8 @@ def test_llama_export_keeps_the_subnets_own_heads(heads):
                          num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
-    encoder = with_adapters(ElasticEncoder(LlamaForCausalLM(config).eval(), lora_r=4, lora_targets=ROLES).eval(), stages=1)
+    encoder = ElasticEncoder(LlamaForCausalLM(config).eval(), lora_r=4, lora_targets=ROLES).eval()
+    randomize_adapters(encoder, stages=1)
     cfg = SubnetConfig(48, heads, 32, (0, 3))
     encoder.set_sub_network(cfg)
     plain = encoder.materialize(cfg)

@@ -256,11 +256,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         """The last validation's rows, or the members' sizes when no validation ran."""
         if self.palette_history:
             return self.palette_history[max(self.palette_history)]
-        return self._size_rows()
-
-    def _size_rows(self) -> list[dict]:
-        return [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
-                 "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
+        return self.size_rows()
 
     def _palette_title(self, info: dict) -> str:
         source = self.hparams.model_name_or_path or f"a random {self.encoder.family} model"
@@ -276,9 +272,8 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
     def _report_and_export(self, rows: Optional[list[dict]], info: dict, report_dir: Optional[Path], export_dir: Optional[Path],
                            final: tuple[Optional[list[dict]], dict] = (None, {})) -> None:
         from kdlora.elastic.palette import write_palette_report
-        from kdlora.models import write_export
 
-        rows = [{**r, **info} for r in (rows if rows is not None else self._size_rows())]
+        rows = [{**r, **info} for r in (rows if rows is not None else self.size_rows())]
         title = self._palette_title(info)
         final_rows, final_info = final
         if report_dir is not None:
@@ -298,14 +293,4 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
                 tokenizer = AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
             except (OSError, ValueError) as e:
                 log.warning("no tokenizer saved with the export: cannot load %r (%s)", self.hparams.model_name_or_path, e)
-        self.encoder.eval()
-
-        def write(tmp: Path) -> None:
-            for cfg in self.palette:
-                self.encoder.export_hf(cfg, tmp / cfg.name, tokenizer)
-            write_palette_report(rows, tmp, title)
-
-        write_export(export_dir, write, {"module": type(self).__name__, "kind": "palette",
-                                         "members": [c.name for c in self.palette]})
-        for cfg in self.palette:
-            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {export_dir / cfg.name}")
+        self.export_palette(export_dir, rows, title, tokenizer, {})

@@ -283,7 +283,30 @@ class MLFSTraining:
                 result[f"subnet_{k}"] = torch.stack(v).mean()
         return result
 
-    # ---- evaluation ----
+    # ---- evaluation and export ----
+    def size_rows(self) -> list[dict]:
+        """The palette's rows when no validation ran: each member's name, role, config and parameters, no scores."""
+        return [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
+                 "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
+
+    def export_palette(self, export_dir: Path, rows: list[dict], title: str, tokenizer, meta: dict) -> None:
+        """Every member as a standalone Hugging Face model ``export_dir/<name>/`` beside the palette report,
+        written as one kdlora export (`kdlora.models.write_export`: atomic, never over a user's folder)."""
+        from kdlora.elastic.palette import write_palette_report
+        from kdlora.models import write_export
+
+        self.encoder.eval()
+
+        def write(tmp: Path) -> None:
+            for cfg in self.palette:
+                self.encoder.export_hf(cfg, tmp / cfg.name, tokenizer)
+            write_palette_report(rows, tmp, title)
+
+        write_export(export_dir, write, {"module": type(self).__name__, **meta, "kind": "palette",
+                                         "members": [c.name for c in self.palette]})
+        for cfg in self.palette:
+            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {export_dir / cfg.name}")
+
     def palette_logits(self, batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, SubnetConfig, torch.Tensor]]:
         """(index, config, logits) of every palette member on `batch`; the maxnet again afterwards."""
         inputs = self.encoder_inputs(batch)

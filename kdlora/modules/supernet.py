@@ -360,13 +360,9 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         measured on. `final` (rows, provenance): the end-of-fit palette, written as ``palette_final.*``.
         Without a run directory (fast_dev_run) the report is printed, not written, unless exported."""
         from kdlora.elastic.palette import draw_palette, measure_latency_ms, palette_markdown, write_palette_report
-        from kdlora.models import write_export
 
         def with_latency(rows: Optional[list[dict]], info: dict) -> list[dict]:
-            if rows is None:  # no validation ran: sizes only
-                rows = [{"name": c.name, "role": self.palette_roles.get(c.name, ""), "params": self.encoder.parameter_count(c),
-                         "metrics": {}, "score": None, "latency_ms": None, **c.to_dict()} for c in self.palette]
-            rows = [{**r, **info} for r in rows]
+            rows = [{**r, **info} for r in (rows if rows is not None else self.size_rows())]  # None: no validation ran
             if self.hparams.measure_latency:
                 vocab = self.encoder.model.get_input_embeddings().weight.shape[0]
                 for row in rows:
@@ -397,17 +393,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
             if self.hparams.export:
                 print("[kdlora] not exported: under fast_dev_run the run has no directory; set model.init_args.export_dir to export")
             return
-        tokenizer = load_tokenizer(self.tokenizer_source())
-
-        def write(tmp: Path) -> None:
-            for cfg in self.palette:
-                self.encoder.export_hf(cfg, tmp / cfg.name, tokenizer)
-            write_palette_report(rows, tmp, title)
-
-        write_export(export_dir, write, {"module": type(self).__name__, "task": self.spec.name, "kind": "palette",
-                                         "members": [c.name for c in self.palette]})
-        for cfg in self.palette:
-            print(f"[kdlora] exported {cfg.name} ({self.encoder.parameter_count(cfg) / 1e6:.2f}M parameters) to {export_dir / cfg.name}")
+        self.export_palette(export_dir, rows, title, load_tokenizer(self.tokenizer_source()), {"task": self.spec.name})
         if report_dir is None:
             print(f"[kdlora] palette report: {export_dir / 'palette.md'} {export_dir / 'palette.png'}")
 
