@@ -182,7 +182,7 @@ def cmd_latency(a) -> None:
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     if a.from_pretrained:  # the same architectures, sliced from the pretrained model: timing does not depend on the weights
-        from kdlora.elastic.model import ElasticEncoder
+        from kdlora.elastic.model import ElasticEncoder, with_head_count
         from kdlora.elastic.sampler import SearchSpace, palette
 
         encoder = ElasticEncoder(AutoModelForCausalLM.from_pretrained(a.model)).eval()
@@ -194,7 +194,7 @@ def cmd_latency(a) -> None:
             padded = encoder.export_config(c, padded=True)
             if padded.num_attention_heads != models[c.name].config.num_attention_heads:
                 names.append(f"{c.name} (zero-padded to {padded.num_attention_heads} heads)")
-                models[names[-1]] = zero_padded(models[c.name], padded)
+                models[names[-1]] = with_head_count(models[c.name], padded).eval()  # the same function, more heads to run
     else:
         mlfs = json.loads((work / "mlfs.json").read_text())
         export = work / "mlfs" / "export"
@@ -227,17 +227,6 @@ def cmd_latency(a) -> None:
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     write_atomic(work / "latency.json", json.dumps(record, indent=2) + "\n")
     print(json.dumps(rows, indent=2))
-
-
-@torch.no_grad()
-def zero_padded(plain, config):
-    """`plain` inside a model of `config`'s larger shapes, the rest zeros: the same function, more heads to run."""
-    model = type(plain)(config).eval()
-    source = plain.state_dict()
-    for name, param in model.state_dict().items():
-        param.zero_()
-        param[tuple(slice(0, s) for s in source[name].shape)].copy_(source[name])
-    return model
 
 
 def variant_label(run: dict) -> str:

@@ -257,3 +257,23 @@ def test_llama_export_keeps_the_subnets_own_heads(heads):
         for _ in range(3):  # greedy from the sliced supernet, one token at a time
             ids = torch.cat([ids, encoder(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
         torch.testing.assert_close(plain.generate(prompt, max_new_tokens=3, do_sample=False), ids)
+
+
+def test_with_head_count_pads_exactly_and_refuses_to_drop_real_heads():
+    """Resizing a Llama export's heads: zero-padding 3 heads to 6 leaves the logits unchanged; dropping
+    heads that carry weights is one clear error, not a silently different model."""
+    from kdlora.elastic.model import with_head_count
+
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
+                         num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    encoder = ElasticEncoder(LlamaForCausalLM(config).eval()).eval()
+    small = encoder.materialize(SubnetConfig(48, 3, 64, (0, 1)))
+    assert small.config.num_attention_heads == 3
+    padded = with_head_count(small, encoder.export_config(SubnetConfig(48, 3, 64, (0, 1)), padded=True)).eval()
+    assert padded.config.num_attention_heads == 6 and padded.model.layers[0].self_attn.q_proj.weight.shape == (48, 48)
+    inputs = make_inputs()
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(padded(**inputs).logits[real], small(**inputs).logits[real], atol=ATOL, rtol=0)
+    with pytest.raises(RuntimeError, match="resizing to 3 heads would drop non-zero weights of model.layers.0.self_attn"):
+        with_head_count(encoder.materialize(encoder.max_config), small.config)

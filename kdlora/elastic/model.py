@@ -323,7 +323,7 @@ class ElasticEncoder(nn.Module):
 
         with self._sized_as(cfg):
             # Written with hidden/head-size heads in every layer (padded ones included), each with its bias column;
-            # a family whose config carries the head size then drops the padded heads (_drop_padded_heads).
+            # a family whose config carries the head size then drops the padded heads (with_head_count).
             self.attention_inputs.set_sub_network(cfg.hidden_size, new_config.num_attention_heads)
             pairs = [(self.embeddings, target.embeddings), (self.attention_inputs, target.attention_inputs),
                      (self.head, target.head)]
@@ -338,7 +338,7 @@ class ElasticEncoder(nn.Module):
             raise RuntimeError(f"materialize left parameters of the {self.family} export unset: {missing[:5]}")
         compact_config = self.export_config(cfg)
         if compact_config.num_attention_heads != new_config.num_attention_heads:
-            plain = _drop_padded_heads(plain, compact_config)
+            plain = with_head_count(plain, compact_config)
         if self.is_causal_lm:  # generate() as the maxnet would: its generation settings, padding with eos if it has no pad
             plain.generation_config = copy.deepcopy(self.model.generation_config)
             gen = plain.generation_config
@@ -373,17 +373,23 @@ class ElasticEncoder(nn.Module):
 
 
 @torch.no_grad()
-def _drop_padded_heads(plain: PreTrainedModel, config) -> PreTrainedModel:
-    """`plain` rebuilt with `config`'s fewer attention heads: every weight is `plain`'s leading block of
-    the new shape. Exact, since what is dropped is the zero padding of heads the subnet does not have."""
+def with_head_count(plain: PreTrainedModel, config) -> PreTrainedModel:
+    """`plain` rebuilt with `config`'s attention heads (fewer or more): every weight holds `plain`'s weight in
+    its leading block, zeros elsewhere. Exact both ways: added heads are zero, and dropping heads is refused
+    unless what is dropped is zero padding."""
     weight = plain.get_input_embeddings().weight
-    compact = type(plain)(config).to(device=weight.device, dtype=weight.dtype)
+    resized = type(plain)(config).to(device=weight.device, dtype=weight.dtype)
     source = plain.state_dict()
-    for name, param in compact.state_dict().items():
-        value, block = source[name], tuple(slice(0, s) for s in param.shape)
+    for name, param in resized.state_dict().items():
+        value = source[name]
+        if value.ndim != param.ndim:
+            raise RuntimeError(f"{name} has {value.ndim} dimensions in the model, {param.ndim} with {config.num_attention_heads} heads")
+        block = tuple(slice(0, min(a, b)) for a, b in zip(value.shape, param.shape))
         dropped = value.clone()
         dropped[block] = 0
-        if value.ndim != param.ndim or value[block].shape != param.shape or dropped.any():
-            raise RuntimeError(f"dropping padded heads would change {name} ({tuple(value.shape)} -> {tuple(param.shape)})")
-        param.copy_(value[block])
-    return compact
+        if dropped.any():
+            raise RuntimeError(f"resizing to {config.num_attention_heads} heads would drop non-zero weights of {name} "
+                               f"({tuple(value.shape)} -> {tuple(param.shape)})")
+        param.zero_()
+        param[block].copy_(value[block])
+    return resized
