@@ -306,3 +306,21 @@ def test_importance_reorder_at_fit_start_permutes_whole_kv_groups_and_keeps_the_
     with pytest.raises(ValueError, match="importance_dataloader"):
         trainer(tmp_path, max_steps=0, limit_val_batches=0).fit(
             module("llama", search_space=FIXED_SPACE, importance_reorder=True), loader(batches))
+
+
+def test_sample_palette_trains_every_palette_member_in_turn(tmp_path):
+    """A decoder's palette members are sampled in turn beside the sandwich's smallest (stage 1: the full-depth
+    ones), so each is trained directly, not only when a random draw happens to hit it."""
+    space = {"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32], "depths": [4, 3, 2]}
+    wide = {"hidden_size": 16, "num_heads": 2, "intermediate_size": 64, "depth": 4}
+    deep = {"hidden_size": 32, "num_heads": 4, "intermediate_size": 32, "depth": 3}
+    net = module("gpt2", stage_epochs=[0, 1, 1], num_subnets=2, search_space=space, palette=["max", wide, deep, "min"])
+    rec = Recorder()
+    trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[rec]).fit(net, loader([make_batch()], 4))
+    wide_name, deep_name = net.palette_names[1], net.palette_names[2]
+    by_stage = {s: [names for _, st, names in rec.sampled if st == s] for s in (1, 2)}
+    smallest = {1: net.space.smallest(full_depth=True).name, 2: net.space.smallest().name}
+    for stage, steps in by_stage.items():
+        assert len(steps) == 4 and all(names[0] == smallest[stage] for names in steps)  # the sandwich stays
+    assert [names[1] for names in by_stage[1]] == [wide_name] * 4  # the only full-depth member besides the maxnet
+    assert {names[1] for names in by_stage[2]} == {wide_name, deep_name}

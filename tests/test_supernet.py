@@ -569,3 +569,44 @@ def test_stage_palettes_are_measured_on_dev_and_change_nothing(tiny_bert_nodropo
     # Measuring dev between stages draws no randomness and touches no training state.
     a, b = with_reports.state_dict(), without.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("head_stages", ["first", "all"])
+def test_from_stage1_only_the_stage_adapters_train_and_the_head_only_if_asked(tiny_bert_dir, small_glue_dir, tmp_path, head_stages):
+    """Eq. 7 / Algorithm 1: stage s learns only (A_s, B_s) (and the feature projections); the new head of a
+    pretrained base trains in stage 0 and stays bit-identical after it, weight decay included, through a
+    resume inside stage 1; head_stages="all" keeps it training."""
+    pretrained = _headless(tiny_bert_dir, tmp_path / "pretrained")
+    kw = dict(base="pretrained", stage_epochs=[1, 2, 0], num_subnets=1, head_stages=head_stages, learning_rate=1e-2,
+              weight_decay=0.5)
+    rec = Recorder()
+    module = supernet(pretrained, **kw)
+    first = trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[rec])
+    first.fit(module, datamodule(pretrained, small_glue_dir))
+    ckpt = tmp_path / "stage1.ckpt"
+    first.save_checkpoint(ckpt)
+    resumed = Recorder()
+    module = supernet(pretrained, **kw)
+    again = trainer(tmp_path, max_epochs=3, limit_train_batches=2, limit_val_batches=0, callbacks=[resumed])
+    again.fit(module, datamodule(pretrained, small_glue_dir), ckpt_path=str(ckpt))
+    assert module.stage == 1
+
+    head_ids = {id(p) for m in module.encoder.head_modules() for p in m.parameters()}
+    head = {n for n, p in module.named_parameters() if id(p) in head_ids}
+    assert head and any("classifier" in n for n in head) and any("pooler" in n for n in head)
+    start, end0 = rec.states[0], rec.epoch_end_states[0]
+    assert any(not torch.equal(end0[k], start[k]) for k in head)  # the new head trains in stage 0
+    stage1 = {f"encoder.{n}" for n in module.stage_parameter_names[1]} - head
+    for later in (rec.epoch_end_states[1], resumed.epoch_end_states[0]):
+        changed = {k for k, v in later.items() if not torch.equal(v, end0[k])}
+        assert any(".B." in k for k in changed & stage1)  # the stage's adapters train
+        others = changed - stage1 - head
+        assert all(k.startswith("projections.") for k in others), sorted(others)
+        if head_stages == "first":
+            assert not changed & head  # not even weight decay moved it
+        else:
+            assert changed & head
+    in_optimizer = {id(p) for g in again.optimizers[0].param_groups for p in g["params"]}
+    assert bool(in_optimizer & head_ids) == (head_stages == "all")
+    with pytest.raises(ValueError, match="head_stages must be one of"):
+        supernet(pretrained, base="pretrained", head_stages="last")

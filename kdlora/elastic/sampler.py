@@ -194,9 +194,15 @@ class SubnetSampler:
         sandwich: make the stage's smallest subnet one of the K every step (the "sandwich rule").
         per_layer: sample heads and FFN size independently for every kept layer.
         seed: the run seed; with the stage and global step it fixes the sample.
+        members: subnets that must each be trained directly (the palette). When given, the first slot
+            left after the sandwich's smallest takes these in turn, step after step (those the stage
+            can train: not the maxnet or the stage's smallest; in stage 1 the full-depth ones), so each
+            is trained every len(eligible) steps; further slots are drawn at random. A stage with no
+            eligible member draws every slot at random.
     """
 
-    def __init__(self, space: SearchSpace, num_subnets: int = 2, sandwich: bool = True, per_layer: bool = False, seed: int = 0) -> None:
+    def __init__(self, space: SearchSpace, num_subnets: int = 2, sandwich: bool = True, per_layer: bool = False, seed: int = 0,
+                 members: Optional[Sequence[SubnetConfig]] = None) -> None:
         if num_subnets < 1:
             raise ValueError(f"num_subnets must be at least 1, got {num_subnets}")
         self.space = space
@@ -204,6 +210,16 @@ class SubnetSampler:
         self.sandwich = sandwich
         self.per_layer = per_layer
         self.seed = int(seed)
+        self.members = tuple(members) if members is not None else None
+
+    def eligible_members(self, stage: int) -> tuple[SubnetConfig, ...]:
+        """The `members` that `stage` trains in turn (see the class docstring); () without members."""
+        if self.members is None or stage == 0:
+            return ()
+        full_depth = stage == 1
+        skip = {self.space.max_config, self.space.smallest(full_depth=full_depth) if self.sandwich else None}
+        return tuple(m for m in self.members
+                     if m not in skip and (not full_depth or len(m.layers) == self.space.num_layers))
 
     def rng(self, stage: int, step: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, stage, step])
@@ -218,6 +234,9 @@ class SubnetSampler:
         subnets: list[SubnetConfig] = []
         if self.sandwich:
             subnets.append(self.space.smallest(full_depth=full_depth))
+        members = self.eligible_members(stage)
+        if members and len(subnets) < self.num_subnets:
+            subnets.append(members[step % len(members)])
         while len(subnets) < self.num_subnets:
             subnets.append(self._draw(rng, full_depth))
         return subnets

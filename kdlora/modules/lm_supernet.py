@@ -69,6 +69,10 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
             and depth sampled); 0 skips a stage.
         lora_r, lora_alpha, lora_dropout, lora_targets: adapters of every stage (roles or family names).
         num_subnets, sandwich, per_layer, search_space, palette, sampler_seed: as `SuperTransformer`.
+        sample_palette: as `SuperTransformer`, but on by default (our choice; the paper samples at random and
+            has no decoders): a decoder's palette is what it exports, and a member drawn at random from a
+            wide space is rarely trained directly (about 1 step in 17 for SmolLM2's 24-layer member at K = 2).
+            Needs num_subnets >= 2 beside the sandwich's smallest.
         distill_weight: α, the weight of a subnet's distillation terms (token KD + β·features); its LM loss gets 1 − α.
         beta, gamma, temperature, feature_dim: feature-term weight, gradient-scaling exponent, KD temperature, d_low.
         feature_normalization: "none" (the paper's squared L2 norm; a pretrained decoder's residual stream makes it
@@ -96,6 +100,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         num_subnets: int = 2,
         sandwich: bool = True,
         per_layer: bool = False,
+        sample_palette: bool = True,
         distill_weight: float = 0.9,
         beta: float = 0.1,
         gamma: float = 2.0,
@@ -124,7 +129,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         if not encoder.is_causal_lm:
             raise ValueError(f"CausalLMSuperTransformer needs a causal LM; {type(encoder.model).__name__} is not one")
         self.init_mlfs(encoder, search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
-                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim)
+                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim, sample_palette=sample_palette)
         self.palette_losses = nn.ModuleList([TokenMeanLoss() for _ in self.palette])
 
     # ---- losses ----

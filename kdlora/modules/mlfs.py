@@ -44,11 +44,16 @@ def check_stage_epochs(stage_epochs) -> None:
         raise ValueError(f"stage_epochs must be 3 non-negative epoch counts (stages 0, 1, 2) with a positive sum, got {stage_epochs}")
 
 
+HEAD_STAGES = ("first", "all")
+
+
 def check_mlfs_arguments(stage_epochs, distill_weight: float, beta: float, gamma: float, temperature: float,
                          feature_dim: int, gradient_clip: float, sampler_seed: Optional[int],
-                         feature_normalization: str = "none") -> int:
+                         feature_normalization: str = "none", head_stages: str = "first") -> int:
     """Check the MLFS arguments both super-transformers share; the sampler seed to use (the run's seed when None)."""
     check_stage_epochs(stage_epochs)
+    if head_stages not in HEAD_STAGES:
+        raise ValueError(f"head_stages must be one of {list(HEAD_STAGES)} (the stages a trainable head trains in), got {head_stages!r}")
     check_feature_normalization(feature_normalization)
     check_weight("distill_weight", distill_weight)
     if beta < 0 or gamma < 0 or temperature <= 0 or feature_dim < 1 or gradient_clip < 0:
@@ -65,10 +70,16 @@ class MLFSTraining:
 
     # ---- construction ----
     def init_mlfs(self, encoder: ElasticEncoder, *, search_space: Optional[dict[str, Any] | str], num_subnets: int,
-                  sandwich: bool, per_layer: bool, sampler_seed: int, palette: Optional[list[Any]], feature_dim: int) -> None:
+                  sandwich: bool, per_layer: bool, sampler_seed: int, palette: Optional[list[Any]], feature_dim: int,
+                  head_stages: str = "first", sample_palette: bool = False) -> None:
         """Set ``encoder`` (with all stages' adapters), the search space, sampler, palette (maxnet first
         if not in it; a member that cannot export as a plain model is a ValueError now) and the
-        maxnet-owned feature projections ``projections``."""
+        maxnet-owned feature projections ``projections``.
+
+        A trainable head (the encoder's pooler/classifier) trains with the adapters of the first stage
+        that runs (stage 0 unless it is skipped) with ``head_stages="first"``, as Eq. 7: from stage 1
+        on only that stage's (A_s, B_s) (and the feature projections) learn. ``"all"``: in every stage.
+        `sample_palette`: the sampler's first free slot cycles through the palette (`SubnetSampler`)."""
         self.automatic_optimization = False  # K+1 backward passes and one optimizer step per batch: done by hand
         self.encoder = encoder
         # All stages up front (B = 0: the maxnet's function is unchanged). Names of what each stage trains:
@@ -76,12 +87,25 @@ class MLFSTraining:
         for _ in range(NUM_STAGES):
             self.encoder.add_lora_stage()
             self.stage_parameter_names.append({n for n, p in self.encoder.named_parameters() if p.requires_grad})
+        if head_stages == "first":
+            head = {id(p) for m in self.encoder.head_modules() for p in m.parameters()}
+            head_names = {n for n, p in self.encoder.named_parameters() if id(p) in head}
+            first = min(s for s, e in enumerate(self.hparams.stage_epochs) if int(e) > 0)
+            for s, names in enumerate(self.stage_parameter_names):
+                if s != first:
+                    names -= head_names
         self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
         self.space = SearchSpace.build(self.encoder.max_config, search_space, count=self.encoder.parameter_count)
-        self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed)
         members = build_palette(self.space, palette)
         if self.encoder.max_config not in members:
             members.insert(0, self.encoder.max_config)  # the headline metrics are the maxnet's
+        self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed,
+                                     members=members if sample_palette else None)
+        untrained = [m.name for m in members if m not in (self.encoder.max_config, self.space.smallest())]
+        if sandwich and num_subnets == 1 and untrained:
+            log.warning("num_subnets=1 with the sandwich rule trains only the smallest subnet beside the maxnet: palette "
+                        "members %s are never trained directly (num_subnets >= 2 with sample_palette trains each in turn)",
+                        ", ".join(untrained))
         for cfg in members:  # every member must export (a Llama one needs whole key/value heads): fail now, not at fit end
             self.encoder.export_config(cfg)
         self.palette = members

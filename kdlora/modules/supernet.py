@@ -3,11 +3,11 @@
 Train staged LoRA adapters on one maxnet so that every sub-network of a search space works, then
 evaluate and export a palette of them. The maxnet (`base`) is either the pretrained checkpoint, as in
 the paper (W_sup = W_pretrain + Σ_s A_s·B_s: stage 0 *is* the LoRA fine-tuning, with a new classifier
-head that trains, and storage is one shared pretrained base plus small per-task adapters), or a fully
-fine-tuned teacher (`base: finetuned`):
+head that trains in stage 0 only by default (`head_stages`), and storage is one shared pretrained base
+plus small per-task adapters), or a fully fine-tuned teacher (`base: finetuned`):
 
 - stage 0: adapters (A0, B0) on the maxnet, task loss only;
-- stage 1: new adapters (A1, B1), earlier ones frozen; K subnets per step with sampled widths, full depth;
+- stage 1: new adapters (A1, B1), earlier ones (and the head, unless head_stages="all") frozen; K subnets per step with sampled widths, full depth;
 - stage 2: new adapters (A2, B2); widths and depth sampled.
 
 Each step the maxnet runs first (task loss, distillation weight 0), then K sampled subnets with
@@ -24,7 +24,7 @@ which would switch feature distillation off. ‖·‖² is the paper's squared L
 projected dimensions and averaged over non-padding tokens (`kdlora.losses.feature_loss`).
 
 Gradient scaling: subnet j's loss is multiplied by s_j = (n_1/n_j)^γ, n the number of TRAINABLE
-parameters the subnet reads (slices of the current stage's adapters, plus the head when it trains;
+parameters the subnet reads (slices of the current stage's adapters, plus the head when it trains in the stage;
 `ElasticEncoder.parameter_count(cfg, trainable_only=True)`). One optimizer step per batch on
 
     ∇ [ L_1 + Σ_j s_j·L_j ] / (K + 1)
@@ -83,9 +83,15 @@ class SuperTransformer(MLFSTraining, GLUEModule):
             the last stage that has any.
         lora_r, lora_alpha, lora_dropout, lora_targets: adapters of every stage (default Q, K, V and FFN).
         train_head: also train the pooler/classifier head (forced on when the checkpoint lacks one).
+        head_stages: the stages a trainable head trains in: "first" (the first stage that runs, stage 0
+            unless skipped; from stage 1 on only that stage's adapters and the feature projections learn,
+            as Eq. 7 and Algorithm 1) or "all" (every stage: the head adapts to the subnets' features too).
         num_subnets: K, subnets sampled per step besides the maxnet.
         sandwich: always include the stage's smallest subnet among the K.
         per_layer: sample heads and FFN width per layer.
+        sample_palette: the first of the K slots left after the sandwich takes the palette members in
+            turn, so every member is trained directly (`kdlora.elastic.sampler.SubnetSampler`); further
+            slots are random. Off: every slot random, as the paper.
         distill_weight: α, the weight of a subnet's distillation terms (KD + β·features); its task loss
             gets 1 − distill_weight (paper: 0.9).
         beta: weight of the feature term inside the distillation terms (paper: 0.1, on the squared L2
@@ -130,9 +136,11 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         lora_dropout: float = 0.0,
         lora_targets: list[str] = ["query", "key", "value", "intermediate", "output"],
         train_head: bool = False,
+        head_stages: str = "first",
         num_subnets: int = 2,
         sandwich: bool = True,
         per_layer: bool = False,
+        sample_palette: bool = False,
         distill_weight: float = 0.9,
         beta: float = 0.1,
         gamma: float = 2.0,
@@ -160,7 +168,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         renamed_argument("alpha", "distill_weight", "the weight of a subnet's distillation terms; its task loss gets 1 − distill_weight", alpha)
         super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
         sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
-                                            gradient_clip, sampler_seed, feature_normalization)
+                                            gradient_clip, sampler_seed, feature_normalization, head_stages)
         if base not in ("pretrained", "finetuned"):
             raise ValueError(f"base must be 'pretrained' or 'finetuned', got {base!r}")
         self.save_hyperparameters(ignore=["alpha"])
@@ -180,7 +188,8 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         self.newly_initialised = new_weights
         self.init_mlfs(ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head),
                        search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
-                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim)
+                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim, head_stages=head_stages,
+                       sample_palette=sample_palette)
         self.palette_metrics = nn.ModuleList([
             nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in self.palette
         ])
