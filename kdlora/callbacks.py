@@ -214,8 +214,13 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning writes last.ckpt at train end even in a fast_dev_run, which has no log dir: the
         # file would land in the working directory.
-        if not trainer.fast_dev_run:
-            super().on_train_end(trainer, pl_module)
+        if trainer.fast_dev_run:
+            return
+        super().on_train_end(trainer, pl_module)
+        # Lightning's own train-end save happens only when no last.ckpt was written at all: a run whose
+        # final step is not a multiple of every_n_train_steps would keep the one of its last due step.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -139,9 +139,11 @@ class KDLoRACLI(LightningCLI):
 def add_checkpoint_arguments(parser, monitor: str, mode: str) -> None:
     """The best checkpoint (`checkpoint`, by `monitor`) and the resume one (`last_checkpoint`)."""
     parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+    # No version counter: a resumed run that replays steps the killed one had checkpointed (its last.ckpt
+    # predates them) writes the same best-{epoch}-{step} again, in place of a "-v1" copy beside a stale one.
     parser.set_defaults({"checkpoint.monitor": monitor, "checkpoint.mode": mode,
                          "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
-                         "checkpoint.auto_insert_metric_name": False})
+                         "checkpoint.auto_insert_metric_name": False, "checkpoint.enable_version_counter": False})
     # For resuming (`fit --ckpt_path last`): `last.ckpt` beside the best one, rewritten every N
     # optimizer steps and at the end of training. It keeps no top-k, so it is never the best:
     # `trainer.checkpoint_callback` (the first ModelCheckpoint, the group above) stays the best one.

@@ -1,8 +1,9 @@
 """Exact resume: `fit --ckpt_path last` after a SIGKILL mid-epoch ends where an uninterrupted run ends.
 
 Each case runs the CLI's `fit` three times with the same seed on CPU: uninterrupted to the end; in a
-child process killed with SIGKILL right after a step checkpoint (`last.ckpt`, every few steps) in the
-middle of an epoch; and resumed from it with `--ckpt_path last`. The resumed run must end with the
+child process killed with SIGKILL in the middle of an epoch, right after a step checkpoint (`last.ckpt`,
+every few steps) or some steps past one (the resumed run replays them); and resumed from it with
+`--ckpt_path last`. The resumed run must end with the
 same trained weights (bit for bit), the same validation metrics, the same best checkpoint and the same
 results.json. Dropout is on (the tiny models' default 0.1), so the random streams must resume too.
 """
@@ -101,7 +102,6 @@ def _fit_in_child(args: list[str], kill_at: int) -> None:
 def check_resume_is_exact(tmp_path: Path, glue: Path, model_args: list[str], monkeypatch, kill_at: int,
                           checkpoint_every: int = 3) -> tuple[Path, Path]:
     """Run the three fits (killed when step `kill_at` starts); return the uninterrupted and the resumed run's directories."""
-    assert kill_at % checkpoint_every == 0, "kill right after a step checkpoint"
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # the CLI seeds this process: undo it afterwards
     # The killed run is the CLI in a child process (forked: no second start-up), killed by SIGKILL;
     # it overlaps the uninterrupted run, which runs here.
@@ -116,12 +116,14 @@ def check_resume_is_exact(tmp_path: Path, glue: Path, model_args: list[str], mon
             killed.kill()
     assert killed.exitcode == -signal.SIGKILL, f"the run to kill ended with exit code {killed.exitcode}"
     run, plain = tmp_path / "runs" / "killed" / "v", tmp_path / "runs" / "plain" / "v"
-    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == kill_at
+    last_step = lambda d: torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]  # noqa: E731
+    assert last_step(run) == kill_at - kill_at % checkpoint_every  # the steps since it are lost with the process
 
     caught = fit_here(cli_args(tmp_path, glue, "killed", model_args, checkpoint_every, "--ckpt_path", "last"), tmp_path / "probe" / "resumed", monkeypatch)
     want_dir, got_dir = tmp_path / "probe" / "plain", tmp_path / "probe" / "resumed"
     want, got = (json.loads((d / "run.json").read_text()) for d in (want_dir, got_dir))
     assert got["global_step"] == want["global_step"] == 2 * STEPS_PER_EPOCH
+    assert last_step(run) == last_step(plain) == 2 * STEPS_PER_EPOCH  # last.ckpt is the end of training
     want_w, got_w = (torch.load(d / "weights.pt", weights_only=True) for d in (want_dir, got_dir))
     assert want_w.keys() == got_w.keys()
     diff = max(float((want_w[k].double() - got_w[k].double()).abs().max()) for k in want_w if want_w[k].is_floating_point())
@@ -133,6 +135,8 @@ def check_resume_is_exact(tmp_path: Path, glue: Path, model_args: list[str], mon
     results = [json.loads((d / "results.json").read_text()) for d in (plain, run)]
     assert results[1]["val_best"] == results[0]["val_best"] and results[1]["val_last"] == results[0]["val_last"]
     assert not [m for m in caught if "not resumable" in m]  # Lightning sees a resumable train loader
+    # Nothing left of the killed run's lost steps: the same checkpoint files as the uninterrupted run.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(p.name for p in (plain / "checkpoints").iterdir())
     return plain, run
 
 
@@ -181,11 +185,13 @@ def test_train_loader_shards_over_ddp_ranks_with_idx_aligned(small_glue_dir, tin
     assert len(shards[0]) == len(shards[1]) == 32 and sorted(shards[0] + shards[1]) == list(range(64))
 
 
-@pytest.mark.parametrize("kill_at, checkpoint_every", [(6, 3), (8, 4)], ids=["mid-epoch", "epoch-end"])
+@pytest.mark.parametrize("kill_at, checkpoint_every", [(6, 3), (8, 4), (10, 7)], ids=["mid-epoch", "epoch-end", "between-checkpoints"])
 def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, kill_at, checkpoint_every):
     # Mid-epoch: killed at step 6 of 8, the rest of epoch 0, its validation and epoch 1 are left to the
     # resumed run. Epoch end: the step checkpoint due at the epoch's last step (8) is written after the
-    # epoch's validation, so the resumed run knows that epoch's best checkpoint and metrics.
+    # epoch's validation, so the resumed run knows that epoch's best checkpoint and metrics. Between
+    # checkpoints: killed at step 10, three steps and epoch 0's validation past the checkpoint of step 7,
+    # which the resumed run replays.
     check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
                                                      "--model.finetune", "full", "--model.learning_rate", "1e-3"],
                           monkeypatch, kill_at, checkpoint_every)
@@ -251,3 +257,18 @@ def test_ckpt_path_last_resumes_the_newest_version_of_a_versioned_run(tiny_bert_
     results = json.loads((runs / "version_1" / "results.json").read_text())
     assert results["val_last"]["epoch"] == 1
     assert torch.load(runs / "version_0" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == STEPS_PER_EPOCH
+
+
+@pytest.mark.parametrize("stop, steps", [(["--trainer.max_epochs", "5"], 5 * STEPS_PER_EPOCH),
+                                         (["--trainer.max_steps", "12"], 12)], ids=["epochs", "max-steps-mid-epoch"])
+def test_last_checkpoint_is_the_end_of_training(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, stop, steps):
+    """A run whose last step is no multiple of `every_n_train_steps` (7) still ends with last.ckpt at that step."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    args = cli_args(tmp_path, small_glue_dir, "run", ["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+                                                      "--model.finetune", "full", "--model.export", "false"], 7, *stop)
+    fit_here(args, tmp_path / "probe", monkeypatch)
+    last = torch.load(tmp_path / "runs" / "run" / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == steps == json.loads((tmp_path / "probe" / "run.json").read_text())["global_step"]
+    trained = torch.load(tmp_path / "probe" / "weights.pt", weights_only=True)
+    assert last["state_dict"].keys() == trained.keys()
+    assert all(torch.equal(last["state_dict"][k], trained[k]) for k in trained)  # the trained weights, not an earlier step's
