@@ -184,7 +184,7 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
     """{method: {task: {score, metrics, n, k}, "average": ...}}: scores ×100. Per cell (method, task) the
     runs are ranked by score and the `top_k` best kept (all of them where fewer: ``k`` < `top_k`); the
     cell's score and each metric are the median over those. ``average``: mean of the paper's columns
-    (`columns`: MNLI-m and MNLI-mm count separately). With ``split="test"`` (dev, scored after a fit
+    (`columns`: MNLI-m and MNLI-mm count separately); ``models``: the models those runs trained. With ``split="test"`` (dev, scored after a fit
     that selected on a held-out part of train) the runs are ranked by their held-out score
     (``val_best``) and the cell is the median of the top-k runs' dev scores. Diverged runs (`divergence`) are left out:
     see `diverged_runs`. One run per cell gives that run's numbers."""
@@ -195,16 +195,19 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
         if not values or divergence(run, split):
             continue
         rank_by = (run.get(rank_split) or values)["score"]
-        cells.setdefault(method_of(run), {}).setdefault(get_task(run["run"]["task"]).name, []).append((rank_by, values))
+        model = run["run"].get("hparams", {}).get("model_name_or_path")
+        cells.setdefault(method_of(run), {}).setdefault(get_task(run["run"]["task"]).name, []).append((rank_by, (values, model)))
     table: dict[str, dict[str, Any]] = {}
     for method, tasks in cells.items():
         row: dict[str, Any] = {}
         for task, ranked in tasks.items():
-            top = best_k(ranked, top_k)
+            kept = best_k(ranked, top_k)
+            top = [values for values, _ in kept]
             score = statistics.median(r["score"] for r in top)
             names = get_task(task).metric_names()
             metrics = {m: 100 * statistics.median(r[m] for r in top if m in r) for m in names if any(m in r for r in top)}
-            row[task] = {"score": 100 * score, "metrics": metrics, "n": len(ranked), "k": len(top)}
+            row[task] = {"score": 100 * score, "metrics": metrics, "n": len(ranked), "k": len(top),
+                         "models": sorted({str(model) for _, model in kept if model})}
         row["average"] = _mean([v for task, cell in row.items() for _, v in columns(task, cell)])
         table[method] = row
     return table
@@ -314,8 +317,41 @@ def render_palettes(items: list[dict[str, Any]]) -> list[str]:
         if batch:
             lines.append(f"\nLatency: median forward pass of the exported (sliced, LoRA-merged) member at batch {batch}, "
                          f"sequence length {seq}.")
-        lines.append("")
+        lines += [""] + render_mlfs_beside_paper(mlfs_beside_paper(item)) + [""]
     return lines
+
+
+def mlfs_beside_paper(item: dict[str, Any]) -> dict[str, Any]:
+    """One palette beside what the MLFS paper states of its BERT-base palettes (`kdlora.paper.MLFS_GLUE`): the
+    minnet's share of the maxnet's parameters, and the member nearest a quarter of the teacher's size (the paper:
+    accurate at 1/4 the size and 1/3 the latency): its size and latency shares and its score over the teacher's."""
+    rows, claims = item["rows"], paper.MLFS_GLUE
+    maxnet, minnet = max(rows, key=lambda r: r["params"]), min(rows, key=lambda r: r["params"])
+    teacher = item.get("teacher") or {}
+    size = teacher.get("params") or maxnet["params"]
+    target = claims["size_vs_teacher"]
+    near = min(rows, key=lambda r: (abs(r["params"] / size - target), r["params"]))
+    score = teacher.get("score") if teacher.get("score") is not None else maxnet.get("score")
+    return {"paper": {"minnet_params": claims["minnet_params"], "maxnet_params": claims["maxnet_params"],
+                      "minnet_vs_maxnet": claims["minnet_params"] / claims["maxnet_params"], "size_vs_teacher": target,
+                      "latency_vs_teacher": claims["latency_vs_teacher"]},
+            "ours": {"minnet_vs_maxnet": minnet["params"] / maxnet["params"], "member": near["name"],
+                     "size_vs_teacher": near["params"] / size,
+                     "latency_vs_maxnet": _ratio(near.get("latency_ms"), maxnet.get("latency_ms")),
+                     "score_vs_teacher": _ratio(near.get("score"), score), "against": "teacher" if teacher.get("score") is not None else "maxnet"}}
+
+
+def render_mlfs_beside_paper(item: dict[str, Any]) -> list[str]:
+    p, o = item["paper"], item["ours"]
+    return [f"Beside the MLFS paper ({paper.MLFS_SOURCE}; its per-task scores are only plotted, so only its stated sizes "
+            f"and latency are compared; ours: the member nearest a quarter of the teacher's parameters, {o['member']}):", "",
+            "| | MLFS paper (BERT-base) | ours |", "|---|---|---|",
+            f"| minnet params / maxnet | {p['minnet_vs_maxnet']:.2f} ({p['minnet_params'] / 1e6:g}M / {p['maxnet_params'] / 1e6:g}M) | "
+            f"{o['minnet_vs_maxnet']:.2f} |",
+            f"| member's params / teacher | {p['size_vs_teacher']:.2f} | {o['size_vs_teacher']:.2f} |",
+            f"| member's latency / maxnet (the teacher's shape) | {p['latency_vs_teacher']:.2f} (single GPU) | {_fmt(o['latency_vs_maxnet'], 2)} |",
+            f"| member's score / {o['against']}'s | \"accurate\", at par with the other methods (plotted only) | "
+            f"{_pct(o['score_vs_teacher'], signed=False)} |"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,11 +489,128 @@ def comparison(t1: dict, params: dict, eff: dict, rank: int = 8) -> dict[str, di
     for key, base in (("time_vs_fft", fft), ("time_vs_lora", lora)):
         change = _change(kd.get("latency_total_s"), base.get("latency_total_s"))
         if change is not None and same_tasks(base):
-            out[key]["ours"] = {"change": change, "tasks": kd["latency_tasks"],
+            out[key]["ours"] = {"change": change, "tasks": kd.get("latency_tasks"),
                                 "devices": sorted({str(kd.get("latency_device")), str(base.get("latency_device"))})}
         elif change is not None:
             out[key]["ours"] = {"different_tasks": {"KD-LoRA": kd["latency_tasks"], "baseline": base["latency_tasks"]}}
     return out
+
+
+def our_pair(t1: dict, params: dict) -> str:
+    """The teacher → student our Table 1 runs trained: the models the runs recorded (FFT and LoRA train the
+    teacher, KD-LoRA the student); for runs that recorded none, the report's one Table 2a pair, so named."""
+    models = lambda methods: sorted({m for method in methods for task, cell in t1.get(method, {}).items()  # noqa: E731
+                                     if task != "average" for m in cell.get("models", [])})
+    teachers, students = models(("FFT", "LoRA")), models(("KD-LoRA",))
+    if teachers or students:
+        return f"{', '.join(teachers) or '–'} → {', '.join(students) or '–'}"
+    if len(params) == 1:
+        (family, row), = params.items()
+        return f"{row['teacher']} → {row['student']} (the report's pair {family})"
+    return "models not recorded"
+
+
+def _timed_on(row: dict[str, Any]) -> str:
+    """The tasks a Table 2b row's inference was timed on (×N: passes per run); "all runs" for data that did not record them."""
+    if row.get("latency_total_s") is None:
+        return ""
+    tasks = ", ".join(row.get("latency_tasks") or []) or "all runs"
+    return tasks + (f" ×{row['latency_runs']}" if row.get("latency_runs") else "")
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return None if a is None or not b else a / b
+
+
+def paper_table1(t1: dict, params: dict) -> dict[str, Any]:
+    """The paper's Table 1 (`kdlora.paper.TABLE1`) beside ours, on the columns we have runs for, in the paper's
+    column order: {"columns": [...], "rows": [{column, source, pair, FFT, LoRA, KD-LoRA, kd_vs_fft, kd_vs_lora}]},
+    one row for ours and one per paper teacher → student pair under each column; scores ×100."""
+    ours: dict[str, dict[str, float]] = {}
+    for method in paper.METHODS:
+        for task, cell in t1.get(method, {}).items():
+            if task != "average":
+                for name, value in columns(task, cell):
+                    ours.setdefault(name, {})[method] = value
+    names = [c for c in paper.TABLE1_COLUMNS if c in ours]
+    pair, rows = our_pair(t1, params), []
+    for name in names:
+        sources = [("ours", pair, ours[name])] + [("paper", paper.pair_label(f), {m: paper.TABLE1[f][m][name] for m in paper.METHODS})
+                                                  for f in paper.PAIRS]
+        for source, label, values in sources:
+            rows.append({"column": name, "source": source, "pair": label, **{m: values.get(m) for m in paper.METHODS},
+                         "kd_vs_fft": _ratio(values.get("KD-LoRA"), values.get("FFT")),
+                         "kd_vs_lora": _ratio(values.get("KD-LoRA"), values.get("LoRA"))})
+    return {"columns": names, "rows": rows}
+
+
+def paper_table2(t1: dict, params: dict, eff: dict) -> list[dict[str, Any]]:
+    """The paper's Table 2 (`kdlora.paper.TABLE2`: trainable parameters by rank, GPU memory during inference, inference
+    time over CoLA validation) and ours (measured in the runs: `efficiency`), a row per (pair, method), with KD-LoRA's
+    memory and time relative to FFT and LoRA of the same pair (ours: only where measured alike, as in `comparison`)."""
+    rows = []
+    for family, methods in paper.TABLE2.items():
+        for method in paper.METHODS:
+            cell = methods[method]
+            row = {"source": "paper", "pair": paper.pair_label(family), "method": method,
+                   "params": {f"r{r}": v for r, v in cell["params"].items()}, "memory_mb": cell["memory_mb"],
+                   "inference_s": cell["inference_s"], "timed_on": "CoLA ×100", "device": "A100"}
+            if method == "KD-LoRA":
+                for base in ("FFT", "LoRA"):
+                    row[f"memory_vs_{base}"] = _change(cell["memory_mb"], methods[base]["memory_mb"])
+                    row[f"time_vs_{base}"] = _change(cell["inference_s"], methods[base]["inference_s"])
+            rows.append(row)
+    pair = our_pair(t1, params)
+    for method in [m for m in paper.METHODS if m in eff]:
+        cell = eff[method]
+        row = {"source": "ours", "pair": pair, "method": method, "params": {"measured": cell.get("trainable_params")},
+               "memory_mb": cell.get("inference_memory_mb"), "memory_kind": cell.get("inference_memory_kind"),
+               "inference_s": cell.get("latency_total_s"),
+               "timed_on": _timed_on(cell),
+               "device": cell.get("latency_device")}
+        if method == "KD-LoRA":
+            for base in ("FFT", "LoRA"):
+                other = eff.get(base, {})
+                if cell.get("latency_tasks") != other.get("latency_tasks"):
+                    continue  # timed on different tasks: no ratio
+                if cell.get("inference_memory_kind") and cell.get("inference_memory_kind") == other.get("inference_memory_kind"):
+                    row[f"memory_vs_{base}"] = _change(cell.get("inference_memory_mb"), other.get("inference_memory_mb"))
+                row[f"time_vs_{base}"] = _change(cell.get("latency_total_s"), other.get("latency_total_s"))
+        rows.append(row)
+    return rows
+
+
+def render_paper_tables(table1_rows: dict[str, Any], table2_rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["### Per task: the paper's Table 1 beside ours", ""]
+    if table1_rows["rows"]:
+        lines += [f"GLUE dev scores ×100. Paper: {paper.SOURCE}, Table 1 (the median of its top 6 configurations per cell; "
+                  "FFT and LoRA train the teacher, KD-LoRA the student). Ours: Table 1 above. The ratios are KD-LoRA's "
+                  "score over FFT's and over LoRA's within the same row (the same teacher → student pair).", "",
+                  "| Column | Source | Teacher → student | FFT | LoRA | KD-LoRA | KD-LoRA / FFT | KD-LoRA / LoRA |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in table1_rows["rows"]:
+            lines.append(f"| {r['column']} | {r['source']} | {r['pair']} | " + " | ".join(_fmt(r[m]) for m in paper.METHODS)
+                         + f" | {_pct(r['kd_vs_fft'], signed=False)} | {_pct(r['kd_vs_lora'], signed=False)} |")
+    else:
+        lines.append("_No Table 1 runs of a task the paper reports._")
+    lines += ["", "### The paper's Table 2 beside our measurements", "",
+              "Paper: trainable parameters at LoRA ranks 8/16/32/64, GPU memory during inference and inference time "
+              "(the mean of 100 runs over CoLA validation) on an A100. Ours: the runs' measured trainable parameters "
+              "(at the ranks they used), the memory of the timed inference passes and their total time (Table 2b). "
+              "KD-LoRA's rows give its change against FFT and LoRA of the same pair; ours only where both were timed on "
+              "the same tasks and memory was measured the same way.", "",
+              "| Source | Teacher → student | Method | Trainable params | Inference memory (MB) | Inference time (s) | Timed on | "
+              "Memory vs FFT / LoRA | Time vs FFT / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in table2_rows:
+        trained = (" / ".join(f"{v / 1e6:g}M" for v in r["params"].values()) if r["source"] == "paper"
+                   else _millions(r["params"]["measured"]))
+        memory = _fmt(r.get("memory_mb")) + (" (CPU RSS)" if r.get("memory_kind") == "peak_rss_mb" else "")
+        vs = lambda key: (f"{_pct(r.get(key + '_FFT'))} / {_pct(r.get(key + '_LoRA'))}"  # noqa: E731
+                          if r["method"] == "KD-LoRA" else "")
+        lines.append(f"| {r['source']} | {r['pair']} | {r['method']} | {trained} | {memory} | {_fmt(r.get('inference_s'), 2)} | "
+                     f"{r.get('timed_on') or '–'}{'; ' + str(r['device']) if r.get('device') else ''} | {vs('memory_vs')} | {vs('time_vs')} |")
+    lines += ["", "Paper's trainable parameters: r=8 / 16 / 32 / 64 (FFT: every parameter at every rank)."]
+    return lines
 
 
 def _pct(value: Optional[float], signed: bool = True) -> str:
@@ -466,10 +619,8 @@ def _pct(value: Optional[float], signed: bool = True) -> str:
 
 def render_comparison(items: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["## Beside the paper", "",
-             f"The paper's claims ({paper.SOURCE}) and the same ratios from the runs above. Only the paper's headline "
-             "ratios are recorded: its per-task Table 1/2 values are not available here (`kdlora.paper.PER_TASK` is "
-             "empty) and no per-task paper cell is shown. Pass one family's runs (`--runs runs/bert`) to compare like "
-             "with like.", "",
+             f"The paper's headline claims ({paper.SOURCE}) and the same ratios from the runs above; its per-task "
+             "values follow. Pass one family's runs (`--runs runs/bert`) to compare like with like.", "",
              "| Claim | Paper | Ours | Paper's value from |", "|---|---|---|---|"]
     for key, item in items.items():
         ours, text = item["ours"], "– (runs missing)"
@@ -488,7 +639,8 @@ def render_comparison(items: dict[str, dict[str, Any]]) -> list[str]:
             text = (f"– (timed on different tasks: KD-LoRA on {', '.join(tasks['KD-LoRA'])}, the baseline on "
                     f"{', '.join(tasks['baseline'])})")
         elif ours is not None and key.startswith("time"):
-            text = f"{_pct(ours['change'])} ({', '.join(ours['tasks'])} validation; {', '.join(ours['devices'])})"
+            timed = ", ".join(ours["tasks"]) if ours["tasks"] else "all runs'"
+            text = f"{_pct(ours['change'])} ({timed} validation; {', '.join(ours['devices'])})"
         paper_value = _pct(item["paper"], signed=not key.startswith("score"))
         lines.append(f"| {item['label']} | {paper_value} | {text} | {item['source']} |")
     return lines
@@ -542,7 +694,7 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
         if any(t not in t1[m] for m in methods for t in tasks):
             lines += ["", "† averaged over only the tasks that method has runs for: not comparable with the other rows' averages."]
         clipped = [f"{m} / {get_task(t).dir_name} (n={t1[m][t]['n']})" for m in methods for t in tasks
-                   if t in t1[m] and t1[m][t]["k"] < top_k]
+                   if t in t1[m] and t1[m][t].get("k", t1[m][t]["n"]) < top_k]
         if clipped and top_k > 1:
             lines += ["", f"Fewer than {top_k} runs, so the median is over all of them (k clipped to n): " + ", ".join(clipped) + "."]
         lines += ["", "Per-metric values:", ""]
@@ -599,7 +751,7 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
             row = eff[m]
             memory = _fmt(row.get("peak_memory_mb"), 0) + (" (CPU RSS)" if row.get("memory_kind") == "cpu_peak_rss_mb" else "")
             inference = _fmt(row.get("inference_memory_mb"), 0) + (" (CPU RSS)" if row.get("inference_memory_kind") == "peak_rss_mb" else "")
-            timed_on = ", ".join(row.get("latency_tasks", [])) + (f" ×{row['latency_runs']}" if row.get("latency_runs") else "")
+            timed_on = _timed_on(row)
             lines.append(f"| {m} | {_millions(row.get('trainable_params'))} | {memory} | {inference} | {_fmt(row.get('latency_total_s'), 2)} | "
                          f"{_fmt(row.get('latency_batch_ms'), 2)} | {_fmt(row.get('examples_per_s'), 0)} | {timed_on or '–'} | "
                          f"{row.get('latency_device', '–')} |")
@@ -612,6 +764,7 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
         lines.append("_No runs with efficiency measurements found._")
     if compared:
         lines += [""] + render_comparison(compared)
+        lines += [""] + render_paper_tables(paper_table1(t1, params), paper_table2(t1, params, eff))
     if palette_items:
         lines += [""] + render_palettes(palette_items)
     return "\n".join(lines) + "\n"
@@ -624,11 +777,46 @@ def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, 
     pairs = DEFAULT_PAIRS if pairs is None else pairs
     t1, params, eff, pals = table1(runs, split, top_k), table2_parameters(pairs, ranks), efficiency(runs), palettes(runs)
     excluded = diverged_runs(runs, split)
-    compared = comparison(t1, params, eff, rank=min(ranks))
     data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "palettes": pals, "ranks": list(ranks),
             "runs": [r["dir"] for r in runs], "split": split, "top_k": top_k, "diverged_runs": excluded,
-            "unfinished_sweep_attempts": unfinished, "paper_comparison": compared}
-    return render_markdown(t1, params, eff, ranks, pals, excluded, top_k, compared, unfinished, split), data
+            "unfinished_sweep_attempts": unfinished}
+    data = with_paper(data)
+    return render(data), data
+
+
+def with_paper(data: dict[str, Any]) -> dict[str, Any]:
+    """A report's data with the paper's values beside ours (``paper_comparison``, ``paper_table1``,
+    ``paper_table2``) computed afresh from its tables and `kdlora.paper`."""
+    t1, params, eff = data["table1"], data.get("table2_parameters", {}), data.get("table2_efficiency", {})
+    return {**data, "paper_comparison": comparison(t1, params, eff, rank=min(data.get("ranks") or RANKS)),
+            "paper_table1": paper_table1(t1, params), "paper_table2": paper_table2(t1, params, eff)}
+
+
+def render(data: dict[str, Any], notes: Optional[str] = None) -> str:
+    """The report's markdown from its JSON (`build_report`'s data) and `kdlora.paper`; `notes`, prose that
+    interprets the results, goes under the title."""
+    data = with_paper(data)
+    markdown = render_markdown(data["table1"], data.get("table2_parameters", {}), data.get("table2_efficiency", {}),
+                               data.get("ranks") or RANKS, data.get("palettes", ()), data.get("diverged_runs", ()),
+                               data.get("top_k", TOP_K), data["paper_comparison"], data.get("unfinished_sweep_attempts", ()),
+                               data.get("split", "val_best"))
+    if notes and notes.strip():
+        title, rest = markdown.split("\n\n", 1)
+        markdown = f"{title}\n\n{notes.strip()}\n\n{rest}"
+    return markdown
+
+
+def read_report_json(path: Path) -> dict[str, Any]:
+    """A saved report's JSON (`build_report`'s data); a clear error naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such report JSON {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed report JSON {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("table1"), dict):
+        raise ValueError(f"malformed report JSON {path}: expected an object with a 'table1' mapping")
+    return data
 
 
 def parse_pair(text: str) -> tuple[str, tuple[str, str]]:
@@ -643,6 +831,8 @@ def parse_pair(text: str) -> tuple[str, tuple[str, str]]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdlora.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="*", default=[], help="run directories (searched for results.json)")
+    parser.add_argument("--from-json", metavar="JSON", help="render a saved report's JSON again (no runs needed): "
+                        "its tables beside the paper's values as kdlora.paper now holds them")
     parser.add_argument("--out", default="report.md", help="markdown output; JSON goes beside it (.json)")
     parser.add_argument("--pair", action="append", default=[], help="NAME=TEACHER:STUDENT configs for Table 2a (repeatable)")
     parser.add_argument("--no-default-pairs", action="store_true", help="only the --pair families in Table 2a")
@@ -656,7 +846,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         pairs.update(parse_pair(p) for p in args.pair)
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-        markdown, data = build_report(args.runs, pairs, args.ranks, args.split, args.top_k)
+        if args.from_json:
+            data = read_report_json(Path(args.from_json))
+            markdown, data = render(data), with_paper(data)
+        else:
+            markdown, data = build_report(args.runs, pairs, args.ranks, args.split, args.top_k)
     except (ValueError, FileNotFoundError) as e:
         print(f"kdlora.report: error: {e}", file=sys.stderr)
         return 2

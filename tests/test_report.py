@@ -136,6 +136,12 @@ def test_palette_section_sits_beside_the_teacher(tmp_path):
     assert "| h96-a3-f384-l0.5 (min) | 5.00M | 0.25 | 80.0 | 60.0 | 70.0 | 2.50 | 0.25 |" in md
     markdown, data = report.build_report([str(tmp_path)], pairs={})
     assert "## MLFS palettes" in markdown and data["palettes"][0]["task"] == "mrpc"
+    # Beside the MLFS paper (45M minnet of a 110M maxnet; accurate at 1/4 the teacher's size and 1/3 its latency):
+    # the member nearest 22.7M / 4 is the 5M one: 5 / 22.7 of the teacher, 2.5 / 10 ms, 0.70 / 0.82 of its score.
+    assert "| minnet params / maxnet | 0.41 (45M / 110M) | 0.25 |" in md
+    assert "| member's params / teacher | 0.25 | 0.22 |" in md
+    assert "| member's latency / maxnet (the teacher's shape) | 0.33 (single GPU) | 0.25 |" in md
+    assert f"| 85.4 % |" in md and "nearest a quarter of the teacher's parameters, h96-a3-f384-l0.5" in md
 
 
 def test_malformed_palette_file_is_named_in_the_error(tmp_path, capsys):
@@ -228,7 +234,60 @@ def test_paper_claims_beside_our_ratios(tmp_path):
     assert "| GLUE score, KD-LoRA / FFT | 97.0 % | 75.0 % (over CoLA) |" in markdown
     assert "| inference time, KD-LoRA vs LoRA | -30.0 % | -40.0 % (CoLA validation; cpu) |" in markdown
     assert "| BERT | LoRA | 8 | 294,912 | 296,450 | 296,450 |" in markdown
-    assert "12 × 2 × (768·8 + 8·768) = 294,912" in markdown and "per-task Table 1/2 values are not available" in markdown
+    assert "12 × 2 × (768·8 + 8·768) = 294,912" in markdown
+
+
+def _run_of(root, name, module, task, score, model, finetune=None, **extra):
+    hparams = {"task": task, "model_name_or_path": model, **({"finetune": finetune} if finetune else {})}
+    update_results(root / name / "results.json", {"run": {"module": module, "task": task, "hparams": hparams},
+                                                  "val_best": score, **extra})
+
+
+def test_paper_tables_beside_ours_per_task(tmp_path):
+    """The paper's Table 1 cells (typed here from the paper) and Table 2 rows beside ours, each row naming its
+    teacher → student pair, with KD-LoRA / FFT and KD-LoRA / LoRA per row; only the columns we have runs for."""
+    def eff(total_s, memory_mb):
+        return {"parameters": {"total": 100_000, "trainable": 10_000},
+                "latency": {"fit": {"total_s": total_s, "batch_mean_ms": 1.0, "examples_per_s": 1.0, "device": "cpu", "num_runs": 3,
+                                    "memory": {"device": "cpu", "peak_rss_mb": memory_mb}}}}
+    _run_of(tmp_path, "f", "Teacher", "cola", {"mcc": 0.60, "score": 0.60}, "tiny-teacher", "full", **eff(10.0, 1000.0))
+    _run_of(tmp_path, "l", "Teacher", "cola", {"mcc": 0.50, "score": 0.50}, "tiny-teacher", "lora", **eff(8.0, 800.0))
+    _run_of(tmp_path, "k", "KDLoRAStudent", "cola", {"mcc": 0.45, "score": 0.45}, "tiny-student", **eff(6.0, 600.0))
+    _run_of(tmp_path, "s", "KDLoRAStudent", "stsb", {"pearson": 0.8, "spearman": 0.6, "score": 0.7}, "tiny-student")
+    markdown, data = report.build_report([str(tmp_path)], pairs={})
+    assert data["paper_table1"]["columns"] == ["CoLA", "STS-B"]  # the paper's order, only where we have runs
+    lines = markdown.splitlines()
+    assert "| CoLA | ours | tiny-teacher → tiny-student | 60.0 | 50.0 | 45.0 | 75.0 % | 90.0 % |" in lines
+    assert "| CoLA | paper | BERT-base → DistilBERT-base | 57.7 | 56.9 | 56.3 | 97.6 % | 98.9 % |" in lines
+    assert "| CoLA | paper | RoBERTa-base → DistilRoBERTa-base | 60.9 | 59.4 | 56.8 | 93.3 % | 95.6 % |" in lines
+    assert "| STS-B | ours | tiny-teacher → tiny-student | – | – | 70.0 | – | – |" in lines
+    assert "| STS-B | paper | DeBERTa-v3-base → DeBERTa-v3-small | 91.5 | 91.1 | 89.8 | 98.1 % | 98.6 % |" in lines
+    assert not any(line.startswith("| RTE |") for line in lines)
+    # Table 2: 358.3 / 1515.9 MB, 358.3 / 531.9 MB; 4.44 / 7.21 s, 4.44 / 7.19 s
+    assert ("| paper | RoBERTa-base → DistilRoBERTa-base | KD-LoRA | 1.5M / 2.9M / 5.9M / 11.8M | 358.3 | 4.44 | CoLA ×100; A100 "
+            "| -76.4 % / -32.6 % | -38.4 % / -38.2 % |") in lines
+    assert "| ours | tiny-teacher → tiny-student | KD-LoRA | 10.0K | 600.0 (CPU RSS) | 6.00 | CoLA ×3; cpu | -40.0 % / -25.0 % | -40.0 % / -25.0 % |" in lines
+
+
+def test_report_renders_again_from_its_json(tmp_path):
+    """The markdown comes back from the saved JSON alone (`render`, `--from-json`), the paper's values included;
+    notes go under the title."""
+    _run_of(tmp_path / "runs", "f", "Teacher", "rte", {"accuracy": 0.6, "score": 0.6}, "t", "full")
+    _run_of(tmp_path / "runs", "k", "KDLoRAStudent", "rte", {"accuracy": 0.5, "score": 0.5}, "s")
+    out = tmp_path / "report.md"
+    assert report.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--no-default-pairs"]) == 0
+    markdown, saved = out.read_text(), json.loads(out.with_suffix(".json").read_text())
+    assert "| RTE | paper | BERT-base → DistilBERT-base | 71.6 | 70.1 | 64.0 | 89.4 % | 91.3 % |" in markdown
+    assert report.render(saved) == markdown
+    del saved["paper_table1"], saved["paper_comparison"]  # recomputed from the tables and kdlora.paper
+    assert report.render(saved) == markdown
+    assert report.render(saved, "Read this first.").startswith("# KD-LoRA report\n\nRead this first.\n\n## Table 1")
+    again = tmp_path / "again.md"
+    assert report.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
+    assert again.read_text() == markdown
+    (tmp_path / "bad.json").write_text("[1]")
+    assert report.main(["--from-json", str(tmp_path / "bad.json"), "--out", str(tmp_path / "bad.md")]) == 2
+    assert not (tmp_path / "bad.md").exists()
 
 
 def test_inference_ratios_compare_the_same_tasks(tmp_path):
