@@ -226,7 +226,8 @@ def cmd_latency(a) -> None:
               "prompt_tokens": int(prompt.shape[1]), "new_tokens": a.new_tokens, "rounds": a.rounds, "rows": rows,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     write_atomic(work / "latency.json", json.dumps(record, indent=2) + "\n")
-    print(json.dumps(rows, indent=2))
+    write_atomic(work / "latency.md", render_latency(record))
+    print(render_latency(record))
 
 
 def variant_label(run: dict) -> str:
@@ -254,44 +255,14 @@ def cmd_report(a) -> None:
     latency = json.loads((work / "latency.json").read_text()) if (work / "latency.json").is_file() else None
     lat = {r["name"]: r for r in (latency or {}).get("rows", [])}
     out = Path(a.out)
-    md = [f"# MLFS palette of SmolLM2-135M-Instruct on Python code (stdlib), CPU", ""]
-    if a.notes and Path(a.notes).is_file():
-        md += [Path(a.notes).read_text().strip(), ""]
-    md += ["## Commands", "", "```", *[r["command"] for r in runs]]
-    if alone:
-        md.append(alone["command"])
-    if latency:
-        md.append(latency["command"])
-    md += [" ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]), "```", ""]
     d = mlfs["data"]
-    walls = "; ".join(f"MLFS ({lab}) {r['wall_s'] / 60:.1f} min, {r['threads']} thread(s)" for r, lab in zip(runs, labels))
-    md += [f"Data: `{d['source']}`, {d['files']['train']} train / {d['files']['validation']} held-out files; "
-           f"{d['train']['tokens']} training tokens ({mlfs['steps']} steps × batch {mlfs['batch']} × block {mlfs['block']}), "
-           f"{d['validation']['tokens']} held-out tokens. Seed {mlfs['seed']}, one run each. LoRA r={mlfs['lora_r']}, "
-           f"lr {mlfs['lr']}, {mlfs['num_subnets']} subnet(s) per step besides the maxnet (sandwich). Wall time: {walls}"
-           + (f"; alone {alone['wall_s'] / 60:.1f} min, {alone['threads']} thread(s)" if alone else "")
-           + "; on 2 cores shared with other jobs.", ""]
-    md += ["MLFS runs: " + "; ".join(f"**({i + 1})** {lab}" for i, lab in enumerate(labels)) + ". "
-           + (f"Alone: {variant_label(alone).split(',')[0]}, LM loss only." if alone else ""), ""]
-    max_lat = next((lat[r["name"]]["ms_per_token"] for r in mlfs["palette_start"] if r["role"] == "maxnet" and r["name"] in lat), None)
-    head = ["member", "role", "parameters (exported)", "ms / generated token", "vs maxnet"]
-    for i, r in enumerate(runs):
-        head += [f"start ({i + 1})", f"after MLFS ({i + 1})"]
-    if alone:
-        head.append("alone, end")
-    md += ["## Palette: held-out perplexity", "", "Start: sliced, untrained. After MLFS: the end of the run "
-           "(a run stopped early: its curve slice's last point, marked with the step).", "",
-           "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     alone_end = {r["name"]: r["perplexity"] for r in (alone or {}).get("palette_end", [])}
     if alone and alone.get("curve"):
         alone_end.setdefault(alone["slice"], alone["curve"][-1]["perplexity"])
     table = []
     for r in mlfs["palette_start"]:
-        l = lat.get(r["name"], {}).get("ms_per_token")
-        exported = lat.get(r["name"], {}).get("params")
-        row = {"name": r["name"], "role": r["role"], "params": r["params"], "exported_params": exported, "ms_per_token": l,
-               "runs": [], "alone": alone_end.get(r["name"])}
-        cells = []
+        row = {"name": r["name"], "role": r["role"], "params": r["params"], "exported_params": lat.get(r["name"], {}).get("params"),
+               "ms_per_token": lat.get(r["name"], {}).get("ms_per_token"), "runs": [], "alone": alone_end.get(r["name"])}
         for run in runs:
             start = {x["name"]: x["perplexity"] for x in run["palette_start"]}.get(r["name"])
             after = {x["name"]: x["perplexity"] for x in run["palette_end"]}.get(r["name"])
@@ -299,36 +270,11 @@ def cmd_report(a) -> None:
             if after is None and r["name"] == run["slice"] and run["curve"] and run["curve"][-1]["step"] < run["steps"]:
                 after, partial = run["curve"][-1]["perplexity"], run["curve"][-1]["step"]
             row["runs"].append({"start": start, "after": after, "stopped_at_step": partial})
-            cells += ["–" if start is None else f"{start:.5g}",
-                      "not measured" if after is None else f"{after:.5g}" + (f" (step {partial} of {run['steps']})" if partial else "")]
         table.append(row)
-        ratio = f"{l / max_lat:.2f}×" if l is not None and max_lat else "–"
-        size = f"{r['params'] / 1e6:.1f}M" + (f" ({exported / 1e6:.1f}M)" if exported and exported != r["params"] else "")
-        line = [f"`{r['name']}`", r["role"], size, "%.1f" % l if l is not None else "–", ratio, *cells]
-        if alone:
-            line.append("–" if row["alone"] is None else f"{row['alone']:.5g}")
-        md.append("| " + " | ".join(line) + " |")
-    if latency:
-        md += ["", f"Latency: plain `LlamaForCausalLM` members ({latency.get('weights', 'the MLFS exports')}), greedy `generate` with the kv cache, batch 1, "
-                   f"{latency['prompt_tokens']}-token held-out prompt, (t({latency['new_tokens']} new) − t(1 new)) / "
-                   f"{latency['new_tokens'] - 1}; median of {latency['rounds']} round-robin rounds after one warm-up; "
-                   f"{latency['threads']} threads on {latency['machine']}, shared with other jobs."]
-    md += ["", f"## Recovery curve of `{mlfs['slice']}`", "",
-           "Held-out perplexity vs training tokens: MLFS (distilling from the maxnet, the slice is the sandwich's "
-           "smallest subnet, trained every step) against the same slice trained alone (LM loss only).", "",
-           "| step | tokens | " + " | ".join(f"MLFS ({i + 1})" for i in range(len(runs))) + " | alone |",
-           "|---:|---:|" + "---:|" * (len(runs) + 1)]
     alone_curve = {p["step"]: p["perplexity"] for p in (alone or {}).get("curve", [])}
     curves = [{p["step"]: p["perplexity"] for p in r["curve"]} for r in runs]
-    curve = []
-    for step in sorted(set(alone_curve).union(*curves)):
-        values = [c.get(step) for c in curves]
-        al = alone_curve.get(step)
-        curve.append({"step": step, "tokens": step * mlfs["batch"] * mlfs["block"], "mlfs": values, "alone": al})
-        md.append(f"| {step} | {step * mlfs['batch'] * mlfs['block']} | "
-                  + " | ".join("%.5g" % v if v is not None else "(not reached)" for v in values)
-                  + f" | {'%.5g' % al if al is not None else '–'} |")
-    md += ["", f"![recovery curve]({out.name}_curve.png)", ""]
+    curve = [{"step": step, "tokens": step * mlfs["batch"] * mlfs["block"], "mlfs": [c.get(step) for c in curves],
+              "alone": alone_curve.get(step)} for step in sorted(set(alone_curve).union(*curves))]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (r, lab) in enumerate(zip(runs, labels)):
         ax.plot([p["tokens"] for p in r["curve"]], [p["perplexity"] for p in r["curve"]], "o-", label=f"MLFS ({i + 1}) {lab}")
@@ -346,13 +292,115 @@ def cmd_report(a) -> None:
     fig.savefig(tmp, dpi=110)
     tmp.replace(png)
     record = {"commands": [*[r["command"] for r in runs], *([alone["command"]] if alone else []), *([latency["command"]] if latency else [])],
-              "runs": labels, "data": d, "seed": mlfs["seed"], "steps": mlfs["steps"], "batch": mlfs["batch"], "block": mlfs["block"],
-              "lr": mlfs["lr"], "lora_r": mlfs["lora_r"], "search_space": mlfs["search_space"], "palette": table,
-              "curve_slice": mlfs["slice"], "curve": curve, "latency": latency,
-              "wall_s": {"mlfs": [r["wall_s"] for r in runs], "alone": alone["wall_s"] if alone else None}}
+              "report_command": " ".join(["python", "benchmarks/decoder_palette.py", *sys.argv[1:]]),
+              "runs": labels, "alone_order": variant_label(alone).split(",")[0] if alone else None,
+              "data": d, "seed": mlfs["seed"], "steps": mlfs["steps"], "batch": mlfs["batch"], "block": mlfs["block"],
+              "lr": mlfs["lr"], "lora_r": mlfs["lora_r"], "num_subnets": mlfs["num_subnets"], "search_space": mlfs["search_space"],
+              "palette": table, "curve_slice": mlfs["slice"], "curve": curve, "curve_png": png.name, "latency": latency,
+              "wall_s": {"mlfs": [r["wall_s"] for r in runs], "alone": alone["wall_s"] if alone else None},
+              "threads": {"mlfs": [r["threads"] for r in runs], "alone": alone["threads"] if alone else None}}
+    md = render_report(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    write_atomic(out.with_suffix(".md"), md)
+    print(md)
+
+
+def render_report(record: dict, notes: str | None = None) -> str:
+    """The markdown of `decoder_palette.py report` from its JSON; `notes` go under the title."""
+    labels, latency, d, alone = record["runs"], record["latency"], record["data"], record["alone_order"] is not None
+    md = ["# MLFS palette of SmolLM2-135M-Instruct on Python code (stdlib), CPU", ""]
+    if notes:
+        md += [notes, ""]
+    md += ["## Commands", "", "```", *record["commands"], record["report_command"], "```", ""]
+    threads = record["threads"]
+    walls = "; ".join(f"MLFS ({lab}) {w / 60:.1f} min, {t} thread(s)" for w, t, lab in zip(record["wall_s"]["mlfs"], threads["mlfs"], labels))
+    md += [f"Data: `{d['source']}`, {d['files']['train']} train / {d['files']['validation']} held-out files; "
+           f"{d['train']['tokens']} training tokens ({record['steps']} steps × batch {record['batch']} × block {record['block']}), "
+           f"{d['validation']['tokens']} held-out tokens. Seed {record['seed']}, one run each. LoRA r={record['lora_r']}, "
+           f"lr {record['lr']}, {record['num_subnets']} subnet(s) per step besides the maxnet (sandwich). Wall time: {walls}"
+           + (f"; alone {record['wall_s']['alone'] / 60:.1f} min, {threads['alone']} thread(s)" if alone else "")
+           + "; on 2 cores shared with other jobs.", ""]
+    md += ["MLFS runs: " + "; ".join(f"**({i + 1})** {lab}" for i, lab in enumerate(labels)) + ". "
+           + (f"Alone: {record['alone_order']}, LM loss only." if alone else ""), ""]
+    max_lat = next((r["ms_per_token"] for r in record["palette"] if r["role"] == "maxnet"), None)
+    head = ["member", "role", "parameters (exported)", "ms / generated token", "vs maxnet"]
+    for i in range(len(labels)):
+        head += [f"start ({i + 1})", f"after MLFS ({i + 1})"]
+    if alone:
+        head.append("alone, end")
+    md += ["## Palette: held-out perplexity", "", "Start: sliced, untrained. After MLFS: the end of the run "
+           "(a run stopped early: its curve slice's last point, marked with the step).", "",
+           "| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for row in record["palette"]:
+        cells = []
+        for run in row["runs"]:
+            start, after, partial = run["start"], run["after"], run["stopped_at_step"]
+            cells += ["–" if start is None else f"{start:.5g}",
+                      "not measured" if after is None else f"{after:.5g}" + (f" (step {partial} of {record['steps']})" if partial else "")]
+        l, exported = row["ms_per_token"], row["exported_params"]
+        ratio = f"{l / max_lat:.2f}×" if l is not None and max_lat else "–"
+        size = f"{row['params'] / 1e6:.1f}M" + (f" ({exported / 1e6:.1f}M)" if exported and exported != row["params"] else "")
+        line = [f"`{row['name']}`", row["role"], size, "%.1f" % l if l is not None else "–", ratio, *cells]
+        if alone:
+            line.append("–" if row["alone"] is None else f"{row['alone']:.5g}")
+        md.append("| " + " | ".join(line) + " |")
+    if latency:
+        md += ["", f"Latency: plain `LlamaForCausalLM` members ({latency.get('weights', 'the MLFS exports')}), greedy `generate` with the kv cache, batch 1, "
+                   f"{latency['prompt_tokens']}-token held-out prompt, (t({latency['new_tokens']} new) − t(1 new)) / "
+                   f"{latency['new_tokens'] - 1}; median of {latency['rounds']} round-robin rounds after one warm-up; "
+                   f"{latency['threads']} threads on {latency['machine']}, shared with other jobs."]
+    md += ["", f"## Recovery curve of `{record['curve_slice']}`", "",
+           "Held-out perplexity vs training tokens: MLFS (distilling from the maxnet, the slice is the sandwich's "
+           "smallest subnet, trained every step) against the same slice trained alone (LM loss only).", "",
+           "| step | tokens | " + " | ".join(f"MLFS ({i + 1})" for i in range(len(labels))) + " | alone |",
+           "|---:|---:|" + "---:|" * (len(labels) + 1)]
+    for point in record["curve"]:
+        al = point["alone"]
+        md.append(f"| {point['step']} | {point['tokens']} | "
+                  + " | ".join("%.5g" % v if v is not None else "(not reached)" for v in point["mlfs"])
+                  + f" | {'%.5g' % al if al is not None else '–'} |")
+    md += ["", f"![recovery curve]({record['curve_png']})", ""]
+    return "\n".join(md) + "\n"
+
+
+def member_shape(name: str) -> tuple[int, int]:
+    """(layers, attention heads) of a member from its subnet name (``h576-a6-f1024-l0.2.3`` or ``...-l30``),
+    a zero-padded export's name (``<subnet> (zero-padded to 9 heads)``) giving the padded head count."""
+    subnet, _, padded = name.partition(" (zero-padded to ")
+    parts = {p[0]: p[1:] for p in subnet.split("-")}
+    layers = parts["l"]
+    depth = len(layers.split(".")) if "." in layers else int(layers)
+    heads = int(padded.split()[0]) if padded else int(parts["a"])
+    return depth, heads
+
+
+def render_latency(record: dict, notes: str | None = None) -> str:
+    """The markdown of a `decoder_palette.py latency` record (its ``latency.json``); `notes` follow the table.
+    Each zero-padded export is set beside the export of the same subnet with its own heads."""
+    rows = record["rows"]
+    base = rows[0]["ms_per_token"]
+    md = ["# SmolLM2 palette members: CPU latency per generated token, exports with and without zero-padded heads", "",
+          f"`{record['command']}`: {record['weights']}; {record['threads']} thread(s) on {record['machine']}. Per generated "
+          f"token after a {record['prompt_tokens']}-token held-out prompt: (t({record['new_tokens']} new) − t(1 new)) / "
+          f"{record['new_tokens'] - 1}, greedy, kv cache, batch 1; members round-robin, {record['rounds']} rounds after one "
+          "warm-up, median. The first member is the maxnet.", "",
+          "| member | layers | heads | exported parameters | ms / token (min–max) | vs maxnet | vs its own-heads export |",
+          "|---|---:|---:|---:|---:|---:|---:|"]
+    own = {r["name"]: r for r in rows}
+    for r in rows:
+        depth, heads = member_shape(r["name"])
+        subnet, _, padded = r["name"].partition(" (zero-padded to ")
+        label = f"`{subnet}`" + (f" zero-padded to {padded.rstrip(')')}" if padded else "")
+        versus = "–"
+        if padded and subnet in own:
+            o = own[subnet]
+            versus = f"+{(r['params'] - o['params']) / 1e6:.1f}M, {100 * (r['ms_per_token'] / o['ms_per_token'] - 1):+.1f} % time"
+        md.append(f"| {label} | {depth} | {heads} | {r['params'] / 1e6:.1f}M | {r['ms_per_token']:.1f} "
+                  f"({min(r['samples_ms']):.1f}–{max(r['samples_ms']):.1f}) | {r['ms_per_token'] / base:.2f}× | {versus} |")
+    md.append("")
+    if notes:
+        md += [notes, ""]
+    return "\n".join(md)
 
 
 def main(argv=None) -> int:

@@ -76,14 +76,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     runs = Path(a.runs)
     command = "python benchmarks/kdlora_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = ["# KD-LoRA on MiniLM: where the student's gap to its teacher comes from", "",
-          f"Made by `{command}` from finished runs (the docstring of `benchmarks/kdlora_diagnosis.py` lists the "
-          "commands). Every run: the training examples each table names (a seeded subset of the 90 % of train not "
-          "held out, or all of it), selection on the held-out 10 % of train, dev reported (GLUE score ×100: STS-B mean of Pearson and "
-          "Spearman, CoLA MCC). Teacher all-MiniLM-L6-v2 (22.7M), student paraphrase-MiniLM-L3-v2 (17.4M), seed 42, "
-          "one run per cell.", ""]
-    if a.notes and Path(a.notes).is_file():
-        md += [Path(a.notes).read_text().strip(), ""]
     data = {}
     for task in a.tasks:
         name = get_task(task).name
@@ -93,10 +85,33 @@ def main(argv=None) -> int:
         points = finished(runs / "minilm" / name / "kdlora")
         if teacher is None and not points:
             continue
+        data[name] = {"teacher_fft": teacher, "student_fft": student_fft, "lora": lora, "kdlora": points,
+                      "kdlora_selected": best_on_held_out(points)}
+    record = {"command": command, "tasks": data}
+    md = render(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    out = Path(a.out)
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), md)
+    print(md)
+    return 0
+
+
+def render(record: dict, notes: Optional[str] = None) -> str:
+    """The markdown of a diagnosis table from its JSON; `notes` go under the first paragraph."""
+    md = ["# KD-LoRA on MiniLM: where the student's gap to its teacher comes from", "",
+          f"Made by `{record['command']}` from finished runs (the docstring of `benchmarks/kdlora_diagnosis.py` lists the "
+          "commands). Every run: the training examples each table names (a seeded subset of the 90 % of train not "
+          "held out, or all of it), selection on the held-out 10 % of train, dev reported (GLUE score ×100: STS-B mean of Pearson and "
+          "Spearman, CoLA MCC). Teacher all-MiniLM-L6-v2 (22.7M), student paraphrase-MiniLM-L3-v2 (17.4M), seed 42, "
+          "one run per cell.", ""]
+    if notes:
+        md += [notes, ""]
+    for name, t in record["tasks"].items():
+        teacher, student_fft, lora, points = t["teacher_fft"], t["student_fft"], t["lora"], t["kdlora"]
         t_dev, s_dev = (teacher or {}).get("dev"), (student_fft or {}).get("dev")
         sizes = {r.get("train_samples") for r in [teacher, student_fft, lora, *points] if r}
         size = ", ".join("the whole 90 %" if n is None else f"{n:,}" for n in sorted(sizes, key=lambda n: n or 10 ** 9))
-        md += [f"## {get_task(task).dir_name}", "", f"Training examples: {size}.", "",
+        md += [f"## {get_task(name).dir_name}", "", f"Training examples: {size}.", "",
                f"FFT teacher (MiniLM-L6): **{pct(t_dev)}**. The student's own FFT (MiniLM-L3, best of its lr grid on "
                f"held-out): **{pct(s_dev)}** ({ratio(s_dev, t_dev)} of the teacher). LoRA on the teacher: "
                f"{pct((lora or {}).get('dev'))}.", "",
@@ -105,18 +120,12 @@ def main(argv=None) -> int:
             trainable = f"{p['trainable'] / 1e3:.0f}K" if p.get("trainable") else "–"
             md.append(f"| {describe(p['overrides'])} | {trainable} | {pct(p['held_out'])} | {pct(p['dev'])} | "
                       f"{ratio(p['dev'], t_dev)} | {ratio(p['dev'], s_dev)} |")
-        chosen = best_on_held_out(points)
+        chosen = t["kdlora_selected"]
         if chosen:
             md += ["", f"Selected on held-out: {describe(chosen['overrides'])}: dev {pct(chosen['dev'])}, "
                        f"{ratio(chosen['dev'], t_dev)} of the FFT teacher, {ratio(chosen['dev'], s_dev)} of the student's own FFT."]
         md.append("")
-        data[name] = {"teacher_fft": teacher, "student_fft": student_fft, "lora": lora, "kdlora": points,
-                      "kdlora_selected": chosen}
-    out = Path(a.out)
-    write_atomic(out.with_suffix(".json"), json.dumps({"command": command, "tasks": data}, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":

@@ -100,27 +100,35 @@ def main(argv=None) -> int:
         "forward_seconds": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
         "eval_tokens": tokens, "eval_seconds": round(eval_s, 1), "nll_per_token": nll / tokens, "perplexity": math.exp(nll / tokens),
         "load_average": load_average, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "max_files": args.max_files, "max_val_tokens": args.max_val_tokens, "block_size": args.block_size,
     }
-    md = "\n".join([
-        f"# {Path(args.model).name} on CPU", "",
-        f"`python benchmarks/lm_perplexity.py --model {args.model}` ({result['threads']} threads, torch {torch.__version__}, Python {result['python']})", "",
-        "| hidden | heads | kv heads | FFN | layers | vocab | tied embeddings | parameters |", "|---|---|---|---|---|---|---|---|",
-        "| {hidden_size} | {num_attention_heads} | {num_key_value_heads} | {intermediate_size} | {num_hidden_layers} | {vocab_size} | "
-        "{tie_word_embeddings} |".format(**result["config"]) + f" {result['parameters'] / 1e6:.1f}M |", "",
-        f"- load (from_pretrained, fp32): {result['load_seconds']} s",
-        f"- forward of a batch {result['forward_batch'][0]} × {result['forward_batch'][1]} tokens: median {result['forward_seconds_median']} s "
-        f"of {args.timing_repeats} ({result['forward_seconds']})",
-        f"- perplexity on the held-out split ({len(result['files'])} of {args.max_files} seeded {result['source']} files `{args.pattern}`, "
-        f"its first {args.max_val_tokens} tokens, blocks of {args.block_size}: {tokens} predicted tokens): "
-        f"**{result['perplexity']:.2f}** (NLL {result['nll_per_token']:.3f} nats/token; {result['eval_seconds']} s)",
-        f"- held-out files in packing order (the token limit reaches only the first ones): {', '.join(result['files'])}",
-        f"- load average at the start: {load_average:.2f} ({os.cpu_count()} cores, shared with other jobs)" if load_average is not None else "",
-        ""])
+    md = render(result)
     print(md)
     if args.out:
         write_atomic(Path(args.out + ".md"), md)
         write_atomic(Path(args.out + ".json"), json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def render(result: dict, notes: str | None = None) -> str:
+    """The markdown of an lm_perplexity run from its JSON; `notes` go under the title."""
+    load_average = result["load_average"]
+    return "\n".join([
+        f"# {Path(result['model']).name} on CPU", "",
+        *([notes, ""] if notes else []),
+        f"`python benchmarks/lm_perplexity.py --model {result['model']}` ({result['threads']} threads, torch {result['torch']}, Python {result['python']})", "",
+        "| hidden | heads | kv heads | FFN | layers | vocab | tied embeddings | parameters |", "|---|---|---|---|---|---|---|---|",
+        "| {hidden_size} | {num_attention_heads} | {num_key_value_heads} | {intermediate_size} | {num_hidden_layers} | {vocab_size} | "
+        "{tie_word_embeddings} |".format(**result["config"]) + f" {result['parameters'] / 1e6:.1f}M |", "",
+        f"- load (from_pretrained, fp32): {result['load_seconds']} s",
+        f"- forward of a batch {result['forward_batch'][0]} × {result['forward_batch'][1]} tokens: median {result['forward_seconds_median']} s "
+        f"of {len(result['forward_seconds'])} ({result['forward_seconds']})",
+        f"- perplexity on the held-out split ({len(result['files'])} of {result['max_files']} seeded {result['source']} files `{result['pattern']}`, "
+        f"its first {result['max_val_tokens']} tokens, blocks of {result['block_size']}: {result['eval_tokens']} predicted tokens): "
+        f"**{result['perplexity']:.2f}** (NLL {result['nll_per_token']:.3f} nats/token; {result['eval_seconds']} s)",
+        f"- held-out files in packing order (the token limit reaches only the first ones): {', '.join(result['files'])}",
+        f"- load average at the start: {load_average:.2f} ({result['cpus']} cores, shared with other jobs)" if load_average is not None else "",
+        ""])
 
 
 if __name__ == "__main__":

@@ -200,12 +200,6 @@ def pct(x) -> str:
 
 def cmd_table(a) -> None:
     latency = json.loads((RUNS / "latency.json").read_text()) if (RUNS / "latency.json").is_file() else None
-    out_md = ["# MLFS palettes, the paper's recipe on MiniLM-L6, beside the same slices trained alone", "",
-              "Made by `benchmarks/mlfs_palette.py` (its docstring has every command; the exact runs are listed under "
-              "*Runs* below). Dev scores are GLUE scores ×100 (MRPC: mean of F1 and accuracy; STS-B: mean of Pearson "
-              "and Spearman; SST-2: accuracy). Selection (\"selected\") uses the held-out 10 % of train, never dev.", ""]
-    if a.notes and Path(a.notes).is_file():
-        out_md += [Path(a.notes).read_text().strip(), ""]
     data = {}
     for task in a.tasks:
         try:
@@ -245,33 +239,89 @@ def cmd_table(a) -> None:
                 **{f"{v}_start": r["start"].get(n, {}).get("score") for v, r in variants.items()}})
         sel_info = next(iter(selected.values()))
         data[task] = {"run": str(run), "selected": {k: sel_info.get(k) for k in ("weights", "epoch", "step", "stage")},
-                      "variants": {v: r["run"] for v, r in variants.items()}, "rows": task_rows}
+                      "variants": {v: r["run"] for v, r in variants.items()}, "rows": task_rows,
+                      "kdlora_l3_student": student_result(task)}
+    record = {"latency": latency, "tasks": data}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = render_table(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2))
+    write_atomic(out.with_suffix(".md"), md)
+    print(md)
+
+
+def span(values: list[float], signed: bool = False) -> str:
+    """The smallest and largest of `values` (fractions) ×100, as "a to b" (one value: just it)."""
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    low, high = (fmt.format(100 * v) for v in (min(values), max(values)))
+    return low if low == high else f"{low} to {high}"
+
+
+def comparison_rows(task: str, rows: list[dict], variants: list[str]) -> list[str]:
+    """Per variant of `task`: how far its members end from the paper recipe's and from the slices trained
+    alone (end of stage 2, every member both have)."""
+    lines = []
+    for v in variants:
+        both = [r for r in rows if r.get(f"{v}_final") is not None and r["mlfs_final"] is not None]
+        alone = [r for r in both if r["alone_final"] is not None]
+        if not both:
+            continue
+        lines.append(f"| {task} | {v} | {len(both)} | {span([r[f'{v}_final'] - r['mlfs_final'] for r in both], signed=True)} | "
+                     + (f"{len(alone)} | {span([r[f'{v}_final'] - r['alone_final'] for r in alone], signed=True)} |" if alone else "0 | – |"))
+    return lines
+
+
+def render_table(data: dict, notes: str | None = None) -> str:
+    """The markdown of `mlfs_palette.py table` from its JSON (`data`) and the notes put under the title."""
+    md = ["# MLFS palettes, the paper's recipe on MiniLM-L6, beside the same slices trained alone", "",
+          "Made by `benchmarks/mlfs_palette.py table` from finished runs (its docstring has every command; each "
+          "table's runs are named in `mlfs_palette.json`: `run`, `variants`). Dev scores are GLUE scores ×100 (MRPC: mean "
+          "of F1 and accuracy; STS-B: mean of Pearson and Spearman; SST-2: accuracy). Selection (\"selected\") uses the "
+          "held-out 10 % of train, never dev.", ""]
+    if notes:
+        md += [notes, ""]
+    summary = []
+    for task, t in data["tasks"].items():
+        variants = list(t["variants"])
+        rows = t["rows"]
+        n_max = rows[0]["params"]
         extra = [c for v in variants for c in (f"{v} start", f"{v} end")]
-        out_md += [f"## {task} (selected checkpoint: epoch {sel_info.get('epoch')}, stage {sel_info.get('stage')})", "",
-                   "| member | params M (×max) | latency ×max (b1) | start | MLFS selected | MLFS end | alone selected | alone end | "
-                   "MLFS end − alone end | " + "".join(f"{c} | " for c in extra),
-                   "|---" * (9 + len(extra)) + "|"]
-        for r in task_rows:
+        md += [f"## {task} (selected checkpoint: epoch {t['selected'].get('epoch')}, stage {t['selected'].get('stage')})", "",
+               "| member | params M (×max) | latency ×max (b1) | start | MLFS selected | MLFS end | alone selected | alone end | "
+               "MLFS end − alone end | " + "".join(f"{c} | " for c in extra),
+               "|---" * (9 + len(extra)) + "|"]
+        for r in rows:
             diff = None if r["alone_final"] is None or r["mlfs_final"] is None else r["mlfs_final"] - r["alone_final"]
             latency_cell = "–" if r["latency_ratio_b1"] is None else f"{r['latency_ratio_b1']:.2f}"
             cells = [f"{r['member']} {r['role']}".strip(), f"{r['params'] / 1e6:.2f} ({r['params_ratio']:.2f})", latency_cell,
                      pct(r["start"]), pct(r["mlfs_selected"]), pct(r["mlfs_final"]), pct(r["alone_selected"]), pct(r["alone_final"]),
                      "–" if diff is None else f"{100 * diff:+.1f}"]
             cells += [pct(r.get(f"{v}_{k}")) for v in variants for k in ("start", "final")]
-            out_md.append("| " + " | ".join(cells) + " |")
-        student = student_result(task)
-        data[task]["kdlora_l3_student"] = student
+            md.append("| " + " | ".join(cells) + " |")
+        student = t.get("kdlora_l3_student")
         if student:
             size = f"{student['params'] / 1e6:.2f}M, {student['params'] / n_max:.2f}× the maxnet" if student["params"] else "size unknown"
-            out_md += ["", f"KD-LoRA MiniLM-L3 student ({size}; LoRA r 8 on query/value, the same training subset, "
-                           f"held-out selection, distilling an FFT MiniLM-L6 teacher trained on the same subset): dev "
-                           f"{pct(student['score'])} (`mlfs_palette.py fft` then `student`, `{student['run']}`)."]
-        out_md.append("")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps({"latency": latency, "tasks": data}, indent=2))
-    write_atomic(out.with_suffix(".md"), "\n".join(out_md) + "\n")
-    print("\n".join(out_md))
+            md += ["", f"KD-LoRA MiniLM-L3 student ({size}; LoRA r 8 on query/value, the same training subset, "
+                       f"held-out selection, distilling an FFT MiniLM-L6 teacher trained on the same subset): dev "
+                       f"{pct(student['score'])} (`mlfs_palette.py fft` then `student`, `{student['run']}`)."]
+        md.append("")
+        below = [r for r in rows[1:] if r["mlfs_final"] is not None]
+        alone = [r for r in below if r["alone_final"] is not None]
+        if below and alone:
+            summary.append(f"| {task} | MLFS end, members below the maxnet | {span([r['mlfs_final'] for r in below])} | "
+                           f"alone end: {span([r['alone_final'] for r in alone])} |")
+        summary += [line for line in comparison_rows(task, rows, variants)]
+    if summary:
+        ranges = [line for line in summary if "members below the maxnet" in line]
+        gains = [line for line in summary if line not in ranges]
+        md += ["## Ranges over members (end of stage 2, ×100)", ""]
+        if ranges:
+            md += ["| task | what | range | beside |", "|---|---|---|---|", *ranges, ""]
+        if gains:
+            md += ["Each variant against the paper recipe (variant end − MLFS end) and against the slices trained alone "
+                   "(variant end − alone end), over the members both have:", "",
+                   "| task | variant | members | − MLFS end | members alone | − alone end |", "|---|---|---|---|---|---|", *gains, ""]
+    return "\n".join(md).rstrip("\n") + "\n"
 
 
 def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
@@ -303,18 +353,12 @@ def cmd_ablations(a) -> None:
         runs[name] = {"run": str(run), "gamma": float(hp["gamma"]), "lora_r": int(hp["lora_r"]),
                       "final": {n: r["score"] for n, r in rows_by_name(run / "palette_final.json").items()},
                       "smallest_loss": scalars(run, "train/smallest_loss"), "smallest_task": scalars(run, "train/smallest_task")}
-    ref = runs[a.runs[0]]
-    by_gamma = {r["gamma"]: (n, r) for n, r in runs.items() if r["lora_r"] == ref["lora_r"]}
-    by_rank = {r["lora_r"]: (n, r) for n, r in runs.items() if r["gamma"] == ref["gamma"]}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"task": a.task, "train_samples": a.train_samples, "figures": out.name, "runs": runs}
+    by_gamma, by_rank = ablation_groups(runs)
+    ref = next(iter(runs.values()))
     members = list(ref["final"])
-    md = [f"# MLFS ablations on {a.task}: gradient scaling γ and LoRA rank r (MiniLM-L6, paper recipe)", "",
-          f"Runs: `python benchmarks/mlfs_palette.py mlfs --task {a.task} --name NAME --train-samples {a.train_samples} -- "
-          "--data.batch_size 16 [--model.init_args.gamma G | --model.init_args.lora_r R --model.init_args.lora_alpha 2R]`, then "
-          f"`python benchmarks/mlfs_palette.py ablations --task {a.task} --runs {' '.join(a.runs)}`. Dev score ×100 at the end of stage 2.", ""]
-    if a.notes and Path(a.notes).is_file():
-        md += [Path(a.notes).read_text().strip(), ""]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, what in zip(axes, ("smallest_loss", "smallest_task"), ("objective", "task loss")):
         for gamma, (name, r) in sorted(by_gamma.items()):
@@ -327,9 +371,6 @@ def cmd_ablations(a) -> None:
     fig.tight_layout()
     fig.savefig(out.parent / f"{out.name}_gamma.png", dpi=120)
     plt.close(fig)
-    md += ["## Gradient scaling γ (r = %d)" % ref["lora_r"], "", "| γ | run | " + " | ".join(members) + " |", "|---" * (len(members) + 2) + "|"]
-    md += [f"| {g:g} | {n} | " + " | ".join(pct(r["final"].get(m)) for m in members) + " |" for g, (n, r) in sorted(by_gamma.items())]
-    md += ["", f"Figure: `{out.name}_gamma.png`.", ""]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ranks = sorted(by_rank)
     for m in members:
@@ -343,19 +384,45 @@ def cmd_ablations(a) -> None:
     fig.tight_layout()
     fig.savefig(out.parent / f"{out.name}_rank.png", dpi=120)
     plt.close(fig)
+    md = render_ablations(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2))
+    write_atomic(out.with_suffix(".md"), md)
+    print(md)
+
+
+def ablation_groups(runs: dict) -> tuple[dict, dict]:
+    """{gamma: (name, run)} of the runs with the first (reference) run's rank, {rank: (name, run)} of those with its gamma."""
+    ref = next(iter(runs.values()))
+    by_gamma = {r["gamma"]: (n, r) for n, r in runs.items() if r["lora_r"] == ref["lora_r"]}
+    by_rank = {r["lora_r"]: (n, r) for n, r in runs.items() if r["gamma"] == ref["gamma"]}
+    return by_gamma, by_rank
+
+
+def render_ablations(data: dict, notes: str | None = None) -> str:
+    """The markdown of `mlfs_palette.py ablations` from its JSON (`figures`: the PNGs' name stem)."""
+    task, runs, figures = data["task"], data["runs"], data["figures"]
+    by_gamma, by_rank = ablation_groups(runs)
+    ref = next(iter(runs.values()))
+    members = list(ref["final"])
+    md = [f"# MLFS ablations on {task}: gradient scaling γ and LoRA rank r (MiniLM-L6, paper recipe)", "",
+          f"Runs: `python benchmarks/mlfs_palette.py mlfs --task {task} --name NAME --train-samples {data['train_samples']} -- "
+          "--data.batch_size 16 [--model.init_args.gamma G | --model.init_args.lora_r R --model.init_args.lora_alpha 2R]`, then "
+          f"`python benchmarks/mlfs_palette.py ablations --task {task} --runs {' '.join(runs)}`. Dev score ×100 at the end of stage 2.", ""]
+    if notes:
+        md += [notes, ""]
+    md += ["## Gradient scaling γ (r = %d)" % ref["lora_r"], "", "| γ | run | " + " | ".join(members) + " |", "|---" * (len(members) + 2) + "|"]
+    md += [f"| {g:g} | {n} | " + " | ".join(pct(r["final"].get(m)) for m in members) + " |" for g, (n, r) in sorted(by_gamma.items())]
+    md += ["", f"Figure: `{figures}_gamma.png`.", ""]
+    ranks = sorted(by_rank)
     md += [f"## LoRA rank r (γ = {ref['gamma']:g})", "", "| r | run | " + " | ".join(members) + " |", "|---" * (len(members) + 2) + "|"]
     md += [f"| {k} | {by_rank[k][0]} | " + " | ".join(pct(by_rank[k][1]["final"].get(m)) for m in members) + " |" for k in ranks]
-    md += ["", f"Figure: `{out.name}_rank.png`."]
-    write_atomic(out.with_suffix(".json"), json.dumps({"task": a.task, "runs": runs}, indent=2))
-    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+    md += ["", f"Figure: `{figures}_rank.png`."]
+    return "\n".join(md) + "\n"
 
 
 def cmd_seeds(a) -> None:
     """Every member's end-of-stage-2 dev score per seed, mean and sample sd, for the MLFS runs named in
     --runs and for the slices trained alone (`alone-<member>`, each member that has runs at every seed)."""
-    import statistics
-
     def final_rows(name: str, seed: int) -> dict[str, dict]:
         run = latest_run(RUNS / a.task / seeded(name, seed))
         ran_with = saved_config(run).get("seed_everything")
@@ -387,35 +454,47 @@ def cmd_seeds(a) -> None:
         if per_seed:
             table[f"alone-{m}"] = per_seed
 
+    out = Path(a.out)
+    record = json.loads(json.dumps({"task": a.task, "seeds": a.seeds, "train_samples": a.train_samples, "runs": table}))
+    md = render_seeds(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), md)
+    print(md)
+
+
+def render_seeds(data: dict, notes: str | None = None) -> str:
+    """The markdown of `mlfs_palette.py seeds` from its JSON (where the seeds that key each run's scores are strings)."""
+    import statistics
+
+    task, seeds, table = data["task"], data["seeds"], data["runs"]
+
     def summary(values: list[float]) -> str:
         if not values:
             return "–"
         sd = f" ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else ""
         return f"{100 * statistics.fmean(values):.1f}{sd} (n={len(values)})"
 
-    md = [f"# MLFS across seeds on {a.task}: dev score ×100 at the end of stage 2, mean ± sd over seeds", "",
-          f"Seeds {', '.join(map(str, a.seeds))} (`seed_everything`: initialisation, dropout, subnet sampling, batch order); "
-          f"the {a.train_samples}-example training subset and the held-out split are the same in every run. Runs: "
-          f"`python benchmarks/mlfs_palette.py mlfs|alone --task {a.task} [--name NAME | --member M] --seed S "
-          f"--train-samples {a.train_samples} -- --data.batch_size 16 [overrides]`, then "
-          f"`python benchmarks/mlfs_palette.py seeds --task {a.task} --runs {' '.join(a.runs)} --seeds {' '.join(map(str, a.seeds))}`.", ""]
-    if a.notes and Path(a.notes).is_file():
-        md += [Path(a.notes).read_text().strip(), ""]
     mlfs = [n for n in table if not n.startswith("alone-")]
+    members = list(next(iter(table[mlfs[0]].values())))
+    md = [f"# MLFS across seeds on {task}: dev score ×100 at the end of stage 2, mean ± sd over seeds", "",
+          f"Seeds {', '.join(map(str, seeds))} (`seed_everything`: initialisation, dropout, subnet sampling, batch order); "
+          f"the {data['train_samples']}-example training subset and the held-out split are the same in every run. Runs: "
+          f"`python benchmarks/mlfs_palette.py mlfs|alone --task {task} [--name NAME | --member M] --seed S "
+          f"--train-samples {data['train_samples']} -- --data.batch_size 16 [overrides]`, then "
+          f"`python benchmarks/mlfs_palette.py seeds --task {task} --runs {' '.join(mlfs)} --seeds {' '.join(map(str, seeds))}`.", ""]
+    if notes:
+        md += [notes, ""]
     md += ["| member | " + " | ".join(mlfs) + " | alone |", "|---" * (len(mlfs) + 2) + "|"]
     for m in members:
         cells = [summary([s[m] for s in table[n].values() if m in s]) for n in mlfs]
         alone = table.get(f"alone-{m}", {})
         cells.append(summary([s[m] for s in alone.values()]))
         md.append(f"| {m} | " + " | ".join(cells) + " |")
-    md += ["", "Per seed:", "", "| run | member | " + " | ".join(map(str, a.seeds)) + " |", "|---" * (len(a.seeds) + 2) + "|"]
+    md += ["", "Per seed:", "", "| run | member | " + " | ".join(map(str, seeds)) + " |", "|---" * (len(seeds) + 2) + "|"]
     for n, per_seed in table.items():
         for m in (members if not n.startswith("alone-") else [n[len("alone-"):]]):
-            md.append(f"| {n} | {m} | " + " | ".join(pct(per_seed.get(s, {}).get(m)) for s in a.seeds) + " |")
-    out = Path(a.out)
-    write_atomic(out.with_suffix(".json"), json.dumps({"task": a.task, "seeds": a.seeds, "runs": table}, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), "\n".join(md) + "\n")
-    print("\n".join(md))
+            md.append(f"| {n} | {m} | " + " | ".join(pct(per_seed.get(str(s), {}).get(m)) for s in seeds) + " |")
+    return "\n".join(md) + "\n"
 
 
 def main(argv=None) -> int:

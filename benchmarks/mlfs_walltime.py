@@ -78,26 +78,33 @@ def main() -> None:
         "mlfs_over_lora": round(t_mlfs / t_lora, 3),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
+        "command": "PYTHONPATH=. python benchmarks/mlfs_walltime.py " + " ".join(sys.argv[1:]),
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
+    notes = RESULTS / "mlfs_walltime_notes.md"
     write_atomic(RESULTS / "mlfs_walltime.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(RESULTS / "mlfs_walltime.md", render(result, notes.read_text().strip() if notes.is_file() else None))
+
+
+def render(data: dict, notes: str | None = None) -> str:
+    """The markdown of an mlfs_walltime run from its JSON; `notes` follow the first paragraph."""
+    k = data["num_subnets"]
     md = [
         "# MLFS wall time vs one LoRA run of the maxnet",
         "",
-        f"`PYTHONPATH=. python benchmarks/mlfs_walltime.py {' '.join(sys.argv[1:])}` on {result['device']}, "
-        f"torch {result['torch']}.",
+        f"`{data['command']}` on {data['device']}, torch {data['torch']}." + (f" {notes}" if notes else ""),
         "",
         "| run | wall time (s) | models obtained |",
         "|---|---|---|",
-        f"| LoRA fine-tuning of the maxnet | {t_lora:.1f} | 1 |",
-        f"| MLFS (stages {stages}, K={args.num_subnets}) | {t_mlfs:.1f} | palette of {len(mlfs.palette)} (any subnet of the space) |",
+        f"| LoRA fine-tuning of the maxnet | {data['lora_seconds']:.1f} | 1 |",
+        f"| MLFS (stages {data['stage_epochs']}, K={k}) | {data['mlfs_seconds']:.1f} | palette of {data['palette_size']} (any subnet of the space) |",
         "",
-        f"**MLFS / LoRA = {t_mlfs / t_lora:.2f}x.** Stage 0 costs one LoRA epoch; stages 1-2 run the maxnet plus "
-        f"K={args.num_subnets} (smaller) subnets per step, so their epochs cost up to K+1 times a LoRA epoch.",
+        f"**MLFS / LoRA = {data['mlfs_seconds'] / data['lora_seconds']:.2f}x.** Stage 0 costs one LoRA epoch; stages 1-2 run the maxnet plus "
+        f"K={k} (smaller) subnets per step, so their epochs cost up to K+1 times a LoRA epoch.",
         "",
     ]
-    write_atomic(RESULTS / "mlfs_walltime.md", "\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

@@ -110,23 +110,36 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(), "warmup": args.warmup,
             "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()[0],
             "note": "plain HF models materialised from an ElasticEncoder; median of round-robin rounds; "
-                    "ratio = member latency / maxnet latency measured in the same rounds"}
+                    "ratio = member latency / maxnet latency measured in the same rounds",
+            "command": "PYTHONPATH=. python benchmarks/palette_latency.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    record = {"meta": meta, "rows": rows}
+    notes = out.with_name(out.name + "_notes.md")
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), render(record, notes.read_text().strip() if notes.is_file() else None))
+    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+
+
+def render(data: dict, notes: str | None = None) -> str:
+    """The markdown of a palette_latency run from its JSON; `notes` go under the first paragraph."""
+    meta, rows = data["meta"], data["rows"]
+    repeats = {r["batch_size"]: r["repeats"] for r in rows}
+    large = sorted({n for b, n in repeats.items() if b > 1})
+    load = (f"; {meta['cpu_count']} CPUs, load average {meta['load_average_at_end']:.1f} at the end (absolute times inflate "
+            "under load; ratios are measured in the same rounds)" if meta.get("load_average_at_end") is not None else "")
     lines = ["# Palette latency (exported subnets vs maxnet)", "",
-             f"CPU, {args.threads} threads, torch {torch.__version__}, seq len {args.seq_len}, "
-             f"median of {args.repeats} (batch 1) / {args.repeats_large} (larger) round-robin rounds after {args.warmup} warm-up; "
-             f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end (absolute times inflate under load; "
-             "ratios are measured in the same rounds).",
-             "Command: `PYTHONPATH=. python benchmarks/palette_latency.py " + " ".join(sys.argv[1:]) + "`", "",
+             f"CPU, {meta['threads']} threads, torch {meta['torch']}, seq len {', '.join(str(n) for n in sorted({r['seq_len'] for r in rows}))}, "
+             f"median of {repeats.get(1, '–')} (batch 1) / {'/'.join(map(str, large)) or '–'} (larger) round-robin rounds after "
+             f"{meta['warmup']} warm-up{load}.",
+             *([notes] if notes else []),
+             f"Command: `{meta['command']}`", "",
              "| model | batch | member | subnet | params (M) | params ratio | latency (ms) | latency ratio |",
              "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch_size']} | {r['member']} | `{r['subnet']}` | {r['params'] / 1e6:.2f} | "
                      f"{r['param_ratio']:.2f} | {r['latency_ms']:.1f} | {r['latency_ratio']:.2f} |")
-    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -102,23 +102,32 @@ def main(argv=None) -> int:
             print(f"error: the {ordering} reordering changed the maxnet's dev score by {maxnet_shift}", file=sys.stderr)
             return 1
 
-    divergence = "MSE to the maxnet's output" if spec.is_regression else "KL(maxnet ‖ subnet)"
-    lines = [f"# Subnets before training: {spec.name} dev, sliced from `{args.model}`", "",
-             f"Each cell: GLUE score ({' / '.join(spec.metrics)} averaged) · {divergence} per example. "
-             f"Importance from {args.importance_batches} training batches. `python benchmarks/slice_start.py "
-             f"--model {args.model} --task {args.task}`", "",
-             "| subnet | params (M) | " + " | ".join(ORDERINGS) + " |", "|---|---|" + "---|" * len(ORDERINGS)]
-    for i, row in enumerate(results["original"]):
-        cells = [f"{results[o][i]['score']:.3f} · {results[o][i]['divergence']:.3f}" for o in ORDERINGS]
-        lines.append(f"| {row['subnet']} | {row['params'] / 1e6:.2f} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
+    record = {"model": args.model, "task": args.task, "importance_batches": args.importance_batches, "results": results}
+    text = render(record)
     print(text)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(out.with_suffix(".json"), json.dumps({"model": args.model, "task": args.task, "results": results}, indent=2))
+        write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2))
         write_atomic(out.with_suffix(".md"), text)
     return 0
+
+
+def render(data: dict, notes: str | None = None) -> str:
+    """The markdown of a slice_start run from its JSON; `notes` go under the title."""
+    spec = get_task(data["task"])
+    results = data["results"]
+    divergence = "MSE to the maxnet's output" if spec.is_regression else "KL(maxnet ‖ subnet)"
+    lines = [f"# Subnets before training: {spec.name} dev, sliced from `{data['model']}`", "",
+             *([notes, ""] if notes else []),
+             f"Each cell: GLUE score ({' / '.join(spec.metrics)} averaged) · {divergence} per example. "
+             f"Importance from {data['importance_batches']} training batches. `python benchmarks/slice_start.py "
+             f"--model {data['model']} --task {data['task']}`", "",
+             "| subnet | params (M) | " + " | ".join(ORDERINGS) + " |", "|---|---|" + "---|" * len(ORDERINGS)]
+    for i, row in enumerate(results["original"]):
+        cells = [f"{results[o][i]['score']:.3f} · {results[o][i]['divergence']:.3f}" for o in ORDERINGS]
+        lines.append(f"| {row['subnet']} | {row['params'] / 1e6:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""Which code writes each markdown file in benchmarks/results, and rewriting them from their JSON.
+
+Every ``<name>.md`` in benchmarks/results is rendered by code from the ``<name>.json`` beside it (for
+``<dir>/results.md``: ``<dir>/results.json``); no number in it is typed by hand. Prose that interprets a
+result lives in ``<name>_notes.md`` beside it, which the renderer puts under the title.
+
+    python benchmarks/results_files.py                  # rewrite every registered md from its JSON
+    python benchmarks/results_files.py mlfs_palette     # only these (names as in RENDERERS)
+    python benchmarks/results_files.py --check          # rewrite nothing; exit 1 naming each md that differs
+
+A new results file is registered with one line in RENDERERS: its name (a glob over the path under
+benchmarks/results without ``.md``) and ``"module:function"``, a module of benchmarks/ or of the
+package whose ``function(data: dict) -> str`` is the exact markdown; where ``<name>_notes.md``
+exists it is called as ``function(data, notes)`` with the notes' text. The script that measures
+writes its md through the same function, so the md it writes and the one rendered here agree.
+
+Notes quote numbers, they do not make them: a number in a notes file must be one its results (the
+JSON and the rendered md beside it, and those of results files it names in backticks) show, at the
+precision written. Settings and names go in code spans (backticks), which that check skips.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+BENCHMARKS = Path(__file__).resolve().parent
+RESULTS = BENCHMARKS / "results"
+
+RENDERERS: dict[str, str] = {
+    "decoder_palette": "decoder_palette:render_report",
+    "decoder_palette_leading": "decoder_palette:render_report",
+    "decoder_palette_latency": "decoder_palette:render_latency",
+    "minilm_kdlora_diagnosis*": "kdlora_diagnosis:render",
+    "minilm_report*": "kdlora.report:render",
+    "mlfs_ablations_*": "mlfs_palette:render_ablations",
+    "mlfs_palette": "mlfs_palette:render_table",
+    "mlfs_seeds_*": "mlfs_palette:render_seeds",
+    "mlfs_walltime": "mlfs_walltime:render",
+    "palette_latency*": "palette_latency:render",
+    "passk_*/results": "results_files:render_passk",
+    "slice_start_*": "slice_start:render",
+    "smollm2_cpu": "lm_perplexity:render",
+}
+
+# Markdown files in benchmarks/results that no code renders, each with why. Only prose without
+# measured numbers belongs here; the test of this folder checks that.
+HAND_WRITTEN: dict[str, str] = {}
+
+NOTES_SUFFIX = "_notes"
+
+
+def name_of(md: Path) -> str:
+    """The registry name of a results markdown file: its path under benchmarks/results without ``.md``."""
+    return md.relative_to(RESULTS).with_suffix("").as_posix()
+
+
+def is_notes(md: Path) -> bool:
+    return md.stem.endswith(NOTES_SUFFIX)
+
+
+def results_markdown_files() -> list[Path]:
+    """Every markdown file in benchmarks/results that is not a notes file."""
+    return sorted(p for p in RESULTS.rglob("*.md") if not is_notes(p))
+
+
+def renderer_for(md: Path) -> Optional[str]:
+    name = name_of(md)
+    matches = [spec for pattern, spec in RENDERERS.items() if fnmatch.fnmatchcase(name, pattern)]
+    if len(matches) > 1:
+        raise ValueError(f"{name} matches more than one entry of RENDERERS: {', '.join(matches)}")
+    return matches[0] if matches else None
+
+
+def load_renderer(spec: str) -> Callable[[dict, Optional[str]], str]:
+    module, function = spec.split(":")
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    if str(BENCHMARKS.parent) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS.parent))
+    return getattr(importlib.import_module(module), function)
+
+
+def notes_for(md: Path) -> Optional[Path]:
+    """``<name>_notes.md`` beside ``<name>.md``, when there is one."""
+    notes = md.with_name(md.stem + NOTES_SUFFIX + ".md")
+    return notes if notes.is_file() else None
+
+
+def read_notes(path: Optional[str | Path]) -> Optional[str]:
+    """The notes a renderer puts under the title: the file's text without surrounding blank lines."""
+    return Path(path).read_text().strip() if path and Path(path).is_file() else None
+
+
+def render_file(md: Path) -> str:
+    """The markdown that `md`'s renderer makes from the JSON beside it (and its notes)."""
+    spec = renderer_for(md)
+    if spec is None:
+        raise LookupError(f"{name_of(md)}.md has no renderer: register it in RENDERERS of {Path(__file__).name}")
+    source = md.with_suffix(".json")
+    if not source.is_file():
+        raise FileNotFoundError(f"{md} has no JSON beside it ({source.name}) to render from")
+    render, notes = load_renderer(spec), read_notes(notes_for(md))
+    data = json.loads(source.read_text())
+    return render(data) if notes is None else render(data, notes)
+
+
+def render_passk(result: dict, notes: Optional[str] = None) -> str:
+    """``results.md`` of `python -m kdlora.passk` from its ``results.json`` (the title as its main writes it)."""
+    from kdlora.passk import results_markdown
+
+    title = f"pass@k of {Path(result['model']).name} ({len(result['problems'])} problems, n={result['n']}, T={result['temperature']:g})"
+    text = results_markdown(result, title)
+    return text if notes is None else text.replace("\n\n", f"\n\n{notes}\n\n", 1)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from kdlora.callbacks import write_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="results to render (default: every registered one)")
+    ap.add_argument("--check", action="store_true", help="rewrite nothing; exit 1 naming every md that differs")
+    a = ap.parse_args(argv)
+    files = [md for md in results_markdown_files() if renderer_for(md) is not None]
+    if a.names:
+        known = {name_of(md): md for md in files}
+        unknown = [n for n in a.names if n not in known]
+        if unknown:
+            ap.error(f"not a registered results file: {', '.join(unknown)} (known: {', '.join(known)})")
+        files = [known[n] for n in a.names]
+    rendered = {md: render_file(md) for md in files}  # every renderer runs before anything is written
+    stale = [md for md, text in rendered.items() if md.read_text() != text]
+    for md in stale:
+        if a.check:
+            print(f"differs from its JSON: {md.relative_to(RESULTS.parent.parent)}")
+        else:
+            write_atomic(md, rendered[md])
+            print(f"rewrote {md.relative_to(RESULTS.parent.parent)}")
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
