@@ -5,24 +5,50 @@ A problem is one JSONL line in HumanEval's format: ``task_id``, ``prompt`` (a si
 ships six small hand-written ones (``kdlora/assets/humaneval_mini.jsonl``) to check the plumbing.
 
 A completion runs as ``prompt + completion + test + check(entry_point)`` in its own process
-(``sys.executable -I``, a fresh temporary directory as working directory and HOME, an environment
-without proxies), killed with its process group after `timeout` seconds. Inside, before the program:
-memory, CPU time and file size are limited (``resource``, POSIX), sockets cannot be created, and
-process spawning and file removal functions raise. This is a guard against accidents of generated
-code, not a security boundary against hostile code (that needs a container).
+(``sys.executable -I``; a fresh temporary directory as working directory, HOME and TMPDIR; an environment
+without proxies or credentials; address space, CPU time and file size limited with ``resource``), stopped
+at `timeout` seconds. It passes only on proof that ``check`` returned: the harness sends a random token
+through a pipe that the runner reads and closes before the program starts, and the runner writes it to
+a second pipe after the program's last statement, ``check(entry_point)``, returned; the harness compares
+it byte for byte (and wants exit status 0). Exiting early (``sys.exit(0)``, ``os._exit(0)``), printing
+anything or writing to the pipe without the token is a failure.
+
+Generated code runs only when allowed explicitly (``allow_code_execution=True``, ``--allow-code-execution``)
+and under OS isolation (``isolation="auto"``: bubblewrap if it works here, else util-linux ``unshare``,
+``mount`` and ``setpriv``):
+
+- network: a namespace of its own whose loopback is down, so no connection anywhere, 127.0.0.1 included;
+- files: a mount namespace of its own where every mount is read-only, nosuid and nodev except the
+  temporary directory; /dev holds only null, zero, full, random and urandom, /run is an empty tmpfs,
+  /proc is the new PID namespace's;
+- processes: a PID namespace of its own, so when the program ends or is killed at the timeout every
+  process it started ends with it (``setsid`` and double forks included);
+- privileges: no capabilities (so the mounts cannot be undone) and ``no_new_privs``.
+
+Not guaranteed: files stay readable (the program can read what its user can, though not send it anywhere);
+Unix sockets of the host file system outside /run (e.g. in /tmp) can still be connected to; the number of
+processes is not limited, nor their total CPU use beyond the timeout; the token is in the program's own
+process, so code that searches the interpreter's frames for it could forge a pass; kernel exploits escape
+namespaces. Each run sets its sandbox up anew (about 0.2 s with ``unshare``). Where neither tool works,
+running refuses unless ``isolation="none"`` (``--no-isolation``) is asked for: then only the limits, the
+directory, the environment and the token check above apply, and the code can read, write, delete and
+connect to anything its user can.
 
 pass@k is the unbiased estimator of the Codex paper (Chen et al. 2021):
 ``1 - C(n-c, k) / C(n, k)`` for n samples of which c pass, computed as a stable product.
 
-    python -m kdlora.passk --model DIR [--problems FILE] --n 10 --k 1 --k 10 --out DIR
+    python -m kdlora.passk --model DIR [--problems FILE] --n 10 --k 1 --k 10 --out DIR --allow-code-execution
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,48 +67,78 @@ MINI_PROBLEMS = Path(__file__).parent / "assets" / "humaneval_mini.jsonl"
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
 DETAIL_CHARS = 300
+ISOLATIONS = ("auto", "bwrap", "unshare", "none")
 
-# Runs in the child before the program: limits, no network, no spawning or deleting.
-SANDBOX_PREAMBLE = r'''
-import sys
-_limits = {limits!r}
-try:
-    import resource
-    for _name, _value in _limits.items():
-        _which = getattr(resource, _name, None)
-        if _which is not None and _value:
-            _soft, _hard = resource.getrlimit(_which)
-            _value = _value if _hard == resource.RLIM_INFINITY else min(_value, _hard)
-            resource.setrlimit(_which, (_value, _value))
-except ImportError:
-    pass
+# The program's runner: limits, then the program; after it returns (so after `check(entry_point)`), the
+# token read from `nonce_fd` goes to `proof_fd`. The token lives only in `main`'s frame: it is in no file,
+# no argument, no environment variable and no global of the program.
+RUNNER = r'''
+import os, sys
 
-def _denied(what):
-    def deny(*args, **kwargs):
-        raise PermissionError(what + " is disabled in the pass@k sandbox")
-    return deny
+def main():
+    limits = {limits!r}
+    try:
+        import resource
+        for name, value in limits.items():
+            which = getattr(resource, name, None)
+            if which is not None and value:
+                soft, hard = resource.getrlimit(which)
+                value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+                resource.setrlimit(which, (value, value))
+    except ImportError:
+        pass
+    nonce_fd, proof_fd, program = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    nonce = os.read(nonce_fd, 64)
+    os.close(nonce_fd)
+    with open(program, encoding="utf-8") as f:
+        source = f.read()
+    exec(compile(source, "program.py", "exec"), {{"__name__": "__main__"}})
+    os.write(proof_fd, nonce)
 
-import socket as _socket_module, _socket
-class _NoSocket(_socket.socket):
-    def __init__(self, *args, **kwargs):
-        raise PermissionError("network access is disabled in the pass@k sandbox")
-_socket.socket = _socket_module.socket = _socket_module.SocketType = _NoSocket
-for _name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname"):
-    setattr(_socket_module, _name, _denied("socket." + _name))
+main()
+'''
 
-import os, shutil, subprocess
-for _name in ("system", "popen", "kill", "killpg", "fork", "forkpty", "execv", "execve", "execvp", "execvpe",
-              "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp", "remove", "unlink",
-              "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown", "putenv", "unsetenv"):
-    if hasattr(os, _name):
-        setattr(os, _name, _denied("os." + _name))
-shutil.rmtree, shutil.move, shutil.chown = _denied("shutil.rmtree"), _denied("shutil.move"), _denied("shutil.chown")
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_call = subprocess.check_output = _denied("subprocess")
+# Runs as root of fresh user, mount, network and PID namespaces (`unshare`), before the runner: the
+# working directory stays writable, /dev is replaced by a few device nodes, /run by an empty tmpfs, every
+# other mount becomes read-only, nosuid and nodev; then `setpriv` drops every capability (so nothing can
+# be remounted or unmounted) and executes the runner.
+UNSHARE_SETUP = r'''
+import os, re, subprocess, sys
+box, dev, mount, setpriv = sys.argv[1:5]
+command = sys.argv[6:]
+DEVICES = ("null", "zero", "full", "random", "urandom")
 
-with open("program.py", encoding="utf-8") as _f:
-    _source = _f.read()
-del _f, _name, _limits
-exec(compile(_source, "program.py", "exec"), {{"__name__": "__main__"}})
+def run(*args):
+    subprocess.run([mount, *args], check=True, stdin=subprocess.DEVNULL)
+
+def mount_points():
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        points = (re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split(" ")[1]) for line in f)
+        return [point for point in dict.fromkeys(points) if os.path.exists(point)]  # the others are covered
+
+run("--bind", box, box)
+run("-t", "tmpfs", "-o", "mode=755,size=64k", "tmpfs", dev)
+for name in DEVICES:
+    open(os.path.join(dev, name), "w").close()
+    run("--bind", "/dev/" + name, os.path.join(dev, name))
+for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                     ("stderr", "/proc/self/fd/2")):
+    os.symlink(target, os.path.join(dev, name))
+run("--move", dev, "/dev")
+if os.path.isdir("/run") and not box.startswith("/run/"):  # host daemons' sockets
+    run("-t", "tmpfs", "-o", "size=4k", "tmpfs", "/run")
+devices = {"/dev/" + name for name in DEVICES}
+for point in mount_points():  # a covered mount point's path may now be a plain directory: that remount fails
+    flags = "nosuid,nodev" if point == box else "ro,nosuid" if point in devices else "ro,nosuid,nodev"
+    subprocess.run([mount, "-o", "remount,bind," + flags, point], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for point in mount_points():  # what is mounted where it can be reached
+    flags = os.statvfs(point).f_flag
+    if (point != box) != bool(flags & os.ST_RDONLY) or not flags & os.ST_NOSUID or (
+            point not in devices and not flags & os.ST_NODEV):
+        sys.exit(f"pass@k sandbox: could not make {point} read-only, nosuid and nodev (except the working directory "
+                 "and device nodes)")
+os.chdir(box)  # into the writable mount on top of it
+os.execv(setpriv, [setpriv, "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--", *command])
 '''
 
 
@@ -147,48 +203,156 @@ def program_source(problem: dict[str, str], completion: str) -> str:
     return f"{problem['prompt']}{completion}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
 
+class IsolationUnavailable(RuntimeError):
+    """No way to run generated code under OS isolation here (and running it without was not asked for)."""
+
+
 def _sandbox_env(home: str) -> dict[str, str]:
     # A fresh environment: nothing of the parent's (no proxies, no credentials, no PYTHON* settings).
     return {"PATH": os.defpath, "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
             "PYTHONDONTWRITEBYTECODE": "1", "no_proxy": "*", "NO_PROXY": "*", "OMP_NUM_THREADS": "1"}
 
 
-def run_completion(problem: dict[str, str], completion: str, timeout: float = 5.0, memory_mb: int = 1024) -> dict[str, Any]:
-    """Run one completion against the problem's tests in a sandboxed child process.
+def _tool(name: str) -> Optional[str]:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
 
-    Returns ``{"passed": bool, "status": "passed" | "failed" | "timed out", "detail": str, "seconds": float}``;
-    `detail` is the last line of the child's stderr (the exception) or why it was stopped.
-    """
-    if timeout <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout}")
+
+def _isolated_command(isolation: str, root: Path, box: Path, command: list[str]) -> list[str]:
+    """`command` wrapped to run under `isolation` with `box` as its only writable place."""
+    if isolation == "none":
+        return command
+    hide_run = Path("/run").is_dir() and not str(box).startswith("/run/")
+    if isolation == "bwrap":
+        return [_tool("bwrap"), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                *(["--tmpfs", "/run", "--remount-ro", "/run"] if hide_run else []),
+                "--bind", str(box), str(box), "--chdir", str(box), "--", *command]
+    (root / "dev").mkdir()
+    (root / "setup.py").write_text(UNSHARE_SETUP, encoding="utf-8")
+    return [_tool("unshare"), "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc",
+            "--kill-child", sys.executable, "-I", "-S", str(root / "setup.py"), str(box), str(root / "dev"),
+            _tool("mount"), _tool("setpriv"), "--", *command]
+
+
+def _run_program(source: str, timeout: float, memory_mb: int, isolation: str) -> dict[str, Any]:
+    """Run `source` under `isolation`: ``{timed_out, code, proved, stderr, seconds}``; `proved` is whether the
+    runner wrote back this run's token, i.e. whether the program's last statement returned."""
     limits = {"RLIMIT_AS": memory_mb * 2**20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_FSIZE": 16 * 2**20,
               "RLIMIT_CORE": 0}
     posix = os.name == "posix"
+    nonce = secrets.token_hex(16).encode()
     with tempfile.TemporaryDirectory(prefix="kdlora-passk-") as work:
-        Path(work, "program.py").write_text(program_source(problem, completion), encoding="utf-8")
-        Path(work, "sandbox.py").write_text(SANDBOX_PREAMBLE.format(limits=limits), encoding="utf-8")
-        start = time.perf_counter()
-        with open(Path(work, "stdout"), "wb") as out, open(Path(work, "stderr"), "wb") as err:
-            proc = subprocess.Popen([sys.executable, "-I", "sandbox.py"], cwd=work, env=_sandbox_env(work),
-                                    stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    **({"start_new_session": True} if posix else {}))
-            try:
-                code = proc.wait(timeout=timeout)
-                timed_out = False
-            except subprocess.TimeoutExpired:
-                timed_out = True
+        root = Path(work).resolve()
+        box = root / "box"  # the program's working directory, HOME and TMPDIR: its only writable place
+        box.mkdir()
+        (root / "program.py").write_text(source, encoding="utf-8")
+        (root / "runner.py").write_text(RUNNER.format(limits=limits), encoding="utf-8")
+        nonce_r, nonce_w = os.pipe()
+        proof_r, proof_w = os.pipe()
+        try:
+            os.write(nonce_w, nonce)
+            os.close(nonce_w)
+            command = _isolated_command(isolation, root, box, [sys.executable, "-I", str(root / "runner.py"),
+                                                                str(nonce_r), str(proof_w), str(root / "program.py")])
+            start = time.perf_counter()
+            with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
+                proc = subprocess.Popen(command, cwd=box, env=_sandbox_env(str(box)), stdin=subprocess.DEVNULL,
+                                        stdout=out, stderr=err, pass_fds=(nonce_r, proof_w),
+                                        **({"start_new_session": True} if posix else {}))
+                os.close(nonce_r)
+                os.close(proof_w)
+                nonce_r = proof_w = -1
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL) if posix else proc.kill()
-                except ProcessLookupError:
-                    pass
-                code = proc.wait()
-        seconds = time.perf_counter() - start
-        stderr = Path(work, "stderr").read_text(encoding="utf-8", errors="replace").strip()
-    if timed_out:
+                    code = proc.wait(timeout=timeout)
+                    timed_out = False
+                except subprocess.TimeoutExpired:
+                    timed_out = True
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL) if posix else proc.kill()
+                    except ProcessLookupError:
+                        pass
+                    code = proc.wait()
+            seconds = time.perf_counter() - start
+            os.set_blocking(proof_r, False)  # a process left running (without isolation) may hold the pipe open
+            try:
+                proof = os.read(proof_r, 4096)
+            except BlockingIOError:
+                proof = b""
+        finally:
+            for fd in (nonce_r, proof_w, proof_r):
+                if fd >= 0:
+                    os.close(fd)
+        stderr = (root / "stderr").read_text(encoding="utf-8", errors="replace").strip()
+    return {"timed_out": timed_out, "code": code, "proved": proof == nonce, "stderr": stderr, "seconds": seconds}
+
+
+@functools.lru_cache(maxsize=None)
+def _isolation_problem(isolation: str) -> Optional[str]:
+    """Why `isolation` cannot run a program here (None: it can), found by running one."""
+    missing = [t for t in {"bwrap": ("bwrap",), "unshare": ("unshare", "mount", "setpriv")}[isolation] if not _tool(t)]
+    if missing:
+        return f"{', '.join(missing)} not installed"
+    result = _run_program("pass\n", timeout=30, memory_mb=1024, isolation=isolation)
+    if result["proved"] and result["code"] == 0:
+        return None
+    last = result["stderr"].splitlines()[-1] if result["stderr"] else f"exit status {result['code']}"
+    return last[:DETAIL_CHARS]
+
+
+def resolve_isolation(isolation: str = "auto") -> str:
+    """The isolation generated code will run under: ``"bwrap"``, ``"unshare"`` or ``"none"``.
+
+    ``"auto"`` takes the first of bwrap and unshare that works here; ``"none"`` must be asked for.
+    Raises `IsolationUnavailable` (naming why each failed) when the asked-for isolation does not work.
+    """
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    if isolation == "none":
+        return "none"
+    candidates = ISOLATIONS[1:3] if isolation == "auto" else (isolation,)
+    problems = {}
+    for candidate in candidates:
+        problems[candidate] = _isolation_problem(candidate)
+        if problems[candidate] is None:
+            return candidate
+    reasons = "; ".join(f"{k}: {v}" for k, v in problems.items())
+    raise IsolationUnavailable(f"no OS isolation for generated code here ({reasons}); install bubblewrap or enable "
+                               "unprivileged user namespaces, or pass --no-isolation (isolation='none') to run it "
+                               "without isolation")
+
+
+class CodeExecutionNotAllowed(ValueError):
+    """Generated code was about to run without ``allow_code_execution``."""
+
+
+def _require_allowed(allow_code_execution: bool) -> None:
+    if not allow_code_execution:
+        raise CodeExecutionNotAllowed("pass@k runs model-generated code: allow it explicitly with --allow-code-execution "
+                                      "(allow_code_execution=True)")
+
+
+def run_completion(problem: dict[str, str], completion: str, timeout: float = 5.0, memory_mb: int = 1024,
+                   isolation: str = "auto", allow_code_execution: bool = False) -> dict[str, Any]:
+    """Run one completion against the problem's tests in an isolated child process (see the module docstring).
+
+    Returns ``{"passed": bool, "status": "passed" | "failed" | "timed out", "detail": str, "seconds": float}``;
+    `detail` is the last line of the child's stderr (the exception) or why it was stopped. Passed means
+    ``check(entry_point)`` returned (the run's token came back) and the process exited with status 0.
+    """
+    _require_allowed(allow_code_execution)
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    result = _run_program(program_source(problem, completion), timeout, memory_mb, resolve_isolation(isolation))
+    seconds = result["seconds"]
+    if result["timed_out"]:
         return {"passed": False, "status": "timed out", "detail": f"killed after {timeout:g} s", "seconds": seconds}
-    if code == 0:
+    code, stderr = result["code"], result["stderr"]
+    if code == 0 and result["proved"]:
         return {"passed": True, "status": "passed", "detail": "", "seconds": seconds}
-    last = stderr.splitlines()[-1] if stderr else (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
+    if code == 0:
+        last = "exited with status 0 before check() returned"
+    else:
+        last = stderr.splitlines()[-1] if stderr else (f"killed by signal {-code}" if code < 0 else f"exit status {code}")
     return {"passed": False, "status": "failed", "detail": last[:DETAIL_CHARS], "seconds": seconds}
 
 
@@ -252,12 +416,15 @@ def generate_completions(model, tokenizer, problems: Sequence[dict[str, str]], n
 
 
 def evaluate(problems: Sequence[dict[str, str]], completions: dict[str, list[str]], ks: Iterable[int] = (1,),
-             timeout: float = 5.0, memory_mb: int = 1024, workers: int = 1) -> dict[str, Any]:
-    """Run every completion and score pass@k.
+             timeout: float = 5.0, memory_mb: int = 1024, workers: int = 1, isolation: str = "auto",
+             allow_code_execution: bool = False) -> dict[str, Any]:
+    """Run every completion (`run_completion`) and score pass@k.
 
     Returns ``{"pass@k": {"pass@1": mean over problems, ...}, "problems": [{task_id, n, correct,
-    "pass@1", ..., "samples": [{completion, passed, status, detail, seconds}]}], "timeout": ...}``.
+    "pass@1", ..., "samples": [{completion, passed, status, detail, seconds}]}], "timeout": ...,
+    "isolation": the isolation used}``.
     """
+    _require_allowed(allow_code_execution)
     ks = sorted(set(int(k) for k in ks))
     if not ks:
         raise ValueError("ks is empty: give at least one k")
@@ -269,9 +436,11 @@ def evaluate(problems: Sequence[dict[str, str]], completions: dict[str, list[str
         raise ValueError(f"pass@{ks[-1]} needs at least {ks[-1]} completions per problem, some have {smallest}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    isolation = resolve_isolation(isolation)
     jobs = [(p, c) for p in problems for c in completions[p["task_id"]]]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # each job is a child process: threads suffice
-        results = list(pool.map(lambda job: run_completion(job[0], job[1], timeout, memory_mb), jobs))
+        results = list(pool.map(lambda job: run_completion(job[0], job[1], timeout, memory_mb, isolation,
+                                                           allow_code_execution=True), jobs))
     rows, at = [], 0
     for p in problems:
         samples = completions[p["task_id"]]
@@ -283,7 +452,7 @@ def evaluate(problems: Sequence[dict[str, str]], completions: dict[str, list[str
         row["samples"] = [{"completion": c, **r} for c, r in zip(samples, outcome)]
         rows.append(row)
     means = {f"pass@{k}": float(np.mean([r[f"pass@{k}"] for r in rows])) for k in ks}
-    return {"pass@k": means, "problems": rows, "timeout": timeout, "memory_mb": memory_mb}
+    return {"pass@k": means, "problems": rows, "timeout": timeout, "memory_mb": memory_mb, "isolation": isolation}
 
 
 def results_markdown(result: dict[str, Any], title: str) -> str:
@@ -345,11 +514,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device for generation (default: cuda if available, else cpu)")
     parser.add_argument("--max-problems", type=int, default=None, help="the first N problems only")
+    parser.add_argument("--allow-code-execution", action="store_true",
+                        help="run the model-generated code (required: evaluating pass@k executes it)")
+    parser.add_argument("--no-isolation", action="store_true",
+                        help="run it without OS isolation (for machines where neither bwrap nor unshare works: "
+                             "the code can then read, write, delete and connect to anything you can)")
     args = parser.parse_args(argv)
     ks = sorted(set(args.k or [1]))
     temperature = args.temperature if args.temperature is not None else (0.0 if args.n == 1 else 0.8)
     out = Path(args.out)
     try:
+        _require_allowed(args.allow_code_execution)
         if out.exists():
             raise ValueError(f"--out {out} already exists; pass@k results are never written over, choose a new directory")
         if ks[0] < 1 or ks[-1] > args.n:
@@ -359,6 +534,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         problems = load_problems(args.problems)
         if args.max_problems is not None:
             problems = problems[:args.max_problems]
+        isolation = "none" if args.no_isolation else resolve_isolation("auto")  # before the long generation
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -369,12 +545,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         completions = generate_completions(model, tokenizer, problems, n=args.n, temperature=temperature,
                                            max_new_tokens=args.max_new_tokens, top_p=args.top_p, seed=args.seed)
         generated = time.perf_counter() - start
-        result = evaluate(problems, completions, ks, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers)
+        result = evaluate(problems, completions, ks, timeout=args.timeout, memory_mb=args.memory_mb, workers=args.workers,
+                          isolation=isolation, allow_code_execution=True)
         result.update({"model": args.model, "problems_file": args.problems or "kdlora/assets/humaneval_mini.jsonl", "n": args.n,
                        "temperature": temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
                        "seed": args.seed, "device": device, "generation_seconds": round(generated, 2)})
         write_results(out, result, f"pass@k of {Path(args.model).name} ({len(problems)} problems, n={args.n}, T={temperature:g})")
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, FileExistsError, IsolationUnavailable) as e:
         print(f"kdlora.passk: error: {e}", file=sys.stderr)
         return 2
     print(results_markdown(result, "pass@k"))

@@ -1,11 +1,19 @@
-"""pass@k: hand-written completions run in the sandbox (right, wrong, raising, looping, networking,
-memory-hungry, deleting), the estimator against hand computations, stop sequences, and generate +
-evaluate + the CLI on a tiny random Llama (which scores ~0: the plumbing is what is checked)."""
+"""pass@k: hand-written completions run in the sandbox (right, wrong, raising, looping, memory-hungry),
+attacks on the harness (exiting before check(), forging the proof, deleting or writing files outside,
+connecting to 127.0.0.1, leaving processes behind), the estimator against hand computations, stop
+sequences, and generate + evaluate + the CLI on a tiny random Llama (which scores ~0: the plumbing is
+what is checked)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
+import secrets
+import shutil
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -14,13 +22,21 @@ import torch
 
 from conftest import write_tiny_bpe_tokenizer
 from kdlora import passk
-from kdlora.passk import evaluate, generate_completions, load_problems, pass_at_k, run_completion, truncate_at_stop
+from kdlora.passk import evaluate, generate_completions, load_problems, pass_at_k, truncate_at_stop
 
 PROBLEM = {
     "task_id": "t/0", "entry_point": "double",
     "prompt": 'def double(x):\n    """Twice x."""\n',
     "test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(-3) == -6\n",
 }
+
+# The OS isolations that work on this machine; the plumbing tests run under the first (or none at all).
+ISOLATION_PROBLEMS = {kind: passk._isolation_problem(kind) for kind in ("bwrap", "unshare")}
+ISOLATED = [kind for kind, problem in ISOLATION_PROBLEMS.items() if problem is None]
+RUN_ISOLATION = ISOLATED[0] if ISOLATED else "none"
+each_isolation = pytest.mark.parametrize("isolation", ISOLATED or [pytest.param("none", marks=pytest.mark.skip(
+    reason="no OS isolation on this machine: " + "; ".join(f"{k}: {v}" for k, v in ISOLATION_PROBLEMS.items())))])
+run_completion = functools.partial(passk.run_completion, isolation=RUN_ISOLATION, allow_code_execution=True)
 
 
 def test_shipped_problems_are_humaneval_format_and_solvable():
@@ -37,12 +53,7 @@ def test_shipped_problems_are_humaneval_format_and_solvable():
     ("    return x + 2\n", "failed", "AssertionError"),  # right for 2, wrong for -3
     ("    raise RuntimeError('no')\n", "failed", "RuntimeError: no"),
     ("    return 2 * x\n  bad indent\n", "failed", "IndentationError"),
-    ("    import socket\n    socket.create_connection(('127.0.0.1', 9))\n    return 2 * x\n", "failed", "PermissionError"),
-    ("    import socket\n    socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n    return 2 * x\n", "failed",
-     "network access is disabled"),
-    ("    import _socket\n    _socket.socket()\n    return 2 * x\n", "failed", "network access is disabled"),
     ("    b = bytearray(4 * 2**30)\n    return 2 * x\n", "failed", "MemoryError"),
-    ("    import os\n    os.system('true')\n    return 2 * x\n", "failed", "os.system is disabled"),
 ])
 def test_completion_outcomes(completion, status, detail):
     result = run_completion(PROBLEM, completion, timeout=10)
@@ -66,6 +77,113 @@ def test_completion_runs_in_its_own_directory_and_environment(tmp_path, monkeypa
              "    open('scratch.txt', 'w').write('x')\n    return 2 * x\n") % str(tmp_path)
     assert run_completion(PROBLEM, probe)["passed"]
     assert list(tmp_path.iterdir()) == []  # the scratch file went to the child's temporary directory
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim.txt"  # outside the sandbox's directory
+    victim.write_text("precious\n")
+    return victim
+
+
+@pytest.mark.parametrize("isolation", sorted({RUN_ISOLATION, "none"}))
+@pytest.mark.parametrize("ending", [
+    "import sys\nsys.exit(0)\n",
+    "import os\nos._exit(0)\n",
+    "print('passed')\nimport os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 32)\n    except OSError:\n"
+    "        pass\nos._exit(0)\n",
+    # replays whatever any open descriptor yields (the token's pipe is closed before the program runs)
+    "import os\ndata = b''\nfor fd in range(3, 64):\n    try:\n        os.set_blocking(fd, False)\n        data += os.read(fd, 64)\n"
+    "    except OSError:\n        pass\nfor fd in range(3, 64):\n    try:\n        os.write(fd, data)\n    except OSError:\n"
+    "        pass\nos._exit(0)\n",
+], ids=["sys.exit", "os._exit", "print-and-write-fds", "replay-fds"])
+def test_exiting_before_check_returns_fails(ending, isolation):
+    # A wrong function, then a top-level exit with status 0 before the tests define and run check().
+    result = run_completion(PROBLEM, "    return 0\n" + ending, isolation=isolation)
+    assert result["status"] == "failed" and not result["passed"]
+    assert result["detail"] == "exited with status 0 before check() returned"
+
+
+@each_isolation
+@pytest.mark.parametrize("attack", [
+    "    import posix\n    posix.unlink({victim!r})\n",
+    "    open({victim!r}, 'w').write('overwritten')\n",
+    "    import importlib, os\n    importlib.reload(os)\n    os.remove({victim!r})\n",
+    # root of its user namespace tries to make the mounts writable again, then writes
+    "    try:\n        import subprocess\n        for line in open('/proc/self/mounts'):\n"
+    "            subprocess.run(['mount', '-o', 'remount,bind,rw', line.split()[1]], capture_output=True)\n"
+    "    except Exception:\n        pass\n    open({victim!r}, 'a').write('appended')\n",
+], ids=["posix.unlink", "open-w", "reload-os-remove", "remount-rw"])
+def test_files_outside_the_sandbox_are_read_only(attack, isolation, tmp_path):
+    victim = _victim(tmp_path)
+    result = run_completion(PROBLEM, attack.format(victim=str(victim)) + "    return 2 * x\n", isolation=isolation)
+    assert result["status"] == "failed" and "Read-only file system" in result["detail"]
+    assert victim.read_text() == "precious\n"
+
+
+@each_isolation
+@pytest.mark.parametrize("connect", [
+    "    import _socket\n    s = _socket.socket.__mro__[-2](_socket.AF_INET, _socket.SOCK_STREAM)\n"
+    "    s.connect(('127.0.0.1', {port}))\n    s.sendall(b'leak')\n",
+    "    import socket\n    socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'leak')\n",
+], ids=["_socket", "socket"])
+def test_no_network_not_even_loopback(connect, isolation):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        result = run_completion(PROBLEM, connect.format(port=port) + "    return 2 * x\n", isolation=isolation)
+        assert result["status"] == "failed" and "Network is unreachable" in result["detail"]
+        server.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no connection is waiting
+            server.accept()
+
+
+def _processes_with_argv(argv: list[str]) -> list[int]:
+    wanted, found = ("\0".join(argv) + "\0").encode(), []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes() == wanted:
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@each_isolation
+@pytest.mark.parametrize("then, status", [("    time.sleep(60)\n", "timed out"), ("", "passed")])
+def test_no_process_outlives_the_program(then, status, isolation):
+    # A child leaves the session (setsid) and sleeps for a day under an argv unique to this run.
+    argv = ["sleep", f"{86400 + secrets.randbelow(10**6) / 10**6:.6f}"]
+    completion = (f"    import posix, time\n    if posix.fork() == 0:\n        posix.setsid()\n"
+                  f"        posix.execv({shutil.which('sleep')!r}, {argv!r})\n    time.sleep(0.3)\n{then}    return 2 * x\n")
+    result = run_completion(PROBLEM, completion, timeout=2, isolation=isolation)
+    assert result["status"] == status
+    deadline, survivors = time.monotonic() + 2, _processes_with_argv(argv)
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.05)
+        survivors = _processes_with_argv(argv)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+
+
+@each_isolation
+def test_ordinary_programs_work_in_the_sandbox(isolation):
+    # Files in its own directory and TMPDIR, child processes, its own /proc with only its processes.
+    completion = ("    import os, subprocess, sys, tempfile\n"
+                  "    open('scratch.txt', 'w').write('x')\n    tempfile.NamedTemporaryFile().write(b'x')\n"
+                  "    out = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout\n"
+                  "    assert out == '42\\n', out\n"
+                  "    assert len([p for p in os.listdir('/proc') if p.isdigit()]) < 5\n    return 2 * x\n")
+    result = run_completion(PROBLEM, completion, isolation=isolation)
+    assert result["passed"], result
+
+
+def test_running_code_needs_permission_and_a_known_isolation():
+    with pytest.raises(passk.CodeExecutionNotAllowed, match="--allow-code-execution"):
+        passk.run_completion(PROBLEM, "    return 2 * x\n")
+    with pytest.raises(passk.CodeExecutionNotAllowed, match="allow_code_execution=True"):
+        evaluate([PROBLEM], {"t/0": ["    return 2 * x\n"]})
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        run_completion(PROBLEM, "    return 2 * x\n", isolation="docker")
 
 
 def test_pass_at_k_by_hand():
@@ -92,14 +210,15 @@ def test_stop_sequences_cut_at_the_earliest():
 
 def test_evaluate_counts_and_means():
     completions = {"t/0": ["    return 2 * x\n", "    return x\n", "    return x + x\n", "    while True: pass\n"]}
-    result = evaluate([PROBLEM], completions, ks=(1, 2), timeout=1.0)
+    result = evaluate([PROBLEM], completions, ks=(1, 2), timeout=1.0, isolation=RUN_ISOLATION, allow_code_execution=True)
     row = result["problems"][0]
     assert (row["n"], row["correct"]) == (4, 2)
     assert [s["status"] for s in row["samples"]] == ["passed", "failed", "passed", "timed out"]
     assert row["pass@1"] == pytest.approx(0.5) and row["pass@2"] == pytest.approx(1 - 1 / 6)
     assert result["pass@k"] == {"pass@1": pytest.approx(0.5), "pass@2": pytest.approx(5 / 6)}
+    assert result["isolation"] == RUN_ISOLATION
     with pytest.raises(ValueError, match="pass@5 needs at least 5 completions"):
-        evaluate([PROBLEM], completions, ks=(5,))
+        evaluate([PROBLEM], completions, ks=(5,), allow_code_execution=True)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +255,7 @@ def test_generate_and_evaluate_on_a_tiny_llama(tiny_llama_dir):
     assert len(greedy["mini/0"]) == 1
     with pytest.raises(ValueError, match="temperature 0 \\(greedy\\) gives 3 identical samples"):
         generate_completions(model, tok, problems, n=3, temperature=0.0)
-    result = evaluate(problems, completions, ks=(1, 3), timeout=3)
+    result = evaluate(problems, completions, ks=(1, 3), timeout=3, isolation=RUN_ISOLATION, allow_code_execution=True)
     assert [r["n"] for r in result["problems"]] == [3, 3]
     assert all(len(r["samples"]) == 3 and 0 <= r["correct"] <= 3 for r in result["problems"])
     for k in (1, 3):
@@ -148,12 +267,14 @@ def test_cli_writes_results_once_and_refuses_to_overwrite(tiny_llama_dir, tmp_pa
     problems.write_text("".join(json.dumps(p) + "\n" for p in load_problems()[:2]))
     out = tmp_path / "results" / "tiny"
     args = ["--model", str(tiny_llama_dir), "--problems", str(problems), "--n", "2", "--k", "1", "--k", "2",
-            "--max-new-tokens", "8", "--timeout", "3", "--out", str(out)]
+            "--max-new-tokens", "8", "--timeout", "3", "--allow-code-execution",
+            *(["--no-isolation"] if RUN_ISOLATION == "none" else []), "--out", str(out)]
     assert passk.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
     assert [p.name for p in out.parent.iterdir()] == ["tiny"]  # no temporary left beside it
     data = json.loads((out / "results.json").read_text())
     assert set(data["pass@k"]) == {"pass@1", "pass@2"} and data["n"] == 2 and data["temperature"] == 0.8
+    assert data["isolation"] == RUN_ISOLATION
     assert [r["task_id"] for r in data["problems"]] == ["mini/0", "mini/1"]
     assert "| mini/1 | 2 |" in (out / "results.md").read_text()
     before = (out / "results.json").read_text()
@@ -169,3 +290,21 @@ def test_cli_writes_results_once_and_refuses_to_overwrite(tiny_llama_dir, tmp_pa
     assert passk.main([*args[:-1], str(tmp_path / "other"), "--problems", str(bad)]) == 2
     assert "missing or non-string field(s) ['test', 'entry_point']" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_cli_runs_code_only_when_allowed_and_isolated(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_llama_dir), "--max-problems", "1", "--max-new-tokens", "2", "--out", str(out)]
+    assert passk.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdlora.passk: error: pass@k runs model-generated code") and "--allow-code-execution" in err
+    # A machine where neither isolation works: refused, unless running without isolation is asked for.
+    monkeypatch.setattr(passk, "_isolation_problem", lambda kind: "not installed")
+    assert passk.main([*args, "--allow-code-execution"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("kdlora.passk: error: no OS isolation for generated code here (bwrap: not installed; unshare: not "
+                   "installed); install bubblewrap or enable unprivileged user namespaces, or pass --no-isolation "
+                   "(isolation='none') to run it without isolation")
+    assert not out.exists()
+    assert passk.main([*args, "--allow-code-execution", "--no-isolation"]) == 0
+    assert json.loads((out / "results.json").read_text())["isolation"] == "none"
