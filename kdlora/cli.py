@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import sysconfig
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
@@ -348,17 +349,18 @@ def clean_error(exc: BaseException) -> str:
     return line or text
 
 
-def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
-    if uses_causal_lm_module(sys.argv[1:] if args is None else args):
+def cli_class_for(args: list[str]) -> tuple[type[KDLoRACLI], dict[str, Any]]:
+    """The CLI class a command runs under (its model decides, `uses_causal_lm_module`) and its arguments."""
+    if uses_causal_lm_module(args):
         from kdlora.lm_data import CausalLMDataModule
         from kdlora.modules.lm_supernet import CausalLMSuperTransformer
 
         cli_class, model_class, data_class = DecoderCLI, CausalLMSuperTransformer, CausalLMDataModule
     else:
         cli_class, model_class, data_class = KDLoRACLI, GLUEModule, GLUEDataModule
-    return cli_class(
-        model_class,
-        data_class,
+    return cli_class, dict(
+        model_class=model_class,
+        datamodule_class=data_class,
         subclass_mode_model=True,
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
@@ -366,9 +368,38 @@ def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
             "logger": lazy_instance(TensorBoardLogger, save_dir="runs", name="kdlora", default_hp_metric=False),
             "callbacks": [lazy_instance(LearningRateMonitor, logging_interval="step")],
         },
-        args=args,
-        run=run,
     )
+
+
+def main(args: list[str] | None = None, run: bool = True) -> KDLoRACLI:
+    cli_class, kwargs = cli_class_for(sys.argv[1:] if args is None else args)
+    return cli_class(**kwargs, args=args, run=run)
+
+
+class _ParserReady(Exception):
+    pass
+
+
+def argument_checker(args: list[str]) -> KDLoRACLI:
+    """The CLI that `main(args)` would build, stopped once its parser is built: nothing parsed, built or run.
+    ``checker.parse_arguments(checker.parser, other_args)`` parses a command as `main` would (raising
+    the error `main` would report) and leaves the result in ``checker.config``; the parser is built once."""
+    cli_class, kwargs = cli_class_for(args)
+
+    class ArgumentChecker(cli_class):
+        def parse_arguments(self, parser, args) -> None:
+            if not hasattr(self, "_ready"):
+                self._ready = True
+                raise _ParserReady(self)
+            with warnings.catch_warnings():  # a command checked from another program's command line
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+                cli_class.parse_arguments(self, parser, args)
+
+    try:
+        ArgumentChecker(**kwargs, args=[])
+    except _ParserReady as ready:
+        return ready.args[0]
+    raise AssertionError("LightningCLI parsed before building its parser")  # pragma: no cover
 
 
 def cli_main(args: list[str] | None = None) -> int:
