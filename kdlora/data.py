@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader, DistributedSampler
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from kdlora.tasks import Split, TaskSpec, get_task
 
@@ -411,7 +411,9 @@ class GLUEDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            from kdlora.models import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_name, "data.tokenizer_name")
         return self._tokenizer
 
     # ---- raw splits ----

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from kdlora.callbacks import write_atomic
 from kdlora.data import ResumableDataLoader, ResumableShuffleSampler, _uses_distributed_sampler, train_order_position
@@ -268,7 +268,9 @@ class CausalLMDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            tok = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            from kdlora.models import load_tokenizer
+
+            tok = load_tokenizer(self.tokenizer_name, "data.tokenizer_name")
             if tok.eos_token_id is None:
                 raise LMDataError(f"tokenizer {self.tokenizer_name!r} has no EOS token, which separates packed documents")
             self._tokenizer = tok

@@ -5,6 +5,7 @@ Knows nothing of Lightning: these functions take and return plain `transformers`
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -305,13 +306,35 @@ def check_export_dir(path: str | Path) -> Path:
     return path
 
 
+class OutOfSpaceError(OSError):
+    """A write failed because its disk (or the user's quota) is full; the message names what was being written."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, reports a full disk or quota: an OSError with that errno,
+    or a library's own error quoting the system's text for it (safetensors' writer raises a SafetensorError)."""
+    texts = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or any(t in str(exc) for t in texts):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def write_export(out_dir: str | Path, write: Callable[[Path], None], info: dict[str, Any]) -> Path:
     """Write an export directory atomically, without ever replacing what is not a kdlora export.
 
     `write(tmp)` fills a new sibling directory; `info` (what was exported) goes into its
     ``kdlora_export.json``; then the directory replaces `out_dir`, which `check_export_dir` must
     accept (checked again here, at write time). Directories and files get normal permissions (as
-    `mkdir` and `open` give under the umask). A failure leaves `out_dir` as it was.
+    `mkdir` and `open` give under the umask). A failure leaves `out_dir` as it was; a full disk is an
+    `OutOfSpaceError` naming `out_dir`.
     """
     out_dir = check_export_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -341,8 +364,11 @@ def write_export(out_dir: str | Path, write: Callable[[Path], None], info: dict[
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and out_of_space(e):
+            raise OutOfSpaceError(f"no space left on device writing {out_dir} (nothing was written there; "
+                                  "free some space or choose another directory)") from e
         raise
     return out_dir
 
@@ -371,8 +397,35 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, save_adapt
     return write_export(out_dir, write, {"lora_merged": isinstance(model, PeftModel), **(info or {})})
 
 
-def load_tokenizer(name_or_path: str):
-    return AutoTokenizer.from_pretrained(name_or_path)
+# Written by every `save_pretrained`; a folder of an older format may have only its vocabulary files,
+# which the tokenizer class names (`vocab_files_names`: vocab.txt, vocab.json and merges.txt, spiece.model...).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_tokenizer(name_or_path: str, what: str = "folder"):
+    """The tokenizer of a hub id or a local folder; `what` names the argument in errors.
+
+    A local folder without tokenizer files is a FileNotFoundError naming the files it lacks: from
+    such a folder (weights and config.json only) transformers builds an empty tokenizer of the
+    config's model type, whose few special tokens would fail later as a puzzling vocabulary mismatch.
+    """
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return AutoTokenizer.from_pretrained(name_or_path)
+    expected, error = set(TOKENIZER_FILES), None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        expected |= set(getattr(type(tokenizer), "vocab_files_names", {}).values())
+    except (OSError, ValueError) as e:
+        error = e
+    if not any((path / name).is_file() for name in expected):
+        held = sorted(p.name for p in path.iterdir())
+        listing = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "") if held else "nothing"
+        raise FileNotFoundError(f"{what} {name_or_path} has no tokenizer files (none of {', '.join(sorted(expected))}; "
+                                f"it holds {listing}): save the tokenizer of its model into it")
+    if error is not None:
+        raise error
+    return tokenizer
 
 
 def encoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:

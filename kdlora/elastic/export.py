@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 
 from kdlora.elastic.config import SubnetConfig
 from kdlora.elastic.model import ElasticEncoder
-from kdlora.models import check_export_dir
+from kdlora.models import check_export_dir, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def load_encoder(checkpoint: str | Path):
     name = module.hparams.get("model_name_or_path")
     if name:
         try:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = load_tokenizer(name, "the checkpoint's model_name_or_path")
         except (OSError, ValueError) as e:
             log.warning("no tokenizer saved with the export: cannot load %r (%s)", name, e)
     return module.encoder, tokenizer
@@ -140,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         subnets = [parse_subnet(s, encoder) for s in args.subnet]  # all validated before anything is written
         for path in export_subnets(encoder, subnets, args.out, tokenizer):
             print(path)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:  # OSError: a missing file, a full disk (OutOfSpaceError), ...
         print(f"kdlora: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -196,7 +196,9 @@ class KDLoRAStudent(GLUEModule):
         # Kept outside the module tree: never in parameters() (optimizer, DDP), state_dict
         # (checkpoints) or train()/eval() switching. `_apply` below still moves it with the module.
         object.__setattr__(self, "_teacher", teacher)
-        student_tokenizer, teacher_tokenizer = load_tokenizer(model_name_or_path), load_tokenizer(teacher_tokenizer_source)
+        student_tokenizer = load_tokenizer(model_name_or_path, "model_name_or_path")
+        teacher_tokenizer = load_tokenizer(teacher_tokenizer_source, "teacher_path" if Path(teacher_path).is_dir()
+                                           else f"the model_name_or_path of teacher_path {teacher_path}")
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, model_name_or_path, teacher_tokenizer_source)
         check_tokenizer_fits(teacher, teacher_tokenizer, teacher_path, teacher_tokenizer_source)
 

@@ -55,7 +55,7 @@ class Teacher(GLUEModule):
                              "(full fine-tuning trains every weight)")
         self.save_hyperparameters()
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
-        check_tokenizer_fits(model, load_tokenizer(model_name_or_path), model_name_or_path, model_name_or_path)
+        check_tokenizer_fits(model, load_tokenizer(model_name_or_path, "model_name_or_path"), model_name_or_path, model_name_or_path)
         if finetune == "lora":
             # Newly initialised weights (classifier, a missing pooler) train alongside the adapters (head: new).
             model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights), head)
