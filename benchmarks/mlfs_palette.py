@@ -311,6 +311,12 @@ def render_table(data: dict, notes: str | None = None) -> str:
             summary.append(f"| {task} | MLFS end, members below the maxnet | {span([r['mlfs_final'] for r in below])} | "
                            f"alone end: {span([r['alone_final'] for r in alone])} |")
         summary += [line for line in comparison_rows(task, rows, variants)]
+    latency = data.get("latency") or {}
+    for batch, ms in (latency.get("ms") or {}).items():
+        if batch != "b1" and ms:
+            base = next(iter(ms.values()))
+            md += [f"Latency ×max at batch {batch[1:]} (the same exports, {latency.get('task')}, {latency.get('threads')} thread(s)): "
+                   + ", ".join(f"{n} {v / base:.2f}" for n, v in ms.items()) + ".", ""]
     if summary:
         ranges = [line for line in summary if "members below the maxnet" in line]
         gains = [line for line in summary if line not in ranges]

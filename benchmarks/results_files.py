@@ -22,9 +22,11 @@ precision written. Settings and names go in code spans (backticks), which that c
 from __future__ import annotations
 
 import argparse
+import bisect
 import fnmatch
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -117,6 +119,73 @@ def render_passk(result: dict, notes: Optional[str] = None) -> str:
     title = f"pass@k of {Path(result['model']).name} ({len(result['problems'])} problems, n={result['n']}, T={result['temperature']:g})"
     text = results_markdown(result, title)
     return text if notes is None else text.replace("\n\n", f"\n\n{notes}\n\n", 1)
+
+
+NUMBER = re.compile(r"(?<![\w.])\d+(?:,\d{3})*(?:\.\d+)?(?:[eE][-+]?\d+)?")
+# Words that carry digits without being quantities: subnet names (h384-a9-f1152-l0.3.5), model and task
+# names (MiniLM-L6, SST-2, SmolLM2-135M), fp32, n1/nj.
+NAME = re.compile(r"(?<![\w.])[A-Za-z_][\w\-./]*\d[\w\-./]*")
+COUNTS = range(0, 11)  # small integers count things ("one of 3 seeds", "2 cores"): not checked
+
+
+def numbers_in(text: str) -> list[str]:
+    """The numbers a notes file states: outside code spans (settings, commands, names) and names."""
+    text = re.sub(r"`[^`]*`", " ", text)
+    text = NAME.sub(" ", text)
+    return [m.group(0) for m in NUMBER.finditer(text)]
+
+
+def _values(data) -> list[float]:
+    if isinstance(data, bool):
+        return []
+    if isinstance(data, (int, float)):
+        return [float(data)]
+    if isinstance(data, str):
+        return [float(n.replace(",", "")) for n in NUMBER.findall(data)]
+    if isinstance(data, dict):
+        return [v for k, x in data.items() for v in _values(k) + _values(x)]
+    if isinstance(data, list):
+        return [v for x in data for v in _values(x)]
+    return []
+
+
+def results_values(md: Path) -> list[float]:
+    """What a notes file may quote from the results file `md`: every number of its JSON (as it is, ×100 for
+    fractions, in millions, thousands, and seconds as minutes) and every number its rendered md shows
+    without the notes (code spans included: commands carry the settings)."""
+    values = []
+    source = md.with_suffix(".json")
+    if source.is_file():
+        for v in _values(json.loads(source.read_text())):
+            values += [v, 100 * v, v / 1e6, v / 1e3, v / 60]
+    spec = renderer_for(md)
+    text = (load_renderer(spec)(json.loads(source.read_text())) if spec and source.is_file()
+            else md.read_text() if md.is_file() else "")
+    values += [float(n.replace(",", "")) for n in NUMBER.findall(text)]
+    return values
+
+
+def unbacked_numbers(notes: Path) -> list[str]:
+    """The numbers of a notes file that neither its results (``<name>.md`` beside it) nor the results files it
+    names in backticks (``name.md``, ``name.json``, ``dir/`` for its ``results.md``) show at the precision
+    written (``6.9e5``: to 0.05e5); small counts (`COUNTS`) are not checked."""
+    text = notes.read_text()
+    sources = [notes.with_name(notes.name.replace(NOTES_SUFFIX + ".md", ".md"))]
+    named = dict.fromkeys(re.findall(r"`([\w./-]+\.(?:md|json)|[\w.-]+/)`", text))
+    sources += [RESULTS / n if not n.endswith("/") else RESULTS / n / "results.md" for n in named]
+    values = sorted({v for md in sources for v in results_values(md.with_suffix(".md"))})
+    missing = []
+    for written in numbers_in(text):
+        value = float(written.replace(",", ""))
+        if value in COUNTS:
+            continue
+        mantissa, _, exponent = written.lower().partition("e")
+        decimals = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        tolerance = 0.5 * 10 ** (int(exponent or 0) - decimals) * (1 + 1e-9)
+        i = bisect.bisect_left(values, value - tolerance)
+        if not (i < len(values) and values[i] <= value + tolerance):
+            missing.append(written)
+    return missing
 
 
 def main(argv: Optional[list[str]] = None) -> int:
