@@ -23,6 +23,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -109,7 +110,16 @@ class KDLoRACLI(LightningCLI):
             check_export_dir(init_args["export_dir"])
 
     def _instantiate_trainer(self, config, callbacks):
-        trainer = super()._instantiate_trainer(config, callbacks)
+        if config.get("enable_checkpointing") is False:
+            # `--trainer.enable_checkpointing false`: no best or last checkpoint (Lightning refuses any
+            # ModelCheckpoint then); the modules export and report the weights at the end of fit.
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        try:
+            trainer = super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ImportError) as e:  # e.g. an accelerator this machine lacks
+            message = clean_error(e)
+            hint = "" if "available" in message else _accelerator_hint(config)
+            raise MisconfigurationException(f"trainer: {message}{hint}") from None
         if not trainer.loggers:  # `--trainer.logger false`: the default LearningRateMonitor has nothing to log to
             defaults = [c for c in self.trainer_defaults.get("callbacks", []) if isinstance(c, LearningRateMonitor)]
             trainer.callbacks = [c for c in trainer.callbacks if not any(c is d for d in defaults)]
@@ -135,6 +145,23 @@ class KDLoRACLI(LightningCLI):
                 f"{sub} without --ckpt_path would use the untrained {', '.join(new_weight_modules(new))} that "
                 f"{self.model.hparams.get('model_name_or_path')} lacks (initialised at random): give --ckpt_path of a "
                 "trained run, or a fine-tuned model (e.g. a run's export/) as model_name_or_path")
+
+
+def _accelerator_hint(config: dict) -> str:
+    """Which accelerators this machine has, when the trainer names one."""
+    accelerator = config.get("accelerator")
+    if not isinstance(accelerator, str) or accelerator == "auto":
+        return ""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    available = []
+    for name in sorted(AcceleratorRegistry.available_accelerators()):
+        try:
+            if AcceleratorRegistry[name]["accelerator"].is_available():
+                available.append(name)
+        except Exception:  # an accelerator whose package is missing is not available
+            continue
+    return f" (trainer.accelerator is {accelerator!r}; this machine has: {', '.join(available) or 'none'})"
 
 
 def add_checkpoint_arguments(parser, monitor: str, mode: str) -> None:
@@ -403,7 +430,8 @@ def argument_checker(args: list[str]) -> KDLoRACLI:
 
 
 def cli_main(args: list[str] | None = None) -> int:
-    """Entry point: user errors (bad task, missing file, bad value) become one line and exit code 2."""
+    """Entry point: user errors (bad task, missing file, bad value, a Trainer setting this machine cannot
+    run, a full disk) become one line and exit code 2."""
     from kdlora.data import GLUEDataError
     from kdlora.modules.base import TrainingDivergedError
 
@@ -411,7 +439,8 @@ def cli_main(args: list[str] | None = None) -> int:
         main(args)
     except SystemExit as e:  # --help, --print_config, or a problem already printed
         return e.code if isinstance(e.code, int) else 2
-    except (GLUEDataError, ValueError, FileNotFoundError, KeyError, ArgumentError, TrainingDivergedError) as e:
+    except (GLUEDataError, ValueError, OSError, KeyError, ArgumentError, TrainingDivergedError,
+            MisconfigurationException) as e:
         if os.environ.get("KDLORA_DEBUG"):
             raise
         print(f"kdlora: error: {clean_error(e)}", file=sys.stderr)

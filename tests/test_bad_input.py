@@ -1,0 +1,208 @@
+"""Bad input and a bad environment end in one line naming the problem, a non-zero exit and nothing half-written:
+a full disk under an export, a trainer setting this machine cannot run, a folder without its tokenizer files;
+and `--trainer.enable_checkpointing false` trains and exports the weights at the end of fit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import PreTrainedModel
+
+from kdlora.cli import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _args(model_dir, glue_dir, tmp_path, *extra, model="kdlora.modules.Teacher"):
+    return [
+        "--model", model,
+        "--model.model_name_or_path", str(model_dir),
+        "--data.data_dir", str(glue_dir),
+        "--data.cache_dir", str(tmp_path / "cache"),
+        "--data.task", "rte",
+        "--data.batch_size", "8",
+        "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        *extra,
+    ]
+
+
+def _one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) >= 1, err
+    assert lines[-1].startswith("kdlora: error: "), err
+    assert all(not line.startswith("kdlora: error: ") for line in lines[:-1]), err
+    return lines[-1]
+
+
+def _without_tokenizer(model_dir: Path, out: Path) -> Path:
+    """A copy of `model_dir` with its weights and config only (as a run's checkpoint folder might hold)."""
+    out.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, out / name)
+    return out
+
+
+# ---- a full disk under an export ----
+
+# What a full disk raises inside `save_pretrained`: a plain OSError (config, tokenizer: Python's open), or
+# safetensors' own error (the weights, written by its Rust writer) quoting the system's message.
+def _enospc_errors():
+    from safetensors import SafetensorError
+
+    return [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+            SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno.ENOSPC)} (os error {errno.ENOSPC})")]
+
+
+@pytest.fixture(params=range(2), ids=["OSError", "SafetensorError"])
+def full_disk(request, monkeypatch):
+    """`save_pretrained` writes part of a weights file, then fails as on a full disk."""
+    error = _enospc_errors()[request.param]
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        Path(save_directory).mkdir(parents=True, exist_ok=True)
+        (Path(save_directory) / "model.safetensors").write_bytes(b"\0" * 64)
+        raise error
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_pretrained)
+
+
+@pytest.fixture(scope="module")
+def supernet_checkpoint(tiny_bert_dir, tmp_path_factory) -> Path:
+    import lightning
+
+    from kdlora.modules.supernet import SuperTransformer
+
+    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
+    path = tmp_path_factory.mktemp("supernet") / "supernet.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def test_export_cli_onto_a_full_disk_is_one_line_and_leaves_nothing(supernet_checkpoint, tmp_path, capsys, full_disk):
+    from kdlora.elastic.export import main
+
+    out = tmp_path / "exports" / "max"
+    code = main(["--checkpoint", str(supernet_checkpoint), "--subnet", "max", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert _one_error_line(captured.err).startswith(f"kdlora: error: no space left on device writing {out} ")
+    assert captured.out == ""
+    assert list((tmp_path / "exports").iterdir()) == []  # neither the export nor its temporary directory
+
+
+def test_fit_end_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tiny_bert_dir, small_glue_dir, tmp_path, capsys,
+                                                                      full_disk):
+    export = tmp_path / "exports" / "teacher"
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export_dir", str(export),
+                                   "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")])
+    assert code == 2
+    assert _one_error_line(capsys.readouterr().err).startswith(f"kdlora: error: no space left on device writing {export} ")
+    assert list((tmp_path / "exports").iterdir()) == []
+    assert len(list((tmp_path / "runs").rglob("last.ckpt"))) == 1  # the run's own checkpoints are kept
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None or sys.platform != "linux":
+        return False
+    probe = subprocess.run(["unshare", "-r", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_export_cli_onto_a_real_full_filesystem(supernet_checkpoint, tmp_path):
+    """The same on a 100 kB tmpfs (mounted in a user namespace, where the kernel allows one)."""
+    if not _can_mount_tmpfs():
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    export = [sys.executable, "-m", "kdlora.elastic.export", "--checkpoint", str(supernet_checkpoint), "--subnet", "max",
+              "--out", str(disk / "max")]
+    script = f"mount -t tmpfs -o size=100k tmpfs {disk} && {subprocess.list2cmdline(export)}; code=$?; ls -A {disk}; exit $code"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _one_error_line(proc.stderr).startswith(f"kdlora: error: no space left on device writing {disk / 'max'} ")
+    assert proc.stdout.strip() == ""  # `ls -A` of the full filesystem: nothing left on it
+
+
+# ---- checkpointing off ----
+
+def test_fit_without_checkpointing_trains_and_exports_the_final_weights(tiny_bert_dir, small_glue_dir, tmp_path):
+    export = tmp_path / "export"
+    args = _args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export_dir", str(export), "--trainer.max_steps", "2",
+                 "--trainer.limit_val_batches", "1", "--trainer.enable_checkpointing", "false")
+    assert cli_main(["fit", *args]) == 0
+    assert list(tmp_path.rglob("*.ckpt")) == []
+    assert json.loads((export / "kdlora_export.json").read_text())["weights"] == "the weights at the end of fit"
+    assert (export / "model.safetensors").is_file()
+
+
+# ---- a trainer setting this machine cannot run ----
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_accelerator_without_a_gpu_is_one_line(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--trainer.accelerator", "gpu")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "gpu" in line and "this machine has: cpu" in line, line
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- a folder without its tokenizer files ----
+
+def test_load_tokenizer_names_the_missing_files(tiny_bert_dir, tmp_path):
+    from kdlora.models import load_tokenizer
+
+    assert len(load_tokenizer(str(tiny_bert_dir))) > 100
+    bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
+    with pytest.raises(FileNotFoundError) as e:
+        load_tokenizer(str(bare), "teacher_path")
+    assert str(e.value).startswith(f"teacher_path {bare} has no tokenizer files (none of tokenizer.json, tokenizer_config.json, "
+                                   "vocab.txt; it holds config.json, model.safetensors)")
+    # Its vocabulary alone is a tokenizer (a folder of the older format).
+    shutil.copy(tiny_bert_dir / "vocab.txt", bare / "vocab.txt")
+    assert load_tokenizer(str(bare)).get_vocab() == load_tokenizer(str(tiny_bert_dir)).get_vocab()
+
+
+@pytest.mark.parametrize("which", ["teacher_path", "model_name_or_path"])
+def test_a_student_folder_without_tokenizer_files_is_named(tiny_bert_dir, small_glue_dir, tmp_path, capsys, which):
+    bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
+    teacher, student = (bare, tiny_bert_dir) if which == "teacher_path" else (tiny_bert_dir, bare)
+    code = cli_main(["fit", *_args(student, small_glue_dir, tmp_path, "--model.teacher_path", str(teacher),
+                                   model="kdlora.modules.KDLoRAStudent")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert line.startswith(f"kdlora: error: {which} {bare} has no tokenizer files (none of "), line
+    assert "vocabulary" not in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_supernet_and_data_folders_without_tokenizer_files_are_named(tiny_bert_dir, tmp_path):
+    from kdlora.data import GLUEDataModule
+    from kdlora.lm_data import CausalLMDataModule
+    from kdlora.modules.supernet import SuperTransformer
+
+    bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match=f"{bare} has no tokenizer files"):
+        SuperTransformer(model_name_or_path=str(bare), task="rte", measure_latency=False, export=False)
+    with pytest.raises(FileNotFoundError, match=f"^data.tokenizer_name {bare} has no tokenizer files"):
+        GLUEDataModule("rte", str(bare)).tokenizer
+    (tmp_path / "docs").mkdir()
+    for i in range(4):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"some text {i}\n")
+    with pytest.raises(FileNotFoundError, match=f"^data.tokenizer_name {bare} has no tokenizer files"):
+        CausalLMDataModule(tokenizer_name=str(bare), source=str(tmp_path / "docs")).tokenizer
