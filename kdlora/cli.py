@@ -99,6 +99,7 @@ class KDLoRACLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
         self.check_export_dir(config)
+        resolve_precision(config)
 
     def check_export_dir(self, config) -> None:
         # An export would replace its directory at fit end: refuse a user's directory now, before
@@ -211,6 +212,43 @@ class DecoderCLI(KDLoRACLI):
                                  "(it defaults to model.init_args.model_name_or_path)")
             config.data.tokenizer_name = init_args["model_name_or_path"]
         self.check_export_dir(config)
+        resolve_precision(config)
+
+
+BF16_PRECISIONS = ("bf16-mixed", "bf16-true", "bf16")
+
+
+def bf16_supported(accelerator: Any = "auto") -> bool:
+    """Whether bf16 runs natively where `accelerator` ("cpu", "cuda"/"gpu", "auto": CUDA if present, else
+    the CPU) would run: a CUDA device with bf16, or a CPU with AVX512-BF16 or AMX (x86) or the ARM bf16
+    extension. Elsewhere autocast emulates bf16, slower than float32. Another accelerator: True (not judged)."""
+    import torch
+
+    if accelerator in (None, "auto"):
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("cuda", "gpu"):
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if accelerator != "cpu":
+        return True
+    import platform
+
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    checks = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(check() for check in checks if check is not None)
+
+
+def resolve_precision(config: Namespace) -> None:
+    """A bf16 ``trainer.precision`` where bf16 is not native (`bf16_supported`) becomes 32-true, said in one line:
+    the recipes ask for bf16-mixed, the fast path where it exists, and must still run (as fast as they can) elsewhere."""
+    trainer = config.get("trainer")
+    precision = trainer.get("precision") if trainer is not None else None
+    if str(precision) not in BF16_PRECISIONS:
+        return
+    accelerator = trainer.get("accelerator", "auto")
+    if isinstance(accelerator, str) and not bf16_supported(accelerator):
+        trainer.precision = "32-true"
+        print(f"[kdlora] trainer.precision {precision} -> 32-true: no native bf16 here (trainer.accelerator: {accelerator})", file=sys.stderr)
 
 
 def fill_stdlib(source: str) -> str:

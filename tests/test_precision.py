@@ -10,6 +10,9 @@ forward really ran in bf16, the gradient points the same way as the float32 one,
 from __future__ import annotations
 
 import copy
+import platform
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -119,3 +122,28 @@ def test_student_under_bf16_mixed(models, small_glue_dir, tmp_path):
                               cache_dir=str(tmp_path / "tok"))
 
     check_bf16_against_fp32(make, dm, tmp_path)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cli_keeps_bf16_where_it_is_native_and_else_runs_float32_saying_so_once(models, small_glue_dir, tmp_path, monkeypatch,
+                                                                                 capsys, native):
+    from kdlora import cli
+
+    asked = []
+    monkeypatch.setattr(cli, "bf16_supported", lambda accelerator="auto": asked.append(accelerator) or native)
+    app = cli.main(["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(models["teacher"]),
+                    "--data.task", "mrpc", "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"),
+                    "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed", "--trainer.logger", "false",
+                    "--model.export", "false"], run=False)
+    assert asked == ["cpu"]
+    assert app.trainer.precision == ("bf16-mixed" if native else "32-true")
+    lines = [line for line in capsys.readouterr().err.splitlines() if "trainer.precision" in line]
+    assert lines == ([] if native else ["[kdlora] trainer.precision bf16-mixed -> 32-true: no native bf16 here (trainer.accelerator: cpu)"])
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"), reason="reads x86 /proc/cpuinfo flags")
+def test_bf16_support_on_cpu_is_the_cpus_bf16_instructions():
+    from kdlora.cli import bf16_supported
+
+    flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+    assert bf16_supported("cpu") == bool({"avx512_bf16", "amx_tile"} & flags)
