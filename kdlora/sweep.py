@@ -1,6 +1,8 @@
 """Hyperparameter sweeps: a grid in YAML expanded into `train.py fit` runs, resumable, one machine or a cluster.
 
     python -m kdlora.sweep configs/sweeps/bert-lora.yaml                       # run every point, in sequence
+    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --engine ray --gpus-per-trial 1   # in parallel (Ray Tune)
+    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --engine ray --address auto      # on a running Ray cluster
     python -m kdlora.sweep configs/sweeps/bert-lora.yaml --dry-run             # print the train.py commands
     python -m kdlora.sweep configs/sweeps/bert-lora.yaml --emit slurm --out sweep-jobs/   # a SLURM job array
     python -m kdlora.sweep configs/sweeps/bert-lora.yaml --emit commands --out sweep-jobs/  # one line per point
@@ -27,8 +29,20 @@ Each point has a stable id (its overrides, readable, plus a hash of them) and it
 so points never overwrite each other or the base config's own runs. A point is finished when a
 version directory holds ``results.json`` with ``val_best`` (or ``diverged``: training stopped on a
 non-finite loss, reported as diverged) and the done marker ``sweep_done.json`` the runner writes after
-the run returns. A crashed point is re-run into the next version directory; the crashed attempt is
-kept, and `kdlora.report` leaves attempts without the marker out.
+the run returns (with the run's start and end times). A crashed point resumes from the newest
+``checkpoints/last.ckpt`` of its unfinished attempts (``--ckpt_path``), logging on into that attempt's
+version directory; one that crashed before its first ``last.ckpt`` re-runs into the next version
+directory, the crashed attempt kept (`kdlora.report` leaves attempts without the marker out).
+
+Every point's arguments are parsed by the training CLI's own parser before any point runs (also with
+``--dry-run`` and ``--emit``): an option the model, data or trainer does not have, or a value of the
+wrong type, stops the sweep with one line naming the point.
+
+``--engine ray`` runs the points as Ray Tune trials, one trial per unfinished point, each with
+``--cpus-per-trial``/``--gpus-per-trial`` of the machine (Ray makes only its GPUs visible to it), on a
+local Ray instance or the cluster at ``--address``; each trial runs the command the sequential engine
+runs. On a cluster every node needs this project at the same path and a shared file system for the
+sweep's configs, data and runs.
 """
 
 from __future__ import annotations
@@ -58,6 +72,7 @@ SWEEP_KEYS = {"base", "tasks", "fixed", "grid", "zip", "points", "sample", "seed
 ABBREVIATIONS = {"learning_rate": "lr", "batch_size": "bs", "max_epochs": "ep", "weight_decay": "wd",
                  "lora_r": "r", "lora_alpha": "a", "lora_dropout": "do", "seed_everything": "seed"}
 TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 
 class SweepError(ValueError):
@@ -235,12 +250,20 @@ def next_version(directory: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def train_command(sweep: Sweep, task: str, overrides: dict[str, Any], version: int,
-                  launcher: Sequence[str] = ()) -> list[str]:
-    """`train.py fit` for one point: base config, task, fixed and point overrides, its own logger dir."""
+def resumable(directory: Path) -> Optional[Path]:
+    """The `last.ckpt` of the point's newest unfinished attempt that wrote one, else None."""
+    versions = [(int(m.group(1)), p) for p in directory.glob("version_*") for m in [re.fullmatch(r"version_(\d+)", p.name)] if m]
+    for _, version in sorted(versions, reverse=True):
+        if not is_finished(version) and (version / LAST_CKPT).is_file():
+            return version / LAST_CKPT
+    return None
+
+
+def train_args(sweep: Sweep, task: str, overrides: dict[str, Any], version: int,
+               ckpt_path: Optional[Path] = None) -> list[str]:
+    """The `train.py` arguments of one point: `fit`, base config, task, fixed and point overrides, its own logger dir."""
     directory = point_dir(sweep, task, overrides)
-    command = [*(launcher or [sys.executable]), str(TRAIN_PY) if TRAIN_PY.is_file() else "train.py",
-               "fit", "--config", sweep.base, "--data.task", task]
+    command = ["fit", "--config", sweep.base, "--data.task", task]
     for key, value in {**sweep.fixed, **overrides}.items():
         command += [f"--{key}", _value_text(value)]
     command += ["--trainer.logger.init_args.save_dir", str(directory.parent),
@@ -249,7 +272,46 @@ def train_command(sweep: Sweep, task: str, overrides: dict[str, Any], version: i
     export_dir = directory / f"version_{version}" / "export"
     command += ["--model.init_args.export", "true", "--model.init_args.export_dir", str(export_dir)] if sweep.export \
         else ["--model.init_args.export", "false"]
-    return command
+    return command + (["--ckpt_path", str(ckpt_path)] if ckpt_path else [])
+
+
+def train_command(sweep: Sweep, task: str, overrides: dict[str, Any], version: int,
+                  launcher: Sequence[str] = (), ckpt_path: Optional[Path] = None) -> list[str]:
+    """The command of one point: `train.py` and `train_args`, run by this interpreter or `launcher`."""
+    return [*(launcher or [sys.executable]), str(TRAIN_PY) if TRAIN_PY.is_file() else "train.py",
+            *train_args(sweep, task, overrides, version, ckpt_path)]
+
+
+def next_attempt(sweep: Sweep, task: str, overrides: dict[str, Any]) -> tuple[int, Optional[Path]]:
+    """(version, last.ckpt to resume or None) of the point's next attempt."""
+    directory = point_dir(sweep, task, overrides)
+    last = resumable(directory)
+    return (int(last.parent.parent.name.split("_", 1)[1]), last) if last else (next_version(directory), None)
+
+
+def check_points(sweep: Sweep, points: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    """Parse the arguments of the points with the training CLI's own parser (built once), running nothing:
+    a SweepError naming the first point whose options or values the CLI refuses. A point's options do
+    not depend on its task, so each point is parsed on one task, and each task once."""
+    from argparse import ArgumentError
+
+    from kdlora.cli import argument_checker, cli_class_for, clean_error
+
+    firsts: dict[str, tuple[str, dict[str, Any]]] = {}
+    for task, p in points:
+        firsts.setdefault(point_id(p), (task, p))
+    for task, p in points:
+        firsts.setdefault(task, (task, p))
+    checkers: dict[type, Any] = {}
+    for task, p in firsts.values():
+        args = train_args(sweep, task, p, 0)
+        cli_class = cli_class_for(args)[0]  # the point's model selects the CLI; each one's parser is built once
+        checker = checkers[cli_class] = checkers.get(cli_class) or argument_checker(args)
+        try:
+            checker.parse_arguments(checker.parser, args)
+        except (ArgumentError, ValueError, KeyError, TypeError) as e:
+            raise SweepError(f"point {task}/{point_id(p)}: the training CLI refuses its arguments: {clean_error(e)}; "
+                             "nothing was run") from None
 
 
 def run_point(sweep: Sweep, task: str, overrides: dict[str, Any], launcher: Sequence[str] = (),
@@ -258,14 +320,15 @@ def run_point(sweep: Sweep, task: str, overrides: dict[str, Any], launcher: Sequ
     directory = point_dir(sweep, task, overrides)
     if finished_version(directory) is not None:
         return "skipped"
-    version = next_version(directory)
-    command = train_command(sweep, task, overrides, version, launcher)
+    version, last = next_attempt(sweep, task, overrides)
+    command = train_command(sweep, task, overrides, version, launcher, last)
     run = directory / f"version_{version}"
     write_atomic(directory / POINT_FILE, json.dumps({"id": directory.name, "task": task, "overrides": overrides,
                                                      "base": sweep.base, "sweep": sweep.source}, indent=2) + "\n")
-    print(f"[kdlora.sweep] {task}/{directory.name} -> {run}", file=out, flush=True)
+    print(f"[kdlora.sweep] {task}/{directory.name} -> {run}" + (f" (resuming {last})" if last else ""), file=out, flush=True)
     start = time.time()
     code = subprocess.call(command)
+    end = time.time()
     results = run / RESULTS_FILE
     try:
         data = json.loads(results.read_text()) if results.is_file() else {}
@@ -277,9 +340,65 @@ def run_point(sweep: Sweep, task: str, overrides: dict[str, Any], launcher: Sequ
                          f"fix the sweep file or its base config {sweep.base}; the sweep stops here")
     status = "diverged" if data.get("diverged") else "finished" if code == 0 and data.get("val_best") else f"failed (exit {code})"
     if status in ("finished", "diverged"):
-        write_atomic(run / DONE_MARKER, json.dumps({"status": status, "exit_code": code, "seconds": time.time() - start,
-                                                    "command": command}, indent=2) + "\n")
+        write_atomic(run / DONE_MARKER, json.dumps({"status": status, "exit_code": code, "started": start, "ended": end,
+                                                    "seconds": end - start, "command": command}, indent=2) + "\n")
     return status
+
+
+def _ray_trial(config: dict[str, Any], sweep: Sweep, launcher: Sequence[str], cwd: str) -> None:
+    """One Ray Tune trial: run the point `config["point"]` (TASK/ID) as `run_point` does, from the sweep's directory."""
+    from ray import tune
+
+    os.chdir(cwd)  # the sweep's paths are relative to where it was started; Tune starts trials elsewhere
+    task, overrides = select_point(sweep, config["point"])
+    try:
+        status = run_point(sweep, task, overrides, launcher)
+    except SweepError as e:
+        status = f"failed ({e})"
+    tune.report({"status": status})
+
+
+def run_with_ray(sweep: Sweep, points: Sequence[tuple[str, dict[str, Any]]], launcher: Sequence[str] = (),
+                 address: Optional[str] = None, cpus_per_trial: float = 1, gpus_per_trial: float = 0) -> dict[str, str]:
+    """Run the points as Ray Tune trials, at most as many at once as the cluster's CPUs and GPUs hold:
+    TASK/ID -> what `run_point` returned (finished points are 'skipped' without a trial)."""
+    try:
+        import ray
+        from ray import tune
+    except ImportError:
+        raise SweepError("--engine ray needs Ray Tune: pip install 'kdlora[ray]' (or pip install \"ray[tune]\")") from None
+    import tempfile
+
+    outcomes = {f"{t}/{point_id(p)}": "skipped" for t, p in points if finished_version(point_dir(sweep, t, p)) is not None}
+    todo = [f"{t}/{point_id(p)}" for t, p in points if f"{t}/{point_id(p)}" not in outcomes]
+    if not todo:
+        return outcomes
+    started = not ray.is_initialized()
+    if started:
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise SweepError(f"cannot start or reach the Ray cluster{f' at {address}' if address else ''}: {e}") from None
+    try:
+        available = ray.cluster_resources()  # a cluster may grow (autoscaling); this machine does not
+        if address is None and (available.get("CPU", 0) < cpus_per_trial or available.get("GPU", 0) < gpus_per_trial):
+            raise SweepError(f"a trial needs {cpus_per_trial:g} CPU(s) and {gpus_per_trial:g} GPU(s), the Ray cluster has "
+                             f"{available.get('CPU', 0):g} and {available.get('GPU', 0):g}: lower --cpus-per-trial/--gpus-per-trial")
+        trainable = tune.with_resources(tune.with_parameters(_ray_trial, sweep=sweep, launcher=list(launcher), cwd=os.getcwd()),
+                                        {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+        # Tune's own records (trial logs, experiment state) are scratch: each point's run directory
+        # and done marker say what ran; a rerun of the sweep resumes from them.
+        with tempfile.TemporaryDirectory(prefix="kdlora-sweep-ray-") as scratch:
+            tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search(todo)},
+                               tune_config=tune.TuneConfig(reuse_actors=False),
+                               run_config=tune.RunConfig(name="kdlora-sweep", storage_path=scratch, verbose=0))
+            for result in tuner.fit():
+                status = (result.metrics or {}).get("status")
+                outcomes[result.config["point"]] = status or f"failed ({type(result.error).__name__ if result.error else 'no result'})"
+    finally:
+        if started:
+            ray.shutdown()
+    return outcomes
 
 
 def all_points(sweep: Sweep) -> list[tuple[str, dict[str, Any]]]:
@@ -305,7 +424,7 @@ def emit(sweep: Sweep, kind: str, out_dir: Path, launcher: Sequence[str] = (), s
     if not todo:
         raise SweepError(f"every point of {sweep.source} is finished: nothing to emit")
     extra = ["--launcher", shlex.join(launcher)] if launcher else []
-    lines = [shlex.join(["python", "-m", "kdlora.sweep", sweep.source, "--point", f"{t}/{point_id(p)}", *extra]) for t, p in todo]
+    lines = [shlex.join([sys.executable, "-m", "kdlora.sweep", sweep.source, "--point", f"{t}/{point_id(p)}", *extra]) for t, p in todo]
     files = [out_dir / "commands.txt"]
     write_atomic(files[0], "\n".join(lines) + "\n")
     if kind == "slurm":
@@ -335,29 +454,46 @@ def main(argv: Optional[list[str]] = None) -> int:
                         "e.g. 'torchrun --nproc_per_node 4' (set trainer.devices to match)")
     parser.add_argument("--slurm-arg", action="append", default=[], help="extra #SBATCH line, e.g. --gres=gpu:1 (repeatable)")
     parser.add_argument("--parallel", type=int, help="SLURM array: at most this many points at once")
+    parser.add_argument("--engine", choices=["sequential", "ray"], default="sequential",
+                        help="run the points one after another, or as parallel Ray Tune trials (pip install 'kdlora[ray]')")
+    parser.add_argument("--cpus-per-trial", type=float, help="--engine ray: CPUs each point holds (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, help="--engine ray: GPUs each point holds (default 0)")
+    parser.add_argument("--address", help="--engine ray: a running Ray cluster ('auto' or host:port); default: "
+                        "a Ray instance on this machine")
     args = parser.parse_args(argv)
     if args.parallel is not None and args.parallel < 1:
         parser.error(f"--parallel must be at least 1, got {args.parallel}")
+    ray_options = [f"--{k.replace('_', '-')}" for k in ("cpus_per_trial", "gpus_per_trial", "address") if getattr(args, k) is not None]
+    if ray_options and args.engine != "ray":
+        parser.error(f"{', '.join(ray_options)} only apply to --engine ray")
+    cpus, gpus = (1.0 if args.cpus_per_trial is None else args.cpus_per_trial), (args.gpus_per_trial or 0.0)
+    if cpus <= 0 or gpus < 0:
+        parser.error(f"--cpus-per-trial must be positive and --gpus-per-trial not negative, got {cpus:g} and {gpus:g}")
     launcher = shlex.split(args.launcher)
     try:
         sweep = load_sweep(args.sweep)
+        points = [select_point(sweep, args.point)] if args.point else all_points(sweep)
+        if args.emit and not args.out:
+            raise SweepError("--emit needs --out DIR")
+        check_points(sweep, all_points(sweep) if args.emit else points)
         if args.emit:
-            if not args.out:
-                raise SweepError("--emit needs --out DIR")
             files = emit(sweep, args.emit, Path(args.out), launcher, args.slurm_arg, args.parallel)
             print(f"[kdlora.sweep] wrote {', '.join(map(str, files))}")
             return 0
-        points = [select_point(sweep, args.point)] if args.point else all_points(sweep)
         if args.dry_run:
             for t, p in points:
                 directory = point_dir(sweep, t, p)
                 state = "finished" if finished_version(directory) else "to run"
                 print(f"# {t}/{point_id(p)} ({state})")
                 if state == "to run":
-                    print(shlex.join(train_command(sweep, t, p, next_version(directory), launcher)))
+                    version, last = next_attempt(sweep, t, p)
+                    print(shlex.join(train_command(sweep, t, p, version, launcher, last)))
             return 0
         print(f"[kdlora.sweep] {len(points)} point(s) of {sweep.source} ({len(sweep.points)} per task × {len(sweep.tasks)} task(s))")
-        outcomes = {f"{t}/{point_id(p)}": run_point(sweep, t, p, launcher) for t, p in points}
+        if args.engine == "ray":
+            outcomes = run_with_ray(sweep, points, launcher, args.address, cpus, gpus)
+        else:
+            outcomes = {f"{t}/{point_id(p)}": run_point(sweep, t, p, launcher) for t, p in points}
     except SweepError as e:
         print(f"kdlora.sweep: error: {e}", file=sys.stderr)
         return 2

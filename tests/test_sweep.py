@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from kdlora import sweep
 from kdlora.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
+# The model part of a base config (every point's arguments are parsed by the training CLI first).
+MODEL = "model: {class_path: kdlora.modules.Teacher, init_args: {model_name_or_path: m}}\n"
 
 
 def test_grid_zip_points_and_sample_expand_to_the_expected_points():
@@ -108,7 +112,8 @@ def test_sweep_runs_each_point_once_and_reruns_only_unfinished_ones(tiny_bert_di
     assert sweep.main([str(path)]) == 0
     assert len(calls) == 2  # both finished: nothing re-ran
 
-    (runs[0] / "results.json").unlink()  # as if that run had crashed
+    (runs[0] / "results.json").unlink()  # as if that run had crashed before its first last.ckpt
+    shutil.rmtree(runs[0] / "checkpoints")
     assert sweep.main([str(path)]) == 0
     assert len(calls) == 3
     assert f"--trainer.logger.init_args.name {runs[0].parent.name}" in shlex.join(calls[-1])
@@ -118,7 +123,7 @@ def test_sweep_runs_each_point_once_and_reruns_only_unfinished_ones(tiny_bert_di
 
 def test_failed_point_is_not_marked_finished_and_the_sweep_exits_nonzero(tmp_path, monkeypatch, capsys):
     base = tmp_path / "base.yaml"
-    base.write_text("trainer: {logger: {init_args: {save_dir: " + str(tmp_path / "runs") + ", name: x}}}\n")
+    base.write_text(MODEL + "trainer: {logger: {init_args: {save_dir: " + str(tmp_path / "runs") + ", name: x}}}\n")
     path = tmp_path / "s.yaml"
     path.write_text(f"base: {base}\ntasks: [rte]\ngrid: {{trainer.max_epochs: [1]}}\n")
     monkeypatch.setattr(sweep.subprocess, "call", lambda command: 1)
@@ -129,7 +134,7 @@ def test_failed_point_is_not_marked_finished_and_the_sweep_exits_nonzero(tmp_pat
 
 def test_emitted_slurm_array_runs_each_unfinished_point(tmp_path, monkeypatch):
     base = tmp_path / "base.yaml"
-    base.write_text("trainer: {logger: {init_args: {save_dir: 'runs/{task}', name: lora}}}\n")
+    base.write_text(MODEL + "trainer: {logger: {init_args: {save_dir: 'runs/{task}', name: lora}}}\n")
     path = tmp_path / "s.yaml"
     path.write_text(f"base: {base}\ntasks: [rte, mrpc]\ngrid: {{model.init_args.lora_r: [8, 16, 32]}}\n")
     monkeypatch.chdir(tmp_path)
@@ -142,7 +147,7 @@ def test_emitted_slurm_array_runs_each_unfinished_point(tmp_path, monkeypatch):
     assert sweep.main([str(path), "--emit", "slurm", "--out", str(out), "--slurm-arg=--gres=gpu:1", "--parallel", "2"]) == 0
     commands = (out / "commands.txt").read_text().splitlines()
     assert len(commands) == 5
-    assert commands[0] == shlex.join(["python", "-m", "kdlora.sweep", str(path), "--point", f"rte/{sweep.point_id(s.points[1])}"])
+    assert commands[0] == shlex.join([sys.executable, "-m", "kdlora.sweep", str(path), "--point", f"rte/{sweep.point_id(s.points[1])}"])
     script = (out / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-4%2" in script and "#SBATCH --gres=gpu:1" in script
     assert f"#SBATCH --chdir={tmp_path}" in script and f"#SBATCH --output={out}/logs/%A_%a.out" in script
@@ -170,6 +175,6 @@ def test_a_bad_override_stops_the_sweep_at_its_first_point_with_the_clis_message
     path.write_text(yaml.safe_dump(spec))
     assert sweep.main([str(path)]) == 2
     err = capsys.readouterr().err
-    assert len(calls) == 1 and "lora_rank" in err
-    assert "stopped before training started (exit 2, the error is above)" in err
+    assert calls == [] and f"point rte/{sweep.point_id({'model.init_args.lora_rank': 4})}" in err
+    assert "Option 'lora_rank' is not accepted" in err and "nothing was run" in err
     assert not list((tmp_path / "runs").rglob("version_*"))
