@@ -17,10 +17,11 @@ Generated code runs only when allowed explicitly (``allow_code_execution=True``,
 and under OS isolation (``isolation="auto"``: bubblewrap if it works here, else util-linux ``unshare``,
 ``mount`` and ``setpriv``):
 
-- network: a namespace of its own whose loopback is down, so no connection anywhere, 127.0.0.1 included;
+- network: a namespace of its own with nothing but its own loopback, so no connection leaves it
+  (127.0.0.1 and abstract Unix sockets are the namespace's, not the host's);
 - files: a mount namespace of its own where every mount is read-only, nosuid and nodev except the
-  temporary directory; /dev holds only null, zero, full, random and urandom, /run is an empty tmpfs,
-  /proc is the new PID namespace's;
+  temporary directory; /dev holds only null, zero, full, random and urandom (bwrap adds tty, shm and its
+  own ptys), /run is an empty tmpfs, /proc is the new PID namespace's;
 - processes: a PID namespace of its own, so when the program ends or is killed at the timeout every
   process it started ends with it (``setsid`` and double forks included);
 - privileges: no capabilities (so the mounts cannot be undone) and ``no_new_privs``.
@@ -224,7 +225,7 @@ def _isolated_command(isolation: str, root: Path, box: Path, command: list[str])
     hide_run = Path("/run").is_dir() and not str(box).startswith("/run/")
     if isolation == "bwrap":
         return [_tool("bwrap"), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+                "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--remount-ro", "/proc",
                 *(["--tmpfs", "/run", "--remount-ro", "/run"] if hide_run else []),
                 "--bind", str(box), str(box), "--chdir", str(box), "--", *command]
     (root / "dev").mkdir()
@@ -239,7 +240,6 @@ def _run_program(source: str, timeout: float, memory_mb: int, isolation: str) ->
     runner wrote back this run's token, i.e. whether the program's last statement returned."""
     limits = {"RLIMIT_AS": memory_mb * 2**20, "RLIMIT_CPU": math.ceil(timeout) + 1, "RLIMIT_FSIZE": 16 * 2**20,
               "RLIMIT_CORE": 0}
-    posix = os.name == "posix"
     nonce = secrets.token_hex(16).encode()
     with tempfile.TemporaryDirectory(prefix="kdlora-passk-") as work:
         root = Path(work).resolve()
@@ -257,8 +257,7 @@ def _run_program(source: str, timeout: float, memory_mb: int, isolation: str) ->
             start = time.perf_counter()
             with open(root / "stdout", "wb") as out, open(root / "stderr", "wb") as err:
                 proc = subprocess.Popen(command, cwd=box, env=_sandbox_env(str(box)), stdin=subprocess.DEVNULL,
-                                        stdout=out, stderr=err, pass_fds=(nonce_r, proof_w),
-                                        **({"start_new_session": True} if posix else {}))
+                                        stdout=out, stderr=err, pass_fds=(nonce_r, proof_w), start_new_session=True)
                 os.close(nonce_r)
                 os.close(proof_w)
                 nonce_r = proof_w = -1
@@ -268,7 +267,7 @@ def _run_program(source: str, timeout: float, memory_mb: int, isolation: str) ->
                 except subprocess.TimeoutExpired:
                     timed_out = True
                     try:
-                        os.killpg(proc.pid, signal.SIGKILL) if posix else proc.kill()
+                        os.killpg(proc.pid, signal.SIGKILL)
                     except ProcessLookupError:
                         pass
                     code = proc.wait()

@@ -112,7 +112,9 @@ def test_exiting_before_check_returns_fails(ending, isolation):
     "    try:\n        import subprocess\n        for line in open('/proc/self/mounts'):\n"
     "            subprocess.run(['mount', '-o', 'remount,bind,rw', line.split()[1]], capture_output=True)\n"
     "    except Exception:\n        pass\n    open({victim!r}, 'a').write('appended')\n",
-], ids=["posix.unlink", "open-w", "reload-os-remove", "remount-rw"])
+    # the host's kernel settings (the same value back: harmless even where it got through)
+    "    value = open('/proc/sys/vm/swappiness').read()\n    open('/proc/sys/vm/swappiness', 'w').write(value)\n",
+], ids=["posix.unlink", "open-w", "reload-os-remove", "remount-rw", "sysctl"])
 def test_files_outside_the_sandbox_are_read_only(attack, isolation, tmp_path):
     victim = _victim(tmp_path)
     result = run_completion(PROBLEM, attack.format(victim=str(victim)) + "    return 2 * x\n", isolation=isolation)
@@ -130,7 +132,9 @@ def test_no_network_not_even_loopback(connect, isolation):
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
         result = run_completion(PROBLEM, connect.format(port=port) + "    return 2 * x\n", isolation=isolation)
-        assert result["status"] == "failed" and "Network is unreachable" in result["detail"]
+        # unshare leaves the namespace's loopback down, bwrap brings up one of its own with nothing listening
+        assert result["status"] == "failed" and result["detail"] in (
+            "OSError: [Errno 101] Network is unreachable", "ConnectionRefusedError: [Errno 111] Connection refused")
         server.setblocking(False)
         with pytest.raises(BlockingIOError):  # no connection is waiting
             server.accept()
