@@ -1,4 +1,4 @@
-"""Why the MiniLM KD-LoRA student falls short of its teacher (issue 12 §3): one table per task.
+"""Why the MiniLM KD-LoRA student falls short of its teacher: one table per task.
 
 Reads finished runs (nothing is trained here):
 - the FFT teacher, `runs/minilm/<task>/fft/version_*` (`bash scripts/minilm_glue_runs.sh fft TASK

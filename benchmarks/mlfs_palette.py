@@ -1,4 +1,4 @@
-"""MLFS palettes with the paper's recipe on MiniLM-L6, beside the same slices trained alone (issue 11 §2).
+"""MLFS palettes with the paper's recipe on MiniLM-L6, beside the same slices trained alone.
 
 Every run goes through `train.py fit` with `configs/local/minilm-supernet-paper.yaml` plus the task's
 paper schedule (`configs/supernet/tasks/<task>.yaml`: batch, stage epochs, lr, gamma), scaled to a
