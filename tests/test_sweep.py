@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from kdlora import sweep
@@ -178,3 +179,26 @@ def test_a_bad_override_stops_the_sweep_at_its_first_point_with_the_clis_message
     assert calls == [] and f"point rte/{sweep.point_id({'model.init_args.lora_rank': 4})}" in err
     assert "Option 'lora_rank' is not accepted" in err and "nothing was run" in err
     assert not list((tmp_path / "runs").rglob("version_*"))
+
+
+@pytest.mark.slow  # two training processes: ~40 s on a busy 2-core machine
+def test_sweep_launches_each_point_as_its_own_training_process(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
+    """The runner's real path, nothing replaced: each point is a `train.py fit` in a new interpreter."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    path = _tiny_sweep(tmp_path, tiny_bert_dir, small_glue_dir)
+    assert sweep.main([str(path)]) == 0
+    runs = sorted((tmp_path / "runs" / "rte" / "fft" / "sweep").glob("*/version_*"))
+    assert [r.name for r in runs] == ["version_0", "version_0"]
+    rates = []
+    for run in runs:
+        point = json.loads((run.parent / sweep.POINT_FILE).read_text())
+        rate = point["overrides"]["model.init_args.learning_rate"]
+        rates.append(rate)
+        assert sweep.is_finished(run)
+        results = json.loads((run / "results.json").read_text())
+        assert results["run"]["hparams"]["learning_rate"] == rate and "score" in results["val_best"]
+        config = yaml.safe_load((run / "config.yaml").read_text())  # what that process's CLI resolved
+        assert config["model"]["init_args"]["learning_rate"] == rate and config["data"]["task"] == "rte"
+        last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert last["global_step"] == 2  # limit_train_batches: 2 steps trained
+    assert sorted(rates) == [1e-4, 2e-4]
