@@ -33,8 +33,8 @@ STEPS_PER_EPOCH = 8  # 64 SST-2 rows, batch size 8
 class ResumeProbe(L.Callback):
     """Added to the runs under test (`--trainer.callbacks+=test_resume.ResumeProbe`), set by environment:
     KDLORA_PROBE_OUT: write the trained weights and last metrics there at the end of training;
-    KDLORA_KILL_AT_STEP: SIGKILL this process when that step starts, i.e. after the checkpoint of the
-    step before it was written (checkpoints are saved in on_train_batch_end)."""
+    KDLORA_KILL_AT_STEP: SIGKILL this process when that step starts, i.e. after the step before it and
+    its checkpoint, if one was due (checkpoints are saved in on_train_batch_end)."""
 
     def __init__(self) -> None:
         self.out = os.environ.get("KDLORA_PROBE_OUT")
