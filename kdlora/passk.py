@@ -21,13 +21,14 @@ and under OS isolation (``isolation="auto"``: bubblewrap if it works here, else 
   (127.0.0.1 and abstract Unix sockets are the namespace's, not the host's);
 - files: a mount namespace of its own where every mount is read-only, nosuid and nodev except the
   temporary directory; /dev holds only null, zero, full, random and urandom (bwrap adds tty, shm and its
-  own ptys), /run is an empty tmpfs, /proc is the new PID namespace's;
+  own ptys); /tmp, /var/tmp and /run, where daemons keep their Unix sockets, are empty (but for the
+  harness's own directory); /proc is the new PID namespace's;
 - processes: a PID namespace of its own, so when the program ends or is killed at the timeout every
   process it started ends with it (``setsid`` and double forks included);
 - privileges: no capabilities (so the mounts cannot be undone) and ``no_new_privs``.
 
 Not guaranteed: files stay readable (the program can read what its user can, though not send it anywhere);
-Unix sockets of the host file system outside /run (e.g. in /tmp) can still be connected to; the number of
+Unix sockets of the host file system elsewhere (e.g. under a home directory) can still be connected to; the number of
 processes is not limited, nor their total CPU use beyond the timeout; the token is in the program's own
 process, so code that searches the interpreter's frames for it could forge a pass; kernel exploits escape
 namespaces. Each run sets its sandbox up anew (about 0.2 s with ``unshare``). Where neither tool works,
@@ -99,18 +100,29 @@ def main():
 main()
 '''
 
+# Where host daemons keep their Unix sockets (connecting to one needs no write access): the sandbox sees
+# each as an empty read-only tmpfs (the harness's own directories inside put back).
+HIDDEN_DIRS = ("/tmp", "/var/tmp", "/run", "/var/run")
+
 # Runs as root of fresh user, mount, network and PID namespaces (`unshare`), before the runner: the
-# working directory stays writable, /dev is replaced by a few device nodes, /run by an empty tmpfs, every
-# other mount becomes read-only, nosuid and nodev; then `setpriv` drops every capability (so nothing can
-# be remounted or unmounted) and executes the runner.
+# working directory `box` stays writable, /dev is replaced by a few device nodes, the hidden directories by
+# empty tmpfs (`root`, which holds the runner and `box`, put back where it was), every other mount becomes
+# read-only, nosuid and nodev; then `setpriv` drops every capability (so nothing can be remounted or
+# unmounted) and executes the runner.
 UNSHARE_SETUP = r'''
 import os, re, subprocess, sys
-box, dev, mount, setpriv = sys.argv[1:5]
-command = sys.argv[6:]
+root, box, mount, setpriv = sys.argv[1:5]
+hidden = sys.argv[5:sys.argv.index("--")]
+command = sys.argv[sys.argv.index("--") + 1:]
 DEVICES = ("null", "zero", "full", "random", "urandom")
 
 def run(*args):
     subprocess.run([mount, *args], check=True, stdin=subprocess.DEVNULL)
+
+def tmpfs(path):
+    os.makedirs(path, exist_ok=True)
+    run("-t", "tmpfs", "-o", "mode=755,size=64k", "tmpfs", path)
+    return path
 
 def mount_points():
     with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
@@ -118,7 +130,7 @@ def mount_points():
         return [point for point in dict.fromkeys(points) if os.path.exists(point)]  # the others are covered
 
 run("--bind", box, box)
-run("-t", "tmpfs", "-o", "mode=755,size=64k", "tmpfs", dev)
+dev = tmpfs(os.path.join(root, "dev"))
 for name in DEVICES:
     open(os.path.join(dev, name), "w").close()
     run("--bind", "/dev/" + name, os.path.join(dev, name))
@@ -126,8 +138,16 @@ for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("st
                      ("stderr", "/proc/self/fd/2")):
     os.symlink(target, os.path.join(dev, name))
 run("--move", dev, "/dev")
-if os.path.isdir("/run") and not box.startswith("/run/"):  # host daemons' sockets
-    run("-t", "tmpfs", "-o", "size=4k", "tmpfs", "/run")
+for directory in hidden:
+    if not root.startswith(directory + "/"):
+        tmpfs(directory)
+    else:  # an empty tmpfs holding `root` (without its mounts) and `box` (writable) at their paths
+        empty = tmpfs(os.path.join(root, "hidden"))
+        inner = os.path.join(empty, os.path.relpath(root, directory))
+        os.makedirs(inner)
+        run("--bind", root, inner)
+        run("--bind", box, os.path.join(inner, os.path.relpath(box, root)))
+        run("--move", empty, directory)
 devices = {"/dev/" + name for name in DEVICES}
 for point in mount_points():  # a covered mount point's path may now be a plain directory: that remount fails
     flags = "nosuid,nodev" if point == box else "ro,nosuid" if point in devices else "ro,nosuid,nodev"
@@ -222,17 +242,17 @@ def _isolated_command(isolation: str, root: Path, box: Path, command: list[str])
     """`command` wrapped to run under `isolation` with `box` as its only writable place."""
     if isolation == "none":
         return command
-    hide_run = Path("/run").is_dir() and not str(box).startswith("/run/")
+    hidden = [d for d in HIDDEN_DIRS if os.path.isdir(d) and not os.path.islink(d)]
     if isolation == "bwrap":
         return [_tool("bwrap"), "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                 "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--remount-ro", "/proc",
-                *(["--tmpfs", "/run", "--remount-ro", "/run"] if hide_run else []),
-                "--bind", str(box), str(box), "--chdir", str(box), "--", *command]
-    (root / "dev").mkdir()
+                *(arg for d in hidden for arg in ("--tmpfs", d)), "--ro-bind", str(root), str(root),
+                "--bind", str(box), str(box), *(arg for d in hidden for arg in ("--remount-ro", d)),
+                "--chdir", str(box), "--", *command]
     (root / "setup.py").write_text(UNSHARE_SETUP, encoding="utf-8")
     return [_tool("unshare"), "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc",
-            "--kill-child", sys.executable, "-I", "-S", str(root / "setup.py"), str(box), str(root / "dev"),
-            _tool("mount"), _tool("setpriv"), "--", *command]
+            "--kill-child", sys.executable, "-I", "-S", str(root / "setup.py"), str(root), str(box), _tool("mount"),
+            _tool("setpriv"), *hidden, "--", *command]
 
 
 def _run_program(source: str, timeout: float, memory_mb: int, isolation: str) -> dict[str, Any]:

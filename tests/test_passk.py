@@ -14,6 +14,7 @@ import secrets
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,10 +80,20 @@ def test_completion_runs_in_its_own_directory_and_environment(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # the scratch file went to the child's temporary directory
 
 
-def _victim(tmp_path: Path) -> Path:
-    victim = tmp_path / "victim.txt"  # outside the sandbox's directory
+@pytest.fixture(params=["tmp", "checkout"])
+def victim(request, tmp_path):
+    """A file outside the sandbox's directory: in the temporary directory (which the sandbox sees empty)
+    or beside this test (which it sees read-only)."""
+    directory = tmp_path if request.param == "tmp" else Path(tempfile.mkdtemp(prefix=".victim-", dir=Path(__file__).parent))
+    victim = directory / "victim.txt"
     victim.write_text("precious\n")
-    return victim
+    yield victim
+    if request.param == "checkout":
+        shutil.rmtree(directory)
+
+
+def _out_of_sight(path: Path) -> bool:
+    return any(path.resolve().is_relative_to(d) for d in passk.HIDDEN_DIRS if Path(d).is_dir() and not Path(d).is_symlink())
 
 
 @pytest.mark.parametrize("isolation", sorted({RUN_ISOLATION, "none"}))
@@ -112,14 +123,21 @@ def test_exiting_before_check_returns_fails(ending, isolation):
     "    try:\n        import subprocess\n        for line in open('/proc/self/mounts'):\n"
     "            subprocess.run(['mount', '-o', 'remount,bind,rw', line.split()[1]], capture_output=True)\n"
     "    except Exception:\n        pass\n    open({victim!r}, 'a').write('appended')\n",
-    # the host's kernel settings (the same value back: harmless even where it got through)
-    "    value = open('/proc/sys/vm/swappiness').read()\n    open('/proc/sys/vm/swappiness', 'w').write(value)\n",
-], ids=["posix.unlink", "open-w", "reload-os-remove", "remount-rw", "sysctl"])
-def test_files_outside_the_sandbox_are_read_only(attack, isolation, tmp_path):
-    victim = _victim(tmp_path)
+], ids=["posix.unlink", "open-w", "reload-os-remove", "remount-rw"])
+def test_files_outside_the_sandbox_are_read_only(attack, isolation, victim):
     result = run_completion(PROBLEM, attack.format(victim=str(victim)) + "    return 2 * x\n", isolation=isolation)
-    assert result["status"] == "failed" and "Read-only file system" in result["detail"]
+    assert result["status"] == "failed"
+    assert ("No such file or directory" if _out_of_sight(victim) else "Read-only file system") in result["detail"]
     assert victim.read_text() == "precious\n"
+
+
+@each_isolation
+def test_host_kernel_settings_are_read_only(isolation):
+    # writes the value back unchanged: harmless even where it got through (as it does for root without isolation)
+    completion = ("    value = open('/proc/sys/vm/swappiness').read()\n"
+                  "    open('/proc/sys/vm/swappiness', 'w').write(value)\n    return 2 * x\n")
+    result = run_completion(PROBLEM, completion, isolation=isolation)
+    assert result["status"] == "failed" and "Read-only file system" in result["detail"]
 
 
 @each_isolation
@@ -138,6 +156,24 @@ def test_no_network_not_even_loopback(connect, isolation):
         server.setblocking(False)
         with pytest.raises(BlockingIOError):  # no connection is waiting
             server.accept()
+
+
+@each_isolation
+def test_host_unix_sockets_in_tmp_are_out_of_reach(isolation):
+    directory = Path(tempfile.mkdtemp(dir="/tmp"))  # where daemons (tmux, ssh-agent, X) keep their sockets
+    try:
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(directory / "daemon.sock"))
+            server.listen()
+            completion = ("    import _socket\n    s = _socket.socket.__mro__[-2](_socket.AF_UNIX, _socket.SOCK_STREAM)\n"
+                          f"    s.connect({str(directory / 'daemon.sock')!r})\n    return 2 * x\n")
+            result = run_completion(PROBLEM, completion, isolation=isolation)
+            assert result["status"] == "failed" and result["detail"].startswith("FileNotFoundError")
+            server.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                server.accept()
+    finally:
+        shutil.rmtree(directory)
 
 
 def _processes_with_argv(argv: list[str]) -> list[int]:
