@@ -9,10 +9,13 @@ run's ``results.json`` (written by `kdlora.callbacks.GLUEResults`), aggregated t
 `kdlora.sweep` gives the runs), MNLI-m and -mm as separate columns of the average. Table 2: trainable parameters
 at LoRA ranks 8/16/32/64 computed from model configs alone (models built on the meta device, so
 bert-base, roberta-base and deberta-v3-base cost nothing), and peak memory / inference time
-measured by the runs (`PeakMemory`, `InferenceLatency`, `ParameterCount`). Both tables are printed
-beside the paper's claims (`kdlora.paper`) with the ratios derived from ours.
+measured by the runs (`PeakMemory`, `InferenceLatency`, `ParameterCount`). Beside the paper
+(`kdlora.paper`): its headline claims with the same ratios from ours, then its Table 1 per task and
+Table 2 per teacher → student pair beside ours, each row naming its pair.
 MLFS palettes: every supernet run's ``palette.json`` (params, dev metrics, latency of each member)
-beside the best FFT teacher of the same task.
+beside the best FFT teacher of the same task and what the MLFS paper states of its BERT palettes.
+
+    python -m kdlora.report --from-json report.json --out report.md   # a saved report rendered again
 """
 
 from __future__ import annotations
@@ -846,6 +849,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         pairs.update(parse_pair(p) for p in args.pair)
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+        if args.from_json and args.runs:
+            raise ValueError("--from-json renders a saved report: give it or --runs, not both")
         if args.from_json:
             data = read_report_json(Path(args.from_json))
             markdown, data = render(data), with_paper(data)
