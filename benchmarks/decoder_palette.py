@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from kdlora.callbacks import write_atomic  # noqa: E402
+from results_files import notes_for_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # Palette: the maxnet and two members below it. 9 query heads over 3 key/value heads of SmolLM2: head
@@ -299,7 +300,7 @@ def cmd_report(a) -> None:
               "palette": table, "curve_slice": mlfs["slice"], "curve": curve, "curve_png": png.name, "latency": latency,
               "wall_s": {"mlfs": [r["wall_s"] for r in runs], "alone": alone["wall_s"] if alone else None},
               "threads": {"mlfs": [r["threads"] for r in runs], "alone": alone["threads"] if alone else None}}
-    md = render_report(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    md = render_report(record, notes_for_output(out, a.notes))
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), md)
     print(md)
@@ -437,7 +438,7 @@ def main(argv=None) -> int:
         p.add_argument("--from-pretrained", action="store_true",
                        help="latency: time the members sliced from --model instead of the MLFS exports (same shapes)")
         p.add_argument("--out", default=str(RESULTS / "decoder_palette"))
-        p.add_argument("--notes", default=str(RESULTS / "decoder_palette_notes.md"))
+        p.add_argument("--notes", help="report: a markdown file of notes put under the title (default: <out>_notes.md where it exists)")
     a = ap.parse_args(argv)
     try:
         {"mlfs": lambda a: cmd_train(a, alone=False), "alone": lambda a: cmd_train(a, alone=True),

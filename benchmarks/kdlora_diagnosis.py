@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kdlora.callbacks import write_atomic  # noqa: E402
+from results_files import notes_for_output  # noqa: E402
 from kdlora.report import find_runs, saved_config  # noqa: E402
 from kdlora.sweep import POINT_FILE  # noqa: E402
 from kdlora.tasks import get_task  # noqa: E402
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["stsb", "cola"])
     ap.add_argument("--runs", default="runs", help="the folder holding minilm/ and minilm-l3/")
-    ap.add_argument("--notes", help="a markdown file of findings put under the title")
+    ap.add_argument("--notes", help="a markdown file of findings put under the title (default: <out>_notes.md where it exists)")
     ap.add_argument("--out", default="benchmarks/results/minilm_kdlora_diagnosis")
     a = ap.parse_args(argv)
     runs = Path(a.runs)
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         data[name] = {"teacher_fft": teacher, "student_fft": student_fft, "lora": lora, "kdlora": points,
                       "kdlora_selected": best_on_held_out(points)}
     record = {"command": command, "tasks": data}
-    md = render(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    md = render(record, notes_for_output(a.out, a.notes))
     out = Path(a.out)
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), md)

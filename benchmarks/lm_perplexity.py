@@ -33,6 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from kdlora.callbacks import write_atomic  # noqa: E402
 from kdlora.lm_data import IGNORE_INDEX, CausalLMDataModule  # noqa: E402
+from results_files import notes_for_output  # noqa: E402
 
 
 def nll_and_tokens(model, loader) -> tuple[float, int]:
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         "load_average": load_average, "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "max_files": args.max_files, "max_val_tokens": args.max_val_tokens, "block_size": args.block_size,
     }
-    md = render(result)
+    md = render(result, notes_for_output(args.out) if args.out else None)
     print(md)
     if args.out:
         write_atomic(Path(args.out + ".md"), md)

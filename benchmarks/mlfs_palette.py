@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from kdlora.callbacks import write_atomic  # noqa: E402
 from kdlora.report import saved_config  # noqa: E402
+from results_files import notes_for_output  # noqa: E402
 
 CONFIG = "configs/local/minilm-supernet-paper.yaml"
 RUNS = Path("runs/mlfs_palette")
@@ -244,7 +245,7 @@ def cmd_table(a) -> None:
     record = {"latency": latency, "tasks": data}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = render_table(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    md = render_table(record, notes_for_output(a.out, a.notes))
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2))
     write_atomic(out.with_suffix(".md"), md)
     print(md)
@@ -390,7 +391,7 @@ def cmd_ablations(a) -> None:
     fig.tight_layout()
     fig.savefig(out.parent / f"{out.name}_rank.png", dpi=120)
     plt.close(fig)
-    md = render_ablations(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    md = render_ablations(record, notes_for_output(a.out, a.notes))
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2))
     write_atomic(out.with_suffix(".md"), md)
     print(md)
@@ -462,7 +463,7 @@ def cmd_seeds(a) -> None:
 
     out = Path(a.out)
     record = json.loads(json.dumps({"task": a.task, "seeds": a.seeds, "train_samples": a.train_samples, "runs": table}))
-    md = render_seeds(record, Path(a.notes).read_text().strip() if a.notes and Path(a.notes).is_file() else None)
+    md = render_seeds(record, notes_for_output(a.out, a.notes))
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
     write_atomic(out.with_suffix(".md"), md)
     print(md)
@@ -524,7 +525,8 @@ def main(argv=None) -> int:
         p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds: the seeds to put side by side")
         p.add_argument("--out", default="benchmarks/results/mlfs_palette")
         p.add_argument("--variants", nargs="*", default=["finetuned", "importance"], help="table: other MLFS runs shown beside")
-        p.add_argument("--notes", help="table: a markdown file of notes put under the title")
+        p.add_argument("--notes", help="table, ablations, seeds: a markdown file of notes put under the title "
+                       "(default: <out>_notes.md where it exists)")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
     try:

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 from kdlora.callbacks import write_atomic  # noqa: E402
 from kdlora.data import GLUEDataModule  # noqa: E402
 from kdlora.modules import SuperTransformer, Teacher  # noqa: E402
+from results_files import notes_for_output  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # peft matches suffixes: "output.dense" also adapts the attention output (a slightly larger LoRA run).
@@ -82,9 +83,8 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    notes = RESULTS / "mlfs_walltime_notes.md"
     write_atomic(RESULTS / "mlfs_walltime.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(RESULTS / "mlfs_walltime.md", render(result, notes.read_text().strip() if notes.is_file() else None))
+    write_atomic(RESULTS / "mlfs_walltime.md", render(result, notes_for_output(RESULTS / "mlfs_walltime")))
 
 
 def render(data: dict, notes: str | None = None) -> str:

@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 
 from kdlora.callbacks import write_atomic
 from kdlora.elastic import ElasticEncoder, SubnetConfig, evenly_spread_layers
+from results_files import notes_for_output
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -115,9 +116,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"meta": meta, "rows": rows}
-    notes = out.with_name(out.name + "_notes.md")
     write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), render(record, notes.read_text().strip() if notes.is_file() else None))
+    write_atomic(out.with_suffix(".md"), render(record, notes_for_output(out)))
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 

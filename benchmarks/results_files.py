@@ -102,6 +102,12 @@ def read_notes(path: Optional[str | Path]) -> Optional[str]:
     return Path(path).read_text().strip() if path and Path(path).is_file() else None
 
 
+def notes_for_output(out: str | Path, notes: Optional[str | Path] = None) -> Optional[str]:
+    """The notes a benchmark writes the results file `out` (its path without ``.md``) with: the file `notes`
+    when given, else ``<out>_notes.md`` where it exists, the one `render_file` renders it with."""
+    return read_notes(notes) if notes else read_notes(notes_for(Path(f"{out}.md")))
+
+
 def render_file(md: Path) -> str:
     """The markdown that `md`'s renderer makes from the JSON beside it (and its notes)."""
     spec = renderer_for(md)

@@ -36,6 +36,7 @@ from kdlora.elastic.sampler import SearchSpace, palette
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.models import load_classifier
 from kdlora.tasks import get_task
+from results_files import notes_for_output
 
 ORDERINGS = ("original", "heads+ffn", "+hidden")
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
             return 1
 
     record = {"model": args.model, "task": args.task, "importance_batches": args.importance_batches, "results": results}
-    text = render(record)
+    text = render(record, notes_for_output(args.out) if args.out else None)
     print(text)
     if args.out:
         out = Path(args.out)
