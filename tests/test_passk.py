@@ -207,12 +207,15 @@ def test_no_process_outlives_the_program(then, status, isolation):
 
 @each_isolation
 def test_ordinary_programs_work_in_the_sandbox(isolation):
-    # Files in its own directory and TMPDIR, child processes, its own /proc with only its processes.
+    # Files in its own directory and TMPDIR, child processes, its own /proc with only its processes; no privileges.
     completion = ("    import os, subprocess, sys, tempfile\n"
                   "    open('scratch.txt', 'w').write('x')\n    tempfile.NamedTemporaryFile().write(b'x')\n"
                   "    out = subprocess.run([sys.executable, '-c', 'print(6 * 7)'], capture_output=True, text=True).stdout\n"
                   "    assert out == '42\\n', out\n"
-                  "    assert len([p for p in os.listdir('/proc') if p.isdigit()]) < 5\n    return 2 * x\n")
+                  "    assert len([p for p in os.listdir('/proc') if p.isdigit()]) < 5\n"
+                  "    status = open('/proc/self/status').read()\n"
+                  "    assert 'CapEff:\\t0000000000000000' in status and 'NoNewPrivs:\\t1' in status, status\n"
+                  "    return 2 * x\n")
     result = run_completion(PROBLEM, completion, isolation=isolation)
     assert result["passed"], result
 
