@@ -373,7 +373,7 @@ def run_with_ray(sweep: Sweep, points: Sequence[tuple[str, dict[str, Any]]], lau
     todo = [f"{t}/{point_id(p)}" for t, p in points if f"{t}/{point_id(p)}" not in outcomes]
     if not todo:
         return outcomes
-    started = not ray.is_initialized()
+    started, output = not ray.is_initialized(), os.environ.get("RAY_AIR_NEW_OUTPUT")
     if started:
         try:
             ray.init(address=address, include_dashboard=False, logging_level="WARNING")
@@ -387,7 +387,9 @@ def run_with_ray(sweep: Sweep, points: Sequence[tuple[str, dict[str, Any]]], lau
         trainable = tune.with_resources(tune.with_parameters(_ray_trial, sweep=sweep, launcher=list(launcher), cwd=os.getcwd()),
                                         {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         # Tune's own records (trial logs, experiment state) are scratch: each point's run directory
-        # and done marker say what ran; a rerun of the sweep resumes from them.
+        # and done marker say what ran; a rerun of the sweep resumes from them. Tune's console output
+        # (which would point at the scratch directory) is off: the trials' own output is what shows.
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         with tempfile.TemporaryDirectory(prefix="kdlora-sweep-ray-") as scratch:
             tuner = tune.Tuner(trainable, param_space={"point": tune.grid_search(todo)},
                                tune_config=tune.TuneConfig(reuse_actors=False),
@@ -396,6 +398,10 @@ def run_with_ray(sweep: Sweep, points: Sequence[tuple[str, dict[str, Any]]], lau
                 status = (result.metrics or {}).get("status")
                 outcomes[result.config["point"]] = status or f"failed ({type(result.error).__name__ if result.error else 'no result'})"
     finally:
+        if output is not None:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = output
+        else:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
         if started:
             ray.shutdown()
     return outcomes
