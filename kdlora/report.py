@@ -187,7 +187,7 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
     """{method: {task: {score, metrics, n, k}, "average": ...}}: scores ×100. Per cell (method, task) the
     runs are ranked by score and the `top_k` best kept (all of them where fewer: ``k`` < `top_k`); the
     cell's score and each metric are the median over those. ``average``: mean of the paper's columns
-    (`columns`: MNLI-m and MNLI-mm count separately); ``models``: the models those runs trained. With ``split="test"`` (dev, scored after a fit
+    (`columns`: MNLI-m and MNLI-mm count separately); ``models``: the models those runs trained (where they recorded them). With ``split="test"`` (dev, scored after a fit
     that selected on a held-out part of train) the runs are ranked by their held-out score
     (``val_best``) and the cell is the median of the top-k runs' dev scores. Diverged runs (`divergence`) are left out:
     see `diverged_runs`. One run per cell gives that run's numbers."""
@@ -209,8 +209,8 @@ def table1(runs: list[dict[str, Any]], split: str = "val_best", top_k: int = TOP
             score = statistics.median(r["score"] for r in top)
             names = get_task(task).metric_names()
             metrics = {m: 100 * statistics.median(r[m] for r in top if m in r) for m in names if any(m in r for r in top)}
-            row[task] = {"score": 100 * score, "metrics": metrics, "n": len(ranked), "k": len(top),
-                         "models": sorted({str(model) for _, model in kept if model})}
+            models = sorted({str(model) for _, model in kept if model})
+            row[task] = {"score": 100 * score, "metrics": metrics, "n": len(ranked), "k": len(top), **({"models": models} if models else {})}
         row["average"] = _mean([v for task, cell in row.items() for _, v in columns(task, cell)])
         table[method] = row
     return table
