@@ -8,9 +8,10 @@ result lives in ``<name>_notes.md`` beside it, which the renderer puts under the
     python benchmarks/results_files.py mlfs_palette     # only these (names as in RENDERERS)
     python benchmarks/results_files.py --check          # rewrite nothing; exit 1 naming each md that differs
 
-A new results file is registered with one line in RENDERERS: its name (a glob over the path under
-benchmarks/results without ``.md``) and ``"module:function"``, a module of benchmarks/ or of the
-package whose ``function(data: dict) -> str`` is the exact markdown; where ``<name>_notes.md``
+``results/<name>.md`` written by ``benchmarks/<name>.py`` needs no registering: that script's top-level
+``render`` is its renderer. Any other results file is registered with one line in RENDERERS: its name
+(a glob over the path under benchmarks/results without ``.md``) and ``"module:function"``, a module of
+benchmarks/ or of the package whose ``function(data: dict) -> str`` is the exact markdown; where ``<name>_notes.md``
 exists it is called as ``function(data, notes)`` with the notes' text. The script that measures
 writes its md through the same function, so the md it writes and the one rendered here agree.
 
@@ -22,6 +23,7 @@ precision written. Settings and names go in code spans (backticks), which that c
 from __future__ import annotations
 
 import argparse
+import ast
 import bisect
 import fnmatch
 import importlib
@@ -43,7 +45,6 @@ RENDERERS: dict[str, str] = {
     "mlfs_ablations_*": "mlfs_palette:render_ablations",
     "mlfs_palette": "mlfs_palette:render_table",
     "mlfs_seeds_*": "mlfs_palette:render_seeds",
-    "mlfs_walltime": "mlfs_walltime:render",
     "palette_latency*": "palette_latency:render",
     "passk_*/results": "results_files:render_passk",
     "slice_start_*": "slice_start:render",
@@ -74,12 +75,23 @@ def results_markdown_files() -> list[Path]:
     return sorted(p for p in RESULTS.rglob("*.md") if not is_notes(p))
 
 
+def defines_render(script: Path) -> bool:
+    """Whether the benchmark `script` defines a top-level ``render`` function (read, not imported)."""
+    tree = ast.parse(script.read_text(), filename=str(script))
+    return any(isinstance(node, ast.FunctionDef) and node.name == "render" for node in tree.body)
+
+
 def renderer_for(md: Path) -> Optional[str]:
+    """``"module:function"`` that renders `md`: its entry in RENDERERS, else ``render`` of the benchmark
+    script of the same name (``results/<name>.md`` from ``benchmarks/<name>.py``) where it defines one."""
     name = name_of(md)
     matches = [spec for pattern, spec in RENDERERS.items() if fnmatch.fnmatchcase(name, pattern)]
     if len(matches) > 1:
         raise ValueError(f"{name} matches more than one entry of RENDERERS: {', '.join(matches)}")
-    return matches[0] if matches else None
+    if matches:
+        return matches[0]
+    script = BENCHMARKS / f"{name}.py"
+    return f"{name}:render" if "/" not in name and script.is_file() and defines_render(script) else None
 
 
 def load_renderer(spec: str) -> Callable[[dict, Optional[str]], str]:
@@ -211,7 +223,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if unknown:
             ap.error(f"not a registered results file: {', '.join(unknown)} (known: {', '.join(known)})")
         files = [known[n] for n in a.names]
-    rendered = {md: render_file(md) for md in files}  # every renderer runs before anything is written
+    rendered, failed = {}, []
+    for md in files:  # every renderer runs before anything is written
+        try:
+            rendered[md] = render_file(md)
+        except (KeyError, TypeError, ValueError, LookupError, OSError) as e:  # a JSON its renderer does not fit
+            failed.append(f"cannot render {name_of(md)}.md from its JSON: {type(e).__name__}: {e}")
+    if failed:
+        print("\n".join(failed), file=sys.stderr)
+        return 1
     stale = [md for md, text in rendered.items() if md.read_text() != text]
     for md in stale:
         if a.check:
