@@ -320,7 +320,7 @@ def render_report(record: dict, notes: str | None = None) -> str:
            f"{d['validation']['tokens']} held-out tokens. Seed {record['seed']}, one run each. LoRA r={record['lora_r']}, "
            f"lr {record['lr']}, {record['num_subnets']} subnet(s) per step besides the maxnet (sandwich). Wall time: {walls}"
            + (f"; alone {record['wall_s']['alone'] / 60:.1f} min, {threads['alone']} thread(s)" if alone else "")
-           + "; on 2 cores shared with other jobs.", ""]
+           + "; on CPU cores shared with other jobs.", ""]
     md += ["MLFS runs: " + "; ".join(f"**({i + 1})** {lab}" for i, lab in enumerate(labels)) + ". "
            + (f"Alone: {record['alone_order']}, LM loss only." if alone else ""), ""]
     max_lat = next((r["ms_per_token"] for r in record["palette"] if r["role"] == "maxnet"), None)

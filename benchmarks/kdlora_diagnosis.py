@@ -99,12 +99,16 @@ def main(argv=None) -> int:
 
 def render(record: dict, notes: Optional[str] = None) -> str:
     """The markdown of a diagnosis table from its JSON; `notes` go under the first paragraph."""
+    def size(key: str) -> str:  # an FFT run trains every weight: its trainable count is the model's size
+        n = next((t[key]["trainable"] for t in record["tasks"].values() if (t[key] or {}).get("trainable")), None)
+        return "–" if n is None else f"{n / 1e6:.1f}M"
+
     md = ["# KD-LoRA on MiniLM: where the student's gap to its teacher comes from", "",
           f"Made by `{record['command']}` from finished runs (the docstring of `benchmarks/kdlora_diagnosis.py` lists the "
           "commands). Every run: the training examples each table names (a seeded subset of the 90 % of train not "
           "held out, or all of it), selection on the held-out 10 % of train, dev reported (GLUE score ×100: STS-B mean of Pearson and "
-          "Spearman, CoLA MCC). Teacher all-MiniLM-L6-v2 (22.7M), student paraphrase-MiniLM-L3-v2 (17.4M), seed 42, "
-          "one run per cell.", ""]
+          f"Spearman, CoLA MCC). Teacher all-MiniLM-L6-v2 ({size('teacher_fft')}), student paraphrase-MiniLM-L3-v2 "
+          f"({size('student_fft')}), seed 42, one run per cell.", ""]
     if notes:
         md += [notes, ""]
     for name, t in record["tasks"].items():
