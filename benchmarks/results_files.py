@@ -2,10 +2,12 @@
 
 Every ``<name>.md`` in benchmarks/results is rendered by code from the ``<name>.json`` beside it (for
 ``<dir>/results.md``: ``<dir>/results.json``); no number in it is typed by hand. Prose that interprets a
-result lives in ``<name>_notes.md`` beside it, which the renderer puts under the title.
+result lives in ``<name>_notes.md`` beside it, which the renderer puts under the title. The exceptions,
+records whose runs are gone and whose numbers no JSON holds, are listed in ARCHIVAL and say so under
+their title.
 
     python benchmarks/results_files.py                  # rewrite every registered md from its JSON
-    python benchmarks/results_files.py mlfs_palette     # only these (names as in RENDERERS)
+    python benchmarks/results_files.py mlfs_palette     # only these (path under results/ without .md)
     python benchmarks/results_files.py --check          # rewrite nothing; exit 1 naming each md that differs
 
 ``results/<name>.md`` written by ``benchmarks/<name>.py`` needs no registering: that script's top-level
