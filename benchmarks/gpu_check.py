@@ -200,7 +200,8 @@ def render(data: dict[str, Any], notes: Optional[str] = None) -> str:
     lines += [f"Result: **{'passed' if passed else 'FAILED'}** ({sum(ok for _, ok in data['checks'])}/{len(data['checks'])} checks), "
               f"{data['wall_s']:.0f} s in all.", "",
               "## Machine", "",
-              f"- device: {data['device']} × {data['devices']} ({data['device_name']}); precision {data['precision']}",
+              f"- device: {data['device']} × {data['devices']} ({data['device_name']}); precision {data['precision']}"
+              + (f" ({data['precision_asked']} asked: no native bf16 here)" if data["precision_asked"] != data["precision"] else ""),
               f"- torch {data['torch']} (CUDA {data['cuda']}), lightning {data['lightning']}, transformers {data['transformers']}",
               f"- task {data['task']}: the repository's tiny GLUE rows; sequence length {data['seq_len']}, batch {data['batch_size']} per device",
               "", "## Runs", "",
@@ -270,15 +271,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("gpu_check: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     a.devices = a.devices or (torch.cuda.device_count() if a.device == "cuda" else 1)
+    for path in (REPO, BENCHMARKS):  # kdlora, and this module for the runs' RunEnvironment callback
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    from kdlora.cli import BF16_PRECISIONS, bf16_supported
+
+    a.precision_asked = a.precision
+    if a.precision in BF16_PRECISIONS and not bf16_supported(a.device):  # as train.py would, said up front
+        a.precision = "32-true"
     if a.devices < 1 or not a.glue_dir.is_dir():
         print(f"gpu_check: error: {'--devices must be at least 1' if a.devices < 1 else f'no GLUE directory {a.glue_dir}'}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    for path in (REPO, BENCHMARKS):  # kdlora, and this module for the runs' RunEnvironment callback
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
     start = time.perf_counter()
     models = tiny_models(out / "models")
     runs = [fit(kind, run_config(kind, models, out, a), out, a.timeout) for kind in ("student", "supernet")]
@@ -286,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     exports = [check_export(d, a.device) for d in export_dirs]
     import transformers
 
-    data = {"device": a.device, "devices": a.devices, "ddp": uses_ddp(a), "precision": a.precision, "task": a.task, "seq_len": a.seq_len,
+    data = {"device": a.device, "devices": a.devices, "ddp": uses_ddp(a), "precision": a.precision, "precision_asked": a.precision_asked, "task": a.task, "seq_len": a.seq_len,
             "batch_size": a.batch_size, "device_name": torch.cuda.get_device_name(0) if a.device == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "cuda": torch.version.cuda, "lightning": L.__version__,
             "transformers": transformers.__version__, "runs": runs, "exports": exports,
