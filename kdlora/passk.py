@@ -349,8 +349,8 @@ def resolve_isolation(isolation: str = "auto") -> str:
             return candidate
     reasons = "; ".join(f"{k}: {v}" for k, v in problems.items())
     raise IsolationUnavailable(f"no OS isolation for generated code here ({reasons}); install bubblewrap or enable "
-                               "unprivileged user namespaces, or pass --no-isolation (isolation='none') to run it "
-                               "without isolation")
+                               "unprivileged user namespaces, or pass --no-isolation (in Python: isolation='none') to "
+                               "run it without isolation")
 
 
 class CodeExecutionNotAllowed(ValueError):
@@ -360,7 +360,7 @@ class CodeExecutionNotAllowed(ValueError):
 def _require_allowed(allow_code_execution: bool) -> None:
     if not allow_code_execution:
         raise CodeExecutionNotAllowed("pass@k runs model-generated code: allow it explicitly with --allow-code-execution "
-                                      "(allow_code_execution=True)")
+                                      "(in Python: allow_code_execution=True)")
 
 
 def run_completion(problem: dict[str, str], completion: str, timeout: float = 5.0, memory_mb: int = 1024,

@@ -347,7 +347,7 @@ def test_cli_runs_code_only_when_allowed_and_isolated(tiny_llama_dir, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err == ("kdlora.passk: error: no OS isolation for generated code here (bwrap: not installed; unshare: not "
                    "installed); install bubblewrap or enable unprivileged user namespaces, or pass --no-isolation "
-                   "(isolation='none') to run it without isolation")
+                   "(in Python: isolation='none') to run it without isolation")
     assert not out.exists()
     assert passk.main([*args, "--allow-code-execution", "--no-isolation"]) == 0
     assert json.loads((out / "results.json").read_text())["isolation"] == "none"
