@@ -27,14 +27,15 @@ and ``setpriv`` with unprivileged user namespaces). Each program gets:
   process it started ends with it (``setsid`` and double forks included);
 - privileges: no capabilities (so the mounts cannot be undone) and ``no_new_privs``.
 
-Not guaranteed: files stay readable (the program can read what its user can, though not send it
-anywhere); Unix sockets elsewhere in the file system (e.g. under a home directory) can still be
-connected to; the number of processes is not limited, nor their total CPU use within the timeout; the
-token is in the program's own process, so code that searches the interpreter's frames for it could
-forge a pass; kernel exploits escape namespaces. Setting the sandbox up adds about 0.1 s to each run.
-Where neither tool works, running refuses unless ``isolation="none"`` (``--no-isolation``) is asked for:
-then only the limits, the directory, the environment and the token check apply, and the code can read,
-write, delete and connect to anything its user can. POSIX only.
+Not guaranteed: files stay readable (the program can read what its user can, secrets in a home directory
+included, and put some of it in its result's ``detail``, though not send it anywhere); Unix sockets
+elsewhere in the file system (e.g. under a home directory) can still be connected to; the number of
+processes is not limited, nor their total CPU use within the timeout; the token is in the program's own
+process, so code that searches the interpreter's frames for it could forge a pass; kernel exploits
+escape namespaces. Setting the sandbox up adds about 0.1 s to each run. Where neither tool works,
+running refuses unless ``isolation="none"`` (``--no-isolation``) is asked for: then only the limits, the
+directory, the environment and the token check apply, and the code can read, write, delete and connect
+to anything its user can. POSIX only.
 
 pass@k is the unbiased estimator of the Codex paper (Chen et al. 2021):
 ``1 - C(n-c, k) / C(n, k)`` for n samples of which c pass, computed as a stable product.
