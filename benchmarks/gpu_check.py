@@ -283,6 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"gpu_check: error: {'--devices must be at least 1' if a.devices < 1 else f'no GLUE directory {a.glue_dir}'}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()  # the configs name absolute paths: DDP runs start in `out`
     for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
     start = time.perf_counter()
