@@ -190,6 +190,7 @@ def heldout_loss_by_hand(model, blocks) -> float:
     return total / count
 
 
+@pytest.mark.slow  # a train.py fit of the decoder recipe: ~75 s on a busy 2-core machine
 def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
     """`train.py fit --config configs/decoder/smollm2-mlfs.yaml` with only the model (a tiny random Llama),
     its search space, the data and the trainer limits overridden: MLFS runs its three stages, the best

@@ -388,6 +388,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow  # two DDP processes over three stages: ~45 s on a busy 2-core machine
 def test_ddp_two_processes_sample_identical_subnets(tiny_bert_dir, small_glue_dir, tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path), model=str(tiny_bert_dir), glue=str(small_glue_dir),
@@ -405,6 +406,7 @@ def test_ddp_two_processes_sample_identical_subnets(tiny_bert_dir, small_glue_di
         assert r0["adapters"][k] == pytest.approx(r1["adapters"][k], rel=1e-5, abs=1e-6), k
 
 
+@pytest.mark.slow  # train.py with the demo supernet config (the demo runs it in full): ~55 s on a busy 2-core machine
 def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
     config = tmp_path / "supernet.yaml"
     text = (REPO / "configs" / "demo" / "supernet.yaml").read_text()
