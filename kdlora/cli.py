@@ -32,7 +32,7 @@ from jsonargparse import Namespace, lazy_instance
 from kdlora.callbacks import GLUESubmissionWriter, LastCheckpoint
 from kdlora.checkpoint import CheckpointError, read_checkpoint
 from kdlora.data import GLUEDataModule
-from kdlora.models import new_weight_modules
+from kdlora.models import max_input_length, new_weight_modules
 from kdlora.modules.base import GLUEModule
 
 
@@ -146,6 +146,12 @@ class KDLoRACLI(LightningCLI):
                 f"{sub} without --ckpt_path would use the untrained {', '.join(new_weight_modules(new))} that "
                 f"{self.model.hparams.get('model_name_or_path')} lacks (initialised at random): give --ckpt_path of a "
                 "trained run, or a fine-tuned model (e.g. a run's export/) as model_name_or_path")
+        # Inputs longer than the model's position table fail deep inside its forward, after the run started.
+        key = next((k for k in ("max_seq_length", "block_size") if hasattr(self.datamodule, k)), None)
+        length, limit = getattr(self.datamodule, key, None) if key else None, max_input_length(self.model)
+        if length is not None and limit is not None and length > limit:
+            model = self.model.hparams.get("model_name_or_path") or "the model"
+            raise ValueError(f"data.{key} {length} is longer than {model} takes ({limit} positions): use at most {limit}")
 
 
 def _accelerator_hint(config: dict) -> str:

@@ -347,6 +347,8 @@ class GLUEDataModule(L.LightningDataModule):
             raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
         if max_seq_length < 8:
             raise ValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch_size and eval_batch_size must be at least 1, got {batch_size} and {eval_batch_size}")
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or null for all rows), got {value}")

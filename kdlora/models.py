@@ -86,6 +86,19 @@ def check_tokenizer_fits(model: PreTrainedModel, tokenizer, model_name: str, tok
                          f"{rows} (its vocab_size): token ids from {rows} on would index out of range (tokenizer and weights of different models?)")
 
 
+# Learned absolute position tables: BERT-like encoders' and GPT-2's.
+POSITION_TABLES = ("position_embeddings", "wpe")
+
+
+def max_input_length(model: torch.nn.Module) -> Optional[int]:
+    """The most tokens `model` takes in one input: the rows of its learned absolute position table (a
+    RoBERTa-style table starts after its padding row); None without one (relative or rotary positions)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in POSITION_TABLES and isinstance(module, torch.nn.Embedding):
+            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+    return None
+
+
 def new_weight_modules(new_param_names: Sequence[str]) -> list[str]:
     """Module names owning newly initialised parameters (for peft's `modules_to_save`)."""
     return sorted({name.rsplit(".", 1)[0] for name in new_param_names})

@@ -206,3 +206,85 @@ def test_supernet_and_data_folders_without_tokenizer_files_are_named(tiny_bert_d
         (tmp_path / "docs" / f"{i}.txt").write_text(f"some text {i}\n")
     with pytest.raises(FileNotFoundError, match=f"^data.tokenizer_name {bare} has no tokenizer files"):
         CausalLMDataModule(tokenizer_name=str(bare), source=str(tmp_path / "docs")).tokenizer
+
+
+# ---- inputs longer than the model's position table ----
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "mpnet", "deberta-v2", "gpt2"])
+def test_max_input_length_is_the_longest_input_the_model_takes(family):
+    from transformers import AutoModel, GPT2Config
+
+    from conftest import tiny_config
+    from kdlora.models import max_input_length
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=4, n_positions=48) if family == "gpt2" else tiny_config(family, 200)
+    model = AutoModel.from_config(config).eval()
+    limit = max_input_length(model)
+    if family == "deberta-v2":  # relative positions only: no table to outgrow
+        assert limit is None
+        return
+    assert limit is not None and 40 < limit <= 160
+    ids = torch.randint(5, 200, (1, limit + 1))  # no padding token: every position is used
+    with torch.no_grad():
+        model(input_ids=ids[:, :limit])
+        with pytest.raises((IndexError, RuntimeError)):
+            model(input_ids=ids)
+
+
+def test_a_max_seq_length_the_model_cannot_take_is_one_line(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.max_seq_length", "161")])
+    assert code == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"kdlora: error: data.max_seq_length 161 is longer than {tiny_bert_dir} takes (160 positions): use at most 160")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_decoder_block_size_the_model_cannot_take_is_one_line(tmp_path, capsys):
+    from conftest import write_tiny_bpe_tokenizer
+
+    texts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(20)]
+    write_tiny_bpe_tokenizer(tmp_path / "tok", texts)
+    (tmp_path / "docs").mkdir()
+    for i in range(8):
+        (tmp_path / "docs" / f"{i}.py").write_text("".join(texts[i:i + 10]))
+    model_config = "{model_type: gpt2, vocab_size: 300, n_embd: 32, n_inner: 64, n_layer: 2, n_head: 4, n_positions: 64}"
+    code = cli_main(["fit", "--model", "kdlora.modules.CausalLMSuperTransformer", "--model.model_config", model_config,
+                     "--data.tokenizer_name", str(tmp_path / "tok"), "--data.source", str(tmp_path / "docs"),
+                     "--data.cache_dir", str(tmp_path / "cache"), "--data.block_size", "65",
+                     "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
+                     "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])
+    assert code == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        "kdlora: error: data.block_size 65 is longer than the model takes (64 positions): use at most 64")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_zero_batch_size_is_refused_before_the_run_starts(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.batch_size", "0")])
+    assert code == 2
+    assert _one_error_line(capsys.readouterr().err) == (
+        "kdlora: error: batch_size and eval_batch_size must be at least 1, got 0 and None")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- the export CLI ----
+
+def test_export_cli_names_a_broken_subnet_file_a_directory_checkpoint_and_a_repeated_subnet(supernet_checkpoint, tmp_path,
+                                                                                              capsys):
+    from kdlora.elastic.export import main
+
+    (tmp_path / "broken.json").write_text('{"hidden_size": 16\n')
+    out = str(tmp_path / "out")
+    cases = [
+        (["--checkpoint", str(supernet_checkpoint), "--subnet", str(tmp_path / "broken.json")],
+         f"kdlora: error: subnet file {tmp_path / 'broken.json'} is not valid JSON: Expecting ',' delimiter"),
+        (["--checkpoint", str(tmp_path), "--subnet", "max"],
+         f"kdlora: error: checkpoint {tmp_path} is a directory, not a checkpoint file"),
+        (["--checkpoint", str(supernet_checkpoint), "--subnet", "max", "--subnet", "h32-a4-f64-l4"],
+         "kdlora: error: --subnet max and h32-a4-f64-l4 are the same subnet (h32-a4-f64-l4): give it once"),
+    ]
+    for args, message in cases:
+        assert main([*args, "--out", out]) == 2
+        assert _one_error_line(capsys.readouterr().err).startswith(message)
+        assert not (tmp_path / "out").exists()

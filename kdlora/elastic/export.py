@@ -41,13 +41,14 @@ def parse_subnet(spec: str, encoder: ElasticEncoder) -> SubnetConfig:
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         if not path.is_file():
             raise FileNotFoundError(f"subnet file {spec} does not exist")
-        text = path.read_text()
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+        import yaml
 
-            data = yaml.safe_load(text)
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            reason = " ".join(str(e).split())
+            raise ValueError(f"subnet file {spec} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {reason}") from None
         if not isinstance(data, dict):
             raise ValueError(f"subnet file {spec} must hold a mapping with hidden_size, num_heads, intermediate_size, layers")
         cfg = SubnetConfig.from_dict(data)
@@ -131,11 +132,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         checkpoint = Path(args.checkpoint)
         if not checkpoint.is_file():  # before the slow imports and model loading
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+            raise FileNotFoundError(f"checkpoint {checkpoint} " + ("is a directory, not a checkpoint file" if checkpoint.is_dir()
+                                                                   else "does not exist"))
         for target in [t for t in export_targets(args.subnet, args.out) if t is not None]:
             check_export_dir(target)  # before the slow model loading; write_export checks again
         encoder, tokenizer = load_encoder(checkpoint)
         subnets = [parse_subnet(s, encoder) for s in args.subnet]  # all validated before anything is written
+        for i, cfg in enumerate(subnets):  # one directory each: a repeat would overwrite the first
+            same = [args.subnet[j] for j, other in enumerate(subnets) if other.name == cfg.name]
+            if len(same) > 1:
+                raise ValueError(f"--subnet {' and '.join(same)} are the same subnet ({cfg.name}): give it once")
         for path in export_subnets(encoder, subnets, args.out, tokenizer):
             print(path)
     except (ValueError, OSError, KeyError) as e:  # OSError: a missing file, a full disk (OutOfSpaceError), ...
