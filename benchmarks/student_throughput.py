@@ -13,8 +13,8 @@ step's time goes.
 
     PYTHONPATH=. python benchmarks/student_throughput.py --teacher models/minilm --student models/minilm-l3
 
-Writes benchmarks/results/student_throughput.json, then renders student_throughput.md from that JSON
-(`--render-only` re-renders an existing JSON).
+Writes benchmarks/results/student_throughput.json, then student_throughput.md rendered from that JSON
+(`render`; `python benchmarks/results_files.py student_throughput` re-renders it).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from kdlora.losses import distillation_loss  # noqa: E402
 from kdlora.metrics import glue_score, predictions_from_logits, task_metrics  # noqa: E402
 from kdlora.models import apply_lora, load_classifier, load_tokenizer, new_weight_modules  # noqa: E402
 from kdlora.modules import KDLoRAStudent  # noqa: E402
+from results_files import notes_for_output  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -290,8 +291,8 @@ def analyse(rounds: list[dict]) -> dict:
             "end_to_end_ratios": end_to_end, "checks": checks}
 
 
-def render(data: dict) -> str:
-    """The markdown report, every number taken from the benchmark's JSON."""
+def render(data: dict, notes: str | None = None) -> str:
+    """The markdown report, every number taken from the benchmark's JSON; `notes` go under the title."""
     meta, rounds, arms = data["meta"], data["rounds"], data["meta"]["arms"]
     majority = data["majority_class"]
     learned = {k: [rd[k]["dev"]["score"] - majority["score"] > meta["majority_margin"] for rd in rounds] for k in arms}
@@ -299,7 +300,7 @@ def render(data: dict) -> str:
     n_pairs = (meta["warmup_steps"] + meta["timed_steps"]) * meta["batch_size"]
     load_before, load_after = meta["load_average_before"][0], meta["load_average_after"][0]
     lines = [
-        "# KD-LoRA student training throughput", "",
+        "# KD-LoRA student training throughput", "", *([notes, ""] if notes else []),
         f"Command: `{meta['command']}`", "",
         f"Teacher `{meta['teacher']}` (its classification head untrained) -> LoRA student `{meta['student']}` (r=8, "
         f"query/value + head), MRPC, batch {meta['batch_size']}, max_seq_length {meta['max_seq_length']}; in round r every arm "
@@ -377,7 +378,7 @@ def render(data: dict) -> str:
     if profiles:
         names = list(profiles)
         steps = profiles[names[0]]["steps"]
-        lines += ["", f"## Where a step's time goes", "",
+        lines += ["", "## Where a step's time goes", "",
                   f"cProfile over {steps} steps before the rounds, seconds per step:", "",
                   "| Part | " + " | ".join(arms[n] for n in names) + " |", "|---|" + "---|" * len(names)]
         parts = [k for k in profiles[names[0]] if k.endswith("_s")]
@@ -402,15 +403,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-steps", type=int, default=4,
                         help="cProfile the online arm and the dynamic-padding plain loop over this many steps first (0: off)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "student_throughput"))
-    parser.add_argument("--render-only", action="store_true", help="only re-render OUT.md from an existing OUT.json")
     args = parser.parse_args(argv)
     out = Path(args.out)
-    if args.render_only:
-        source = out.with_suffix(".json")
-        if not source.is_file():
-            parser.error(f"--render-only: {source} does not exist (run the benchmark first)")
-        write_atomic(out.with_suffix(".md"), render(json.loads(source.read_text())))
-        return 0
     for name in ("batch_size", "steps", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -472,7 +466,7 @@ def main(argv=None) -> int:
     data = {"meta": meta, "results": results, **analyse(rounds), "majority_class": majority, "rounds": rounds,
             "step_profiles": profiles}
     text = json.dumps(data, indent=2) + "\n"
-    markdown = render(json.loads(text))  # rendered from the JSON as written
+    markdown = render(json.loads(text), notes_for_output(out))  # rendered from the JSON as written
     write_atomic(out.with_suffix(".json"), text)
     write_atomic(out.with_suffix(".md"), markdown)
     print(markdown)
