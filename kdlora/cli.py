@@ -75,6 +75,10 @@ class KDLoRACLI(LightningCLI):
         ckpt_path = self.config[sub].get("ckpt_path")
         if sub == "fit" and ckpt_path == "last":
             ckpt_path = self.config[sub].ckpt_path = resume_last(self.config[sub])
+        if sub == "fit" and ckpt_path and self.config[sub].get("checkpoint") is not None:
+            # A resumed run replays the steps its killed attempt took after the last.ckpt: the best
+            # checkpoint of such a step is rewritten under its own name, not as a "-v1" copy beside it.
+            self.config[sub].checkpoint.enable_version_counter = False
         # The checkpoint is checked first (a file, Lightning's, this run's module class and task):
         # otherwise Lightning would run it as whatever class it names, on whatever task the data is.
         if ckpt_path and not _lightning_ckpt_keyword(str(ckpt_path)):
@@ -174,11 +178,9 @@ def _accelerator_hint(config: dict) -> str:
 def add_checkpoint_arguments(parser, monitor: str, mode: str) -> None:
     """The best checkpoint (`checkpoint`, by `monitor`) and the resume one (`last_checkpoint`)."""
     parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-    # No version counter: a resumed run that replays steps the killed one had checkpointed (its last.ckpt
-    # predates them) writes the same best-{epoch}-{step} again, in place of a "-v1" copy beside a stale one.
     parser.set_defaults({"checkpoint.monitor": monitor, "checkpoint.mode": mode,
                          "checkpoint.save_top_k": 1, "checkpoint.filename": "best-{epoch}-{step}",
-                         "checkpoint.auto_insert_metric_name": False, "checkpoint.enable_version_counter": False})
+                         "checkpoint.auto_insert_metric_name": False})
     # For resuming (`fit --ckpt_path last`): `last.ckpt` beside the best one, rewritten every N
     # optimizer steps and at the end of training. It keeps no top-k, so it is never the best:
     # `trainer.checkpoint_callback` (the first ModelCheckpoint, the group above) stays the best one.

@@ -272,3 +272,18 @@ def test_last_checkpoint_is_the_end_of_training(tiny_bert_dir, small_glue_dir, t
     trained = torch.load(tmp_path / "probe" / "weights.pt", weights_only=True)
     assert last["state_dict"].keys() == trained.keys()
     assert all(torch.equal(last["state_dict"][k], trained[k]) for k in trained)  # the trained weights, not an earlier step's
+
+
+def test_a_new_run_in_a_used_run_directory_overwrites_no_checkpoint(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
+    """Only a resumed run rewrites a best checkpoint in place (the steps it replays); a new run started in
+    the same directory writes its own beside the earlier run's."""
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    model = ["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir), "--model.export", "false"]
+    checkpoints = tmp_path / "runs" / "run" / "v" / "checkpoints"
+    fit_here(cli_args(tmp_path, small_glue_dir, "run", model, 100, "--trainer.max_epochs", "1"), tmp_path / "probe", monkeypatch)
+    first = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    assert sorted(first) == ["best-0-8.ckpt", "last.ckpt"]
+    fit_here(cli_args(tmp_path, small_glue_dir, "run", model, 100, "--trainer.max_epochs", "1", "--seed_everything", "7"),
+             tmp_path / "probe", monkeypatch)
+    assert {name: (checkpoints / name).read_bytes() for name in first} == first
+    assert len(list(checkpoints.iterdir())) == 4  # the new run's best and last beside them
