@@ -1,4 +1,5 @@
-"""Reading a Lightning checkpoint that a user names: one check of what the file is before anything uses it.
+"""Reading a Lightning checkpoint that a user names: one check of what the file is before anything uses it;
+and writing checkpoints so that a failed write leaves nothing under the checkpoint's name.
 
 Used by the CLI (``--ckpt_path``), by `KDLoRAStudent` (a Teacher ``.ckpt`` as ``teacher_path``) and by
 ``python -m kdlora.elastic.export`` (a SuperTransformer ``.ckpt``), so a wrong file is one message
@@ -8,12 +9,14 @@ everywhere: not a file, not a Lightning checkpoint, another module's checkpoint,
 from __future__ import annotations
 
 import inspect
+import io
 import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from kdlora.tasks import get_task
 
@@ -68,3 +71,27 @@ def _check_class(path: Path, hparams: dict[str, Any], expected: type) -> None:
     if foreign:
         raise CheckpointError(f"{path} is not a checkpoint of {expected.__name__}: it has hyperparameters "
                               f"{expected.__name__} does not take ({', '.join(foreign)})")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with a local checkpoint written through a temporary sibling
+    (`kdlora.callbacks.write_atomic`): a full disk or a kill never leaves part of a checkpoint under its
+    name. (Lightning's own transaction stages the file in the system's temporary directory; moving it onto
+    another filesystem copies it into place, and a full disk there leaves the truncated copy.) A full disk
+    is an `OutOfSpaceError` naming the checkpoint. Remote paths (``s3://``...) go to Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        from kdlora.callbacks import write_atomic
+        from kdlora.models import OutOfSpaceError, out_of_space
+
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        try:
+            write_atomic(Path(path), buffer.getvalue())
+        except OSError as e:
+            if out_of_space(e):
+                raise OutOfSpaceError(f"no space left on device writing checkpoint {path} (nothing was written "
+                                      "under that name; free some space or log the run elsewhere)") from e
+            raise

@@ -23,6 +23,7 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.plugins.io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -30,7 +31,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import Namespace, lazy_instance
 
 from kdlora.callbacks import GLUESubmissionWriter, LastCheckpoint
-from kdlora.checkpoint import CheckpointError, read_checkpoint
+from kdlora.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from kdlora.data import GLUEDataModule
 from kdlora.models import max_input_length, new_weight_modules
 from kdlora.modules.base import GLUEModule
@@ -119,6 +120,10 @@ class KDLoRACLI(LightningCLI):
             # `--trainer.enable_checkpointing false`: no best or last checkpoint (Lightning refuses any
             # ModelCheckpoint then); the modules export and report the weights at the end of fit.
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints written whole or not at all
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
         try:
             trainer = super()._instantiate_trainer(config, callbacks)
         except (MisconfigurationException, ImportError) as e:  # e.g. an accelerator this machine lacks

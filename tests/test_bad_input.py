@@ -122,6 +122,25 @@ def _can_mount_tmpfs() -> bool:
 
 
 @pytest.mark.slow
+def test_fit_onto_a_real_full_filesystem_leaves_no_truncated_checkpoint(tiny_bert_dir, small_glue_dir, tmp_path):
+    """Runs logged onto a 300 kB tmpfs: the first checkpoint does not fit."""
+    if not _can_mount_tmpfs():
+        pytest.skip("cannot mount a tmpfs in a user namespace here")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    fit = [sys.executable, str(REPO / "train.py"), "fit",
+           *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--trainer.logger.init_args.save_dir", str(disk / "runs"),
+                  "--model.export", "false", "--trainer.max_epochs", "1")]
+    script = f"mount -t tmpfs -o size=300k tmpfs {disk} && {subprocess.list2cmdline(fit)}; code=$?; find {disk} -name '*ckpt*'; exit $code"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _one_error_line(proc.stderr).startswith(f"kdlora: error: no space left on device writing checkpoint {disk / 'runs'}")
+    assert proc.stdout.strip() == ""  # `find`: no checkpoint, whole or partial, nor a temporary one
+
+
+@pytest.mark.slow
 def test_export_cli_onto_a_real_full_filesystem(supernet_checkpoint, tmp_path):
     """The same on a 100 kB tmpfs (mounted in a user namespace, where the kernel allows one)."""
     if not _can_mount_tmpfs():
@@ -137,6 +156,27 @@ def test_export_cli_onto_a_real_full_filesystem(supernet_checkpoint, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert _one_error_line(proc.stderr).startswith(f"kdlora: error: no space left on device writing {disk / 'max'} ")
     assert proc.stdout.strip() == ""  # `ls -A` of the full filesystem: nothing left on it
+
+
+def test_a_checkpoint_onto_a_full_disk_is_one_line_and_leaves_no_part_of_it(tiny_bert_dir, small_glue_dir, tmp_path, capsys,
+                                                                            monkeypatch):
+    """The disk fills while a checkpoint is written: its first half lands, then the write fails."""
+    write_bytes = Path.write_bytes
+
+    def half_then_full(self, data):
+        if ".ckpt" in self.name:
+            write_bytes(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export", "false",
+                                   "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert line.startswith("kdlora: error: no space left on device writing checkpoint ") and "best-0-" in line, line
+    checkpoints = next((tmp_path / "runs").rglob("checkpoints"))
+    assert list(checkpoints.iterdir()) == []
 
 
 # ---- checkpointing off ----
