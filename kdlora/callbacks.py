@@ -28,13 +28,20 @@ TEXT_LABEL_TASKS = {"mnli", "qnli", "rte", "ax"}
 
 
 def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write a file (text, or bytes as given) via a temporary sibling so a crash never leaves half a file."""
+    """Write a file (text, or bytes as given) via a temporary sibling so a crash never leaves half a file;
+    a full disk is a `kdlora.models.OutOfSpaceError` naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as e:
+        from kdlora.models import OutOfSpaceError, out_of_space
+
+        if out_of_space(e) and not isinstance(e, OutOfSpaceError):
+            raise OutOfSpaceError(path) from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -84,14 +84,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         from kdlora.callbacks import write_atomic
-        from kdlora.models import OutOfSpaceError, out_of_space
+        from kdlora.models import OutOfSpaceError
 
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         try:
             write_atomic(Path(path), buffer.getvalue())
-        except OSError as e:
-            if out_of_space(e):
-                raise OutOfSpaceError(f"no space left on device writing checkpoint {path} (nothing was written "
-                                      "under that name; free some space or log the run elsewhere)") from e
-            raise
+        except OutOfSpaceError as e:
+            raise OutOfSpaceError(path, "checkpoint ") from e.__cause__

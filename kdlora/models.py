@@ -320,10 +320,12 @@ def check_export_dir(path: str | Path) -> Path:
 
 
 class OutOfSpaceError(OSError):
-    """A write failed because its disk (or the user's quota) is full; the message names what was being written."""
+    """A write of `path` failed because its disk (or the user's quota) is full, and the writer removed what
+    it had written: the message names `path` (`what` it is, e.g. "checkpoint ")."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
+    def __init__(self, path: str | Path, what: str = "") -> None:
+        super().__init__(f"no space left on device writing {what}{path} (nothing of it was written there; "
+                         "free some space or choose another place)")
         self.errno = errno.ENOSPC
 
 
@@ -380,8 +382,7 @@ def write_export(out_dir: str | Path, write: Callable[[Path], None], info: dict[
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception) and out_of_space(e):
-            raise OutOfSpaceError(f"no space left on device writing {out_dir} (nothing was written there; "
-                                  "free some space or choose another directory)") from e
+            raise OutOfSpaceError(out_dir) from e
         raise
     return out_dir
 

@@ -328,3 +328,24 @@ def test_export_cli_names_a_broken_subnet_file_a_directory_checkpoint_and_a_repe
         assert main([*args, "--out", out]) == 2
         assert _one_error_line(capsys.readouterr().err).startswith(message)
         assert not (tmp_path / "out").exists()
+
+
+def test_write_atomic_onto_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from kdlora.callbacks import write_atomic
+    from kdlora.models import OutOfSpaceError
+
+    target = tmp_path / "results.json"
+    target.write_text("the previous results\n")
+    write_text = Path.write_text
+
+    def half_then_full(self, data, *args, **kwargs):
+        write_text(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(OutOfSpaceError) as e:
+        write_atomic(target, '{"new": "results"}\n')
+    assert str(e.value).startswith(f"no space left on device writing {target} ")
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert target.read_text() == "the previous results\n"
