@@ -275,7 +275,9 @@ def palettes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         task = get_task(run["run"]["task"]).name
         teacher = teachers.get(task)
+        figure = path.with_suffix(".png")
         out.append({"task": task, "dir": run["dir"], "rows": read_palette(path),
+                    "figure": str(figure) if figure.is_file() else None,
                     "teacher": None if teacher is None else {
                         "score": teacher["val_best"]["score"], "metrics": teacher["val_best"],
                         "params": teacher.get("parameters", {}).get("total"), "dir": teacher["dir"]}})
@@ -320,6 +322,8 @@ def render_palettes(items: list[dict[str, Any]]) -> list[str]:
         if batch:
             lines.append(f"\nLatency: median forward pass of the exported (sliced, LoRA-merged) member at batch {batch}, "
                          f"sequence length {seq}.")
+        if item.get("figure"):
+            lines.append(f"\nFigure (score vs parameters and vs latency): `{item['figure']}`")
         lines += [""] + render_mlfs_beside_paper(mlfs_beside_paper(item)) + [""]
     return lines
 
@@ -773,16 +777,96 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
     return "\n".join(lines) + "\n"
 
 
+def read_selection(out_dir: Path) -> dict[str, Any]:
+    """What `kdlora.elastic.select` chose in its ``--out`` folder: the member, its budget, held-out score,
+    latency and size (``model/subnet.json``), and where its report and model are."""
+    info_file = out_dir / "model" / "subnet.json"
+    if not info_file.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no selected model ({info_file} is missing): "
+                                "give the --out folder of a finished `python -m kdlora.elastic.select`")
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed selection file {info_file}: {e}") from None
+    chosen = info.get("selected_by")
+    if not isinstance(chosen, dict):
+        raise ValueError(f"{info_file} records no selection ('selected_by'): not written by kdlora.elastic.select")
+    budget = {k: v for k, v in (chosen.get("budget") or {}).items() if v is not None}
+    return {"dir": str(out_dir), "name": info.get("name"), "params": info.get("params"), "budget": budget,
+            "split": chosen.get("split"), "score": chosen.get("score"), "latency_ms": chosen.get("latency_ms"),
+            "latency_ratio": chosen.get("latency_ratio"), "device": chosen.get("device"),
+            "dev_score": info.get("dev_score"), "model": str(out_dir / "model"),
+            "search": [str(p) for p in (out_dir / "search.md", out_dir / "pareto.png") if p.is_file()]}
+
+
+def _export_of(run: dict[str, Any]) -> Optional[str]:
+    """The folder a run exported its model to (its config's ``model.init_args.export_dir``, else ``<run>/export``)."""
+    try:
+        config = saved_config(run["dir"])
+    except (OSError, ValueError):
+        config = {}
+    model = config.get("model") or {}
+    named = (model.get("init_args") or model).get("export_dir") if isinstance(model, dict) else None
+    for candidate in (named, str(Path(run["dir"]) / "export")):
+        if candidate and Path(candidate).is_dir():
+            return candidate
+    return None
+
+
+def artifacts(runs: list[dict[str, Any]], selections: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
+    """Every file a reader may want next, as (what, path) rows: each run's folder, results, export and
+    palette report, each selection's report and model."""
+    rows = []
+    for run in runs:
+        method = method_of(run)
+        label = f"{'MLFS' if 'SuperTransformer' in method else method} / {run['run'].get('task', '?')}"
+        rows.append({"what": f"{label}: run (TensorBoard, config.yaml, checkpoints)", "path": run["dir"]})
+        rows.append({"what": f"{label}: results", "path": str(Path(run["dir"]) / RESULTS_FILE)})
+        for name in ("palette.md", "palette.png", "palette_final.md"):
+            if (Path(run["dir"]) / name).is_file():
+                rows.append({"what": f"{label}: {name.split('.')[0].replace('_', ' ')} ({name.split('.')[1]})",
+                             "path": str(Path(run["dir"]) / name)})
+        export = _export_of(run)
+        if export:
+            rows.append({"what": f"{label}: exported model(s)", "path": export})
+    for sel in selections:
+        rows += [{"what": f"selection {sel['name']}: search report", "path": p} for p in sel["search"]]
+        rows.append({"what": f"selection {sel['name']}: the chosen member, exported", "path": sel["model"]})
+    return rows
+
+
+def render_selections(selections: Sequence[dict[str, Any]]) -> list[str]:
+    lines = ["## The member chosen under a budget (`kdlora.elastic.select`)", "",
+             "| chosen | budget | params (M) | held-out score | dev score | latency (ms) | latency / maxnet | device |",
+             "|---|---|---|---|---|---|---|---|"]
+    for sel in selections:
+        budget = ", ".join(f"{k.replace('max_', '').replace('_', ' ')} ≤ {v:g}" for k, v in sel["budget"].items())
+        lines.append(f"| {sel['name']} | {budget or '–'} | {_millions(sel['params'])} | "
+                     f"{_fmt(None if sel['score'] is None else 100 * sel['score'])} | "
+                     f"{_fmt(None if sel.get('dev_score') is None else 100 * sel['dev_score'])} | "
+                     f"{_fmt(sel['latency_ms'], 2)} | {_fmt(sel['latency_ratio'], 2)} | {sel.get('device') or '–'} |")
+    lines += ["", "Candidates are scored on a held-out part of train (never dev); dev is reported for the chosen one only."]
+    return lines
+
+
+def render_artifacts(rows: Sequence[dict[str, str]]) -> list[str]:
+    return ["## Where everything is", "", "Paths relative to the folder the report was made from.", ""] + [
+        f"- {r['what']}: `{r['path']}`" for r in rows]
+
+
 def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, str]]] = None,
-                 ranks: Sequence[int] = RANKS, split: str = "val_best", top_k: int = TOP_K) -> tuple[str, dict[str, Any]]:
+                 ranks: Sequence[int] = RANKS, split: str = "val_best", top_k: int = TOP_K,
+                 selection_dirs: Sequence[str] = ()) -> tuple[str, dict[str, Any]]:
     unfinished: list[str] = []
     runs = find_runs(run_paths, unfinished) if run_paths else []
     pairs = DEFAULT_PAIRS if pairs is None else pairs
     t1, params, eff, pals = table1(runs, split, top_k), table2_parameters(pairs, ranks), efficiency(runs), palettes(runs)
     excluded = diverged_runs(runs, split)
+    selections = [read_selection(Path(d)) for d in selection_dirs]
     data = {"table1": t1, "table2_parameters": params, "table2_efficiency": eff, "palettes": pals, "ranks": list(ranks),
             "runs": [r["dir"] for r in runs], "split": split, "top_k": top_k, "diverged_runs": excluded,
-            "unfinished_sweep_attempts": unfinished}
+            "unfinished_sweep_attempts": unfinished, "selections": selections,
+            "artifacts": artifacts(runs, selections)}
     data = with_paper(data)
     return render(data), data
 
@@ -803,6 +887,13 @@ def render(data: dict[str, Any], notes: Optional[str] = None) -> str:
                                data.get("ranks") or RANKS, data.get("palettes", ()), data.get("diverged_runs", ()),
                                data.get("top_k", TOP_K), data["paper_comparison"], data.get("unfinished_sweep_attempts", ()),
                                data.get("split", "val_best"))
+    extra = []
+    if data.get("selections"):
+        extra += [""] + render_selections(data["selections"])
+    if data.get("artifacts"):
+        extra += [""] + render_artifacts(data["artifacts"])
+    if extra:
+        markdown += "\n".join(extra) + "\n"
     if notes and notes.strip():
         title, rest = markdown.split("\n\n", 1)
         markdown = f"{title}\n\n{notes.strip()}\n\n{rest}"
@@ -841,6 +932,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--no-default-pairs", action="store_true", help="only the --pair families in Table 2a")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--split", default="val_best", choices=["val_best", "val_last", "test"])
+    parser.add_argument("--selection", action="append", default=[], metavar="DIR",
+                        help="the --out folder of a `python -m kdlora.elastic.select` run: its chosen member (repeatable)")
     parser.add_argument("--top-k", type=int, default=TOP_K,
                         help="per (method, task): the median of the k best runs (the paper: 6); k is clipped to the runs there are")
     args = parser.parse_args(argv)
@@ -849,13 +942,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         pairs.update(parse_pair(p) for p in args.pair)
         if args.top_k < 1:
             raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
-        if args.from_json and args.runs:
-            raise ValueError("--from-json renders a saved report: give it or --runs, not both")
+        if args.from_json and (args.runs or args.selection):
+            raise ValueError("--from-json renders a saved report: give it or --runs/--selection, not both")
         if args.from_json:
             data = read_report_json(Path(args.from_json))
             markdown, data = render(data), with_paper(data)
         else:
-            markdown, data = build_report(args.runs, pairs, args.ranks, args.split, args.top_k)
+            markdown, data = build_report(args.runs, pairs, args.ranks, args.split, args.top_k, args.selection)
     except (ValueError, FileNotFoundError) as e:
         print(f"kdlora.report: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -344,3 +345,36 @@ def test_an_average_over_fewer_tasks_is_marked(tmp_path):
     md = report.render_markdown(report.table1(report.find_runs([tmp_path])), {}, {})
     assert "| FFT | 80.0 | 60.0 | 70.0 |" in md and "| KD-LoRA | 90.0 | – | 90.0 † |" in md
     assert "† averaged over only the tasks" in md
+
+
+def test_selection_and_artifacts_sections(tmp_path, monkeypatch, capsys):
+    """The member `select` chose (budget, held-out and dev score, latency ratio) and where each artifact is,
+    as paths relative to the folder the report is made from."""
+    monkeypatch.chdir(tmp_path)
+    runs = Path("runs")
+    _fake_run(runs, "fft", "Teacher", "sst2", {"accuracy": 0.8, "score": 0.8}, "full")
+    _fake_run(runs, "sn", "SuperTransformer", "sst2", {"accuracy": 0.78, "score": 0.78})
+    (runs / "fft" / "export").mkdir()
+    rows = [{"name": "max", "role": "max", "params": 20_000_000, "score": 0.78, "metrics": {"accuracy": 0.78}}]
+    (runs / "sn" / "palette.json").write_text(json.dumps(rows))
+    (runs / "sn" / "palette.png").write_bytes(b"png")
+    sel = Path("sel")
+    (sel / "model").mkdir(parents=True)
+    (sel / "search.md").write_text("# search\n")
+    (sel / "model" / "subnet.json").write_text(json.dumps({
+        "name": "h256-a6-f768-l3", "params": 9_800_000, "dev_score": 0.755,
+        "selected_by": {"budget": {"max_latency_ms": None, "max_latency_ratio": 0.5, "max_params": None},
+                        "split": "holdout", "score": 0.7625, "latency_ms": 4.2, "latency_ratio": 0.42, "device": "cpu"}}))
+    assert report.main(["--runs", "runs", "--selection", "sel", "--out", "report.md", "--no-default-pairs"]) == 0
+    md = Path("report.md").read_text()
+    assert "| h256-a6-f768-l3 | latency ratio ≤ 0.5 | 9.80M | 76.2 | 75.5 | 4.20 | 0.42 | cpu |" in md
+    assert "- FFT / sst2: exported model(s): `runs/fft/export`" in md
+    assert "- MLFS / sst2: palette (png): `runs/sn/palette.png`" in md
+    assert "- MLFS / sst2: exported model(s)" not in md  # it exported nothing
+    assert "- selection h256-a6-f768-l3: the chosen member, exported: `sel/model`" in md
+    assert "Figure (score vs parameters and vs latency): `runs/sn/palette.png`" in md
+    # Rendered again from its JSON alone, the report is the same.
+    assert report.render(json.loads(Path("report.json").read_text())) == md
+    # A folder select did not write is one clear error.
+    assert report.main(["--runs", "runs", "--selection", "runs", "--out", "r2.md"]) == 2
+    assert "holds no selected model" in capsys.readouterr().err and not Path("r2.md").exists()
