@@ -37,6 +37,7 @@ from torch import nn
 from kdlora.elastic.model import ElasticEncoder
 from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses
 from kdlora.metrics import TokenMeanLoss
+from kdlora.models import load_tokenizer
 from kdlora.modules.base import KDLoraModule
 from kdlora.modules.mlfs import MLFSTraining, check_mlfs_arguments
 
@@ -293,9 +294,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         tokenizer = None
         if self.hparams.model_name_or_path:
             try:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(self.hparams.model_name_or_path)
+                tokenizer = load_tokenizer(self.hparams.model_name_or_path, "model_name_or_path")
             except (OSError, ValueError) as e:
                 log.warning("no tokenizer saved with the export: cannot load %r (%s)", self.hparams.model_name_or_path, e)
         self.export_palette(export_dir, rows, title, tokenizer, {})
