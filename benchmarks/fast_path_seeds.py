@@ -1,4 +1,4 @@
-"""Does the fast path (bf16-mixed + length-grouped batches) reach the scores of float32 with random batches?
+"""Does the fast path (length-grouped batches, in bf16-mixed or float32) reach the scores of float32 with random batches?
 
 A small MLFS supernet on SST-2 (the embedded subset): `SuperTransformer` with `base: pretrained` (stage 0
 is the maxnet's LoRA fine-tuning with a new head), stages [1, 1, 1], K = 2 with the sandwich rule, trained
@@ -36,8 +36,12 @@ from kdlora.data import GLUEDataModule  # noqa: E402
 from kdlora.modules import SuperTransformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# name -> (trainer.precision, data.group_by_length)
-ARMS = {"fp32_random": ("32-true", False), "bf16_grouped": ("bf16-mixed", True)}
+PRECISION_NAMES = {"32-true": "fp32", "bf16-mixed": "bf16"}
+
+
+def arms(fast_precision: str) -> dict[str, tuple[str, bool]]:
+    """name -> (trainer.precision, data.group_by_length): the reference, then the fast path."""
+    return {"fp32_random": ("32-true", False), f"{PRECISION_NAMES[fast_precision]}_grouped": (fast_precision, True)}
 
 
 def run(args, precision: str, grouped: bool, seed: int, work: Path) -> dict:
@@ -84,7 +88,7 @@ def markdown(data: dict) -> str:
     arms = list(runs)
     members = list(runs[arms[0]][0]["scores"])
     lines = [
-        "# The fast path's scores: bf16-mixed + length-grouped batches vs float32 + random batches", "",
+        f"# The fast path's scores: {data['arms'][arms[1]][0]} + length-grouped batches vs float32 + random batches", "",
         f"Command: `{meta['command']}`", "",
         f"`SuperTransformer` from `{meta['model']}` (`base: pretrained`: stage 0 fine-tunes it with LoRA and a new head), "
         f"SST-2 (the embedded subset: {meta['train_samples']} training sentences, seeded by the run's seed), stages [1, 1, 1], "
@@ -122,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fast-precision", default="bf16-mixed", choices=sorted(PRECISION_NAMES),
+                        help="the fast path's precision (it always groups batches by length)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fast_path_seeds"))
     args = parser.parse_args(argv)
     if not Path(args.model).is_dir():
@@ -129,12 +135,13 @@ def main(argv=None) -> int:
     if args.train_samples < args.batch_size or args.batch_size < 1 or args.threads < 1:
         parser.error("need --batch-size >= 1, --train-samples >= --batch-size and --threads >= 1")
     torch.set_num_threads(args.threads)
-    runs: dict[str, list] = {arm: [] for arm in ARMS}
+    chosen = arms(args.fast_precision)
+    runs: dict[str, list] = {arm: [] for arm in chosen}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            order = list(ARMS) if seed % 2 else list(reversed(ARMS))  # alternate which arm meets the machine first
+            order = list(chosen) if seed % 2 else list(reversed(chosen))  # alternate which arm meets the machine first
             for arm in order:
-                precision, grouped = ARMS[arm]
+                precision, grouped = chosen[arm]
                 runs[arm].append({"seed": seed, **run(args, precision, grouped, seed, Path(tmp) / f"{seed}-{arm}")})
                 print(f"seed {seed} {arm}: {runs[arm][-1]['scores']} ({runs[arm][-1]['wall_s']:.0f} s)", flush=True)
     command = "PYTHONPATH=. python benchmarks/fast_path_seeds.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
             "max_seq_length": args.max_seq_length, "seeds": args.seeds, "threads": args.threads, "torch": torch.__version__,
             "cpu": platform.processor() or platform.machine(), "bf16_supported": bf16_supported("cpu"),
             "command": command.strip()}
-    data = {"meta": meta, "arms": {k: list(v) for k, v in ARMS.items()}, "runs": runs, "summary": summarise(runs)}
+    data = {"meta": meta, "arms": {k: list(v) for k, v in chosen.items()}, "runs": runs, "summary": summarise(runs)}
     text = markdown(data)
     out = Path(args.out)
     write_atomic(out.with_suffix(".json"), json.dumps(data, indent=2) + "\n")

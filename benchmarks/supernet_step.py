@@ -1,13 +1,14 @@
 """The MLFS supernet training step: float32 vs bf16-mixed, random batches vs length-grouped ones (a 2×2 grid).
 
-One step is the whole manual-optimisation step of `SuperTransformer` (`MLFSTraining.training_step`): the
-maxnet's forward and backward, then the K sampled subnets' (against the maxnet's detached logits and
-features), gradient clipping and one AdamW step. Each arm trains a fresh supernet from the pretrained
-checkpoint (`base: pretrained`, stage 1: widths sampled at full depth, or `--stage 2`) on the same seeded
-SST-2 subset for one short epoch, every step timed (unless `--warmup`): each arm then times the same
-examples, in batches of its own order. The arms run round-robin, their
-order alternating from round to round, so a change in the load of the shared CPU hits every arm alike;
-each speed-up is taken within a round against that round's float32 random-order arm.
+One step is the whole manual-optimisation step of `SuperTransformer` (`MLFSTraining.accumulate_gradients`,
+as its `training_step` runs it): the maxnet's forward and backward, then the K sampled subnets' (against the
+maxnet's detached logits and features), gradient clipping and one AdamW step, under bf16 autocast for
+bf16-mixed as Lightning runs it. Each arm is a fresh supernet from the pretrained checkpoint (`base:
+pretrained`, stage 1: widths sampled at full depth, or `--stage 2`) with its own optimizer, on the same seeded
+SST-2 subset for one short epoch in its own batch order; every step is timed (unless `--warmup`), so each arm
+times the same examples. The arms' steps are interleaved round-robin (step i of every arm, their order
+rotating by one each step), so a change in the load of a shared CPU hits every arm alike; each speed-up is
+taken within a round against that round's float32 random-order arm.
 
     PYTHONPATH=. python benchmarks/supernet_step.py --model models/minilm
 
@@ -31,7 +32,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
 from kdlora.callbacks import write_atomic  # noqa: E402
@@ -49,45 +49,69 @@ ARMS = {
 REFERENCE = "fp32_random"
 
 
-class StepTimer(L.Callback):
-    """Wall and process CPU time of each training step after `warmup` untimed ones, with its padded length
-    and the maxnet's loss (a finite loss in every arm: the bf16 steps train, not only run)."""
+class Arm:
+    """One arm: a fresh supernet from the pretrained checkpoint in MLFS stage `stage`, its optimizer and schedule
+    (the module's own `configure_optimizers`), its batches (random or length-grouped order), and `step`: the
+    module's manual-optimisation step (`accumulate_gradients`: the maxnet, then the sampled subnets, one backward
+    each; gradient clipping; one AdamW step), under bf16 autocast for bf16-mixed as Lightning runs it."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.cpu_start = warmup, 0.0, 0.0
+    def __init__(self, args, precision: str, grouped: bool, seed: int, work: Path) -> None:
+        steps = args.warmup + args.steps
+        dm = GLUEDataModule("sst2", args.model, data_dir=args.data_dir, batch_size=args.batch_size,
+                            max_seq_length=args.max_seq_length, max_train_samples=steps * args.batch_size, seed=seed,
+                            group_by_length=grouped, cache_dir=str(work / "cache"))
+        dm.setup("fit")
+        self.batches = iter(dm.train_dataloader())
+        torch.manual_seed(seed)
+        stage_epochs = [0, 0, 0]
+        stage_epochs[args.stage] = 1
+        self.module = module = SuperTransformer(args.model, "sst2", base="pretrained", stage_epochs=stage_epochs,
+                                                num_subnets=args.num_subnets, palette=["max", "min"], sampler_seed=seed,
+                                                measure_latency=False, export=False)
+        module.stage = args.stage
+        module._stage_steps = lambda stage: steps  # the schedule's length, which a Trainer would compute
+        module.manual_backward = lambda loss: loss.backward()  # what Lightning's manual_backward does on one CPU
+        module.train()
+        config = module.configure_optimizers()  # enters the stage: only its adapters and the projections train
+        self.optimizer, self.schedule = config["optimizer"], config["lr_scheduler"]["scheduler"]
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.precision = precision
+        self.step_index = 0
         self.times, self.cpu_times, self.lengths, self.losses = [], [], [], []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.start, self.cpu_start = time.perf_counter(), time.process_time()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.warmup:
-            self.times.append(time.perf_counter() - self.start)
-            self.cpu_times.append(time.process_time() - self.cpu_start)
+    def step(self, timed: bool) -> None:
+        batch = next(self.batches)
+        module = self.module
+        start, cpu_start = time.perf_counter(), time.process_time()
+        self.optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
+            losses = module.accumulate_gradients(batch, module.sampler.sample(module.stage, self.step_index))
+        torch.nn.utils.clip_grad_norm_(self.params, module.hparams.gradient_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        if timed:
+            self.times.append(time.perf_counter() - start)
+            self.cpu_times.append(time.process_time() - cpu_start)
             self.lengths.append(int(batch["input_ids"].shape[1]))
-            self.losses.append(float(trainer.callback_metrics["train/maxnet_loss"]))
+            self.losses.append(float(losses["maxnet"]))
+        self.step_index += 1
+
+    def summary(self, batch_size: int) -> dict:
+        return {"steps": len(self.times), "seconds": sum(self.times), "cpu_seconds": sum(self.cpu_times),
+                "step_s": self.times, "median_step_s": statistics.median(self.times),
+                "examples_per_s": batch_size * len(self.times) / sum(self.times),
+                "examples_per_cpu_s": batch_size * len(self.times) / sum(self.cpu_times),
+                "mean_padded_length": statistics.fmean(self.lengths), "maxnet_losses": self.losses}
 
 
-def run_arm(args, precision: str, grouped: bool, seed: int, work: Path) -> dict:
-    steps = args.warmup + args.steps
-    dm = GLUEDataModule("sst2", args.model, data_dir=args.data_dir, batch_size=args.batch_size,
-                        max_seq_length=args.max_seq_length, max_train_samples=steps * args.batch_size, seed=seed,
-                        group_by_length=grouped, cache_dir=str(work / "cache"))
-    torch.manual_seed(seed)
-    stage_epochs = [0, 0, 0]
-    stage_epochs[args.stage] = 1
-    module = SuperTransformer(args.model, "sst2", base="pretrained", stage_epochs=stage_epochs, num_subnets=args.num_subnets,
-                              palette=["max", "min"], sampler_seed=seed, measure_latency=False, export=False)
-    timer = StepTimer(args.warmup)
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, precision=precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer], default_root_dir=str(work / "run"))
-    trainer.fit(module, datamodule=dm)
-    return {"steps": len(timer.times), "seconds": sum(timer.times), "cpu_seconds": sum(timer.cpu_times),
-            "step_s": timer.times, "median_step_s": statistics.median(timer.times),
-            "examples_per_s": args.batch_size * len(timer.times) / sum(timer.times),
-            "examples_per_cpu_s": args.batch_size * len(timer.times) / sum(timer.cpu_times),
-            "mean_padded_length": statistics.fmean(timer.lengths), "maxnet_losses": timer.losses}
+def run_round(args, seed: int, work: Path) -> dict:
+    """Every arm's steps interleaved: step i of each arm, the arms' order rotating by one every step."""
+    arms = {name: Arm(args, precision, grouped, seed, work / name) for name, (precision, grouped) in ARMS.items()}
+    names = list(arms)
+    for i in range(args.warmup + args.steps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            arms[name].step(timed=i >= args.warmup)
+    return {name: arm.summary(args.batch_size) for name, arm in arms.items()}
 
 
 def ratios(rounds: list[dict], key: str) -> dict:
@@ -110,7 +134,8 @@ def markdown(data: dict) -> str:
         f"from seed {meta['seed']} + r on the same {meta['batch_size'] * (meta['warmup_steps'] + meta['timed_steps'])} examples "
         f"({meta['warmup_steps']} untimed step(s), then {meta['timed_steps']} timed); the same subnets are sampled at each "
         f"step in every arm. CPU `{meta['cpu']}` (bf16 supported natively: {meta['bf16_supported']}), {meta['threads']} "
-        f"threads, torch {meta['torch']}; {meta['rounds']} rounds in one process, arms round-robin in alternating order. "
+        f"threads, torch {meta['torch']}; {meta['rounds']} round(s) in one process, the arms' steps interleaved "
+        f"round-robin (their order rotating every step). "
         f"The CPU is shared with other jobs (load average {meta['load_average_before'][0]:.1f} at the start, "
         f"{meta['load_average_after'][0]:.1f} at the end): ratios are taken within a round, against that round's "
         f"`{REFERENCE}`, and the median over rounds is reported. Benchmark wall time {meta['benchmark_wall_s']:.0f} s.", "",
@@ -146,11 +171,11 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seq-length", type=int, default=128)
     parser.add_argument("--stage", type=int, default=1, choices=(1, 2), help="the MLFS stage the steps run in")
     parser.add_argument("--num-subnets", type=int, default=2, help="K, subnets per step besides the maxnet")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per arm and round")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per arm and round")
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed steps first (0: time the whole epoch, so every arm times the same examples: "
                              "length grouping puts the longest batch first)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, each with fresh supernets from seed + r")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42, help="round r: seed + r (subset, order, init, subnets) for every arm")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "supernet_step"))
@@ -168,12 +193,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            order = list(ARMS) if r % 2 == 0 else list(reversed(ARMS))
-            result = {}
-            for name in order:
-                precision, grouped = ARMS[name]
-                result[name] = run_arm(args, precision, grouped, args.seed + r, Path(tmp) / f"{r}-{name}")
-            rounds.append({k: result[k] for k in ARMS})
+            rounds.append(run_round(args, args.seed + r, Path(tmp) / str(r)))
             print(f"round {r}: " + ", ".join(f"{k} {v['examples_per_s']:.1f} ex/s ({v['mean_padded_length']:.0f} tok)"
                                               for k, v in rounds[-1].items()), flush=True)
     wall = time.perf_counter() - start
