@@ -186,3 +186,16 @@ def test_select_refuses_a_nonempty_out_and_leaves_it(trained_checkpoint, tmp_pat
     assert main(["--checkpoint", str(trained_checkpoint), "--max-params", "1000", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_select_reads_a_checkpoint_saved_under_the_training_cli(trained_checkpoint, tmp_path):
+    """A checkpoint written by `train.py fit` carries Lightning's `_instantiator` among the data module's
+    hyperparameters; selection rebuilds the data module from the rest."""
+    saved = torch.load(trained_checkpoint, weights_only=True, map_location="cpu")
+    saved["datamodule_hyper_parameters"]["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+    ckpt = tmp_path / "cli.ckpt"
+    torch.save(saved, ckpt)
+    out = tmp_path / "chosen"
+    code = main(["--checkpoint", str(ckpt), "--max-params", "1e12", "--out", str(out), "--repeats", "1",
+                 "--seq-len", "8", "--random", "0", "--generations", "0"])
+    assert code == 0 and (out / "model" / "subnet.json").is_file()

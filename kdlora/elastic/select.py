@@ -227,7 +227,8 @@ def selection_data(hparams: dict, holdout_fraction: Optional[float], data_dir: O
     """
     from kdlora.data import GLUEDataModule
 
-    hp = dict(hparams)
+    # Lightning saves its own bookkeeping beside the arguments (`_instantiator` under LightningCLI): not ours.
+    hp = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if data_dir is not None:
         hp["data_dir"] = data_dir
     run_fraction = float(hp.get("holdout_fraction") or 0.0)
