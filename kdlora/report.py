@@ -792,7 +792,7 @@ def read_selection(out_dir: Path) -> dict[str, Any]:
     if not isinstance(chosen, dict):
         raise ValueError(f"{info_file} records no selection ('selected_by'): not written by kdlora.elastic.select")
     budget = {k: v for k, v in (chosen.get("budget") or {}).items() if v is not None}
-    return {"dir": str(out_dir), "name": info.get("name"), "params": info.get("params"), "budget": budget,
+    return {"dir": str(out_dir), "name": info.get("name"), "params": info.get("parameters"), "budget": budget,
             "split": chosen.get("split"), "score": chosen.get("score"), "latency_ms": chosen.get("latency_ms"),
             "latency_ratio": chosen.get("latency_ratio"), "device": chosen.get("device"),
             "dev_score": info.get("dev_score"), "model": str(out_dir / "model"),
@@ -830,7 +830,8 @@ def artifacts(runs: list[dict[str, Any]], selections: Sequence[dict[str, Any]] =
         if export:
             rows.append({"what": f"{label}: exported model(s)", "path": export})
     for sel in selections:
-        rows += [{"what": f"selection {sel['name']}: search report", "path": p} for p in sel["search"]]
+        rows += [{"what": f"selection {sel['name']}: every candidate searched ({Path(p).suffix[1:]})", "path": p}
+                 for p in sel["search"]]
         rows.append({"what": f"selection {sel['name']}: the chosen member, exported", "path": sel["model"]})
     return rows
 

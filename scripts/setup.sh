@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 VPY=.venv/bin/python
-if ! "$VPY" -c "import kdlora, torch, lightning, peft, transformers, datasets, torchmetrics, pytest" 2>/dev/null; then
+if ! "$VPY" -c "import kdlora, torch, lightning, peft, transformers, datasets, torchmetrics, pytest, nbclient, ipykernel" 2>/dev/null; then
   "$VPY" -m pip install --quiet --upgrade pip
   "$VPY" -c "import torch" 2>/dev/null || "$VPY" -m pip install --quiet "$TORCH_SPEC"
   "$VPY" -m pip install --quiet -e ".[dev]"

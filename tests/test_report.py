@@ -362,7 +362,7 @@ def test_selection_and_artifacts_sections(tmp_path, monkeypatch, capsys):
     (sel / "model").mkdir(parents=True)
     (sel / "search.md").write_text("# search\n")
     (sel / "model" / "subnet.json").write_text(json.dumps({
-        "name": "h256-a6-f768-l3", "params": 9_800_000, "dev_score": 0.755,
+        "name": "h256-a6-f768-l3", "parameters": 9_800_000, "dev_score": 0.755,
         "selected_by": {"budget": {"max_latency_ms": None, "max_latency_ratio": 0.5, "max_params": None},
                         "split": "holdout", "score": 0.7625, "latency_ms": 4.2, "latency_ratio": 0.42, "device": "cpu"}}))
     assert report.main(["--runs", "runs", "--selection", "sel", "--out", "report.md", "--no-default-pairs"]) == 0
@@ -372,6 +372,7 @@ def test_selection_and_artifacts_sections(tmp_path, monkeypatch, capsys):
     assert "- MLFS / sst2: palette (png): `runs/sn/palette.png`" in md
     assert "- MLFS / sst2: exported model(s)" not in md  # it exported nothing
     assert "- selection h256-a6-f768-l3: the chosen member, exported: `sel/model`" in md
+    assert "- selection h256-a6-f768-l3: every candidate searched (md): `sel/search.md`" in md
     assert "Figure (score vs parameters and vs latency): `runs/sn/palette.png`" in md
     # Rendered again from its JSON alone, the report is the same.
     assert report.render(json.loads(Path("report.json").read_text())) == md
