@@ -61,3 +61,40 @@ def test_no_tracked_file_names_a_path_of_this_machine(tracked):
         if found:
             offenders[name] = sorted(set(found))[:3]
     assert not offenders, f"machine paths in tracked files: {offenders}"
+
+
+# A markdown link or image: [text](target) / ![alt](target); the target ends at whitespace or ")".
+MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+DOCUMENTATION = ["README.md", "docs/*.md"]
+
+
+def broken_links(markdown: Path) -> list[str]:
+    """Relative link targets in `markdown` that name no file or folder (a `#fragment` is ignored; URLs and
+    in-page anchors are not checked)."""
+    text = re.sub(r"```.*?```", "", markdown.read_text(encoding="utf-8"), flags=re.S)  # code blocks hold no links
+    text = re.sub(r"`[^`\n]*`", "", text)  # nor do code spans
+    broken = []
+    for target in MARKDOWN_LINK.findall(text):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+            continue
+        path = target.split("#", 1)[0]
+        if not (markdown.parent / path).exists():
+            broken.append(target)
+    return broken
+
+
+def test_broken_link_detector(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.md").write_text("x")
+    page = tmp_path / "docs" / "b.md"
+    page.write_text("[a](a.md) [a, section](a.md#top) [up](../docs/a.md) ![fig](missing.png) [gone](c.md#x)\n"
+                    "[web](https://example.org/x.md) [here](#top) `[not](a link.md)`\n```\n[nor](this.md)\n```\n")
+    assert broken_links(page) == ["missing.png", "c.md#x"]
+
+
+def test_documentation_links_resolve():
+    pages = [p for pattern in DOCUMENTATION for p in sorted(REPO.glob(pattern))]
+    assert REPO / "README.md" in pages
+    broken = {str(p.relative_to(REPO)): found for p in pages if (found := broken_links(p))}
+    assert not broken, f"relative links to no file: {broken}"
+
