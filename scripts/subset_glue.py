@@ -1,6 +1,6 @@
 """Write a seeded random subset of a GLUE task's train.tsv (header kept) plus its full dev.tsv.
 
-Used to make the demo data embedded in kdlora/assets/glue:
+The demo data embedded in kdlora/assets/glue is made with:
     python scripts/subset_glue.py ../shared/glue/SST-2 kdlora/assets/glue/SST-2 --rows 8000 --seed 0
 """
 
