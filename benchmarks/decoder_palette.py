@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kdlora.callbacks import write_atomic  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -56,7 +56,7 @@ def stdlib_source() -> str:
 
 
 def data_module(a):
-    from kdlora.lm_data import CausalLMDataModule
+    from kdlora.data.causal_lm import CausalLMDataModule
 
     return CausalLMDataModule(a.model, stdlib_source(), pattern="*.py", block_size=a.block, val_fraction=a.val_fraction,
                               seed=a.seed, max_train_tokens=a.steps * a.batch * a.block, max_val_tokens=a.val_tokens,
@@ -83,7 +83,7 @@ def heldout_perplexity(encoder, cfg, loader) -> float:
 
 
 def build_module(a, alone: bool):
-    from kdlora.modules.lm_supernet import CausalLMSuperTransformer
+    from kdlora.mlfs.causal_lm import CausalLMSuperTransformer
 
     class SliceAlone(CausalLMSuperTransformer):
         """The curve slice trained on its own next-token loss: no maxnet, no distillation, no other subnet;
@@ -183,12 +183,12 @@ def cmd_latency(a) -> None:
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     if a.from_pretrained:  # the same architectures, sliced from the pretrained model: timing does not depend on the weights
-        from kdlora.elastic.model import ElasticEncoder, with_head_count
-        from kdlora.elastic.sampler import SearchSpace, palette
+        from kdlora.elastic.model import ElasticTransformer, with_head_count
+        from kdlora.mlfs.search_space import SearchSpace, palette_members
 
-        encoder = ElasticEncoder(AutoModelForCausalLM.from_pretrained(a.model)).eval()
+        encoder = ElasticTransformer(AutoModelForCausalLM.from_pretrained(a.model)).eval()
         space = SearchSpace.build(encoder.max_config, SEARCH_SPACE)
-        members = palette(space, PALETTE)
+        members = palette_members(space, PALETTE)
         names = [c.name for c in members]
         models = {c.name: encoder.materialize(c) for c in members}
         for c in members:  # beside it, the export as it was before Llama exports dropped their zero-padded heads

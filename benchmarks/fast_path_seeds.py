@@ -31,9 +31,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.data import GLUEDataModule  # noqa: E402
-from kdlora.modules import SuperTransformer  # noqa: E402
+from kdlora.data.glue import GLUEDataModule  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
+from kdlora.mlfs import SuperTransformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRECISION_NAMES = {"32-true": "fp32", "bf16-mixed": "bf16"}

@@ -44,7 +44,8 @@ class RunEnvironment(L.Callback):
     ``results.json``, so the report states them from the run itself, not from what was asked."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from kdlora.callbacks import run_dir, update_results
+        from kdlora.io import update_results
+        from kdlora.training.callbacks import run_dir
 
         dist = torch.distributed
         backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else None
@@ -75,9 +76,9 @@ def uses_ddp(a: argparse.Namespace) -> bool:
 def run_config(kind: str, models: dict[str, Path], out: Path, a: argparse.Namespace) -> dict[str, Any]:
     """The `train.py fit` config of one run (``kind``: student or supernet)."""
     ddp = uses_ddp(a)
-    callbacks = [{"class_path": "kdlora.callbacks.GLUEResults"}, {"class_path": "kdlora.callbacks.ParameterCount"},
-                 {"class_path": "kdlora.callbacks.PeakMemory"},
-                 {"class_path": "kdlora.callbacks.InferenceLatency", "init_args": {"num_runs": a.latency_runs, "warmup_batches": 2}},
+    callbacks = [{"class_path": "kdlora.training.callbacks.GLUEResults"}, {"class_path": "kdlora.training.callbacks.ParameterCount"},
+                 {"class_path": "kdlora.training.callbacks.PeakMemory"},
+                 {"class_path": "kdlora.training.callbacks.InferenceLatency", "init_args": {"num_runs": a.latency_runs, "warmup_batches": 2}},
                  {"class_path": "gpu_check.RunEnvironment"}]
     trainer = {"accelerator": "gpu" if a.device == "cuda" else "cpu", "devices": a.devices, "precision": a.precision,
                # Subnets leave parameters without gradients: DDP must look for them.
@@ -89,12 +90,12 @@ def run_config(kind: str, models: dict[str, Path], out: Path, a: argparse.Namesp
     data = {"task": a.task, "data_dir": str(a.glue_dir), "cache_dir": str(out / "cache"), "max_seq_length": a.seq_len,
             "batch_size": a.batch_size}
     if kind == "student":
-        model = {"class_path": "kdlora.modules.KDLoRAStudent", "init_args": {
+        model = {"class_path": "kdlora.kd.KDLoRAStudent", "init_args": {
             "model_name_or_path": str(models["student"]), "teacher_path": str(models["teacher"]), "lora_r": 4, "lora_alpha": 8,
             "learning_rate": 1e-3, "export_dir": str(out / "export" / "student")}}
         trainer["max_epochs"] = a.epochs
         return {"seed_everything": 0, "model": model, "data": data, "trainer": trainer}
-    model = {"class_path": "kdlora.modules.SuperTransformer", "init_args": {
+    model = {"class_path": "kdlora.mlfs.SuperTransformer", "init_args": {
         "model_name_or_path": str(models["teacher"]), "base": "finetuned", "stage_epochs": [1, 1, a.epochs],
         "lora_r": 4, "lora_alpha": 8, "num_subnets": 2, "palette": ["max", "min"], "learning_rate": 1e-3,
         "latency_batch_size": 1, "latency_seq_len": a.seq_len, "export_dir": str(out / "export" / "supernet")}}
@@ -299,7 +300,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "transformers": transformers.__version__, "runs": runs, "exports": exports,
             "wall_s": time.perf_counter() - start}
     data["checks"] = checks(data)
-    from kdlora.callbacks import write_atomic
+    from kdlora.io import write_atomic
 
     write_atomic(out / "report.json", json.dumps(data, indent=2) + "\n")
     markdown = render(data)

@@ -24,16 +24,16 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdlora.callbacks import write_atomic  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
-from kdlora.report import find_runs, saved_config  # noqa: E402
-from kdlora.sweep import POINT_FILE  # noqa: E402
-from kdlora.tasks import get_task  # noqa: E402
+from kdlora.data.tasks import get_task  # noqa: E402
+from kdlora.experiments.report import find_runs, saved_config  # noqa: E402
+from kdlora.experiments.sweep import POINT_FILE  # noqa: E402
 
 
 def finished(root: Path) -> list[dict]:
     """[{dir, overrides, held_out, dev, metrics}] of the finished runs under `root` with a dev score after
-    fit (`kdlora.report.find_runs`: crashed sweep attempts are left out)."""
+    fit (`kdlora.experiments.report.find_runs`: crashed sweep attempts are left out)."""
     if not root.exists():
         return []
     runs = []

@@ -31,8 +31,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.lm_data import IGNORE_INDEX, CausalLMDataModule  # noqa: E402
+from kdlora.data.causal_lm import IGNORE_INDEX, CausalLMDataModule  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
 

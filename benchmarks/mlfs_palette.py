@@ -45,8 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.report import saved_config  # noqa: E402
+from kdlora.experiments.report import saved_config  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
 CONFIG = "configs/local/minilm-supernet-paper.yaml"
@@ -140,16 +140,17 @@ def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) 
     run that trains it sees a pretrained model: a new head, `base: pretrained`)."""
     from safetensors.torch import load_file, save_file
 
-    from kdlora.elastic import ElasticEncoder, SubnetConfig
-    from kdlora.models import load_classifier, load_tokenizer
-    from kdlora.tasks import get_task
+    from kdlora.data.tasks import get_task
+    from kdlora.data.tokenizer import load_tokenizer
+    from kdlora.elastic import ElasticTransformer, SubnetConfig
+    from kdlora.training.loading import load_classifier
 
     if (out / "model.safetensors").is_file():
         return
     spec = get_task(task)
     cfg = None if member == "max" else SubnetConfig.from_name(member)  # a bad name fails before the model loads
     model, _ = load_classifier(pretrained, spec.num_labels, spec.is_regression)  # the task's head config (STS-B: 1 output)
-    encoder = ElasticEncoder(model)
+    encoder = ElasticTransformer(model)
     cfg = cfg or encoder.max_config
     cfg.validate(encoder.max_config)
     encoder.export_hf(cfg, out, load_tokenizer(pretrained))

@@ -25,9 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.data import GLUEDataModule  # noqa: E402
-from kdlora.modules import SuperTransformer, Teacher  # noqa: E402
+from kdlora.data.glue import GLUEDataModule  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
+from kdlora.kd import Teacher  # noqa: E402
+from kdlora.mlfs import SuperTransformer  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -2,7 +2,7 @@
 
 Palette members are the subnets whose parameter count is nearest to ~3/4, ~1/2 and ~1/4 of the
 maxnet's (uniform widths with attention width = hidden width, FFN = 4·hidden as in BERT, layers
-evenly spread), exported through `ElasticEncoder.materialize` (the same plain model `export_hf`
+evenly spread), exported through `ElasticTransformer.materialize` (the same plain model `export_hf`
 writes). Models are timed round-robin (one forward of each per round) so load on the machine hits
 all alike; we report the median of the rounds after warm-up, and ratios to the maxnet.
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from kdlora.callbacks import write_atomic
-from kdlora.elastic import ElasticEncoder, SubnetConfig, evenly_spread_layers
+from kdlora.elastic import ElasticTransformer, SubnetConfig, evenly_spread_layers
+from kdlora.io import write_atomic
 from results_files import notes_for_output
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +37,7 @@ def load_maxnet(name: str):
     return AutoModelForSequenceClassification.from_pretrained(name, num_labels=2).eval()
 
 
-def palette(encoder: ElasticEncoder, fractions=(0.75, 0.5, 0.25)) -> list[tuple[str, SubnetConfig]]:
+def palette(encoder: ElasticTransformer, fractions=(0.75, 0.5, 0.25)) -> list[tuple[str, SubnetConfig]]:
     """(label, config) of the maxnet and the candidates nearest each parameter fraction."""
     m, d = encoder.max_config, encoder.head_dim
     L, ffn_ratio = len(m.layers), max(m.ffn_per_layer()) / m.hidden_size
@@ -90,7 +90,7 @@ def main() -> None:
 
     rows = []
     for name in models:
-        encoder = ElasticEncoder(load_maxnet(name)).eval()
+        encoder = ElasticTransformer(load_maxnet(name)).eval()
         members = ([("maxnet", encoder.max_config)] + [(n, SubnetConfig.from_name(n)) for n in args.subnet]
                    if args.subnet else palette(encoder))
         plain = [encoder.materialize(cfg) for _, cfg in members]
@@ -110,7 +110,7 @@ def main() -> None:
     meta = {"device": "cpu", "threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(), "warmup": args.warmup,
             "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()[0],
-            "note": "plain HF models materialised from an ElasticEncoder; median of round-robin rounds; "
+            "note": "plain HF models materialised from an ElasticTransformer; median of round-robin rounds; "
                     "ratio = member latency / maxnet latency measured in the same rounds",
             "command": "PYTHONPATH=. python benchmarks/palette_latency.py " + " ".join(sys.argv[1:])}
     out = Path(args.out)

@@ -43,7 +43,7 @@ RENDERERS: dict[str, str] = {
     "decoder_palette_leading": "decoder_palette:render_report",
     "decoder_palette_latency": "decoder_palette:render_latency",
     "minilm_kdlora_diagnosis*": "kdlora_diagnosis:render",
-    "minilm_report*": "kdlora.report:render",
+    "minilm_report*": "kdlora.experiments.report:render",
     "mlfs_ablations_*": "mlfs_palette:render_ablations",
     "mlfs_palette": "mlfs_palette:render_table",
     "mlfs_seeds_*": "mlfs_palette:render_seeds",
@@ -136,8 +136,8 @@ def render_file(md: Path) -> str:
 
 
 def render_passk(result: dict, notes: Optional[str] = None) -> str:
-    """``results.md`` of `python -m kdlora.passk` from its ``results.json`` (the title as its main writes it)."""
-    from kdlora.passk import results_markdown
+    """``results.md`` of `python -m kdlora.eval.passk` from its ``results.json`` (the title as its main writes it)."""
+    from kdlora.eval.passk import results_markdown
 
     title = f"pass@k of {Path(result['model']).name} ({len(result['problems'])} problems, n={result['n']}, T={result['temperature']:g})"
     text = results_markdown(result, title)
@@ -212,7 +212,7 @@ def unbacked_numbers(notes: Path) -> list[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from kdlora.callbacks import write_atomic
+    from kdlora.io import write_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("names", nargs="*", help="results to render (default: every registered one)")

@@ -28,31 +28,31 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdlora.callbacks import write_atomic
-from kdlora.data import MODEL_COLUMNS, GLUEDataModule
-from kdlora.elastic import ElasticEncoder, SubnetConfig
+from kdlora.data.glue import MODEL_COLUMNS, GLUEDataModule
+from kdlora.data.tasks import get_task
+from kdlora.elastic import ElasticTransformer, SubnetConfig
 from kdlora.elastic.importance import reorder_by_importance
-from kdlora.elastic.sampler import SearchSpace, palette
-from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import load_classifier
-from kdlora.tasks import get_task
+from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
+from kdlora.io import write_atomic
+from kdlora.mlfs.search_space import SearchSpace, palette_members
+from kdlora.training.loading import load_classifier
 from results_files import notes_for_output
 
 ORDERINGS = ("original", "heads+ffn", "+hidden")
 
 
-def members(encoder: ElasticEncoder) -> list[SubnetConfig]:
+def members(encoder: ElasticTransformer) -> list[SubnetConfig]:
     """The default palette, plus: full hidden with 3/4 heads and FFN; 3/4 hidden at full depth."""
     space = SearchSpace.build(encoder.max_config, None)
     m, three_quarters = encoder.max_config, space.nearest(0.75)
     extra = [SubnetConfig(m.hidden_size, three_quarters.num_heads, three_quarters.intermediate_size, m.layers),
              SubnetConfig(three_quarters.hidden_size, three_quarters.num_heads, three_quarters.intermediate_size, m.layers)]
-    out = palette(space, None)
+    out = palette_members(space, None)
     return out[:1] + [c for c in extra if c not in out] + out[1:]
 
 
 @torch.no_grad()
-def evaluate(encoder: ElasticEncoder, cfgs: list[SubnetConfig], batches: list[dict], spec) -> list[dict]:
+def evaluate(encoder: ElasticTransformer, cfgs: list[SubnetConfig], batches: list[dict], spec) -> list[dict]:
     encoder.eval()
     encoder.reset_super_network()
     reference = [encoder(**{k: b[k] for k in MODEL_COLUMNS if k in b}).logits for b in batches]
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     results = {}
     for ordering in ORDERINGS:
         model, _ = load_classifier(args.model, spec.num_labels, spec.is_regression)
-        encoder = ElasticEncoder(model)
+        encoder = ElasticTransformer(model)
         if ordering != "original":
             torch.manual_seed(0)  # same training batches for every ordering
             reorder_by_importance(encoder, data.train_dataloader(), args.importance_batches, hidden=ordering == "+hidden")

@@ -41,12 +41,15 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import DataCollatorWithPadding  # noqa: E402
 
-from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.data import MODEL_COLUMNS, GLUEDataModule  # noqa: E402
+from kdlora.data.glue import MODEL_COLUMNS, GLUEDataModule  # noqa: E402
+from kdlora.data.tokenizer import load_tokenizer  # noqa: E402
+from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
+from kdlora.kd import KDLoRAStudent  # noqa: E402
 from kdlora.losses import distillation_loss  # noqa: E402
-from kdlora.metrics import glue_score, predictions_from_logits, task_metrics  # noqa: E402
-from kdlora.models import apply_lora, load_classifier, load_tokenizer, new_weight_modules  # noqa: E402
-from kdlora.modules import KDLoRAStudent  # noqa: E402
+from kdlora.training.heads import new_weight_modules  # noqa: E402
+from kdlora.training.loading import load_classifier  # noqa: E402
+from kdlora.training.lora import apply_lora  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,8 +193,8 @@ def step_breakdown(profiler: cProfile.Profile, steps: int, lightning: bool) -> d
     optimizer = cumulative("torch/optim/adamw.py", "step") or cumulative("torch/optim/adam.py", "step")
     if lightning:
         step = cumulative("loops/training_epoch_loop.py", "advance")
-        teacher = cumulative("kdlora/modules/student.py", "_teacher_forward")
-        student = cumulative("kdlora/modules/student.py", "training_step") - teacher
+        teacher = cumulative("kdlora/kd/student.py", "_teacher_forward")
+        student = cumulative("kdlora/kd/student.py", "training_step") - teacher
         optimizer -= cumulative("loops/optimization/automatic.py", "closure")  # Lightning steps inside the optimizer
     else:
         here = "benchmarks/student_throughput.py"

@@ -34,9 +34,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from kdlora.callbacks import write_atomic  # noqa: E402
-from kdlora.data import GLUEDataModule  # noqa: E402
-from kdlora.modules import SuperTransformer  # noqa: E402
+from kdlora.data.glue import GLUEDataModule  # noqa: E402
+from kdlora.io import write_atomic  # noqa: E402
+from kdlora.mlfs import SuperTransformer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # name -> (trainer.precision, data.group_by_length)

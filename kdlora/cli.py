@@ -30,11 +30,53 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from jsonargparse import Namespace, lazy_instance
 
-from kdlora.callbacks import GLUESubmissionWriter, LastCheckpoint
-from kdlora.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
-from kdlora.data import GLUEDataModule
-from kdlora.models import max_input_length, new_weight_modules
-from kdlora.modules.base import GLUEModule
+from kdlora.data.glue import GLUEDataModule
+from kdlora.kd import KDLoRAStudent, Teacher
+from kdlora.mlfs import CausalLMSuperTransformer, SuperTransformer
+from kdlora.training.callbacks import GLUESubmissionWriter, LastCheckpoint
+from kdlora.training.checkpoint import AtomicCheckpointIO, CheckpointError, read_checkpoint
+from kdlora.training.heads import new_weight_modules
+from kdlora.training.loading import max_input_length
+from kdlora.training.module import GLUEModule
+
+# The modules a config may name by class name alone (``model: Teacher``).
+METHOD_MODULES = {cls.__name__: cls for cls in (Teacher, KDLoRAStudent, SuperTransformer, CausalLMSuperTransformer)}
+
+_CALLBACKS = ("GLUESubmissionWriter", "GLUEResults", "LastCheckpoint", "PeakMemory", "InferenceLatency", "ParameterCount")
+# Class paths of the package's earlier layout and where each class is now: a command or config naming an
+# old one fails with one line naming the new one (`check_moved_class_paths`).
+MOVED = {
+    **{f"kdlora.modules{sub}.{name}": new for name, subs, new in [
+        ("Teacher", ("", ".teacher"), "kdlora.kd.Teacher"),
+        ("KDLoRAStudent", ("", ".student"), "kdlora.kd.KDLoRAStudent"),
+        ("SuperTransformer", ("", ".supernet"), "kdlora.mlfs.SuperTransformer"),
+        ("CausalLMSuperTransformer", ("", ".lm_supernet"), "kdlora.mlfs.CausalLMSuperTransformer"),
+        ("GLUEModule", ("", ".base"), "kdlora.training.module.GLUEModule"),
+        ("KDLoraModule", ("", ".base"), "kdlora.training.module.FineTuningModule"),
+    ] for sub in subs},
+    **{f"kdlora.callbacks.{name}": f"kdlora.training.callbacks.{name}" for name in _CALLBACKS},
+    "kdlora.lm_data.CausalLMDataModule": "kdlora.data.CausalLMDataModule",
+    "kdlora.checkpoint.AtomicCheckpointIO": "kdlora.training.checkpoint.AtomicCheckpointIO",
+}
+
+
+def check_moved_class_paths(args: list[str]) -> None:
+    """Raise ValueError naming the new place of the first old class path (`MOVED`) in the command's
+    arguments or in a ``--config`` file it names."""
+    texts = []
+    for i, arg in enumerate(args):
+        texts.append(arg)
+        key, eq, value = arg.partition("=")
+        if key == "--config":
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            try:
+                texts.append(Path(value).read_text())
+            except (OSError, ValueError):  # the parser reports a missing or unreadable config itself
+                pass
+    for text in texts:
+        for old in re.findall(r"kdlora(?:\.\w+)+", text):
+            if old in MOVED:
+                raise ValueError(f"{old} moved: use {MOVED[old]}")
 
 
 class KDLoRACLI(LightningCLI):
@@ -48,7 +90,7 @@ class KDLoRACLI(LightningCLI):
         # becomes the canonical task name right after parsing, before a checkpoint is read or
         # anything is built, so the saved config.yaml shows the resolved paths.
         super().parse_arguments(parser, args)
-        from kdlora.tasks import get_task
+        from kdlora.data.tasks import get_task
 
         sub = self.config.get("subcommand")
         config = self.config[sub] if sub else self.config
@@ -99,7 +141,7 @@ class KDLoRACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # Check the task before anything is built, so a typo is one plain message, not a Union dump.
-        from kdlora.tasks import get_task
+        from kdlora.data.tasks import get_task
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         get_task(config.data.task)
@@ -111,7 +153,7 @@ class KDLoRACLI(LightningCLI):
         # the run directory exists and hours are spent training (the module checks again at fit start).
         init_args = (config.get("model") or {}).get("init_args") if self.subcommand == "fit" else None
         if init_args is not None and init_args.get("export", True) and init_args.get("export_dir"):
-            from kdlora.models import check_export_dir
+            from kdlora.io import check_export_dir
 
             check_export_dir(init_args["export_dir"])
 
@@ -137,7 +179,7 @@ class KDLoRACLI(LightningCLI):
 
     def after_fit(self) -> None:
         # Select on the held-out part of train, report dev: the best checkpoint is scored on dev once
-        # (results.json gains "test"; `python -m kdlora.report --split test` ranks by the held-out score).
+        # (results.json gains "test"; `python -m kdlora.experiments.report --split test` ranks by the held-out score).
         trainer, dm = self.trainer, self.datamodule
         if (getattr(dm, "holdout_fraction", 0) > 0 and getattr(self.model, "TEST_ON_DEV_AFTER_HELD_OUT_FIT", False)
                 and not trainer.fast_dev_run and not trainer.interrupted and trainer.checkpoint_callback is not None
@@ -318,10 +360,8 @@ def _config_model(path: str) -> Any:
 
 
 def _is_causal_lm_class(name: str) -> bool:
-    from kdlora.modules.lm_supernet import CausalLMSuperTransformer
-
     try:
-        cls = _import(name) if "." in name else getattr(importlib.import_module("kdlora.modules"), name, None)
+        cls = _import(name) if "." in name else METHOD_MODULES.get(name)
     except (ImportError, AttributeError, ValueError):
         return False
     return isinstance(cls, type) and issubclass(cls, CausalLMSuperTransformer)
@@ -429,9 +469,9 @@ def clean_error(exc: BaseException) -> str:
 
 def cli_class_for(args: list[str]) -> tuple[type[KDLoRACLI], dict[str, Any]]:
     """The CLI class a command runs under (its model decides, `uses_causal_lm_module`) and its arguments."""
+    check_moved_class_paths(args)
     if uses_causal_lm_module(args):
-        from kdlora.lm_data import CausalLMDataModule
-        from kdlora.modules.lm_supernet import CausalLMSuperTransformer
+        from kdlora.data.causal_lm import CausalLMDataModule
 
         cli_class, model_class, data_class = DecoderCLI, CausalLMSuperTransformer, CausalLMDataModule
     else:
@@ -483,8 +523,8 @@ def argument_checker(args: list[str]) -> KDLoRACLI:
 def cli_main(args: list[str] | None = None) -> int:
     """Entry point: user errors (bad task, missing file, bad value, a Trainer setting this machine cannot
     run, a full disk) become one line and exit code 2."""
-    from kdlora.data import GLUEDataError
-    from kdlora.modules.base import TrainingDivergedError
+    from kdlora.data.glue import GLUEDataError
+    from kdlora.training.module import TrainingDivergedError
 
     try:
         main(args)

@@ -1,11 +1,11 @@
 """Every training loss of kdlora: task, language modelling, logit distillation, feature distillation. Plain functions, no Lightning.
 
-- KD-LoRA student (`kdlora.modules.KDLoRAStudent`): ``task_weight·task + (1 − task_weight)·KD``
+- KD-LoRA student (`kdlora.kd.KDLoRAStudent`): ``task_weight·task + (1 − task_weight)·KD``
   (`distillation_loss`), plus ``β·Σ_l feature_loss(U_s h_s^l, U_t h_t^l)``.
-- MLFS supernet (`kdlora.modules.SuperTransformer`): per subnet j
+- MLFS supernet (`kdlora.mlfs.SuperTransformer`): per subnet j
   ``(1 − distill_weight)·task + distill_weight·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)``
   (`subnet_loss`, `projected_feature_loss`).
-- MLFS causal-LM supernet (`kdlora.modules.CausalLMSuperTransformer`): the maxnet on next-token
+- MLFS causal-LM supernet (`kdlora.mlfs.CausalLMSuperTransformer`): the maxnet on next-token
   cross-entropy (`causal_lm_loss`), each subnet on ``(1 − distill_weight)·LM + distill_weight·(token KD
   + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)`` (`decoder_subnet_loss`, `token_kd_loss`).
 

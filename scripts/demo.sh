@@ -4,7 +4,7 @@
 #   2. fully fine-tune the teacher (all-MiniLM-L6-v2) on the embedded SST-2 data,
 #   3. train the KD-LoRA student (paraphrase-MiniLM-L3-v2 + LoRA) from that teacher,
 #   4. train an MLFS palette (a weight-sharing super-transformer over the teacher),
-#   5. pick the best palette member at half the maxnet's latency and export it (kdlora.elastic.select),
+#   5. pick the best palette member at half the maxnet's latency and export it (kdlora.mlfs.select),
 #   6. print one report: the KD-LoRA tables, the palette, the chosen member and where every artifact is.
 # Everything is written under runs/demo/sst2/; the report is runs/demo/sst2/report.md.
 set -euo pipefail
@@ -30,10 +30,10 @@ step 4 "MLFS palette: one super-transformer over the teacher, four members"
 $PY train.py fit --config configs/demo/supernet.yaml
 step 5 "select: the best member at <= 0.5x the maxnet's latency, exported"
 ckpt=$(ls "$DEMO"/mlfs/version_*/checkpoints/best-*.ckpt | head -n 1)
-$PY -m kdlora.elastic.select --checkpoint "$ckpt" --max-latency-ratio 0.5 --out "$DEMO/select" \
+$PY -m kdlora.mlfs.select --checkpoint "$ckpt" --max-latency-ratio 0.5 --out "$DEMO/select" \
     --max-samples 256 --random 8 --generations 2 --children 4 --population 4 --report-dev
 step 6 "report"
-$PY -m kdlora.report --runs "$DEMO/fft" "$DEMO/kdlora" "$DEMO/mlfs" --selection "$DEMO/select" \
+$PY -m kdlora.experiments.report --runs "$DEMO/fft" "$DEMO/kdlora" "$DEMO/mlfs" --selection "$DEMO/select" \
     --out "$DEMO/report.md" --pair minilm=models/minilm:models/minilm-l3 > /dev/null
 echo
 echo "=== kdlora demo: all-MiniLM-L6-v2 teacher (FFT), KD-LoRA MiniLM-L3 student and an MLFS palette, SST-2 dev ==="

@@ -6,7 +6,7 @@
 # Runs land in runs/minilm/TASK/METHOD (METHOD: fft, lora, kdlora, mlfs), as configs/local/*.yaml say:
 # TensorBoard logs, checkpoints and results.json in version_N/, the model(s) in export/; the student
 # and the supernet read the teacher from runs/minilm/TASK/fft/export.
-# Then: python -m kdlora.report --runs runs/minilm --out runs/minilm/report.md
+# Then: python -m kdlora.experiments.report --runs runs/minilm --out runs/minilm/report.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=$1; task=$2; shift 2

@@ -17,7 +17,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from kdlora.callbacks import write_atomic
+from kdlora.io import write_atomic
 
 
 def main(argv=None) -> int:

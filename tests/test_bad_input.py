@@ -21,7 +21,7 @@ from kdlora.cli import cli_main
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _args(model_dir, glue_dir, tmp_path, *extra, model="kdlora.modules.Teacher"):
+def _args(model_dir, glue_dir, tmp_path, *extra, model="kdlora.kd.Teacher"):
     return [
         "--model", model,
         "--model.model_name_or_path", str(model_dir),
@@ -81,7 +81,7 @@ def full_disk(request, monkeypatch):
 def supernet_checkpoint(tiny_bert_dir, tmp_path_factory) -> Path:
     import lightning
 
-    from kdlora.modules.supernet import SuperTransformer
+    from kdlora.mlfs.glue import SuperTransformer
 
     module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
     path = tmp_path_factory.mktemp("supernet") / "supernet.ckpt"
@@ -91,7 +91,7 @@ def supernet_checkpoint(tiny_bert_dir, tmp_path_factory) -> Path:
 
 
 def test_export_cli_onto_a_full_disk_is_one_line_and_leaves_nothing(supernet_checkpoint, tmp_path, capsys, full_disk):
-    from kdlora.elastic.export import main
+    from kdlora.mlfs.export import main
 
     out = tmp_path / "exports" / "max"
     code = main(["--checkpoint", str(supernet_checkpoint), "--subnet", "max", "--out", str(out)])
@@ -147,7 +147,7 @@ def test_export_cli_onto_a_real_full_filesystem(supernet_checkpoint, tmp_path):
         pytest.skip("cannot mount a tmpfs in a user namespace here")
     disk = tmp_path / "disk"
     disk.mkdir()
-    export = [sys.executable, "-m", "kdlora.elastic.export", "--checkpoint", str(supernet_checkpoint), "--subnet", "max",
+    export = [sys.executable, "-m", "kdlora.mlfs.export", "--checkpoint", str(supernet_checkpoint), "--subnet", "max",
               "--out", str(disk / "max")]
     script = f"mount -t tmpfs -o size=100k tmpfs {disk} && {subprocess.list2cmdline(export)}; code=$?; ls -A {disk}; exit $code"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -205,7 +205,7 @@ def test_a_gpu_accelerator_without_a_gpu_is_one_line(tiny_bert_dir, small_glue_d
 # ---- a folder without its tokenizer files ----
 
 def test_load_tokenizer_names_the_missing_files(tiny_bert_dir, tmp_path):
-    from kdlora.models import load_tokenizer
+    from kdlora.data.tokenizer import load_tokenizer
 
     assert len(load_tokenizer(str(tiny_bert_dir))) > 100
     bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
@@ -223,7 +223,7 @@ def test_a_student_folder_without_tokenizer_files_is_named(tiny_bert_dir, small_
     bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
     teacher, student = (bare, tiny_bert_dir) if which == "teacher_path" else (tiny_bert_dir, bare)
     code = cli_main(["fit", *_args(student, small_glue_dir, tmp_path, "--model.teacher_path", str(teacher),
-                                   model="kdlora.modules.KDLoRAStudent")])
+                                   model="kdlora.kd.KDLoRAStudent")])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2
     assert line.startswith(f"kdlora: error: {which} {bare} has no tokenizer files (none of "), line
@@ -232,9 +232,9 @@ def test_a_student_folder_without_tokenizer_files_is_named(tiny_bert_dir, small_
 
 
 def test_supernet_and_data_folders_without_tokenizer_files_are_named(tiny_bert_dir, tmp_path):
-    from kdlora.data import GLUEDataModule
-    from kdlora.lm_data import CausalLMDataModule
-    from kdlora.modules.supernet import SuperTransformer
+    from kdlora.data.causal_lm import CausalLMDataModule
+    from kdlora.data.glue import GLUEDataModule
+    from kdlora.mlfs.glue import SuperTransformer
 
     bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
     with pytest.raises(FileNotFoundError, match=f"{bare} has no tokenizer files"):
@@ -255,7 +255,7 @@ def test_max_input_length_is_the_longest_input_the_model_takes(family):
     from transformers import AutoModel, GPT2Config
 
     from conftest import tiny_config
-    from kdlora.models import max_input_length
+    from kdlora.training.loading import max_input_length
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=200, n_embd=32, n_layer=1, n_head=4, n_positions=48) if family == "gpt2" else tiny_config(family, 200)
@@ -289,7 +289,7 @@ def test_a_decoder_block_size_the_model_cannot_take_is_one_line(tmp_path, capsys
     for i in range(8):
         (tmp_path / "docs" / f"{i}.py").write_text("".join(texts[i:i + 10]))
     model_config = "{model_type: gpt2, vocab_size: 300, n_embd: 32, n_inner: 64, n_layer: 2, n_head: 4, n_positions: 64}"
-    code = cli_main(["fit", "--model", "kdlora.modules.CausalLMSuperTransformer", "--model.model_config", model_config,
+    code = cli_main(["fit", "--model", "kdlora.mlfs.CausalLMSuperTransformer", "--model.model_config", model_config,
                      "--data.tokenizer_name", str(tmp_path / "tok"), "--data.source", str(tmp_path / "docs"),
                      "--data.cache_dir", str(tmp_path / "cache"), "--data.block_size", "65",
                      "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
@@ -312,7 +312,7 @@ def test_a_zero_batch_size_is_refused_before_the_run_starts(tiny_bert_dir, small
 
 def test_export_cli_names_a_broken_subnet_file_a_directory_checkpoint_and_a_repeated_subnet(supernet_checkpoint, tmp_path,
                                                                                               capsys):
-    from kdlora.elastic.export import main
+    from kdlora.mlfs.export import main
 
     (tmp_path / "broken.json").write_text('{"hidden_size": 16\n')
     out = str(tmp_path / "out")
@@ -331,8 +331,8 @@ def test_export_cli_names_a_broken_subnet_file_a_directory_checkpoint_and_a_repe
 
 
 def test_write_atomic_onto_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
-    from kdlora.callbacks import write_atomic
-    from kdlora.models import OutOfSpaceError
+    from kdlora.io import write_atomic
+    from kdlora.io import OutOfSpaceError
 
     target = tmp_path / "results.json"
     target.write_text("the previous results\n")

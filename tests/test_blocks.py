@@ -13,7 +13,7 @@ from test_decoders import DECODERS
 from test_elastic import FAMILIES, make_model
 from torch import nn
 
-from kdlora.elastic import ElasticEncoder, SubnetConfig
+from kdlora.elastic import ElasticTransformer, SubnetConfig
 from kdlora.elastic.blocks import (AdditiveMask, ElasticAttention, ElasticEmbedding, ElasticFFN, ElasticLayerNorm,
                                    ElasticLinear, ElasticRMSNorm, LoraStages)
 from kdlora.elastic.families import FAMILIES as REGISTRY
@@ -69,7 +69,7 @@ def test_used_parameter_counts_by_hand():
 
 def test_encoder_parameter_count_by_hand_for_a_padded_subnet():
     """A subnet whose attention is narrower than its hidden width (the export would pad it)."""
-    encoder = ElasticEncoder(make_model("bert"))
+    encoder = ElasticTransformer(make_model("bert"))
     vocab, positions, types, labels = 100, 160, 2, 2
     h, (w0, w1), (f0, f1) = 24, (8, 16), (40, 8)  # heads of size 8: 1 and 2 heads
     cfg = SubnetConfig(h, (1, 2), (f0, f1), (0, 3))
@@ -186,19 +186,19 @@ def test_swiglu_ffn_on_the_leading_neurons():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_blocks_add_no_state_dict_keys(family):
     """Blocks are views: checkpoints name only the HF model's and the adapters' tensors, as before the blocks."""
-    encoder = ElasticEncoder(make_model(family), lora_stages=2)
+    encoder = ElasticTransformer(make_model(family), lora_stages=2)
     keys = list(encoder.state_dict())
     assert keys == [f"model.{k}" for k in encoder.model.state_dict()] + [f"lora.{k}" for k in encoder.lora.state_dict()]
     assert {k.split(".")[1] for k in keys if k.startswith("lora.")} == {f"layer{i}_{r}" for i in range(4) for r in encoder.lora_targets}
 
 
 def test_the_registry_is_the_one_source_of_family_names():
-    from kdlora.models import LORA_TARGETS
+    from kdlora.training.lora import LORA_TARGETS
 
     tested = {"deberta-v2" if f == "deberta-v3" else f for f in FAMILIES + DECODERS}
     assert set(SUPPORTED_FAMILIES) <= tested  # every elastic family has its equivalence tests
     assert LORA_TARGETS["bert"] == ["query", "value"] and LORA_TARGETS["distilbert"] == ["q_lin", "v_lin"]
     assert LORA_TARGETS["deberta-v2"] == ["query_proj", "value_proj"] and LORA_TARGETS["deberta"] == ["in_proj"]
     assert set(LORA_TARGETS) == set(REGISTRY)
-    encoder = ElasticEncoder(make_model("distilbert"), lora_targets=("q_lin", "lin1"))
+    encoder = ElasticTransformer(make_model("distilbert"), lora_targets=("q_lin", "lin1"))
     assert encoder.lora_targets == ("query", "intermediate")

@@ -11,18 +11,18 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from transformers import AutoModelForSequenceClassification
 
-from kdlora.callbacks import (
+from kdlora.data.glue import GLUEDataModule
+from kdlora.eval.latency import latency_summary
+from kdlora.io import update_results
+from kdlora.kd import KDLoRAStudent, Teacher
+from kdlora.training.callbacks import (
     GLUEResults,
     InferenceLatency,
     ParameterCount,
     PeakMemory,
     _reset_cpu_peak_rss,
     cpu_peak_rss_bytes,
-    latency_summary,
-    update_results,
 )
-from kdlora.data import GLUEDataModule
-from kdlora.modules import KDLoRAStudent, Teacher
 
 
 def test_latency_summary_statistics():

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _args(model_dir, glue_dir, tmp_path, *extra):
     return [
-        "--model", "kdlora.modules.Teacher",
+        "--model", "kdlora.kd.Teacher",
         "--model.model_name_or_path", str(model_dir),
         "--data.data_dir", str(glue_dir),
         "--data.cache_dir", str(tmp_path / "cache"),
@@ -89,7 +89,7 @@ def test_missing_checkpoint_is_reported(tiny_bert_dir, small_glue_dir, tmp_path,
 @pytest.mark.parametrize("extra, message", [
     # an option the module does not take (the supernet's palette given to a Teacher)
     (["--model.init_args.palette", "[max]"],
-     "Parser key \"model\": Problem with given class_path 'kdlora.modules.Teacher': Option 'palette' is not accepted"),
+     "Parser key \"model\": Problem with given class_path 'kdlora.kd.Teacher': Option 'palette' is not accepted"),
     # a value of the wrong type, nested in the model's Union, and at the top level
     (["--model.lora_r", "abc"], "Parser key \"lora_r\": Expected a <class 'int'>. Got value: abc"),
     (["--trainer.max_epochs", "two"], "Parser key \"trainer.max_epochs\": Expected a <class 'int'>; got two"),
@@ -114,7 +114,7 @@ def test_fit_with_holdout_selects_on_it_then_scores_dev(tiny_bert_dir, small_glu
     export = tmp_path / "export"
     args = _args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--data.holdout_fraction", "0.25",
                  "--model.export_dir", str(export), "--model.learning_rate", "1e-3", "--trainer.max_epochs", "2",
-                 "--trainer.callbacks+=kdlora.callbacks.GLUEResults")
+                 "--trainer.callbacks+=kdlora.training.callbacks.GLUEResults")
     assert cli_main(["fit", *args]) == 0
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())
     assert {"val_best", "test"} <= results.keys()
@@ -135,6 +135,28 @@ def test_fit_with_holdout_selects_on_it_then_scores_dev(tiny_bert_dir, small_glu
 DECODER_RECIPE = REPO / "configs" / "decoder" / "smollm2-mlfs.yaml"
 
 
+@pytest.mark.parametrize("where", ["command", "config"])
+def test_an_old_class_path_fails_naming_its_new_place(tiny_bert_dir, small_glue_dir, tmp_path, capsys, where):
+    config = tmp_path / "old.yaml"
+    config.write_text("trainer:\n  callbacks:\n    - class_path: kdlora.callbacks.GLUEResults\n")
+    extra = ["--config", str(config)] if where == "config" else ["--model", "kdlora.modules.SuperTransformer"]
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte"), *extra])
+    err = capsys.readouterr().err.strip()
+    new = "kdlora.training.callbacks.GLUEResults" if where == "config" else "kdlora.mlfs.SuperTransformer"
+    assert code == 2 and err == f"kdlora: error: {extra[1] if where == 'command' else 'kdlora.callbacks.GLUEResults'} moved: use {new}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_moved_class_path_names_a_class_that_imports():
+    import importlib
+
+    from kdlora.cli import MOVED
+
+    for old, new in MOVED.items():
+        module, _, name = new.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), name), type), new
+        assert old.rpartition(".")[2] in (name, "KDLoraModule"), (old, new)
+
 def test_the_model_chooses_the_cli(tmp_path):
     """A causal-LM module (by class path, short name or a config's model) gets the decoder CLI; the last choice wins."""
     from kdlora.cli import uses_causal_lm_module
@@ -143,9 +165,9 @@ def test_the_model_chooses_the_cli(tmp_path):
     assert uses_causal_lm_module(["fit", "--config", str(DECODER_RECIPE)])
     assert not uses_causal_lm_module(["fit", "--config", str(glue)])
     assert uses_causal_lm_module(["fit", "--model", "CausalLMSuperTransformer"])
-    assert uses_causal_lm_module(["fit", "--model=kdlora.modules.lm_supernet.CausalLMSuperTransformer"])
-    assert uses_causal_lm_module(["fit", "--config", str(glue), "--model.class_path", "kdlora.modules.CausalLMSuperTransformer"])
-    assert not uses_causal_lm_module(["fit", "--config", str(DECODER_RECIPE), "--model", "kdlora.modules.Teacher"])
+    assert uses_causal_lm_module(["fit", "--model=kdlora.mlfs.causal_lm.CausalLMSuperTransformer"])
+    assert uses_causal_lm_module(["fit", "--config", str(glue), "--model.class_path", "kdlora.mlfs.CausalLMSuperTransformer"])
+    assert not uses_causal_lm_module(["fit", "--config", str(DECODER_RECIPE), "--model", "kdlora.kd.Teacher"])
     assert not uses_causal_lm_module(["fit", "--config", str(tmp_path / "missing.yaml")])  # the parser says it is missing
     assert not uses_causal_lm_module(["fit", "--model", "NoSuchModule"])
 
@@ -202,7 +224,7 @@ def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdlora.lm_data import CausalLMDataModule
+    from kdlora.data.causal_lm import CausalLMDataModule
 
     model_dir = tiny_llama_dir(tmp_path / "llama")
     src = tmp_path / "src"
@@ -248,10 +270,10 @@ def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
         generated = member.generate(**prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
         assert generated.shape[1] == prompt["input_ids"].shape[1] + 4
 
-    # `python -m kdlora.elastic.export` on the decoder's best checkpoint: the same causal LM as the fit's export.
+    # `python -m kdlora.mlfs.export` on the decoder's best checkpoint: the same causal LM as the fit's export.
     member = selected[-1]["name"]
     cli_out = tmp_path / "cli_export"
-    done = subprocess.run([sys.executable, "-m", "kdlora.elastic.export", "--checkpoint", str(best[0]), "--subnet", member,
+    done = subprocess.run([sys.executable, "-m", "kdlora.mlfs.export", "--checkpoint", str(best[0]), "--subnet", member,
                            "--out", str(cli_out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     again = AutoModelForCausalLM.from_pretrained(cli_out).eval()

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from conftest import REPO, make_tiny_model_dir
 
-from kdlora import cli, report
+from kdlora import cli
+from kdlora.experiments import report
 
 # configs/supernet/tasks/*.yaml are per-task overlays on a supernet config, not configs of their own;
-# configs/sweeps/*.yaml are kdlora.sweep grids over the configs.
+# configs/sweeps/*.yaml are kdlora.experiments.sweep grids over the configs.
 TASK_OVERLAYS = sorted((REPO / "configs" / "supernet" / "tasks").glob("*.yaml"))
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 # configs/decoder/<family>-<method>.yaml are causal-LM configs (kdlora.cli.DecoderCLI): no GLUE task.
@@ -108,7 +109,7 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
         maxnet = PAPER_FAMILIES.get(family, "models/minilm") if paper else teacher
         assert (model.base, model.model_name_or_path) == ("pretrained" if paper else "finetuned", maxnet)
         assert fit.data.tokenizer_name == maxnet
-    if method in ("fft", "lora", "kdlora"):  # what kdlora.report reads for Tables 1 and 2
+    if method in ("fft", "lora", "kdlora"):  # what kdlora.experiments.report reads for Tables 1 and 2
         callbacks = {c.class_path.rpartition(".")[2]: c.init_args for c in fit.trainer.callbacks}
         assert {"GLUEResults", "ParameterCount", "PeakMemory", "InferenceLatency"} <= set(callbacks)
         if family in ("bert", "roberta", "deberta"):  # the paper's latency protocol
@@ -120,7 +121,7 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
 def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, parse, monkeypatch):
     """Each point's command (base config + overrides + its logger directory) is one the CLI accepts,
     with the override applied, under runs/[<group>/]<family>/<task>/<method>/sweep/<point id>, and no export."""
-    from kdlora import sweep
+    from kdlora.experiments import sweep
 
     monkeypatch.chdir(REPO)
     s = sweep.load_sweep(sweep_file.relative_to(REPO))
@@ -150,15 +151,15 @@ def test_the_paper_supernets_search_the_paper_space():
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from kdlora.elastic import ElasticEncoder
-    from kdlora.elastic.sampler import SearchSpace
+    from kdlora.elastic import ElasticTransformer
+    from kdlora.mlfs.search_space import SearchSpace
 
     for family, hub in PAPER_FAMILIES.items():
         init = yaml.safe_load((REPO / "configs" / "supernet" / f"{family}.yaml").read_text())["model"]["init_args"]
         assert (init["base"], init["model_name_or_path"], init["search_space"]) == ("pretrained", hub, "paper"), family
         with torch.device("meta"):
             base = AutoModelForSequenceClassification.from_config(report.load_config(hub))
-        encoder = ElasticEncoder(base, 8, 16, 0.0, tuple(init["lora_targets"]))
+        encoder = ElasticTransformer(base, 8, 16, 0.0, tuple(init["lora_targets"]))
         space = SearchSpace.build(encoder.max_config, init["search_space"], count=encoder.parameter_count)
         ratio = encoder.parameter_count(space.smallest()) / encoder.parameter_count(encoder.max_config)
         assert abs(ratio - 0.41) <= 0.03, (family, space.smallest().name, ratio)
@@ -286,7 +287,7 @@ def test_teacher_student_supernet_chain_through_the_configs(family, chain_models
     assert {(r["base"], r["split"]) for r in palette + final} == {("finetuned", "dev")}
     assert {r["stage"] for r in final} == {2} and all(r["selected_on"] == "holdout" for r in palette)
 
-    runs_found = report.find_runs(["runs"])  # what `python -m kdlora.report --runs runs` reads
+    runs_found = report.find_runs(["runs"])  # what `python -m kdlora.experiments.report --runs runs` reads
     trained = ["fft", "lora", "kdlora", "mlfs"] if family == "bert" else ["fft", "kdlora", "mlfs"]
     assert sorted(Path(r["dir"]).as_posix() for r in runs_found) == sorted(f"runs/{family}/rte/{m}/version_0" for m in trained)
     scored = [r for r in runs_found if r["run"]["module"] != "SuperTransformer"]  # the supernet's table is its palette

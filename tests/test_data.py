@@ -8,9 +8,9 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-import kdlora.data as data_mod
-from kdlora.data import GLUEDataError, GLUEDataModule, read_glue_tsv
-from kdlora.tasks import get_task
+import kdlora.data.glue as data_mod
+from kdlora.data.glue import GLUEDataError, GLUEDataModule, read_glue_tsv
+from kdlora.data.tasks import get_task
 
 # Row counts published for the GLUE files (../shared/glue/README.md), independent of our reader.
 GLUE_ROWS = {

@@ -48,8 +48,9 @@ class LossRecord(L.Callback):
 
 def build(kind: str, dirs: dict[str, str], batch_size: int):
     """(module, data module, trainer arguments) of one case."""
-    from kdlora.data import GLUEDataModule
-    from kdlora.modules import KDLoRAStudent, SuperTransformer, Teacher
+    from kdlora.data.glue import GLUEDataModule
+    from kdlora.kd import KDLoRAStudent, Teacher
+    from kdlora.mlfs import SuperTransformer
 
     data = dict(data_dir=dirs["glue"], batch_size=batch_size, max_seq_length=32, cache_dir=dirs["cache"])
     if kind == "teacher":

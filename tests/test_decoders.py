@@ -14,7 +14,7 @@ import torch
 from test_elastic import randomize_adapters, single_thread  # noqa: F401 (single_thread: autouse, one intra-op thread)
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from kdlora.elastic import ElasticEncoder, SubnetConfig
+from kdlora.elastic import ElasticTransformer, SubnetConfig
 from kdlora.elastic.blocks import ROLES
 
 ATOL = 1e-5
@@ -55,9 +55,9 @@ def make_inputs() -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def trained_encoder(family: str) -> ElasticEncoder:
+def trained_encoder(family: str) -> ElasticTransformer:
     """Two LoRA stages on every role, with non-zero B (so the adapters change every subnet)."""
-    encoder = ElasticEncoder(MAKE_DECODER[family](), lora_r=4, lora_targets=ROLES).eval()
+    encoder = ElasticTransformer(MAKE_DECODER[family](), lora_r=4, lora_targets=ROLES).eval()
     randomize_adapters(encoder, stages=2)
     return encoder
 
@@ -65,7 +65,7 @@ def trained_encoder(family: str) -> ElasticEncoder:
 def test_maxnet_equals_hf_model(family):
     model = MAKE_DECODER[family]()
     reference = copy.deepcopy(model)
-    encoder = ElasticEncoder(model).eval()
+    encoder = ElasticTransformer(model).eval()
     assert encoder.family == family and encoder.is_causal_lm
     inputs = make_inputs()
     real = inputs["attention_mask"].bool()
@@ -97,7 +97,7 @@ def test_subnet_with_lora_equals_exported_model(family, cfg):
 def test_gpt2_fused_attention_splits_into_query_key_value_roles():
     """Each role of c_attn is its own column block of the Conv1D weight (read as [out, in]) with its own adapters."""
     model = make_gpt2()
-    encoder = ElasticEncoder(model, lora_r=4, lora_targets=["c_attn.query", "c_attn.value", "mlp.c_proj"])
+    encoder = ElasticTransformer(model, lora_r=4, lora_targets=["c_attn.query", "c_attn.value", "mlp.c_proj"])
     assert encoder.lora_targets == ("query", "value", "output")
     c_attn = model.transformer.h[0].attn.c_attn.weight  # [in 32, out 3·32]
     for k, role in enumerate(("query", "key", "value")):
@@ -112,14 +112,14 @@ def test_gpt2_fused_attention_splits_into_query_key_value_roles():
 
 
 def test_subnet_names_round_trip(family):
-    encoder = ElasticEncoder(MAKE_DECODER[family]())
+    encoder = ElasticTransformer(MAKE_DECODER[family]())
     for cfg in SUBNETS + [encoder.max_config, SubnetConfig(24, (3, 2), (40, 16), (0, 2))]:
         cfg.validate(encoder.max_config)
         assert SubnetConfig.from_name(cfg.name) == cfg
     assert encoder.max_config.name == "h32-a4-f64-l4"
 
 
-def greedy(encoder: ElasticEncoder, ids: torch.Tensor, steps: int) -> torch.Tensor:
+def greedy(encoder: ElasticTransformer, ids: torch.Tensor, steps: int) -> torch.Tensor:
     """Greedy decoding from the (sliced) supernet's logits, one full forward per step (no cache)."""
     with torch.no_grad():
         for _ in range(steps):
@@ -200,7 +200,7 @@ def test_llama_with_tied_embeddings_slices_and_exports_tied():
     model = LlamaForCausalLM(config).eval()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     reference = copy.deepcopy(model)
-    encoder = ElasticEncoder(model, lora_r=4, lora_targets=ROLES).eval()
+    encoder = ElasticTransformer(model, lora_r=4, lora_targets=ROLES).eval()
     inputs = make_inputs()
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
@@ -223,7 +223,7 @@ def test_llama_whose_config_and_weights_disagree_on_tying_is_refused():
     model = LlamaForCausalLM(config)
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied by hand
     with pytest.raises(ValueError, match="tie_word_embeddings is True but the LM head is not the word embedding table"):
-        ElasticEncoder(model)
+        ElasticTransformer(model)
 
 
 @pytest.mark.parametrize("heads", [3, (6, 3)])
@@ -235,7 +235,7 @@ def test_llama_export_keeps_the_subnets_own_heads(heads):
                          num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
-    encoder = ElasticEncoder(LlamaForCausalLM(config).eval(), lora_r=4, lora_targets=ROLES).eval()
+    encoder = ElasticTransformer(LlamaForCausalLM(config).eval(), lora_r=4, lora_targets=ROLES).eval()
     randomize_adapters(encoder, stages=1)
     cfg = SubnetConfig(48, heads, 32, (0, 3))
     encoder.set_sub_network(cfg)
@@ -266,7 +266,7 @@ def test_with_head_count_pads_exactly_and_refuses_to_drop_real_heads():
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
                          num_key_value_heads=2, head_dim=8, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
-    encoder = ElasticEncoder(LlamaForCausalLM(config).eval()).eval()
+    encoder = ElasticTransformer(LlamaForCausalLM(config).eval()).eval()
     small = encoder.materialize(SubnetConfig(48, 3, 64, (0, 1)))
     assert small.config.num_attention_heads == 3
     padded = with_head_count(small, encoder.export_config(SubnetConfig(48, 3, 64, (0, 1)), padded=True)).eval()

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_config
 from transformers import AutoModelForSequenceClassification
 
-from kdlora.elastic import ElasticEncoder, SubnetConfig, evenly_spread_layers, maxnet_config
+from kdlora.elastic import ElasticTransformer, SubnetConfig, evenly_spread_layers, maxnet_config
 from kdlora.elastic.importance import importance_scores, reorder_by_importance
 from kdlora.elastic.model import ROLES
 
@@ -69,7 +69,7 @@ def make_inputs(family: str, seed: int = 1) -> dict[str, torch.Tensor]:
     return inputs
 
 
-def randomize_adapters(encoder: ElasticEncoder, stages: int = 2, seed: int = 3) -> None:
+def randomize_adapters(encoder: ElasticTransformer, stages: int = 2, seed: int = 3) -> None:
     torch.manual_seed(seed)
     for _ in range(stages):
         encoder.add_lora_stage()
@@ -83,7 +83,7 @@ def randomize_adapters(encoder: ElasticEncoder, stages: int = 2, seed: int = 3) 
 def test_maxnet_equals_hf_model(family):
     model = make_model(family)
     reference = copy.deepcopy(model)
-    encoder = ElasticEncoder(model).eval()
+    encoder = ElasticTransformer(model).eval()
     inputs = make_inputs(family)
     with torch.no_grad():
         expected = reference(**inputs, output_hidden_states=True)
@@ -99,11 +99,11 @@ def test_maxnet_equals_hf_model(family):
 def test_lora_stages_equal_hand_merged_hf_model(family):
     model = make_model(family)
     reference = copy.deepcopy(model)
-    encoder = ElasticEncoder(model, lora_r=4, lora_alpha=8, lora_targets=ROLES).eval()
+    encoder = ElasticTransformer(model, lora_r=4, lora_alpha=8, lora_targets=ROLES).eval()
     randomize_adapters(encoder, stages=3)
     scale = 8 / 4
     # Merge W + scale·Σ_s B_s A_s into the reference by hand, finding its Linear by the same layout.
-    ref_encoder_view = ElasticEncoder(reference)
+    ref_encoder_view = ElasticTransformer(reference)
     with torch.no_grad():
         for key, stage in encoder.lora.items():
             layer, role = key[len("layer"):].split("_", 1)
@@ -122,7 +122,7 @@ def test_lora_stages_equal_hand_merged_hf_model(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_subnet_forward_equals_exported_model(family, tmp_path):
-    encoder = ElasticEncoder(make_model(family)).eval()
+    encoder = ElasticTransformer(make_model(family)).eval()
     randomize_adapters(encoder)
     inputs = make_inputs(family)
     for cfg in SUBNETS + [encoder.max_config]:
@@ -148,7 +148,7 @@ def test_subnet_forward_equals_exported_model(family, tmp_path):
 
 def test_subnets_differ_from_maxnet_and_share_its_weights():
     """Slicing really narrows the computation: a subnet's output changes, and reset restores the maxnet."""
-    encoder = ElasticEncoder(make_model("bert")).eval()
+    encoder = ElasticTransformer(make_model("bert")).eval()
     inputs = make_inputs("bert")
     with torch.no_grad():
         full = encoder(**inputs).logits
@@ -162,12 +162,12 @@ def test_subnets_differ_from_maxnet_and_share_its_weights():
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_lora_merge_then_slice_equals_slice_then_merge(family, tmp_path):
-    encoder = ElasticEncoder(make_model(family), lora_r=4, lora_alpha=16, lora_targets=ROLES).eval()
+    encoder = ElasticTransformer(make_model(family), lora_r=4, lora_alpha=16, lora_targets=ROLES).eval()
     randomize_adapters(encoder, stages=2)
     scale, d = 16 / 4, encoder.head_dim
     cfg = SubnetConfig(24, 2, 40, (0, 2))
     exported = encoder.materialize(cfg)
-    exported_layers = ElasticEncoder(copy.deepcopy(exported))
+    exported_layers = ElasticTransformer(copy.deepcopy(exported))
     for sub_index, layer in enumerate(cfg.layers):
         for role, (o, i) in {"query": (2 * d, 24), "value": (2 * d, 24), "attention_output": (24, 2 * d),
                              "intermediate": (40, 24), "output": (24, 40)}.items():
@@ -197,7 +197,7 @@ def _batches(family: str, n: int = 3, seed: int = 5, regression: bool = False):
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "deberta-v2", "deberta-v3"])
 def test_importance_reordering_keeps_maxnet_and_sorts_slices(family):
-    encoder = ElasticEncoder(make_model(family)).eval()
+    encoder = ElasticTransformer(make_model(family)).eval()
     randomize_adapters(encoder, stages=1)
     inputs = make_inputs(family, seed=42)
     probe = SubnetConfig(16, 2, 32, (0, 1, 2, 3))
@@ -247,7 +247,7 @@ def test_importance_reordering_of_plain_hf_regression_model():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_count_matches_exported_model(family):
-    encoder = ElasticEncoder(make_model(family), lora_r=4, train_head=True)
+    encoder = ElasticTransformer(make_model(family), lora_r=4, train_head=True)
     randomize_adapters(encoder, stages=2)
     # Uniform layers whose attention width equals the hidden width export without padding.
     for cfg in (encoder.max_config, SubnetConfig(16, 2, 24, (1, 3)), SubnetConfig(8, 1, 8, (0,))):
@@ -267,7 +267,7 @@ def test_parameter_count_matches_exported_model(family):
 
 
 def test_materialize_is_cached_until_weights_change():
-    encoder = ElasticEncoder(make_model("bert")).eval()
+    encoder = ElasticTransformer(make_model("bert")).eval()
     randomize_adapters(encoder, stages=1)
     cfg = SUBNETS[0]
     first = encoder.materialize(cfg)
@@ -283,7 +283,7 @@ def test_materialize_is_cached_until_weights_change():
 
 
 def test_bad_configs_raise_clear_errors():
-    encoder = ElasticEncoder(make_model("bert"))
+    encoder = ElasticTransformer(make_model("bert"))
     cases = {
         "hidden_size 40 not in 1..32": SubnetConfig(40, 4, 64, (0,)),
         "num_heads 5 not in 1..4": SubnetConfig(32, 5, 64, (0,)),
@@ -306,13 +306,13 @@ def test_bad_configs_raise_clear_errors():
     albert = AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                           num_hidden_layers=1)
     with pytest.raises(ValueError, match="families bert, roberta"):
-        ElasticEncoder(AutoModelForSequenceClassification.from_config(albert))
+        ElasticTransformer(AutoModelForSequenceClassification.from_config(albert))
     conv = tiny_config("deberta-v2", 100)
     conv.conv_kernel_size = 3
     with pytest.raises(ValueError, match="does not support conv_kernel_size"):
-        ElasticEncoder(AutoModelForSequenceClassification.from_config(conv))
+        ElasticTransformer(AutoModelForSequenceClassification.from_config(conv))
     with pytest.raises(ValueError, match="unknown elastic LoRA target 'dense'"):
-        ElasticEncoder(make_model("bert"), lora_targets=("query", "dense"))
+        ElasticTransformer(make_model("bert"), lora_targets=("query", "dense"))
     with pytest.raises(ValueError, match="bad subnet name"):
         SubnetConfig.from_name("h32-a4-f64")
 
@@ -336,8 +336,8 @@ def test_config_names_and_layer_maps():
 def test_export_cli_writes_subnets_of_a_supernet_checkpoint(tiny_bert_dir, tmp_path, capsys):
     import lightning
 
-    from kdlora.elastic.export import main
-    from kdlora.modules.supernet import SuperTransformer
+    from kdlora.mlfs.export import main
+    from kdlora.mlfs.glue import SuperTransformer
 
     module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
     with torch.no_grad():
@@ -371,7 +371,7 @@ def test_export_cli_writes_subnets_of_a_supernet_checkpoint(tiny_bert_dir, tmp_p
 @pytest.mark.parametrize("family", ["bert", "mpnet", "deberta-v3"])
 def test_forward_under_bf16_autocast(family):
     """Mixed precision (Trainer precision='bf16-mixed') lowers q/k/v; masks and biases must follow."""
-    encoder = ElasticEncoder(make_model(family)).eval()
+    encoder = ElasticTransformer(make_model(family)).eval()
     encoder.set_sub_network(SUBNETS[1])
     inputs = make_inputs(family)
     with torch.no_grad():
@@ -382,7 +382,7 @@ def test_forward_under_bf16_autocast(family):
 
 
 def test_subnet_gradients_reach_only_the_sliced_trainable_adapters():
-    encoder = ElasticEncoder(make_model("bert"), lora_r=4).train()
+    encoder = ElasticTransformer(make_model("bert"), lora_r=4).train()
     randomize_adapters(encoder, stages=2)  # stage 0 frozen, stage 1 trains
     cfg = SubnetConfig(16, 2, 24, (1, 3))
     encoder.set_sub_network(cfg)
@@ -402,7 +402,7 @@ def test_subnet_gradients_reach_only_the_sliced_trainable_adapters():
 
 
 def test_deepcopy_keeps_slicing_consistent():
-    encoder = ElasticEncoder(make_model("roberta")).eval()
+    encoder = ElasticTransformer(make_model("roberta")).eval()
     randomize_adapters(encoder, stages=1)
     clone = copy.deepcopy(encoder)
     with torch.no_grad():
@@ -417,7 +417,7 @@ def test_deepcopy_keeps_slicing_consistent():
 def test_hidden_dimension_reordering_keeps_maxnet(family):
     from kdlora.elastic.importance import hidden_importance
 
-    encoder = ElasticEncoder(make_model(family)).eval()
+    encoder = ElasticTransformer(make_model(family)).eval()
     randomize_adapters(encoder, stages=1)
     inputs = make_inputs(family, seed=42)
     word_before = encoder._layout.word.weight.detach().clone()

@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from kdlora.data import GLUEDataModule, LengthGroupedSampler, token_lengths
+from kdlora.data.glue import GLUEDataModule
+from kdlora.data.samplers import LengthGroupedSampler, token_lengths
 
 N, BATCH = 1001, 8  # 1001: a partial last batch and DistributedSampler's padding under 2 ranks
 _RNG = random.Random(0)
@@ -133,7 +134,7 @@ def test_data_module_groups_by_length_and_resumes_from_its_state_dict(small_glue
 
 def test_cached_teacher_targets_follow_idx_under_grouping(small_glue_dir, tiny_bert_dir, tmp_path):
     """A subset (max_train_samples) makes positions and idx differ: each row must get its own teacher output."""
-    from kdlora.modules import KDLoRAStudent
+    from kdlora.kd import KDLoRAStudent
 
     dm = grouped_module(small_glue_dir, tiny_bert_dir, tmp_path, max_train_samples=40)
     train = dm.datasets["train"]

@@ -14,7 +14,7 @@ from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer
 
 from conftest import write_tiny_bpe_tokenizer
-from kdlora.lm_data import IGNORE_INDEX, CausalLMDataModule, LMDataError
+from kdlora.data.causal_lm import IGNORE_INDEX, CausalLMDataModule, LMDataError
 
 N_FILES = 8
 EOS, PAD = 1, 0  # the ids write_tiny_bpe_tokenizer gives its special tokens

@@ -14,7 +14,7 @@ from test_supernet import Recorder
 
 from kdlora.elastic.config import SubnetConfig
 from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses, token_kd_loss
-from kdlora.modules.lm_supernet import CausalLMSuperTransformer
+from kdlora.mlfs.causal_lm import CausalLMSuperTransformer
 
 VOCAB = 100
 CONFIGS = {

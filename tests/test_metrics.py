@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
+from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
 
 
 def _compute(task, preds, labels):

@@ -1,4 +1,4 @@
-"""The papers' tables as carried in `kdlora.paper`: checked against each other, so that a mistyped cell shows."""
+"""The papers' tables as carried in `kdlora.experiments.paper`: checked against each other, so that a mistyped cell shows."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from kdlora import paper
+from kdlora.experiments import paper
 
 
 def test_table1_has_every_cell_of_the_paper():

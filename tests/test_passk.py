@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from conftest import write_tiny_bpe_tokenizer
-from kdlora import passk
-from kdlora.passk import evaluate, generate_completions, load_problems, pass_at_k, truncate_at_stop
+from kdlora.eval import passk
+from kdlora.eval.passk import evaluate, generate_completions, load_problems, pass_at_k, truncate_at_stop
 
 PROBLEM = {
     "task_id": "t/0", "entry_point": "double",
@@ -324,7 +324,7 @@ def test_cli_writes_results_once_and_refuses_to_overwrite(tiny_llama_dir, tmp_pa
     capsys.readouterr()
     assert passk.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kdlora.passk: error: --out") and "already exists" in err and "\n" not in err
+    assert err.startswith("kdlora.eval.passk: error: --out") and "already exists" in err and "\n" not in err
     assert (out / "results.json").read_text() == before
     assert passk.main([*args[:-1], str(tmp_path / "other"), "--k", "3"]) == 2
     assert "every --k must be in [1, --n=2]" in capsys.readouterr().err
@@ -340,12 +340,12 @@ def test_cli_runs_code_only_when_allowed_and_isolated(tiny_llama_dir, tmp_path, 
     args = ["--model", str(tiny_llama_dir), "--max-problems", "1", "--max-new-tokens", "2", "--out", str(out)]
     assert passk.main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kdlora.passk: error: pass@k runs model-generated code") and "--allow-code-execution" in err
+    assert err.startswith("kdlora.eval.passk: error: pass@k runs model-generated code") and "--allow-code-execution" in err
     # A machine where neither isolation works: refused, unless running without isolation is asked for.
     monkeypatch.setattr(passk, "_isolation_problem", lambda kind: "not installed")
     assert passk.main([*args, "--allow-code-execution"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("kdlora.passk: error: no OS isolation for generated code here (bwrap: not installed; unshare: not "
+    assert err == ("kdlora.eval.passk: error: no OS isolation for generated code here (bwrap: not installed; unshare: not "
                    "installed); install bubblewrap or enable unprivileged user namespaces, or pass --no-isolation "
                    "(in Python: isolation='none') to run it without isolation")
     assert not out.exists()

@@ -20,8 +20,9 @@ import torch
 from conftest import make_tiny_model_dir
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from kdlora.data import GLUEDataModule
-from kdlora.modules import KDLoRAStudent, SuperTransformer
+from kdlora.data.glue import GLUEDataModule
+from kdlora.kd import KDLoRAStudent
+from kdlora.mlfs import SuperTransformer
 
 
 def no_dropout_copy(src, dst):
@@ -131,7 +132,7 @@ def test_cli_keeps_bf16_where_it_is_native_and_else_runs_float32_saying_so_once(
 
     asked = []
     monkeypatch.setattr(cli, "bf16_supported", lambda accelerator="auto": asked.append(accelerator) or native)
-    app = cli.main(["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(models["teacher"]),
+    app = cli.main(["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(models["teacher"]),
                     "--data.task", "mrpc", "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"),
                     "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed", "--trainer.logger", "false",
                     "--model.export", "false"], run=False)

@@ -10,11 +10,11 @@ import torch
 import yaml
 from conftest import tiny_config
 
-from kdlora import report
-from kdlora.callbacks import update_results
 from kdlora.cli import main as cli_main
-from kdlora.modules.student import load_teacher
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
+from kdlora.experiments import report
+from kdlora.io import update_results
+from kdlora.kd.student import load_teacher
 
 
 def test_lora_parameter_counts_match_a_hand_count():
@@ -72,11 +72,11 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
     monkeypatch.chdir(tmp_path)  # the CLI logs under ./runs
     data = {"task": "mrpc", "data_dir": str(small_glue_dir), "batch_size": 16, "max_seq_length": 64,
             "cache_dir": str(tmp_path / "tok")}
-    callbacks = [{"class_path": f"kdlora.callbacks.{c}"} for c in ("GLUEResults", "PeakMemory", "ParameterCount")]
-    callbacks.append({"class_path": "kdlora.callbacks.InferenceLatency", "init_args": {"max_batches": 1, "warmup_batches": 1}})
+    callbacks = [{"class_path": f"kdlora.training.callbacks.{c}"} for c in ("GLUEResults", "PeakMemory", "ParameterCount")]
+    callbacks.append({"class_path": "kdlora.training.callbacks.InferenceLatency", "init_args": {"max_batches": 1, "warmup_batches": 1}})
     trainer = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "callbacks": callbacks,
                "enable_model_summary": False}
-    teacher = {"class_path": "kdlora.modules.Teacher",
+    teacher = {"class_path": "kdlora.kd.Teacher",
                "init_args": {"model_name_or_path": str(tiny_bert_dir), "export_dir": str(tmp_path / "teacher")}}
     # The teacher logs with the CLI's defaults only (no results callbacks): the report reads TensorBoard.
     cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, {**trainer, "callbacks": []})])
@@ -88,7 +88,7 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
     torch.testing.assert_close(from_ckpt(input_ids=ids).logits, from_export(input_ids=ids).logits)
     assert tok_source == str(tiny_bert_dir)
 
-    student = {"class_path": "kdlora.modules.KDLoRAStudent",
+    student = {"class_path": "kdlora.kd.KDLoRAStudent",
                "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(ckpt),
                              "student_layers": [0, 2], "teacher_targets": "cached"}}
     cli_main(["fit", "--config", _config(tmp_path / "s.yaml", student, data, trainer)])
@@ -110,7 +110,7 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
 
 def test_student_fast_dev_run_via_cli(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    model = {"class_path": "kdlora.modules.KDLoRAStudent",
+    model = {"class_path": "kdlora.kd.KDLoRAStudent",
              "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(tiny_bert_dir),
                            "student_layers": [1], "teacher_targets": "online", "feature_distill_beta": 0.1,
                            "export": False}}
@@ -166,7 +166,7 @@ def test_malformed_results_file_is_named_in_the_error(tmp_path, capsys, content,
     bad.write_text(content)
     assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"kdlora.report: error: malformed results file {bad}: ") and reason in err
+    assert err.startswith(f"kdlora.experiments.report: error: malformed results file {bad}: ") and reason in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "r.md").exists()
 
 
@@ -197,7 +197,7 @@ def test_mnli_matched_and_mismatched_are_separate_columns_of_the_average(tmp_pat
 
 
 def test_unfinished_sweep_attempts_are_left_out(tmp_path):
-    from kdlora.sweep import DONE_MARKER, POINT_FILE
+    from kdlora.experiments.sweep import DONE_MARKER, POINT_FILE
 
     point = tmp_path / "sweep" / "lr1e-05-abc123"
     _fake_run(point, "version_0", "Teacher", "rte", {"accuracy": 0.9, "score": 0.9}, "full")  # crashed: no marker
@@ -280,7 +280,7 @@ def test_report_renders_again_from_its_json(tmp_path):
     markdown, saved = out.read_text(), json.loads(out.with_suffix(".json").read_text())
     assert "| RTE | paper | BERT-base → DistilBERT-base | 71.6 | 70.1 | 64.0 | 89.4 % | 91.3 % |" in markdown
     assert report.render(saved) == markdown
-    del saved["paper_table1"], saved["paper_comparison"]  # recomputed from the tables and kdlora.paper
+    del saved["paper_table1"], saved["paper_comparison"]  # recomputed from the tables and kdlora.experiments.paper
     assert report.render(saved) == markdown
     assert report.render(saved, "Read this first.").startswith("# KD-LoRA report\n\nRead this first.\n\n## Table 1")
     again = tmp_path / "again.md"
@@ -330,11 +330,11 @@ def test_split_test_ranks_by_held_out_and_reports_dev(tmp_path):
 def test_a_pair_naming_a_file_that_is_no_model_config_is_one_clear_error(tmp_path, capsys):
     _fake_run(tmp_path, "a", "Teacher", "rte", {"accuracy": 0.6, "score": 0.6}, "full")
     config = tmp_path / "teacher.yaml"
-    config.write_text("model:\n  class_path: kdlora.modules.Teacher\n")
+    config.write_text("model:\n  class_path: kdlora.kd.Teacher\n")
     assert report.main(["--runs", str(tmp_path), "--out", str(tmp_path / "r.md"), "--no-default-pairs",
                         "--pair", f"x={config}:{config}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"kdlora.report: error: {config} is not a model config (a config.json or a model directory)"
+    assert err == f"kdlora.experiments.report: error: {config} is not a model config (a config.json or a model directory)"
     assert not (tmp_path / "r.md").exists()
 
 

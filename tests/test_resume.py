@@ -76,7 +76,7 @@ def cli_args(tmp_path: Path, glue: Path, run: str, model_args: list[str], checkp
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", run,
             "--trainer.logger.init_args.version", "v", "--last_checkpoint.every_n_train_steps", str(checkpoint_every),
-            "--trainer.callbacks+=kdlora.callbacks.GLUEResults", "--trainer.callbacks+=test_resume.ResumeProbe", *extra]
+            "--trainer.callbacks+=kdlora.training.callbacks.GLUEResults", "--trainer.callbacks+=test_resume.ResumeProbe", *extra]
 
 
 def fit_here(args: list[str], probe_out: Path, monkeypatch) -> list[str]:
@@ -143,7 +143,7 @@ def check_resume_is_exact(tmp_path: Path, glue: Path, model_args: list[str], mon
 def test_training_order_is_distributed_samplers_and_resumes_inside_an_epoch():
     from torch.utils.data import DistributedSampler
 
-    from kdlora.data import ResumableShuffleSampler
+    from kdlora.data.samplers import ResumableShuffleSampler
 
     data = list(range(13))
     for rank in (0, 1):
@@ -167,7 +167,7 @@ def test_training_order_is_distributed_samplers_and_resumes_inside_an_epoch():
 def test_train_loader_shards_over_ddp_ranks_with_idx_aligned(small_glue_dir, tiny_bert_dir, tmp_path):
     from types import SimpleNamespace
 
-    from kdlora.data import GLUEDataModule
+    from kdlora.data.glue import GLUEDataModule
 
     dm = GLUEDataModule("sst2", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                         cache_dir=str(tmp_path))
@@ -192,7 +192,7 @@ def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tm
     # epoch's validation, so the resumed run knows that epoch's best checkpoint and metrics. Between
     # checkpoints: killed at step 10, three steps and epoch 0's validation past the checkpoint of step 7,
     # which the resumed run replays.
-    check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+    check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
                                                      "--model.finetune", "full", "--model.learning_rate", "1e-3"],
                           monkeypatch, kill_at, checkpoint_every)
 
@@ -200,7 +200,7 @@ def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tm
 @pytest.mark.parametrize("group_by_length", ["false", "true"], ids=["shuffled", "length-grouped"])
 def test_student_with_cached_targets_resumes_exactly_after_sigkill_mid_epoch(tiny_bert_dir, student_dir, small_glue_dir, tmp_path, monkeypatch,
                                                                              group_by_length):
-    check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.modules.KDLoRAStudent", "--model.model_name_or_path", str(student_dir),
+    check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.kd.KDLoRAStudent", "--model.model_name_or_path", str(student_dir),
                                                      "--model.teacher_path", str(tiny_bert_dir), "--model.teacher_targets", "cached",
                                                      "--model.learning_rate", "1e-2", "--data.group_by_length", group_by_length],
                           monkeypatch, kill_at=6)
@@ -210,7 +210,7 @@ def test_supernet_resumes_exactly_after_sigkill_mid_stage(tiny_bert_dir, small_g
     # Stage 0 is epoch 0, stage 1 epoch 1: killed at step 12, in the middle of stage 1 (its own optimizer,
     # sampled subnets), after epoch 0's validation: its best checkpoint and palette must survive the kill.
     plain, resumed = check_resume_is_exact(
-        tmp_path, small_glue_dir, ["--model", "kdlora.modules.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
+        tmp_path, small_glue_dir, ["--model", "kdlora.mlfs.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
                                    "--model.stage_epochs", "[1, 1, 0]", "--model.num_subnets", "2", "--model.measure_latency", "false",
                                    "--model.palette", "[max, min]"], monkeypatch, kill_at=12)
     assert (resumed / "palette.json").read_text() == (plain / "palette.json").read_text()
@@ -221,7 +221,7 @@ def test_fast_dev_run_writes_no_checkpoint(tiny_bert_dir, small_glue_dir, tmp_pa
 
     monkeypatch.chdir(tmp_path)  # a fast_dev_run has no log dir: Lightning's default is the working directory
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    assert cli_main(["fit", "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+    assert cli_main(["fit", "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
                      "--model.export", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
                      "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
                      "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]) == 0
@@ -236,13 +236,13 @@ def test_ckpt_path_last_resumes_the_newest_version_of_a_versioned_run(tiny_bert_
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
 
     def fit(epochs: int, *extra: str) -> int:
-        return cli_main(["fit", "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+        return cli_main(["fit", "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
                          "--model.export", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
                          "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32", "--data.batch_size", "8",
                          "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
                          "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
                          "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.logger.init_args.name", "fft",
-                         "--trainer.callbacks+=kdlora.callbacks.GLUEResults", *extra])
+                         "--trainer.callbacks+=kdlora.training.callbacks.GLUEResults", *extra])
 
     runs = tmp_path / "runs" / "fft"
     assert fit(1, "--ckpt_path", "last") == 0  # nothing to resume yet: a fresh run in version_0
@@ -264,7 +264,7 @@ def test_ckpt_path_last_resumes_the_newest_version_of_a_versioned_run(tiny_bert_
 def test_last_checkpoint_is_the_end_of_training(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, stop, steps):
     """A run whose last step is no multiple of `every_n_train_steps` (7) still ends with last.ckpt at that step."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    args = cli_args(tmp_path, small_glue_dir, "run", ["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+    args = cli_args(tmp_path, small_glue_dir, "run", ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
                                                       "--model.finetune", "full", "--model.export", "false"], 7, *stop)
     fit_here(args, tmp_path / "probe", monkeypatch)
     last = torch.load(tmp_path / "runs" / "run" / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
@@ -278,7 +278,7 @@ def test_a_new_run_in_a_used_run_directory_overwrites_no_checkpoint(tiny_bert_di
     """Only a resumed run rewrites a best checkpoint in place (the steps it replays); a new run started in
     the same directory writes its own beside the earlier run's."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    model = ["--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir), "--model.export", "false"]
+    model = ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir), "--model.export", "false"]
     checkpoints = tmp_path / "runs" / "run" / "v" / "checkpoints"
     fit_here(cli_args(tmp_path, small_glue_dir, "run", model, 100, "--trainer.max_epochs", "1"), tmp_path / "probe", monkeypatch)
     first = {p.name: p.read_bytes() for p in checkpoints.iterdir()}

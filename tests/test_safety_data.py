@@ -16,14 +16,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from conftest import write_stsb_dir
-from kdlora import report
-from kdlora.callbacks import GLUEResults, update_results
 from kdlora.cli import cli_main
-from kdlora.data import GLUEDataError, GLUEDataModule, read_glue_tsv
-from kdlora.models import EXPORT_MARKER, check_export_dir, export_hf, write_export
-from kdlora.modules.base import TrainingDivergedError
-from kdlora.modules.teacher import Teacher
-from kdlora.tasks import get_task
+from kdlora.data.glue import GLUEDataError, GLUEDataModule, read_glue_tsv
+from kdlora.data.tasks import get_task
+from kdlora.experiments import report
+from kdlora.io import update_results
+from kdlora.io import EXPORT_MARKER, check_export_dir, export_hf, write_export
+from kdlora.kd.teacher import Teacher
+from kdlora.training.callbacks import GLUEResults
+from kdlora.training.module import TrainingDivergedError
 
 
 def _users_folder(path: Path) -> Path:
@@ -33,7 +34,7 @@ def _users_folder(path: Path) -> Path:
 
 
 def _cli_args(model_dir, glue_dir, tmp_path, *extra):
-    return ["fit", "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(model_dir),
+    return ["fit", "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(model_dir),
             "--data.data_dir", str(glue_dir), "--data.cache_dir", str(tmp_path / "cache"), "--data.batch_size", "8",
             "--data.max_seq_length", "32",
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
@@ -117,7 +118,7 @@ def test_cli_refuses_a_users_export_dir_before_the_run_exists(tiny_bert_dir, sma
 def _supernet_checkpoint(tiny_bert_dir, tmp_path) -> Path:
     import lightning
 
-    from kdlora.modules.supernet import SuperTransformer
+    from kdlora.mlfs.glue import SuperTransformer
 
     module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
     path = tmp_path / "supernet.ckpt"
@@ -127,7 +128,7 @@ def _supernet_checkpoint(tiny_bert_dir, tmp_path) -> Path:
 
 
 def test_elastic_export_cli_never_replaces_a_users_folder(tiny_bert_dir, tmp_path, capsys, monkeypatch):
-    from kdlora.elastic import export
+    from kdlora.mlfs import export
 
     checkpoint = _supernet_checkpoint(tiny_bert_dir, tmp_path)
     user = _users_folder(tmp_path / "mine")
@@ -158,7 +159,7 @@ def test_elastic_export_cli_never_replaces_a_users_folder(tiny_bert_dir, tmp_pat
 
 
 def test_supernet_export_is_one_marked_directory_and_refuses_a_users(tiny_bert_dir, small_glue_dir, tmp_path):
-    from kdlora.modules.supernet import SuperTransformer
+    from kdlora.mlfs.glue import SuperTransformer
 
     def fit(export_dir, palette):
         module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", stage_epochs=[1, 0, 0],
@@ -202,7 +203,7 @@ def test_supernet_fast_dev_run_writes_nothing_into_the_working_directory(tiny_be
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    code = cli_main(["fit", "--model", "kdlora.modules.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
+    code = cli_main(["fit", "--model", "kdlora.mlfs.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
                      "--model.stage_epochs", "[0, 0, 1]", "--model.measure_latency", "false", "--model.palette", "[max, min]",
                      "--data.task", "mrpc", "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "c"),
                      "--data.batch_size", "8", "--data.max_seq_length", "32", "--trainer.fast_dev_run", "true",
@@ -226,7 +227,7 @@ def test_diverging_teacher_stops_with_one_error_no_checkpoint_no_export(tiny_ber
     code = cli_main(_cli_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte",
                               "--model.learning_rate", "1e6", "--model.warmup_ratio", "0", "--trainer.max_epochs", "2",
                               "--model.export_dir", str(tmp_path / "export"),
-                              "--trainer.callbacks+=kdlora.callbacks.GLUEResults"))
+                              "--trainer.callbacks+=kdlora.training.callbacks.GLUEResults"))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("kdlora: error:")]
     assert code == 2 and len(lines) == 1, err[-2000:]
@@ -246,7 +247,7 @@ def test_no_checkpoint_is_written_from_non_finite_weights(tiny_bert_dir):
 
 @pytest.mark.parametrize("poisoned", ["maxnet", "subnet"])
 def test_supernet_stops_at_a_non_finite_maxnet_or_subnet_loss(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, poisoned):
-    import kdlora.modules.supernet as supernet_mod
+    import kdlora.mlfs.glue as supernet_mod
 
     def nan(loss):
         return loss * float("nan")
@@ -317,7 +318,7 @@ def test_data_module_checks_local_files_at_construction_and_reads_them_once(tiny
     def read_again(*a, **k):
         raise AssertionError("setup read a file that __init__ already read")
 
-    monkeypatch.setattr("kdlora.data.read_glue_tsv", read_again)
+    monkeypatch.setattr("kdlora.data.glue.read_glue_tsv", read_again)
     dm.setup("fit")
     assert sorted(dm.datasets["train"]["labels"]) == [1.0, 2.0, 4.0]
 
@@ -386,7 +387,7 @@ def test_student_fast_dev_run_caches_teacher_targets_outside_the_working_directo
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
-    code = cli_main(["fit", "--model", "kdlora.modules.KDLoRAStudent", "--model.model_name_or_path", str(tiny_bert_dir),
+    code = cli_main(["fit", "--model", "kdlora.kd.KDLoRAStudent", "--model.model_name_or_path", str(tiny_bert_dir),
                      "--model.teacher_path", str(tiny_bert_dir), "--model.student_layers", "[1]",
                      "--model.teacher_targets", "cached", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
                      "--data.cache_dir", str(tmp_path / "c"), "--data.batch_size", "8", "--data.max_seq_length", "32",

@@ -12,9 +12,9 @@ import torch
 
 from conftest import tiny_config, write_tiny_tokenizer
 from kdlora.cli import cli_main
-from kdlora.modules import Teacher
-from kdlora.modules.student import load_teacher
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
+from kdlora.kd import Teacher
+from kdlora.kd.student import load_teacher
 
 
 def lightning_checkpoint(path: Path, class_path: str, state_dict=None, **hparams) -> Path:
@@ -41,16 +41,16 @@ def base_model_dir(tmp_path_factory) -> Path:
 def checkpoints(tmp_path_factory, tiny_bert_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     teacher = Teacher(str(tiny_bert_dir), task="sst2", export=False)
-    good = lightning_checkpoint(root / "teacher-sst2.ckpt", "kdlora.modules.Teacher", teacher.state_dict(), **teacher.hparams)
+    good = lightning_checkpoint(root / "teacher-sst2.ckpt", "kdlora.kd.Teacher", teacher.state_dict(), **teacher.hparams)
     (root / "notes.ckpt").write_text("best run: epoch 3, val/score 0.91\n")
     (root / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # an interrupted copy
     torch.save(teacher.state_dict(), root / "weights.pt")
     (root / "a_directory.ckpt").mkdir()
     return {
         "teacher": good,
-        "student": lightning_checkpoint(root / "student.ckpt", "kdlora.modules.KDLoRAStudent", model_name_or_path=str(tiny_bert_dir),
+        "student": lightning_checkpoint(root / "student.ckpt", "kdlora.kd.KDLoRAStudent", model_name_or_path=str(tiny_bert_dir),
                                         teacher_path=str(good), task="sst2", student_layers=[0, 2]),
-        "supernet": lightning_checkpoint(root / "supernet.ckpt", "kdlora.modules.SuperTransformer",
+        "supernet": lightning_checkpoint(root / "supernet.ckpt", "kdlora.mlfs.SuperTransformer",
                                          model_name_or_path=str(tiny_bert_dir), task="sst2"),
         **{p.stem: p for p in root.iterdir() if p.stem in ("notes", "truncated", "weights", "a_directory")},
     }
@@ -58,7 +58,7 @@ def checkpoints(tmp_path_factory, tiny_bert_dir) -> dict[str, Path]:
 
 def _cli(subcommand, model_dir, glue_dir, tmp_path, *extra):
     return cli_main([
-        subcommand, "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(model_dir),
+        subcommand, "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(model_dir),
         "--data.data_dir", str(glue_dir), "--data.cache_dir", str(tmp_path / "cache"), "--data.batch_size", "8",
         "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
@@ -71,15 +71,15 @@ def _one_error_line(capsys) -> str:
     return lines[0]
 
 
-# ---- checkpoints: one check (kdlora.checkpoint.read_checkpoint) wherever a user names one -----------------
+# ---- checkpoints: one check (kdlora.training.checkpoint.read_checkpoint) wherever a user names one -----------------
 
 WRONG_CHECKPOINTS = [
     ("notes", "sst2", "notes.ckpt is not a Lightning checkpoint (unreadable: not the zip archive torch.save writes"),
     ("truncated", "sst2", "truncated.ckpt is not a Lightning checkpoint (unreadable: not the zip archive torch.save writes"),
     ("weights", "sst2", "weights.pt is not a Lightning checkpoint: it holds a plain state_dict"),
     ("a_directory", "sst2", "a_directory.ckpt is not a file (it is a directory)"),
-    ("student", "sst2", "student.ckpt is a checkpoint of KDLoRAStudent (kdlora.modules.KDLoRAStudent), expected Teacher"),
-    ("supernet", "sst2", "supernet.ckpt is a checkpoint of SuperTransformer (kdlora.modules.SuperTransformer), expected Teacher"),
+    ("student", "sst2", "student.ckpt is a checkpoint of KDLoRAStudent (kdlora.kd.KDLoRAStudent), expected Teacher"),
+    ("supernet", "sst2", "supernet.ckpt is a checkpoint of SuperTransformer (kdlora.mlfs.SuperTransformer), expected Teacher"),
     ("teacher", "rte", "teacher-sst2.ckpt was trained on task 'sst2', not 'rte'"),
 ]
 
@@ -103,15 +103,32 @@ def test_student_refuses_the_wrong_teacher_checkpoint(checkpoints, name, task, m
 
 
 def test_export_refuses_anything_but_a_supernet_checkpoint(checkpoints, tmp_path, capsys):
-    from kdlora.elastic.export import main
+    from kdlora.mlfs.export import main
 
-    for name, message in [("teacher", "teacher-sst2.ckpt is a checkpoint of Teacher (kdlora.modules.Teacher), expected SuperTransformer"),
+    for name, message in [("teacher", "teacher-sst2.ckpt is a checkpoint of Teacher (kdlora.kd.Teacher), expected SuperTransformer"),
                           ("truncated", "truncated.ckpt is not a Lightning checkpoint (unreadable:"),
                           ("weights", "weights.pt is not a Lightning checkpoint: it holds a plain state_dict")]:
         assert main(["--checkpoint", str(checkpoints[name]), "--subnet", "max", "--out", str(tmp_path / "out")]) == 2
         assert message in _one_error_line(capsys)
         assert not (tmp_path / "out").exists()
 
+
+
+def test_a_checkpoint_written_under_the_earlier_module_layout_still_reads(checkpoints, tiny_bert_dir, tmp_path):
+    # Checkpoints record the class path of their time (``kdlora.modules.Teacher``): a Teacher's still reads as
+    # a Teacher, another module's is still refused by its class name.
+    from kdlora.training.checkpoint import CheckpointError, read_checkpoint
+
+    teacher = torch.load(checkpoints["teacher"], weights_only=True)
+    old = lightning_checkpoint(tmp_path / "old-teacher.ckpt", "kdlora.modules.Teacher", teacher["state_dict"],
+                               **{k: v for k, v in teacher["hyper_parameters"].items() if not k.startswith("_")})
+    assert read_checkpoint(old, Teacher, task="sst2")["hyper_parameters"]["_class_path"] == "kdlora.modules.Teacher"
+    model, tokenizer_source = load_teacher(str(old), get_task("sst2"))
+    assert tokenizer_source == str(tiny_bert_dir) and not model.training
+    student = lightning_checkpoint(tmp_path / "old-student.ckpt", "kdlora.modules.KDLoRAStudent",
+                                   model_name_or_path=str(tiny_bert_dir), task="sst2")
+    with pytest.raises(CheckpointError, match=r"is a checkpoint of KDLoRAStudent \(kdlora.modules.KDLoRAStudent\), expected Teacher"):
+        read_checkpoint(student, Teacher)
 
 # ---- evaluating or predicting needs trained weights ---------------------------------------------------------
 
@@ -130,7 +147,7 @@ def test_evaluating_a_trained_head_needs_no_checkpoint_and_an_untrained_one_take
     assert _cli("validate", tiny_bert_dir, small_glue_dir, tmp_path / "a", "--data.task", "sst2") == 0
     # A head-less model is fine once a checkpoint of it supplies the trained head.
     teacher = Teacher(str(base_model_dir), task="sst2", export=False)
-    ckpt = lightning_checkpoint(tmp_path / "trained.ckpt", "kdlora.modules.Teacher", teacher.state_dict(), **teacher.hparams)
+    ckpt = lightning_checkpoint(tmp_path / "trained.ckpt", "kdlora.kd.Teacher", teacher.state_dict(), **teacher.hparams)
     assert _cli("validate", base_model_dir, small_glue_dir, tmp_path / "b", "--data.task", "sst2", "--ckpt_path", str(ckpt)) == 0
 
 
@@ -149,7 +166,7 @@ def _with_vocab_size(src: Path, dst: Path, vocab_size: int) -> Path:
 
 @pytest.mark.parametrize("vocab_size", [1000, 100])
 def test_weights_that_do_not_fit_the_config_are_an_error_not_random(tiny_bert_dir, tmp_path, vocab_size):
-    from kdlora.modules import KDLoRAStudent
+    from kdlora.kd import KDLoRAStudent
 
     model_dir = _with_vocab_size(tiny_bert_dir, tmp_path / "model", vocab_size)
     message = rf"bert\.embeddings\.word_embeddings\.weight is \(200, 32\) in the checkpoint but \({vocab_size}, 32\) in the config"
@@ -161,7 +178,7 @@ def test_weights_that_do_not_fit_the_config_are_an_error_not_random(tiny_bert_di
 
 def test_student_with_a_config_that_does_not_fit_its_weights_is_refused_by_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
     model_dir = _with_vocab_size(tiny_bert_dir, tmp_path / "student", 1000)
-    code = _cli("fit", model_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--model", "kdlora.modules.KDLoRAStudent",
+    code = _cli("fit", model_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--model", "kdlora.kd.KDLoRAStudent",
                 "--model.model_name_or_path", str(model_dir), "--model.teacher_path", str(tiny_bert_dir))
     line = _one_error_line(capsys)
     assert code == 2 and f"model '{model_dir}': only the classification head may start from random weights" in line
@@ -195,7 +212,8 @@ def small_vocab_dir(tmp_path_factory) -> Path:
 
 
 def test_tokenizer_larger_than_the_embedding_table_is_an_error(small_vocab_dir, tiny_bert_dir):
-    from kdlora.modules import KDLoRAStudent, SuperTransformer
+    from kdlora.kd import KDLoRAStudent
+    from kdlora.mlfs import SuperTransformer
 
     message = rf"tokenizer '{small_vocab_dir}' has 200 tokens but model '{small_vocab_dir}' embeds only 100"
     with pytest.raises(ValueError, match=message):
@@ -217,7 +235,7 @@ def test_tokenizer_larger_than_the_embedding_table_is_refused_by_the_cli(small_v
 # ---- LoRA targets must all exist ----------------------------------------------------------------------------
 
 def test_every_lora_target_must_match_a_module(tiny_model_dirs):
-    from kdlora.modules import KDLoRAStudent
+    from kdlora.kd import KDLoRAStudent
 
     bert, distilbert = str(tiny_model_dirs["bert"]), str(tiny_model_dirs["distilbert"])
     with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus': no module of this bert model has that name; "

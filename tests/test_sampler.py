@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kdlora.elastic.config import SubnetConfig, evenly_spread_layers
-from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette
+from kdlora.mlfs.search_space import SearchSpace, SubnetSampler, palette_members
 
 REPO = Path(__file__).resolve().parents[1]
 BERT_BASE = SubnetConfig(768, 12, 3072, tuple(range(12)))
@@ -42,15 +42,15 @@ def test_space_from_yaml_dict_and_its_errors():
 
 
 def meta_encoder(config):
-    """An ElasticEncoder over a model of `config`'s shape on the meta device (no weights, any size)."""
+    """An ElasticTransformer over a model of `config`'s shape on the meta device (no weights, any size)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from kdlora.elastic import ElasticEncoder
+    from kdlora.elastic import ElasticTransformer
 
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
-    return ElasticEncoder(model, 8, 16, 0.0, ("query", "key", "value", "intermediate", "output"))
+    return ElasticTransformer(model, 8, 16, 0.0, ("query", "key", "value", "intermediate", "output"))
 
 
 @pytest.mark.parametrize("shape", ["bert-base", "minilm-l6"])
@@ -59,7 +59,7 @@ def test_paper_preset_minnet_has_41_percent_of_the_maxnet(shape):
     model's own tensors (deployed size: every parameter a subnet reads), is within 0.03 of 0.41."""
     from transformers import BertConfig
 
-    from kdlora import report
+    from kdlora.experiments import report
 
     config = (report.load_config("bert-base-uncased") if shape == "bert-base" else
               BertConfig(hidden_size=384, num_attention_heads=12, intermediate_size=1536, num_hidden_layers=6, vocab_size=30522))
@@ -144,7 +144,7 @@ def test_deterministic_in_seed_and_step_and_resumes_identically():
 def test_identical_across_processes():
     """A separate interpreter (different hash seed) samples the same subnets: what DDP ranks rely on."""
     code = (
-        "import json; from kdlora.elastic.config import SubnetConfig; from kdlora.elastic.sampler import SearchSpace, SubnetSampler;"
+        "import json; from kdlora.elastic.config import SubnetConfig; from kdlora.mlfs.search_space import SearchSpace, SubnetSampler;"
         "s = SubnetSampler(SearchSpace.build(SubnetConfig(768, 12, 3072, tuple(range(12)))), 3, per_layer=True, seed=11);"
         "print(json.dumps([[c.name for c in s.sample(st, i)] for st in (1, 2) for i in range(25)]))"
     )
@@ -156,11 +156,11 @@ def test_identical_across_processes():
 
 def test_palette_members():
     space = SearchSpace.build(BERT_BASE)
-    names = [c.name for c in palette(space)]
+    names = [c.name for c in palette_members(space)]
     assert names == ["h768-a12-f3072-l12", "h576-a9-f2304-l0.1.3.4.6.7.8.10.11", "h384-a6-f1536-l0.2.4.7.9.11", "h192-a3-f768-l0.6.11"]
-    explicit = palette(space, ["max", {"hidden_size": 384, "num_heads": 6, "intermediate_size": 1536, "depth": 6}, "min", "max"])
+    explicit = palette_members(space, ["max", {"hidden_size": 384, "num_heads": 6, "intermediate_size": 1536, "depth": 6}, "min", "max"])
     assert [c.name for c in explicit] == [names[0], names[2], names[3]]  # duplicates dropped
     with pytest.raises(ValueError, match="palette member"):
-        palette(space, ["huge"])
+        palette_members(space, ["huge"])
     with pytest.raises(ValueError, match="exceeds hidden_size"):
-        palette(space, [{"hidden_size": 192, "num_heads": 12, "intermediate_size": 768, "depth": 3}])
+        palette_members(space, [{"hidden_size": 192, "num_heads": 12, "intermediate_size": 768, "depth": 3}])

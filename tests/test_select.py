@@ -1,4 +1,4 @@
-"""`kdlora.elastic.select`: search a trained supernet's space for the best subnet under a budget."""
+"""`kdlora.mlfs.select`: search a trained supernet's space for the best subnet under a budget."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from kdlora.data import GLUEDataModule
+from kdlora.data.glue import GLUEDataModule
 from kdlora.elastic.config import SubnetConfig
-from kdlora.elastic.sampler import SearchSpace
-from kdlora.elastic.select import Budget, Candidate, best_within, main, pareto_front, search
-from kdlora.modules.supernet import SuperTransformer
+from kdlora.mlfs.glue import SuperTransformer
+from kdlora.mlfs.search_space import SearchSpace
+from kdlora.mlfs.select import Budget, Candidate, best_within, main, pareto_front, search
 
 MAX = SubnetConfig(32, 4, 64, (0, 1, 2, 3))
 SPACE = SearchSpace.build(MAX, {"hidden_sizes": [32, 24, 16, 8], "num_heads": [4, 3, 2, 1],
@@ -84,7 +84,7 @@ def trained_checkpoint(tiny_bert_dir, small_glue_dir, tmp_path_factory) -> Path:
 
 def _reference_scores(ckpt, glue_dir, names):
     """Held-out scores recomputed independently: a plain transformers export of each subnet on the same split."""
-    from kdlora.metrics import glue_score, task_metrics
+    from kdlora.eval.metrics import glue_score, task_metrics
 
     module = SuperTransformer.load_from_checkpoint(ckpt, map_location="cpu").eval()
     hp = torch.load(ckpt, weights_only=True, map_location="cpu")["datamodule_hyper_parameters"]
@@ -143,9 +143,9 @@ def test_select_by_params_meets_budget_scores_on_holdout_and_exports(trained_che
 
 
 def test_select_by_latency_ratio(trained_checkpoint, tmp_path, monkeypatch):
-    # Latency is timed by kdlora.elastic.palette.measure_latency_ms; here a stand-in with a known, noise-free
+    # Latency is timed by kdlora.eval.latency.measure_latency_ms; here a stand-in with a known, noise-free
     # cost (a model's parameter count) replaces it, so the ratios and the choice have one correct outcome.
-    import kdlora.elastic.palette as palette
+    import kdlora.eval.latency as latency
 
     calls = []
 
@@ -153,7 +153,7 @@ def test_select_by_latency_ratio(trained_checkpoint, tmp_path, monkeypatch):
         calls.append((batch_size, seq_len, repeats))
         return sum(p.numel() for p in model.parameters()) / 1000.0
 
-    monkeypatch.setattr(palette, "measure_latency_ms", cost_ms)
+    monkeypatch.setattr(latency, "measure_latency_ms", cost_ms)
     out = tmp_path / "fast"
     code = main(["--checkpoint", str(trained_checkpoint), "--max-latency-ratio", "0.9", "--out", str(out),
                  "--repeats", "3", "--seq-len", "32", "--batch-size", "4", "--random", "2", "--generations", "1",

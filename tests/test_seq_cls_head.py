@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 from conftest import tiny_config
 
-from kdlora.callbacks import ParameterCount
-from kdlora.modules import KDLoRAStudent, Teacher
+from kdlora.kd import KDLoRAStudent, Teacher
+from kdlora.training.callbacks import ParameterCount
 
 R = 8
 # Per family: the encoder layers' path and its LoRA targets.
@@ -78,7 +78,7 @@ def test_seq_cls_leaves_new_non_final_layers_frozen_at_their_init(tiny_model_dir
     weights = load_file(model_dir / "model.safetensors")
     save_file({k: v for k, v in weights.items() if "classifier" not in k}, model_dir / "model.safetensors",
               metadata={"format": "pt"})
-    with caplog.at_level(logging.WARNING, logger="kdlora.models"):
+    with caplog.at_level(logging.WARNING, logger="kdlora.training.lora"):
         module = Teacher(str(model_dir), "mrpc", finetune="lora", head="seq_cls")
     assert {"pre_classifier.weight", "classifier.weight"} <= set(module.newly_initialised)
     assert "leaves the newly initialised pre_classifier frozen" in caplog.text
@@ -103,7 +103,7 @@ def test_bad_head_is_one_clear_error(tiny_bert_dir):
 def test_bad_head_on_the_command_line_is_one_line_and_exit_2(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
     from kdlora.cli import cli_main
 
-    code = cli_main(["fit", "--model", "kdlora.modules.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
+    code = cli_main(["fit", "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
                      "--model.finetune", "lora", "--model.head", "seqcls", "--data.task", "rte",
                      "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"),
                      "--trainer.default_root_dir", str(tmp_path / "runs")])

@@ -12,9 +12,9 @@ from conftest import make_tiny_model_dir
 from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, BertTokenizerFast, DataCollatorWithPadding
 
-from kdlora.data import GLUEDataModule
-from kdlora.models import layer_dropped_copy
-from kdlora.modules import KDLoRAStudent
+from kdlora.data.glue import GLUEDataModule
+from kdlora.kd import KDLoRAStudent
+from kdlora.kd.student_init import layer_dropped_copy
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_feature_distillation_adds_the_projected_hidden_state_loss(pair, small_g
 
 def test_feature_projections_stay_orthonormal_under_the_modules_own_optimizer(pair, small_glue_dir):
     """AdamW with the module's weight decay must not shrink U (torch's Householder map zeroed it in one step)."""
-    from kdlora.modules.base import optimizer_groups
+    from kdlora.training.module import optimizer_groups
 
     _, batch = first_batch("mrpc", pair["teacher"], small_glue_dir)
     student = KDLoRAStudent(model_name_or_path=str(pair["student"]), teacher_path=str(pair["teacher"]), task="mrpc",

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from conftest import write_stsb_dir
-from kdlora.data import GLUEDataModule
+from kdlora.data.glue import GLUEDataModule
 from kdlora.elastic.config import SubnetConfig
-from kdlora.modules.supernet import SuperTransformer
+from kdlora.mlfs.glue import SuperTransformer
 
 REPO = Path(__file__).resolve().parents[1]
 FIXED_SUBNET = SubnetConfig(16, 2, 32, (0, 1, 2, 3))
@@ -107,7 +107,7 @@ def test_loss_helpers_match_hand_computation():
 
 
 def test_feature_projections_do_not_collapse(tiny_bert_dir):
-    """The issue's setup, scaled down: random maxnet features, subnets = sliced maxnet features + noise
+    """Feature distillation at small scale: random maxnet features, subnets = sliced maxnet features + noise
     (widths 32/24/16 of H 32), d_low 16, AdamW lr 1e-3 on the real loss for 300 steps. A free U shrinks
     towards 0 (the loss is minimised by U -> 0: feature distillation switches itself off); the
     supernet's orthonormal U keeps ‖U‖_F = √d_low and the loss of the differing subnets stays up."""
@@ -303,7 +303,7 @@ def test_base_pretrained_trains_a_new_head_and_refuses_a_finetuned_checkpoint(ti
         supernet(tiny_bert_dir, base="pretrained")
     with pytest.raises(ValueError, match="base must be 'pretrained' or 'finetuned', got 'fft'"):
         supernet(tiny_bert_dir, base="fft")
-    with caplog.at_level("WARNING", logger="kdlora.modules.supernet"):
+    with caplog.at_level("WARNING", logger="kdlora.mlfs.glue"):
         finetuned = supernet(pretrained, base="finetuned")
     assert "base='finetuned' but" in caplog.text and "classifier.weight" in caplog.text
     assert {"model.classifier.weight", "model.classifier.bias"} <= finetuned.stage_parameter_names[0]
@@ -364,7 +364,7 @@ import json, os, sys
 import lightning as L
 sys.path.insert(0, {repo!r})
 from kdlora.data import GLUEDataModule
-from kdlora.modules.supernet import SuperTransformer
+from kdlora.mlfs.glue import SuperTransformer
 
 class Record(L.Callback):
     def __init__(self): self.rows = []
@@ -477,7 +477,7 @@ def test_importance_reorder_at_setup_permutes_weights_and_keeps_the_maxnet(tiny_
 def test_validate_from_checkpoint_evaluates_the_palette_asked_for(tiny_bert_dir, small_glue_dir, tmp_path):
     from kdlora.cli import main
 
-    base = ["--model", "kdlora.modules.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
+    base = ["--model", "kdlora.mlfs.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
             "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]

@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from kdlora import sweep
 from kdlora.cli import cli_main
+from kdlora.experiments import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 # The model part of a base config (every point's arguments are parsed by the training CLI first).
-MODEL = "model: {class_path: kdlora.modules.Teacher, init_args: {model_name_or_path: m}}\n"
+MODEL = "model: {class_path: kdlora.kd.Teacher, init_args: {model_name_or_path: m}}\n"
 
 
 def test_grid_zip_points_and_sample_expand_to_the_expected_points():
@@ -73,14 +73,14 @@ def test_bad_sweep_files_are_one_clear_error(tmp_path, capsys, text, message):
 def _tiny_sweep(tmp_path, model_dir, glue_dir) -> Path:
     base = {
         "seed_everything": 1,
-        "model": {"class_path": "kdlora.modules.Teacher",
+        "model": {"class_path": "kdlora.kd.Teacher",
                   "init_args": {"model_name_or_path": str(model_dir), "finetune": "full"}},
         "data": {"task": "rte", "data_dir": str(glue_dir), "cache_dir": str(tmp_path / "cache"), "batch_size": 16},
         "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "enable_progress_bar": False,
                     "enable_model_summary": False, "accelerator": "cpu",
                     "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                "init_args": {"save_dir": str(tmp_path / "runs" / "{task}"), "name": "fft"}},
-                    "callbacks": [{"class_path": "kdlora.callbacks.GLUEResults"}]},
+                    "callbacks": [{"class_path": "kdlora.training.callbacks.GLUEResults"}]},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {"base": str(tmp_path / "base.yaml"), "tasks": ["rte"],
@@ -148,7 +148,7 @@ def test_emitted_slurm_array_runs_each_unfinished_point(tmp_path, monkeypatch):
     assert sweep.main([str(path), "--emit", "slurm", "--out", str(out), "--slurm-arg=--gres=gpu:1", "--parallel", "2"]) == 0
     commands = (out / "commands.txt").read_text().splitlines()
     assert len(commands) == 5
-    assert commands[0] == shlex.join([sys.executable, "-m", "kdlora.sweep", str(path), "--point", f"rte/{sweep.point_id(s.points[1])}"])
+    assert commands[0] == shlex.join([sys.executable, "-m", "kdlora.experiments.sweep", str(path), "--point", f"rte/{sweep.point_id(s.points[1])}"])
     script = (out / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-4%2" in script and "#SBATCH --gres=gpu:1" in script
     assert f"#SBATCH --chdir={tmp_path}" in script and f"#SBATCH --output={out}/logs/%A_%a.out" in script

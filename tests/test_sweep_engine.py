@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from kdlora import sweep
 from kdlora.cli import cli_main
+from kdlora.experiments import sweep
 
 # A callback for the base config: records the global step each fit starts at, and crashes the first
 # fit at the start of its second epoch, once (after the end-of-epoch-0 last.ckpt was written).
@@ -52,14 +52,14 @@ def tiny_sweep(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch):
     def write(grid: dict, crash_epoch: int = -1, max_epochs: int = 1, tasks=("rte",)) -> Path:
         base = {
             "seed_everything": 1,
-            "model": {"class_path": "kdlora.modules.Teacher",
+            "model": {"class_path": "kdlora.kd.Teacher",
                       "init_args": {"model_name_or_path": str(tiny_bert_dir), "finetune": "full"}},
             "data": {"task": "rte", "data_dir": str(small_glue_dir), "cache_dir": str(tmp_path / "cache"), "batch_size": 16},
             "trainer": {"max_epochs": max_epochs, "limit_train_batches": 2, "limit_val_batches": 1,
                         "enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu",
                         "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                                    "init_args": {"save_dir": str(tmp_path / "runs" / "{task}"), "name": "fft"}},
-                        "callbacks": [{"class_path": "kdlora.callbacks.GLUEResults"},
+                        "callbacks": [{"class_path": "kdlora.training.callbacks.GLUEResults"},
                                       {"class_path": "crash_once.CrashOnce",
                                        "init_args": {"record": str(tmp_path / "starts.txt"), "crash_epoch": crash_epoch}}]},
             "last_checkpoint": {"every_n_train_steps": 2},
@@ -91,7 +91,7 @@ def test_an_option_the_training_cli_refuses_stops_the_sweep_before_any_point_run
     out = tmp_path / "jobs"
     assert sweep.main([str(path), *mode, *(["--out", str(out)] if "--emit" in mode else [])]) == 2
     captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("kdlora.sweep: error:")]
+    errors = [line for line in captured.err.splitlines() if line.startswith("kdlora.experiments.sweep: error:")]
     assert len(errors) == 1 and bad in errors[0] and f"rte/{sweep.point_id(bad_point)}" in errors[0], captured.err
     assert calls == [] and "train.py" not in captured.out
     assert not (tmp_path / "runs").exists() and not out.exists()
@@ -196,7 +196,7 @@ def test_emitted_slurm_array_maps_each_index_to_its_points_command(tiny_sweep, t
         subprocess.run(["bash", "-c", shell], env={"SLURM_ARRAY_TASK_ID": str(index), "PATH": "/usr/bin:/bin"},
                        check=True, capture_output=True)
         command = shlex.split(record.read_text())
-        assert command == [sys.executable, "-m", "kdlora.sweep", str(path), "--point", f"{task}/{sweep.point_id(p)}"]
+        assert command == [sys.executable, "-m", "kdlora.experiments.sweep", str(path), "--point", f"{task}/{sweep.point_id(p)}"]
     capsys.readouterr()
     assert sweep.main(command[3:] + ["--dry-run"]) == 0  # the last line's arguments name exactly that point
     printed = capsys.readouterr().out

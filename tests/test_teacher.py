@@ -8,8 +8,8 @@ import torch
 from transformers import AlbertConfig, AutoModelForSequenceClassification, BertModel
 
 from conftest import make_tiny_model_dir, write_stsb_dir, write_tiny_tokenizer
-from kdlora.data import GLUEDataModule
-from kdlora.modules import Teacher
+from kdlora.data.glue import GLUEDataModule
+from kdlora.kd import Teacher
 
 
 def _batch(tokenizer, n=8, seed=0):

@@ -7,6 +7,6 @@ Hugging Face models tie head size to hidden/heads, and every subnet exports as a
 """
 
 from kdlora.elastic.config import SubnetConfig, evenly_spread_layers, maxnet_config
-from kdlora.elastic.model import SUPPORTED_FAMILIES, ElasticEncoder, ElasticOutput
+from kdlora.elastic.model import SUPPORTED_FAMILIES, ElasticTransformer, ElasticOutput
 
-__all__ = ["SUPPORTED_FAMILIES", "ElasticEncoder", "ElasticOutput", "SubnetConfig", "evenly_spread_layers", "maxnet_config"]
+__all__ = ["SUPPORTED_FAMILIES", "ElasticTransformer", "ElasticOutput", "SubnetConfig", "evenly_spread_layers", "maxnet_config"]

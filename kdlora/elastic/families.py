@@ -2,10 +2,10 @@
 
 A `Family` names its projections (the module names peft and `lora_targets` use) and its default
 KD-LoRA targets; an elastic family also has an adapter, a function from the HF model to a `Layout`
-(its modules and the constants of its forward, as keyword fields), from which `ElasticEncoder`
+(its modules and the constants of its forward, as keyword fields), from which `ElasticTransformer`
 builds its blocks. Adding a family is one adapter here plus one test parameter (encoders: the
 families of tests/test_elastic.py; decoders: `DECODERS` of tests/test_decoders.py).
-`kdlora.models.LORA_TARGETS` is read from this registry.
+`kdlora.training.lora.LORA_TARGETS` is read from this registry.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kdlora.elastic.blocks import permute_axes
-from kdlora.elastic.model import ElasticEncoder
+from kdlora.elastic.model import ElasticTransformer
 from kdlora.losses import causal_lm_loss, task_loss
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def _view_of(root_grad: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return root_grad.as_strided(t.shape, t.stride(), t.storage_offset() - root.storage_offset())
 
 
-def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tensors: list[torch.Tensor],
+def _maxnet_gradients(encoder: ElasticTransformer, dataloader: Iterable[dict], tensors: list[torch.Tensor],
                       num_batches: Optional[int]) -> Iterator[tuple[torch.Tensor, ...]]:
     """Per training batch, ∂L/∂t for each of `tensors`, with the encoder as a deterministic maxnet.
 
@@ -84,7 +84,7 @@ def _maxnet_gradients(encoder: ElasticEncoder, dataloader: Iterable[dict], tenso
         raise ValueError("importance reordering got no batches from the dataloader")
 
 
-def importance_scores(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None
+def importance_scores(encoder: ElasticTransformer, dataloader: Iterable[dict], num_batches: Optional[int] = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(head importance [layers, heads], neuron importance [layers, ffn]) of the maxnet on `dataloader`."""
     L, d = len(encoder.max_config.layers), encoder.head_dim
@@ -119,7 +119,7 @@ def head_order(score: torch.Tensor, group: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def permute_heads(encoder: ElasticEncoder, layer: int, order: torch.Tensor, permute_shared_bias: bool = True) -> None:
+def permute_heads(encoder: ElasticTransformer, layer: int, order: torch.Tensor, permute_shared_bias: bool = True) -> None:
     """Make head order[j] of `layer` the new head j (Q/K/V rows, attention-output columns, adapters).
 
     With `permute_shared_bias`, also a per-head table all layers share (MPNet's relative bias).
@@ -130,12 +130,12 @@ def permute_heads(encoder: ElasticEncoder, layer: int, order: torch.Tensor, perm
 
 
 @torch.no_grad()
-def permute_neurons(encoder: ElasticEncoder, layer: int, order: torch.Tensor) -> None:
+def permute_neurons(encoder: ElasticTransformer, layer: int, order: torch.Tensor) -> None:
     """Make FFN neuron order[j] of `layer` the new neuron j (intermediate rows, output columns, adapters)."""
     encoder.layers[layer].ffn.permute_neurons(order)
 
 
-def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_batches: Optional[int] = None) -> torch.Tensor:
+def hidden_importance(encoder: ElasticTransformer, dataloader: Iterable[dict], num_batches: Optional[int] = None) -> torch.Tensor:
     """Importance [hidden] of each residual-stream dimension: Σ |W ⊙ ∂L/∂W| over the weights indexed by it."""
     axes = encoder.hidden_axes(adapters=False)
     tensors = list({id(t): t for t, _ in axes}.values())
@@ -152,20 +152,20 @@ def hidden_importance(encoder: ElasticEncoder, dataloader: Iterable[dict], num_b
 
 
 @torch.no_grad()
-def permute_hidden(encoder: ElasticEncoder, order: torch.Tensor) -> None:
+def permute_hidden(encoder: ElasticTransformer, order: torch.Tensor) -> None:
     """Make hidden dimension order[j] the new dimension j everywhere (weights, norms, adapters, head).
 
     This leaves the maxnet's function unchanged: LayerNorm is permutation-equivariant, and every
-    reader/writer of the residual stream (`ElasticEncoder.hidden_axes`) is permuted with it.
+    reader/writer of the residual stream (`ElasticTransformer.hidden_axes`) is permuted with it.
     """
     permute_axes(encoder.hidden_axes(), order)
 
 
-def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, dataloader: Iterable[dict],
+def reorder_by_importance(encoder_or_hf_model: ElasticTransformer | nn.Module, dataloader: Iterable[dict],
                           num_batches: Optional[int] = None, hidden: bool = False) -> dict[str, list]:
     """Rank heads and FFN neurons on training batches and permute weights, most important first.
 
-    Accepts an ElasticEncoder or a supported HF sequence classifier (permuted in place; its
+    Accepts an ElasticTransformer or a supported HF sequence classifier (permuted in place; its
     requires_grad flags are left as they were). The maxnet's function is unchanged. MPNet shares one
     relative-position bias across layers, so its heads get one permutation (importance summed over
     layers). With `hidden`, the residual-stream dimensions are ranked (first-order Taylor
@@ -173,12 +173,12 @@ def reorder_by_importance(encoder_or_hf_model: ElasticEncoder | nn.Module, datal
     Returns the applied orders: {"heads": [per layer], "neurons": [per layer], "hidden": [...] if
     hidden}, where order[j] is the old index of the new j-th head/neuron/dimension.
     """
-    if isinstance(encoder_or_hf_model, ElasticEncoder):
+    if isinstance(encoder_or_hf_model, ElasticTransformer):
         encoder, flags = encoder_or_hf_model, None
     else:
         flags = [p.requires_grad for p in encoder_or_hf_model.parameters()]
         was_training = encoder_or_hf_model.training
-        encoder = ElasticEncoder(encoder_or_hf_model).train(was_training)
+        encoder = ElasticTransformer(encoder_or_hf_model).train(was_training)
     try:
         head_score, neuron_score = importance_scores(encoder, dataloader, num_batches)
         shared_bias = encoder.attention_inputs.shares_heads

@@ -1,4 +1,4 @@
-"""ElasticEncoder: one Hugging Face sequence classifier run as any sub-network Φ, with staged LoRA.
+"""ElasticTransformer: one Hugging Face sequence classifier run as any sub-network Φ, with staged LoRA.
 
 The encoder is built from elastic blocks (`kdlora.elastic.blocks`) over the weights of the model's
 family layout (`kdlora.elastic.families`): embeddings, every LayerNorm (normalising over the sliced
@@ -38,7 +38,7 @@ from kdlora.elastic.blocks import (ROLES, Axes, ClassifierHead, DisentangledAtte
 from kdlora.elastic.config import SubnetConfig, maxnet_config
 from kdlora.elastic.families import SUPPORTED_FAMILIES, Layout, elastic_family, lora_roles
 
-__all__ = ["ROLES", "SUPPORTED_FAMILIES", "ElasticEncoder", "ElasticOutput"]
+__all__ = ["ROLES", "SUPPORTED_FAMILIES", "ElasticTransformer", "ElasticOutput"]
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ElasticOutput:
     hidden_states: Optional[list[torch.Tensor]] = None  # output of each kept layer, [B, T, h_sub]
 
 
-class ElasticEncoder(nn.Module):
+class ElasticTransformer(nn.Module):
     """A frozen HF `*ForSequenceClassification` plus staged LoRA, runnable as any sub-network.
 
     Args:
@@ -311,7 +311,7 @@ class ElasticEncoder(nn.Module):
         new_config = self.export_config(cfg, padded=True)
         weight = self.model.get_input_embeddings().weight
         plain = type(self.model)(new_config).to(device=weight.device, dtype=weight.dtype)
-        target = ElasticEncoder(plain, lora_targets=self.lora_targets)  # the same blocks over the plain model
+        target = ElasticTransformer(plain, lora_targets=self.lora_targets)  # the same blocks over the plain model
         assigned: set[int] = set()  # storages written (a GPT-2 leaf writes a view of a Conv1D weight)
 
         def put(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -355,8 +355,8 @@ class ElasticEncoder(nn.Module):
 
     def export_hf(self, cfg: SubnetConfig, out_dir: str | Path, tokenizer=None) -> Path:
         """Write subnet `cfg` as a standalone HF directory (plus ``subnet.json``), atomically, never
-        over a directory that is not a previous kdlora export (`kdlora.models.write_export`)."""
-        from kdlora.models import write_export
+        over a directory that is not a previous kdlora export (`kdlora.io.write_export`)."""
+        from kdlora.io import write_export
 
         plain = self.materialize(cfg)
         info = {"name": cfg.name, "subnet": cfg.to_dict(), "parameters": self.parameter_count(cfg),

@@ -11,21 +11,15 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
-from kdlora.checkpoint import read_checkpoint
+from kdlora.data.tasks import TaskSpec
+from kdlora.data.tokenizer import load_tokenizer
+from kdlora.kd.student_init import copy_head_from_teacher, layer_dropped_copy
 from kdlora.losses import check_weight, distillation_loss, feature_loss, orthonormal_projection, renamed_argument
-from kdlora.models import (
-    apply_lora,
-    check_head,
-    check_tokenizer_fits,
-    copy_head_from_teacher,
-    head_parameter_names,
-    layer_dropped_copy,
-    load_classifier,
-    load_tokenizer,
-    new_weight_modules,
-)
-from kdlora.modules.base import GLUEModule
-from kdlora.tasks import TaskSpec
+from kdlora.training.checkpoint import current_class_path, read_checkpoint
+from kdlora.training.heads import check_head, head_parameter_names, new_weight_modules
+from kdlora.training.loading import check_tokenizer_fits, load_classifier
+from kdlora.training.lora import apply_lora
+from kdlora.training.module import GLUEModule
 
 CACHE_FORMAT = 1
 
@@ -39,10 +33,11 @@ def load_teacher(teacher_path: str, spec: TaskSpec) -> tuple[nn.Module, str]:
     """(frozen eval-mode plain HF model, its tokenizer source) from an export dir or a Teacher `.ckpt`."""
     path = Path(teacher_path)
     if path.is_file():
-        from kdlora.modules.teacher import Teacher
+        from kdlora.kd.teacher import Teacher
 
-        read_checkpoint(path, Teacher, spec.name)
-        teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", export=False)
+        hparams = read_checkpoint(path, Teacher, spec.name).get("hyper_parameters") or {}
+        teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", export=False,
+                                               **current_class_path(hparams, Teacher))
         model, tokenizer_source = teacher.merged_model(), teacher.hparams.model_name_or_path
     elif path.is_dir():
         if not (path / "config.json").is_file():
@@ -340,7 +335,7 @@ class KDLoRAStudent(GLUEModule):
         dataset = getattr(dm, "datasets", {}).get("train") if dm is not None else None
         if dataset is None or "idx" not in dataset.column_names:
             raise ValueError("teacher_targets: cached needs a data module with a tokenized datasets['train'] "
-                             "carrying an idx column (kdlora.data.GLUEDataModule)")
+                             "carrying an idx column (kdlora.data.glue.GLUEDataModule)")
         from transformers import DataCollatorWithPadding
 
         log_dir = self.trainer.log_dir  # on every rank: a collective under DDP

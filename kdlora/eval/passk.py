@@ -40,7 +40,7 @@ to anything its user can. POSIX only.
 pass@k is the unbiased estimator of the Codex paper (Chen et al. 2021):
 ``1 - C(n-c, k) / C(n, k)`` for n samples of which c pass, computed as a stable product.
 
-    python -m kdlora.passk --model DIR [--problems FILE] --n 10 --k 1 --k 10 --out DIR --allow-code-execution
+    python -m kdlora.eval.passk --model DIR [--problems FILE] --n 10 --k 1 --k 10 --out DIR --allow-code-execution
 """
 
 from __future__ import annotations
@@ -63,9 +63,9 @@ from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
-from kdlora.callbacks import write_atomic
+from kdlora.io import write_atomic
 
-MINI_PROBLEMS = Path(__file__).parent / "assets" / "humaneval_mini.jsonl"
+MINI_PROBLEMS = Path(__file__).parents[1] / "assets" / "humaneval_mini.jsonl"
 # Where a function-level completion ends (Codex's stop sequences, written to start a new top-level statement).
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 PROBLEM_KEYS = ("task_id", "prompt", "test", "entry_point")
@@ -532,7 +532,7 @@ def _umask() -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlora.passk", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdlora.eval.passk", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="a Hugging Face causal-LM directory (model + tokenizer)")
     parser.add_argument("--problems", default=None, help="HumanEval-format JSONL (default: the shipped mini set)")
     parser.add_argument("--n", type=int, default=1, help="samples per problem")
@@ -585,7 +585,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                        "seed": args.seed, "device": device, "generation_seconds": round(generated, 2)})
         write_results(out, result, f"pass@k of {Path(args.model).name} ({len(problems)} problems, n={args.n}, T={temperature:g})")
     except (ValueError, FileExistsError, IsolationUnavailable) as e:
-        print(f"kdlora.passk: error: {e}", file=sys.stderr)
+        print(f"kdlora.eval.passk: error: {e}", file=sys.stderr)
         return 2
     print(results_markdown(result, "pass@k"))
     print(f"[kdlora] wrote {out / 'results.json'} and {out / 'results.md'}")

@@ -25,7 +25,7 @@ class TaskSpec:
     dir_name: str  # directory in the standard GLUE layout, e.g. "SST-2"
     text_keys: tuple[str, ...]  # hub column names of the input text(s)
     label_names: tuple[str, ...]  # hub label order; empty for regression
-    metrics: tuple[str, ...]  # metric names, see kdlora.metrics
+    metrics: tuple[str, ...]  # metric names, see kdlora.eval.metrics
     # Local TSV layout: the column holding each text key and the label column.
     local_text_columns: tuple[str, ...]
     local_label_column: str

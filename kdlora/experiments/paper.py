@@ -1,4 +1,4 @@
-"""What the KD-LoRA and MLFS papers report, for printing beside our numbers (`kdlora.report`).
+"""What the KD-LoRA and MLFS papers report, for printing beside our numbers (`kdlora.experiments.report`).
 
 KD-LoRA: Azimi, Rishav, Teichmann, Kahou: "KD-LoRA: A Hybrid Approach to Efficient Fine-Tuning with
 LoRA and Knowledge Distillation", arXiv 2410.20777 (ENLSP-IV workshop at NeurIPS 2024). Its Table 1
@@ -39,7 +39,7 @@ PAIRS: dict[str, tuple[str, str]] = {
 }
 
 # Table 1, column by column as printed: BERT-b FFT, LoRA, DBERT-b KD-LoRA; DeB-b FFT, LoRA, DeB-s
-# KD-LoRA; RoB-b FFT, LoRA, DRoB-b KD-LoRA. Column names are the report's (`kdlora.report.columns`).
+# KD-LoRA; RoB-b FFT, LoRA, DRoB-b KD-LoRA. Column names are the report's (`kdlora.experiments.report.columns`).
 _TABLE1_ORDER = [(family, method) for family in ("BERT", "DeBERTa-v3", "RoBERTa") for method in METHODS]
 _TABLE1_ROWS: dict[str, tuple[float, ...]] = {
     "CoLA": (57.7, 56.9, 56.3, 67.8, 69.1, 68.1, 60.9, 59.4, 56.8),

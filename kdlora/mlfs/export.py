@@ -1,8 +1,8 @@
 """Export sub-networks of a trained super-transformer as plain Hugging Face model directories.
 
-    python -m kdlora.elastic.export --checkpoint runs/.../best.ckpt --subnet h256-a4-f1024-l4 --out exports/h256
-    python -m kdlora.elastic.export --checkpoint best.ckpt --subnet subnet.yaml --out exports/small
-    python -m kdlora.elastic.export --checkpoint best.ckpt --subnet max --subnet h192-a3-f768-l0.2.5 --out exports/
+    python -m kdlora.mlfs.export --checkpoint runs/.../best.ckpt --subnet h256-a4-f1024-l4 --out exports/h256
+    python -m kdlora.mlfs.export --checkpoint best.ckpt --subnet subnet.yaml --out exports/small
+    python -m kdlora.mlfs.export --checkpoint best.ckpt --subnet max --subnet h192-a3-f768-l0.2.5 --out exports/
 
 The checkpoint is a `SuperTransformer`'s (GLUE) or a `CausalLMSuperTransformer`'s (decoders). Each export
 has every LoRA stage merged, weights physically sliced and a smaller config, and loads with
@@ -26,14 +26,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kdlora.data.tokenizer import load_tokenizer
 from kdlora.elastic.config import SubnetConfig
-from kdlora.elastic.model import ElasticEncoder
-from kdlora.models import check_export_dir, load_tokenizer
+from kdlora.elastic.model import ElasticTransformer
+from kdlora.io import check_export_dir
 
 log = logging.getLogger(__name__)
 
 
-def parse_subnet(spec: str, encoder: ElasticEncoder) -> SubnetConfig:
+def parse_subnet(spec: str, encoder: ElasticTransformer) -> SubnetConfig:
     """A SubnetConfig from a name, ``max``, or a .json/.yaml/.yml file; validated against the maxnet."""
     if spec in ("max", "maxnet"):
         return encoder.max_config
@@ -61,9 +62,9 @@ def parse_subnet(spec: str, encoder: ElasticEncoder) -> SubnetConfig:
 def supernet_class(checkpoint: str | Path) -> type:
     """The super-transformer class a Lightning checkpoint was written by: `SuperTransformer` or
     `CausalLMSuperTransformer` (a subclass's checkpoint loads as its base); a CheckpointError if neither."""
-    from kdlora.checkpoint import CheckpointError, _check_class, read_checkpoint
-    from kdlora.modules.lm_supernet import CausalLMSuperTransformer  # lazy: Lightning is slow to import
-    from kdlora.modules.supernet import SuperTransformer
+    from kdlora.mlfs.causal_lm import CausalLMSuperTransformer  # lazy: Lightning is slow to import
+    from kdlora.mlfs.glue import SuperTransformer
+    from kdlora.training.checkpoint import CheckpointError, _check_class, read_checkpoint
 
     hparams = read_checkpoint(checkpoint).get("hyper_parameters") or {}
     reasons = []
@@ -77,8 +78,12 @@ def supernet_class(checkpoint: str | Path) -> type:
 
 
 def load_encoder(checkpoint: str | Path):
-    """(ElasticEncoder, tokenizer or None) of a SuperTransformer or CausalLMSuperTransformer Lightning checkpoint."""
-    module = supernet_class(checkpoint).load_from_checkpoint(checkpoint, map_location="cpu")
+    """(ElasticTransformer, tokenizer or None) of a SuperTransformer or CausalLMSuperTransformer Lightning checkpoint."""
+    from kdlora.training.checkpoint import current_class_path, read_checkpoint
+
+    cls = supernet_class(checkpoint)
+    hparams = read_checkpoint(checkpoint).get("hyper_parameters") or {}
+    module = cls.load_from_checkpoint(checkpoint, map_location="cpu", **current_class_path(hparams, cls))
     module.eval()
     tokenizer = None
     name = module.hparams.get("model_name_or_path")
@@ -105,7 +110,7 @@ def export_targets(specs: Sequence[str], out: str | Path) -> list[Optional[Path]
     return targets
 
 
-def export_subnets(encoder: ElasticEncoder, subnets: Sequence[SubnetConfig], out: str | Path, tokenizer=None) -> list[Path]:
+def export_subnets(encoder: ElasticTransformer, subnets: Sequence[SubnetConfig], out: str | Path, tokenizer=None) -> list[Path]:
     """Write each subnet: to `out` itself for one subnet, else to `out/<name>`."""
     out = Path(out)
     targets = [out] if len(subnets) == 1 else [out / cfg.name for cfg in subnets]
@@ -121,7 +126,7 @@ def export_subnets(encoder: ElasticEncoder, subnets: Sequence[SubnetConfig], out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlora.elastic.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdlora.mlfs.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="SuperTransformer or CausalLMSuperTransformer Lightning checkpoint (.ckpt)")
     parser.add_argument("--subnet", required=True, action="append",
                         help="subnet name (e.g. h256-a4-f1024-l4), 'max', or a JSON/YAML file; repeatable")

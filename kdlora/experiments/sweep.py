@@ -1,12 +1,12 @@
 """Hyperparameter sweeps: a grid in YAML expanded into `train.py fit` runs, resumable, one machine or a cluster.
 
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml                       # run every point, in sequence
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --engine ray --gpus-per-trial 1   # in parallel (Ray Tune)
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --engine ray --address auto      # on a running Ray cluster
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --dry-run             # print the train.py commands
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --emit slurm --out sweep-jobs/   # a SLURM job array
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --emit commands --out sweep-jobs/  # one line per point
-    python -m kdlora.sweep configs/sweeps/bert-lora.yaml --point rte/r8-a16-do0-ep3-1a2b3c   # one point
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml                       # run every point, in sequence
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml --engine ray --gpus-per-trial 1   # in parallel (Ray Tune)
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml --engine ray --address auto      # on a running Ray cluster
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml --dry-run             # print the train.py commands
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml --emit slurm --out sweep-jobs/   # a SLURM job array
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml --emit commands --out sweep-jobs/  # one line per point
+    python -m kdlora.experiments.sweep configs/sweeps/bert-lora.yaml --point rte/r8-a16-do0-ep3-1a2b3c   # one point
 
 A sweep file::
 
@@ -32,7 +32,7 @@ non-finite loss, reported as diverged) and the done marker ``sweep_done.json`` t
 the run returns (with the run's start and end times). A crashed point resumes from the newest
 ``checkpoints/last.ckpt`` of its unfinished attempts (``--ckpt_path``), logging on into that attempt's
 version directory; one that crashed before its first ``last.ckpt`` re-runs into the next version
-directory, the crashed attempt kept (`kdlora.report` leaves attempts without the marker out).
+directory, the crashed attempt kept (`kdlora.experiments.report` leaves attempts without the marker out).
 
 Every point's arguments are parsed by the training CLI's own parser before any point runs (also with
 ``--dry-run`` and ``--emit``): an option the model, data or trainer does not have, or a value of the
@@ -62,8 +62,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from kdlora.callbacks import RESULTS_FILE, write_atomic
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
+from kdlora.io import write_atomic
+from kdlora.training.callbacks import RESULTS_FILE
 
 DONE_MARKER = "sweep_done.json"
 POINT_FILE = "sweep_point.json"
@@ -71,7 +72,7 @@ SWEEP_KEYS = {"base", "tasks", "fixed", "grid", "zip", "points", "sample", "seed
 # Short names for ids; any other key uses its last dotted segment.
 ABBREVIATIONS = {"learning_rate": "lr", "batch_size": "bs", "max_epochs": "ep", "weight_decay": "wd",
                  "lora_r": "r", "lora_alpha": "a", "lora_dropout": "do", "seed_everything": "seed"}
-TRAIN_PY = Path(__file__).resolve().parents[1] / "train.py"
+TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
 
@@ -325,7 +326,7 @@ def run_point(sweep: Sweep, task: str, overrides: dict[str, Any], launcher: Sequ
     run = directory / f"version_{version}"
     write_atomic(directory / POINT_FILE, json.dumps({"id": directory.name, "task": task, "overrides": overrides,
                                                      "base": sweep.base, "sweep": sweep.source}, indent=2) + "\n")
-    print(f"[kdlora.sweep] {task}/{directory.name} -> {run}" + (f" (resuming {last})" if last else ""), file=out, flush=True)
+    print(f"[kdlora.experiments.sweep] {task}/{directory.name} -> {run}" + (f" (resuming {last})" if last else ""), file=out, flush=True)
     start = time.time()
     code = subprocess.call(command)
     end = time.time()
@@ -422,7 +423,7 @@ def select_point(sweep: Sweep, name: str) -> tuple[str, dict[str, Any]]:
 
 def emit(sweep: Sweep, kind: str, out_dir: Path, launcher: Sequence[str] = (), slurm_args: Sequence[str] = (),
          parallel: Optional[int] = None) -> list[Path]:
-    """Write `commands.txt` (one resumable `python -m kdlora.sweep SWEEP --point TASK/ID` per unfinished
+    """Write `commands.txt` (one resumable `python -m kdlora.experiments.sweep SWEEP --point TASK/ID` per unfinished
     point) and, for slurm, `sweep.sbatch`, a job array running line $SLURM_ARRAY_TASK_ID + 1 of it."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SweepError(f"--out {out_dir} exists and is not an empty directory: give a new one")
@@ -430,7 +431,7 @@ def emit(sweep: Sweep, kind: str, out_dir: Path, launcher: Sequence[str] = (), s
     if not todo:
         raise SweepError(f"every point of {sweep.source} is finished: nothing to emit")
     extra = ["--launcher", shlex.join(launcher)] if launcher else []
-    lines = [shlex.join([sys.executable, "-m", "kdlora.sweep", sweep.source, "--point", f"{t}/{point_id(p)}", *extra]) for t, p in todo]
+    lines = [shlex.join([sys.executable, "-m", "kdlora.experiments.sweep", sweep.source, "--point", f"{t}/{point_id(p)}", *extra]) for t, p in todo]
     files = [out_dir / "commands.txt"]
     write_atomic(files[0], "\n".join(lines) + "\n")
     if kind == "slurm":
@@ -450,7 +451,7 @@ def emit(sweep: Sweep, kind: str, out_dir: Path, launcher: Sequence[str] = (), s
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlora.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdlora.experiments.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", help="sweep YAML (configs/sweeps/*.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="print the train.py command of every unfinished point")
     parser.add_argument("--emit", choices=["slurm", "commands"], help="write a SLURM job array / a command list to --out")
@@ -484,7 +485,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_points(sweep, all_points(sweep) if args.emit else points)
         if args.emit:
             files = emit(sweep, args.emit, Path(args.out), launcher, args.slurm_arg, args.parallel)
-            print(f"[kdlora.sweep] wrote {', '.join(map(str, files))}")
+            print(f"[kdlora.experiments.sweep] wrote {', '.join(map(str, files))}")
             return 0
         if args.dry_run:
             for t, p in points:
@@ -495,21 +496,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                     version, last = next_attempt(sweep, t, p)
                     print(shlex.join(train_command(sweep, t, p, version, launcher, last)))
             return 0
-        print(f"[kdlora.sweep] {len(points)} point(s) of {sweep.source} ({len(sweep.points)} per task × {len(sweep.tasks)} task(s))")
+        print(f"[kdlora.experiments.sweep] {len(points)} point(s) of {sweep.source} ({len(sweep.points)} per task × {len(sweep.tasks)} task(s))")
         if args.engine == "ray":
             outcomes = run_with_ray(sweep, points, launcher, args.address, cpus, gpus)
         else:
             outcomes = {f"{t}/{point_id(p)}": run_point(sweep, t, p, launcher) for t, p in points}
     except SweepError as e:
-        print(f"kdlora.sweep: error: {e}", file=sys.stderr)
+        print(f"kdlora.experiments.sweep: error: {e}", file=sys.stderr)
         return 2
     counts: dict[str, int] = {}
     for status in outcomes.values():
         counts[status.split(" ")[0]] = counts.get(status.split(" ")[0], 0) + 1
-    print("[kdlora.sweep] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    print("[kdlora.experiments.sweep] " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     failed = [f"{k}: {v}" for k, v in outcomes.items() if v.startswith("failed")]
     for line in failed:
-        print(f"[kdlora.sweep] {line}", file=sys.stderr)
+        print(f"[kdlora.experiments.sweep] {line}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -2,7 +2,7 @@
 and writing checkpoints so that a failed write leaves nothing under the checkpoint's name.
 
 Used by the CLI (``--ckpt_path``), by `KDLoRAStudent` (a Teacher ``.ckpt`` as ``teacher_path``) and by
-``python -m kdlora.elastic.export`` (a SuperTransformer ``.ckpt``), so a wrong file is one message
+``python -m kdlora.mlfs.export`` (a SuperTransformer ``.ckpt``), so a wrong file is one message
 everywhere: not a file, not a Lightning checkpoint, another module's checkpoint, another task's.
 """
 
@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
 
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
 
 
 class CheckpointError(ValueError):
@@ -62,7 +62,7 @@ def _check_class(path: Path, hparams: dict[str, Any], expected: type) -> None:
     class_path = hparams.get("_class_path")
     if class_path:  # recorded by LightningCLI; resolved only among modules already imported (no code runs)
         module, _, name = str(class_path).rpartition(".")
-        cls = getattr(sys.modules.get(module), name, None)
+        cls = getattr(sys.modules.get(module), name, None) or _earlier_layout_class(str(class_path), expected)
         if not (isinstance(cls, type) and issubclass(cls, expected)):
             raise CheckpointError(f"{path} is a checkpoint of {name} ({class_path}), expected {expected.__name__}")
     # Saved outside the CLI (no class recorded) or by another version: its hyperparameters must be `expected`'s.
@@ -73,9 +73,32 @@ def _check_class(path: Path, hparams: dict[str, Any], expected: type) -> None:
                               f"{expected.__name__} does not take ({', '.join(foreign)})")
 
 
+def _earlier_layout_class(class_path: str, expected: type) -> Optional[type]:
+    """The class a checkpoint written under an earlier module layout of this package records
+    (``kdlora.modules.Teacher``), found by its name among `expected` and its subclasses; None otherwise."""
+    module, _, name = class_path.rpartition(".")
+    if not module.startswith("kdlora.") or module in sys.modules:
+        return None
+    return next((c for c in _with_subclasses(expected) if c.__name__ == name), None)
+
+
+def current_class_path(hparams: dict[str, Any], expected: type) -> dict[str, str]:
+    """Keyword arguments for ``expected.load_from_checkpoint``: where the class is now when the checkpoint
+    records it under an earlier module layout (Lightning instantiates the recorded class path), else none."""
+    cls = _earlier_layout_class(str(hparams.get("_class_path") or ""), expected)
+    return {"_class_path": f"{cls.__module__}.{cls.__qualname__}"} if cls is not None else {}
+
+
+def _with_subclasses(cls: type) -> list[type]:
+    found = [cls]
+    for sub in cls.__subclasses__():
+        found += _with_subclasses(sub)
+    return found
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, with a local checkpoint written through a temporary sibling
-    (`kdlora.callbacks.write_atomic`): a full disk or a kill never leaves part of a checkpoint under its
+    (`kdlora.io.write_atomic`): a full disk or a kill never leaves part of a checkpoint under its
     name. (Lightning's own transaction stages the file in the system's temporary directory; moving it onto
     another filesystem copies it into place, and a full disk there leaves the truncated copy.) A full disk
     is an `OutOfSpaceError` naming the checkpoint. Remote paths (``s3://``...) go to Lightning's writer."""
@@ -83,8 +106,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        from kdlora.callbacks import write_atomic
-        from kdlora.models import OutOfSpaceError
+        from kdlora.io import OutOfSpaceError, write_atomic
 
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)

@@ -1,15 +1,15 @@
 """The best sub-network of a trained super-transformer for a budget, measured on the device it will run on.
 
-    python -m kdlora.elastic.select --checkpoint runs/.../best.ckpt --max-latency-ratio 0.5 --out small/
-    python -m kdlora.elastic.select --checkpoint best.ckpt --max-latency-ms 20 --batch-size 1 --seq-len 128 --out small/
-    python -m kdlora.elastic.select --checkpoint best.ckpt --max-params 15e6 --device cuda --out small/
+    python -m kdlora.mlfs.select --checkpoint runs/.../best.ckpt --max-latency-ratio 0.5 --out small/
+    python -m kdlora.mlfs.select --checkpoint best.ckpt --max-latency-ms 20 --batch-size 1 --seq-len 128 --out small/
+    python -m kdlora.mlfs.select --checkpoint best.ckpt --max-params 15e6 --device cuda --out small/
 
 MLFS trains a whole search space but its palette names only a few members. This searches the space
 itself: the palette members and the space's corners, random subnets, then generations of mutations
 and crossovers of the best candidates under the budget (a small evolutionary search). Every candidate
 is scored on a held-out split of the training data (the run's own `holdout_fraction` split, or a seeded
 `--holdout-fraction` of train; never dev, which stays the split a result is reported on), and its
-latency is measured as a standalone exported model on `--device` (`kdlora.elastic.palette.measure_latency_ms`:
+latency is measured as a standalone exported model on `--device` (`kdlora.eval.latency.measure_latency_ms`:
 warm-up, synchronised, median of `--repeats` forward passes on a batch of full-length sequences). The
 maxnet is timed the same way, for `--max-latency-ratio`.
 
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kdlora.elastic.config import SubnetConfig
-from kdlora.elastic.sampler import SearchSpace
+from kdlora.mlfs.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +204,7 @@ def best_within(candidates: Sequence[Candidate]) -> Optional[Candidate]:
 @torch.no_grad()
 def score_subnet(encoder, cfg: SubnetConfig, batches: Sequence[dict], spec) -> tuple[float, dict[str, float]]:
     """(GLUE score, metrics) of subnet `cfg` of `encoder` over `batches` (already on the encoder's device)."""
-    from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
+    from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
 
     metrics = task_metrics(spec).to(batches[0]["input_ids"].device)
     encoder.set_sub_network(cfg)
@@ -225,7 +225,7 @@ def selection_data(hparams: dict, holdout_fraction: Optional[float], data_dir: O
     split ``holdout``: the run's held-out part of train if it had one, else a seeded `holdout_fraction` of
     train (which the run may have trained on: a note says so). split ``dev``: the task's dev set.
     """
-    from kdlora.data import GLUEDataModule
+    from kdlora.data.glue import GLUEDataModule
 
     # Lightning saves its own bookkeeping beside the arguments (`_instantiator` under LightningCLI): not ours.
     hp = {k: v for k, v in hparams.items() if not k.startswith("_")}
@@ -252,7 +252,7 @@ def selection_data(hparams: dict, holdout_fraction: Optional[float], data_dir: O
 
 def write_search_report(candidates: Sequence[Candidate], best: Optional[Candidate], budget: Budget, out: Path,
                         title: str) -> dict[str, Path]:
-    from kdlora.callbacks import write_atomic
+    from kdlora.io import write_atomic
 
     rows = sorted((c.row() for c in candidates), key=lambda r: r["latency_ms"])
     paths = {"json": out / "search.json", "md": out / "search.md", "png": out / "pareto.png"}
@@ -299,7 +299,7 @@ def write_search_report(candidates: Sequence[Candidate], best: Optional[Candidat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlora.elastic.select", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdlora.mlfs.select", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="SuperTransformer Lightning checkpoint (.ckpt)")
     budget = parser.add_argument_group("budget (at least one)")
     budget.add_argument("--max-latency-ms", type=float)
@@ -331,8 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from kdlora.elastic.export import load_encoder
-    from kdlora.elastic.palette import measure_latency_ms
+    from kdlora.eval.latency import measure_latency_ms
+    from kdlora.mlfs.export import load_encoder
 
     budget = Budget(args.max_latency_ms, args.max_latency_ratio, args.max_params)
     out = Path(args.out)
@@ -375,9 +375,9 @@ def _run(args) -> int:
         log.info("%-28s %-9s %6.2fM %8.2f ms (%.2fx) score %.4f", cfg.name, source, c.params / 1e6, ms, c.latency_ratio, score)
         return c
 
-    from kdlora.elastic.sampler import palette as build_palette
+    from kdlora.mlfs.search_space import palette_members
 
-    seeds = [(cfg, "palette") for cfg in build_palette(space, hparams.get("palette"))]
+    seeds = [(cfg, "palette") for cfg in palette_members(space, hparams.get("palette"))]
     seeds += [(encoder.max_config, "corner"), (space.smallest(), "corner"), (space.smallest(full_depth=True), "corner")]
     candidates = search(evaluate, space, budget, seeds, args.random, args.generations, args.population, args.children, args.seed)
     best = best_within(candidates)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Accuracy, F1Score, MatthewsCorrCoef, Metric, MetricCollection, PearsonCorrCoef, SpearmanCorrCoef
 
-from kdlora.tasks import TaskSpec
+from kdlora.data.tasks import TaskSpec
 
 
 def _make_metric(name: str, num_labels: int) -> Metric:

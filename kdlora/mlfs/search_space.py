@@ -261,7 +261,7 @@ class SubnetSampler:
         return cfg
 
 
-def palette(space: SearchSpace, members: Optional[Sequence[Any]] = None) -> list[SubnetConfig]:
+def palette_members(space: SearchSpace, members: Optional[Sequence[Any]] = None) -> list[SubnetConfig]:
     """Fixed evaluation subnets in the given order, duplicates dropped.
 
     Each member is ``"max"``, ``"min"``, a fraction in (0, 1) (every dimension at the choice

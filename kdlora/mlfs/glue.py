@@ -25,13 +25,13 @@ projected dimensions and averaged over non-padding tokens (`kdlora.losses.featur
 
 Gradient scaling: subnet j's loss is multiplied by s_j = (n_1/n_j)^γ, n the number of TRAINABLE
 parameters the subnet reads (slices of the current stage's adapters, plus the head when it trains in the stage;
-`ElasticEncoder.parameter_count(cfg, trainable_only=True)`). One optimizer step per batch on
+`ElasticTransformer.parameter_count(cfg, trainable_only=True)`). One optimizer step per batch on
 
     ∇ [ L_1 + Σ_j s_j·L_j ] / (K + 1)
 
 accumulated by one `manual_backward` per network, so only one network's graph is alive at a time.
-The stages and this step are `kdlora.modules.mlfs.MLFSTraining`, shared with the causal-LM supernet
-(`kdlora.modules.lm_supernet`); this module says what the GLUE losses and metrics are.
+The stages and this step are `kdlora.mlfs.training.MLFSTraining`, shared with the causal-LM supernet
+(`kdlora.mlfs.causal_lm`); this module says what the GLUE losses and metrics are.
 
 Optimisation: every stage's adapters exist from the start (B = 0, so they change nothing until
 trained); at a stage boundary the earlier ones get requires_grad=False and a fresh AdamW with its own
@@ -53,13 +53,14 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
+from kdlora.data.tokenizer import load_tokenizer
 from kdlora.elastic.config import SubnetConfig
-from kdlora.elastic.model import ElasticEncoder
+from kdlora.elastic.model import ElasticTransformer
+from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.losses import renamed_argument, subnet_loss, task_loss
-from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import check_tokenizer_fits, load_classifier, load_tokenizer
-from kdlora.modules.base import GLUEModule
-from kdlora.modules.mlfs import MLFSTraining, check_mlfs_arguments
+from kdlora.mlfs.training import MLFSTraining, check_mlfs_arguments
+from kdlora.training.loading import check_tokenizer_fits, load_classifier
+from kdlora.training.module import GLUEModule
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         sandwich: always include the stage's smallest subnet among the K.
         per_layer: sample heads and FFN width per layer.
         sample_palette: the first of the K slots left after the sandwich takes the palette members in
-            turn, so every member is trained directly (`kdlora.elastic.sampler.SubnetSampler`); further
+            turn, so every member is trained directly (`kdlora.mlfs.search_space.SubnetSampler`); further
             slots are random. Off: every slot random, as the paper.
         distill_weight: α, the weight of a subnet's distillation terms (KD + β·features); its task loss
             gets 1 − distill_weight (paper: 0.9).
@@ -102,7 +103,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
             divided by the maxnet feature's squared norm; `kdlora.losses.feature_loss`).
         search_space: dict with optional hidden_sizes, num_heads, intermediate_sizes, depths, fractions, or a
             preset: "paper" (or {preset: paper, ...}), a minnet of ≈ 0.41 of the maxnet's parameters (README).
-        palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.elastic.sampler.palette`).
+        palette: evaluation subnets: "max", "min", fractions, or dicts (see `kdlora.mlfs.search_space.palette_members`).
         sampler_seed: seed of the subnet sampler (default: the run seed, ``PL_GLOBAL_SEED``).
         learning_rate, weight_decay, warmup_ratio: AdamW per stage, linear warmup/decay within each stage.
         gradient_clip: max gradient norm (0 disables).
@@ -186,7 +187,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
                         "training the head too", model_name_or_path, ", ".join(new_weights))
             train_head = True
         self.newly_initialised = new_weights
-        self.init_mlfs(ElasticEncoder(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head),
+        self.init_mlfs(ElasticTransformer(model, lora_r, lora_alpha, lora_dropout, tuple(lora_targets), train_head=train_head),
                        search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
                        sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim, head_stages=head_stages,
                        sample_palette=sample_palette)
@@ -267,7 +268,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
 
     @rank_zero_only
     def _log_palette_figure(self, rows: list[dict], tag: str) -> None:
-        from kdlora.elastic.palette import draw_palette
+        from kdlora.mlfs.palette import draw_palette
 
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -355,7 +356,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
 
     @rank_zero_only
     def _write_palette(self, rows: list[dict], info: dict, out_dir: Path, name: str) -> None:
-        from kdlora.elastic.palette import write_palette_report
+        from kdlora.mlfs.palette import write_palette_report
 
         paths = write_palette_report([{**r, **info} for r in rows], out_dir, self._palette_title(info), name=name)
         print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
@@ -368,7 +369,8 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         Every row records the base, the weights (checkpoint, epoch, step, stage) and the split it was
         measured on. `final` (rows, provenance): the end-of-fit palette, written as ``palette_final.*``.
         Without a run directory (fast_dev_run) the report is printed, not written, unless exported."""
-        from kdlora.elastic.palette import draw_palette, measure_latency_ms, palette_markdown, write_palette_report
+        from kdlora.eval.latency import measure_latency_ms
+        from kdlora.mlfs.palette import draw_palette, palette_markdown, write_palette_report
 
         def with_latency(rows: Optional[list[dict]], info: dict) -> list[dict]:
             rows = [{**r, **info} for r in (rows if rows is not None else self.size_rows())]  # None: no validation ran

@@ -7,38 +7,10 @@ Plain functions over rows of dicts: ``{"name", "role", "params", "score", "metri
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-import torch
-
-from kdlora.callbacks import write_atomic
-
-
-@torch.inference_mode()
-def measure_latency_ms(model: torch.nn.Module, vocab_size: int, batch_size: int = 1, seq_len: int = 128,
-                       repeats: int = 10, warmup: int = 2, device: Optional[torch.device] = None) -> float:
-    """Median wall time in milliseconds of one forward pass on a random batch of full-length sequences."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    attention_mask = torch.ones_like(input_ids)
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        model(input_ids=input_ids, attention_mask=attention_mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000.0)
-    model.train(was_training)
-    return float(statistics.median(times))
+from kdlora.io import write_atomic
 
 
 def palette_markdown(rows: Sequence[dict], title: str = "") -> str:

@@ -6,7 +6,7 @@ and the manual-optimisation step: the maxnet first on its own loss, then the K s
 their objective against the maxnet's detached logits and features, one `manual_backward` per
 network, one optimizer step per batch. A module says only what its losses are:
 
-- `encoder_inputs(batch)`: what `ElasticEncoder.forward` takes;
+- `encoder_inputs(batch)`: what `ElasticTransformer.forward` takes;
 - `maxnet_loss(logits, batch)`: the maxnet's loss (GLUE: the task loss; causal LMs: next-token cross-entropy);
 - `subnet_objective(logits, max_logits, batch, feature_losses)`: (loss, parts with task, kd, features).
 
@@ -29,10 +29,10 @@ from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
 from kdlora.elastic.config import SubnetConfig
-from kdlora.elastic.model import ElasticEncoder
-from kdlora.elastic.sampler import SearchSpace, SubnetSampler, palette as build_palette
+from kdlora.elastic.model import ElasticTransformer
 from kdlora.losses import check_feature_normalization, check_weight, orthonormal_projection, projected_feature_loss
-from kdlora.modules.base import optimizer_groups
+from kdlora.mlfs.search_space import SearchSpace, SubnetSampler, palette_members
+from kdlora.training.module import optimizer_groups
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class MLFSTraining:
     """
 
     # ---- construction ----
-    def init_mlfs(self, encoder: ElasticEncoder, *, search_space: Optional[dict[str, Any] | str], num_subnets: int,
+    def init_mlfs(self, encoder: ElasticTransformer, *, search_space: Optional[dict[str, Any] | str], num_subnets: int,
                   sandwich: bool, per_layer: bool, sampler_seed: int, palette: Optional[list[Any]], feature_dim: int,
                   head_stages: str = "first", sample_palette: bool = False) -> None:
         """Set ``encoder`` (with all stages' adapters), the search space, sampler, palette (maxnet first
@@ -96,7 +96,7 @@ class MLFSTraining:
                     names -= head_names
         self.encoder.train()  # transformers returns eval-mode models; dropout must be on in training
         self.space = SearchSpace.build(self.encoder.max_config, search_space, count=self.encoder.parameter_count)
-        members = build_palette(self.space, palette)
+        members = palette_members(self.space, palette)
         if self.encoder.max_config not in members:
             members.insert(0, self.encoder.max_config)  # the headline metrics are the maxnet's
         self.sampler = SubnetSampler(self.space, num_subnets, sandwich, per_layer, sampler_seed,
@@ -315,9 +315,9 @@ class MLFSTraining:
 
     def export_palette(self, export_dir: Path, rows: list[dict], title: str, tokenizer, meta: dict) -> None:
         """Every member as a standalone Hugging Face model ``export_dir/<name>/`` beside the palette report,
-        written as one kdlora export (`kdlora.models.write_export`: atomic, never over a user's folder)."""
-        from kdlora.elastic.palette import write_palette_report
-        from kdlora.models import write_export
+        written as one kdlora export (`kdlora.io.write_export`: atomic, never over a user's folder)."""
+        from kdlora.io import write_export
+        from kdlora.mlfs.palette import write_palette_report
 
         self.encoder.eval()
 

@@ -1,6 +1,6 @@
 """CausalLMSuperTransformer: MLFS on a decoder (Llama, GPT-2): one causal LM, every sub-network a causal LM.
 
-The stages and the step are `kdlora.modules.mlfs.MLFSTraining`, as for the GLUE `SuperTransformer`;
+The stages and the step are `kdlora.mlfs.training.MLFSTraining`, as for the GLUE `SuperTransformer`;
 only the losses differ. Per step the maxnet runs first on the next-token loss, then K sampled subnets on
 
     L_j = (1−α)·LM(z_j) + α·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)
@@ -15,7 +15,7 @@ Batches: ``{"input_ids": [B, T], "attention_mask": [B, T], "labels": [B, T]}``, 
 input_ids with -100 at padding.
 
 Validation, per palette member: ``val/<subnet>/loss`` and ``val/<subnet>/perplexity`` (exp of the
-token-mean loss over the whole split, `kdlora.metrics.TokenMeanLoss`), ``val/loss``,
+token-mean loss over the whole split, `kdlora.eval.metrics.TokenMeanLoss`), ``val/loss``,
 ``val/perplexity`` for the maxnet and ``val/palette_loss``, the members' mean loss. At fit end the
 palette of the best checkpoint (selected on the held-out split by the checkpoint monitor) and the
 end-of-fit palette are reported (params, val loss, perplexity) and, with `export`, every member of the
@@ -34,12 +34,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
-from kdlora.elastic.model import ElasticEncoder
+from kdlora.data.tokenizer import load_tokenizer
+from kdlora.elastic.model import ElasticTransformer
+from kdlora.eval.metrics import TokenMeanLoss
 from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses
-from kdlora.metrics import TokenMeanLoss
-from kdlora.models import load_tokenizer
-from kdlora.modules.base import KDLoraModule
-from kdlora.modules.mlfs import MLFSTraining, check_mlfs_arguments
+from kdlora.mlfs.training import MLFSTraining, check_mlfs_arguments
+from kdlora.training.module import FineTuningModule
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def load_causal_lm(model_name_or_path: Optional[str], model_config: Optional[dic
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
-class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
+class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
     """MLFS super-transformer of a causal LM (`train.py fit --config configs/decoder/...`, see `kdlora.cli`).
 
     Args:
@@ -125,7 +125,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
         sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
                                             gradient_clip, sampler_seed, feature_normalization)
         self.save_hyperparameters()
-        encoder = ElasticEncoder(load_causal_lm(model_name_or_path, model_config), lora_r, lora_alpha, lora_dropout,
+        encoder = ElasticTransformer(load_causal_lm(model_name_or_path, model_config), lora_r, lora_alpha, lora_dropout,
                                  tuple(lora_targets))
         if not encoder.is_causal_lm:
             raise ValueError(f"CausalLMSuperTransformer needs a causal LM; {type(encoder.model).__name__} is not one")
@@ -277,7 +277,7 @@ class CausalLMSuperTransformer(MLFSTraining, KDLoraModule):
     @rank_zero_only
     def _report_and_export(self, rows: Optional[list[dict]], info: dict, report_dir: Optional[Path], export_dir: Optional[Path],
                            final: tuple[Optional[list[dict]], dict] = (None, {})) -> None:
-        from kdlora.elastic.palette import write_palette_report
+        from kdlora.mlfs.palette import write_palette_report
 
         rows = [{**r, **info} for r in (rows if rows is not None else self.size_rows())]
         title = self._palette_title(info)

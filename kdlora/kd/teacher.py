@@ -6,9 +6,12 @@ from typing import Literal, Optional
 
 from torch import nn
 
+from kdlora.data.tokenizer import load_tokenizer
 from kdlora.losses import task_loss
-from kdlora.models import apply_lora, check_head, check_tokenizer_fits, load_classifier, load_tokenizer, new_weight_modules
-from kdlora.modules.base import GLUEModule
+from kdlora.training.heads import check_head, new_weight_modules
+from kdlora.training.loading import check_tokenizer_fits, load_classifier
+from kdlora.training.lora import apply_lora
+from kdlora.training.module import GLUEModule
 
 
 class Teacher(GLUEModule):

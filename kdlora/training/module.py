@@ -1,4 +1,4 @@
-"""What every kdlora LightningModule shares (`KDLoraModule`: optimizer, schedule, divergence, resuming, export
+"""What every kdlora LightningModule shares (`FineTuningModule`: optimizer, schedule, divergence, resuming, export
 place) and what the GLUE ones add (`GLUEModule`: task, metric logging, predict, export)."""
 
 from __future__ import annotations
@@ -16,9 +16,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from torch import nn
 from transformers import get_linear_schedule_with_warmup
 
-from kdlora.metrics import glue_score, predictions_from_logits, task_metrics
-from kdlora.models import check_export_dir, export_hf, in_classifier_head, init_regression_bias, load_tokenizer, plain_model
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
+from kdlora.data.tokenizer import load_tokenizer
+from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
+from kdlora.io import check_export_dir, export_hf
+from kdlora.training.heads import in_classifier_head, init_regression_bias
+from kdlora.training.lora import plain_model
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 class TrainingDivergedError(RuntimeError):
     """A training loss (or the weights) stopped being finite: the run stops, nothing is exported.
 
-    `record` (step, epoch, batch_idx, what, value) is what `kdlora.callbacks.GLUEResults` writes to
+    `record` (step, epoch, batch_idx, what, value) is what `kdlora.training.callbacks.GLUEResults` writes to
     the run's results.json as ``diverged``, so the report leaves the run out of its averages.
     """
 
@@ -68,7 +71,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), python_gauss))
 
 
-class KDLoraModule(L.LightningModule):
+class FineTuningModule(L.LightningModule):
     """What every kdlora LightningModule shares, whatever its data: argument checks of the optimizer,
     AdamW with a linear schedule, divergence checks, the random streams a checkpoint carries, where
     exports go, and the check (when fit starts) that the export can be written there.
@@ -169,7 +172,7 @@ class KDLoraModule(L.LightningModule):
         return Path(log_dir) / "export"
 
 
-class GLUEModule(KDLoraModule):
+class GLUEModule(FineTuningModule):
     """Base class of the GLUE modules: subclasses provide `self.model`-like forward via `logits(batch)` and a `training_step`.
 
     Args:
@@ -178,7 +181,7 @@ class GLUEModule(KDLoraModule):
         export_dir: where the best model is written as a Hugging Face directory at the end of fit
             (default ``<log_dir>/export``; without a run directory, as under fast_dev_run, nothing is
             exported unless export_dir is given); `export=False` skips it. An existing directory is
-            replaced only if it is empty or a previous kdlora export (`kdlora.models.check_export_dir`),
+            replaced only if it is empty or a previous kdlora export (`kdlora.io.check_export_dir`),
             checked when fit starts and again when writing.
 
     Training stops with `TrainingDivergedError` at the first non-finite training loss, and no

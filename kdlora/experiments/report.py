@@ -1,21 +1,21 @@
 """Turn finished runs into the KD-LoRA paper's tables, as markdown and JSON.
 
-    python -m kdlora.report --runs runs/ --out report.md
-    python -m kdlora.report --runs runs/ --out report.md --pair minilm=models/minilm:models/minilm-l3
+    python -m kdlora.experiments.report --runs runs/ --out report.md
+    python -m kdlora.experiments.report --runs runs/ --out report.md --pair minilm=models/minilm:models/minilm-l3
 
 Table 1: per-task GLUE scores (×100) and their average for FFT, LoRA and KD-LoRA, read from each
-run's ``results.json`` (written by `kdlora.callbacks.GLUEResults`), aggregated the paper's way: per
+run's ``results.json`` (written by `kdlora.training.callbacks.GLUEResults`), aggregated the paper's way: per
 (method, task) the median of the top-k runs by validation score (k = 6, ``--top-k``; a sweep from
-`kdlora.sweep` gives the runs), MNLI-m and -mm as separate columns of the average. Table 2: trainable parameters
+`kdlora.experiments.sweep` gives the runs), MNLI-m and -mm as separate columns of the average. Table 2: trainable parameters
 at LoRA ranks 8/16/32/64 computed from model configs alone (models built on the meta device, so
 bert-base, roberta-base and deberta-v3-base cost nothing), and peak memory / inference time
 measured by the runs (`PeakMemory`, `InferenceLatency`, `ParameterCount`). Beside the paper
-(`kdlora.paper`): its headline claims with the same ratios from ours, then its Table 1 per task and
+(`kdlora.experiments.paper`): its headline claims with the same ratios from ours, then its Table 1 per task and
 Table 2 per teacher → student pair beside ours, each row naming its pair.
 MLFS palettes: every supernet run's ``palette.json`` (params, dev metrics, latency of each member)
 beside the best FFT teacher of the same task and what the MLFS paper states of its BERT palettes.
 
-    python -m kdlora.report --from-json report.json --out report.md   # a saved report rendered again
+    python -m kdlora.experiments.report --from-json report.json --out report.md   # a saved report rendered again
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from kdlora import paper
-from kdlora.callbacks import RESULTS_FILE, write_atomic
-from kdlora.sweep import DONE_MARKER, POINT_FILE
-from kdlora.tasks import get_task
+from kdlora.data.tasks import get_task
+from kdlora.experiments import paper
+from kdlora.experiments.sweep import DONE_MARKER, POINT_FILE
+from kdlora.io import write_atomic
+from kdlora.training.callbacks import RESULTS_FILE
 
-CONFIG_DIR = Path(__file__).parent / "assets" / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "assets" / "configs"
 TASK_ORDER = ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 METHOD_ORDER = ["FFT", "LoRA", "KD-LoRA"]
 RANKS = (8, 16, 32, 64)
@@ -329,7 +330,7 @@ def render_palettes(items: list[dict[str, Any]]) -> list[str]:
 
 
 def mlfs_beside_paper(item: dict[str, Any]) -> dict[str, Any]:
-    """One palette beside what the MLFS paper states of its BERT-base palettes (`kdlora.paper.MLFS_GLUE`): the
+    """One palette beside what the MLFS paper states of its BERT-base palettes (`kdlora.experiments.paper.MLFS_GLUE`): the
     minnet's share of the maxnet's parameters, and the member nearest a quarter of the teacher's size (the paper:
     accurate at 1/4 the size and 1/3 the latency): its size and latency shares and its score over the teacher's."""
     rows, claims = item["rows"], paper.MLFS_GLUE
@@ -401,14 +402,15 @@ def lora_parameter_counts(config, ranks: Sequence[int] = RANKS, num_labels: int 
     accountings behind them: "r8_adapters" (the LoRA A/B matrices alone, what the paper's formula
     counts), "head" (the head modules trained beside them here: every top-level module outside the
     encoder, e.g. DistilBERT's newly initialised ``pre_classifier`` + ``classifier``), and
-    "final_classifier" (only the final classifier layer, `kdlora.models.final_classifier_modules`: what
+    "final_classifier" (only the final classifier layer, `kdlora.training.heads.final_classifier_modules`: what
     ``head: seq_cls`` trains; RoBERTa's ``classifier.out_proj``, not its ``dense``).
 
     The model is built on the meta device: no memory, no weights, any size.
     """
     from transformers import AutoModelForSequenceClassification
 
-    from kdlora.models import apply_lora, final_classifier_modules
+    from kdlora.training.heads import final_classifier_modules
+    from kdlora.training.lora import apply_lora
 
     config = copy.deepcopy(config)
     config.num_labels = num_labels
@@ -466,7 +468,7 @@ def _change(new: Optional[float], old: Optional[float]) -> Optional[float]:
 
 
 def comparison(t1: dict, params: dict, eff: dict, rank: int = 8) -> dict[str, dict[str, Any]]:
-    """{claim key: {label, paper, source, ours}} for every claim in `kdlora.paper.CLAIMS`; ``ours`` holds
+    """{claim key: {label, paper, source, ours}} for every claim in `kdlora.experiments.paper.CLAIMS`; ``ours`` holds
     the same ratio from our runs (None where the runs needed are missing)."""
     out: dict[str, dict[str, Any]] = {}
     for key, (label, value, source) in paper.CLAIMS.items():
@@ -530,7 +532,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def paper_table1(t1: dict, params: dict) -> dict[str, Any]:
-    """The paper's Table 1 (`kdlora.paper.TABLE1`) beside ours, on the columns we have runs for, in the paper's
+    """The paper's Table 1 (`kdlora.experiments.paper.TABLE1`) beside ours, on the columns we have runs for, in the paper's
     column order: {"columns": [...], "rows": [{column, source, pair, FFT, LoRA, KD-LoRA, kd_vs_fft, kd_vs_lora}]},
     one row for ours and one per paper teacher → student pair under each column; scores ×100."""
     ours: dict[str, dict[str, float]] = {}
@@ -552,7 +554,7 @@ def paper_table1(t1: dict, params: dict) -> dict[str, Any]:
 
 
 def paper_table2(t1: dict, params: dict, eff: dict) -> list[dict[str, Any]]:
-    """The paper's Table 2 (`kdlora.paper.TABLE2`: trainable parameters by rank, GPU memory during inference, inference
+    """The paper's Table 2 (`kdlora.experiments.paper.TABLE2`: trainable parameters by rank, GPU memory during inference, inference
     time over CoLA validation) and ours (measured in the runs: `efficiency`), a row per (pair, method), with KD-LoRA's
     memory and time relative to FFT and LoRA of the same pair (ours: only where measured alike, as in `comparison`)."""
     rows = []
@@ -778,19 +780,19 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
 
 
 def read_selection(out_dir: Path) -> dict[str, Any]:
-    """What `kdlora.elastic.select` chose in its ``--out`` folder: the member, its budget, held-out score,
+    """What `kdlora.mlfs.select` chose in its ``--out`` folder: the member, its budget, held-out score,
     latency and size (``model/subnet.json``), and where its report and model are."""
     info_file = out_dir / "model" / "subnet.json"
     if not info_file.is_file():
         raise FileNotFoundError(f"{out_dir} holds no selected model ({info_file} is missing): "
-                                "give the --out folder of a finished `python -m kdlora.elastic.select`")
+                                "give the --out folder of a finished `python -m kdlora.mlfs.select`")
     try:
         info = json.loads(info_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"malformed selection file {info_file}: {e}") from None
     chosen = info.get("selected_by")
     if not isinstance(chosen, dict):
-        raise ValueError(f"{info_file} records no selection ('selected_by'): not written by kdlora.elastic.select")
+        raise ValueError(f"{info_file} records no selection ('selected_by'): not written by kdlora.mlfs.select")
     budget = {k: v for k, v in (chosen.get("budget") or {}).items() if v is not None}
     return {"dir": str(out_dir), "name": info.get("name"), "params": info.get("parameters"), "budget": budget,
             "split": chosen.get("split"), "score": chosen.get("score"), "latency_ms": chosen.get("latency_ms"),
@@ -837,7 +839,7 @@ def artifacts(runs: list[dict[str, Any]], selections: Sequence[dict[str, Any]] =
 
 
 def render_selections(selections: Sequence[dict[str, Any]]) -> list[str]:
-    lines = ["## The member chosen under a budget (`kdlora.elastic.select`)", "",
+    lines = ["## The member chosen under a budget (`kdlora.mlfs.select`)", "",
              "| chosen | budget | params (M) | held-out score | dev score | latency (ms) | latency / maxnet | device |",
              "|---|---|---|---|---|---|---|---|"]
     for sel in selections:
@@ -874,14 +876,14 @@ def build_report(run_paths: Sequence[str], pairs: Optional[dict[str, tuple[str, 
 
 def with_paper(data: dict[str, Any]) -> dict[str, Any]:
     """A report's data with the paper's values beside ours (``paper_comparison``, ``paper_table1``,
-    ``paper_table2``) computed afresh from its tables and `kdlora.paper`."""
+    ``paper_table2``) computed afresh from its tables and `kdlora.experiments.paper`."""
     t1, params, eff = data["table1"], data.get("table2_parameters", {}), data.get("table2_efficiency", {})
     return {**data, "paper_comparison": comparison(t1, params, eff, rank=min(data.get("ranks") or RANKS)),
             "paper_table1": paper_table1(t1, params), "paper_table2": paper_table2(t1, params, eff)}
 
 
 def render(data: dict[str, Any], notes: Optional[str] = None) -> str:
-    """The report's markdown from its JSON (`build_report`'s data) and `kdlora.paper`; `notes`, prose that
+    """The report's markdown from its JSON (`build_report`'s data) and `kdlora.experiments.paper`; `notes`, prose that
     interprets the results, goes under the title."""
     data = with_paper(data)
     markdown = render_markdown(data["table1"], data.get("table2_parameters", {}), data.get("table2_efficiency", {}),
@@ -924,17 +926,17 @@ def parse_pair(text: str) -> tuple[str, tuple[str, str]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kdlora.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kdlora.experiments.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", nargs="*", default=[], help="run directories (searched for results.json)")
     parser.add_argument("--from-json", metavar="JSON", help="render a saved report's JSON again (no runs needed): "
-                        "its tables beside the paper's values as kdlora.paper now holds them")
+                        "its tables beside the paper's values as kdlora.experiments.paper now holds them")
     parser.add_argument("--out", default="report.md", help="markdown output; JSON goes beside it (.json)")
     parser.add_argument("--pair", action="append", default=[], help="NAME=TEACHER:STUDENT configs for Table 2a (repeatable)")
     parser.add_argument("--no-default-pairs", action="store_true", help="only the --pair families in Table 2a")
     parser.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     parser.add_argument("--split", default="val_best", choices=["val_best", "val_last", "test"])
     parser.add_argument("--selection", action="append", default=[], metavar="DIR",
-                        help="the --out folder of a `python -m kdlora.elastic.select` run: its chosen member (repeatable)")
+                        help="the --out folder of a `python -m kdlora.mlfs.select` run: its chosen member (repeatable)")
     parser.add_argument("--top-k", type=int, default=TOP_K,
                         help="per (method, task): the median of the k best runs (the paper: 6); k is clipped to the runs there are")
     args = parser.parse_args(argv)
@@ -951,7 +953,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             markdown, data = build_report(args.runs, pairs, args.ranks, args.split, args.top_k, args.selection)
     except (ValueError, FileNotFoundError) as e:
-        print(f"kdlora.report: error: {e}", file=sys.stderr)
+        print(f"kdlora.experiments.report: error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     write_atomic(out, markdown)

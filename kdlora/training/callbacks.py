@@ -2,16 +2,12 @@
 
 The measuring callbacks know nothing of the module they measure: they count `pl_module.parameters()`,
 time `pl_module(batch)` and read the device's memory counters. Each merges its numbers into the run's
-``<log_dir>/results.json`` (which `kdlora.report` reads) and logs them.
+``<log_dir>/results.json`` (which `kdlora.experiments.report` reads) and logs them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,29 +17,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 
-from kdlora.metrics import predictions_from_logits
+from kdlora.eval.latency import latency_summary
+from kdlora.eval.metrics import predictions_from_logits
+from kdlora.io import update_results, write_atomic
+
 
 # GLUE's submission format writes label names for the NLI tasks, integers elsewhere, floats for STS-B.
 TEXT_LABEL_TASKS = {"mnli", "qnli", "rte", "ax"}
-
-
-def write_atomic(path: Path, text: str | bytes) -> None:
-    """Write a file (text, or bytes as given) via a temporary sibling so a crash never leaves half a file;
-    a full disk is a `kdlora.models.OutOfSpaceError` naming `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(text) if isinstance(text, bytes) else tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        from kdlora.models import OutOfSpaceError, out_of_space
-
-        if out_of_space(e) and not isinstance(e, OutOfSpaceError):
-            raise OutOfSpaceError(path) from e
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class GLUESubmissionWriter(BasePredictionWriter):
@@ -93,23 +73,6 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
-def update_results(path: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
-    """Merge `updates` into the JSON file at `path` (nested dicts merged key by key), atomically."""
-    path = Path(path)
-    results = json.loads(path.read_text()) if path.is_file() else {}
-
-    def merge(into: dict, new: dict) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    merge(results, updates)
-    write_atomic(path, json.dumps(results, indent=2, sort_keys=True) + "\n")
-    return results
-
-
 def log_numbers(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     """Log outside a LightningModule hook (`self.log` is not allowed in fit/test end hooks)."""
     for logger in trainer.loggers:
@@ -124,7 +87,7 @@ def _stage(trainer: L.Trainer) -> str:
 class GLUEResults(Callback):
     """Writes what the report needs: the run's module, task and hparams, the best and last validation
     metrics of fit (best by ``val/score``) and test metrics, to ``<log_dir>/results.json``; and, when
-    training diverges (`kdlora.modules.base.TrainingDivergedError`), where, as ``diverged``."""
+    training diverges (`kdlora.training.module.TrainingDivergedError`), where, as ``diverged``."""
 
     def __init__(self, filename: str = RESULTS_FILE) -> None:
         self.filename = filename
@@ -148,7 +111,7 @@ class GLUEResults(Callback):
         self._fit_path = self._path(trainer)  # now, on every rank: an exception may reach only one
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        from kdlora.modules.base import TrainingDivergedError
+        from kdlora.training.module import TrainingDivergedError
 
         if isinstance(exception, TrainingDivergedError) and self._fit_path is not None:
             update_results(self._fit_path, {"diverged": exception.record})
@@ -331,20 +294,6 @@ class PeakMemory(Callback):
 
     def on_test_end(self, trainer, pl_module) -> None:
         self._end(trainer, pl_module, "test")
-
-
-def latency_summary(batch_seconds: list[float], examples: int, num_runs: int) -> dict[str, float]:
-    """Total seconds, per-batch mean/p50/p90 (ms) and throughput of timed inference passes."""
-    ordered = sorted(batch_seconds)
-    total = sum(batch_seconds)
-
-    def quantile(q: float) -> float:  # nearest-rank
-        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-    return {"total_s": total, "per_run_s": total / num_runs, "batch_mean_ms": 1e3 * statistics.fmean(batch_seconds),
-            "batch_p50_ms": 1e3 * quantile(0.5), "batch_p90_ms": 1e3 * quantile(0.9),
-            "examples_per_s": examples * num_runs / total if total > 0 else float("inf"),
-            "num_batches": len(batch_seconds) // num_runs, "num_examples": examples, "num_runs": num_runs}
 
 
 class InferenceLatency(Callback):

@@ -35,8 +35,14 @@ from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from kdlora.callbacks import write_atomic
-from kdlora.data import ResumableDataLoader, ResumableShuffleSampler, _uses_distributed_sampler, train_order_position
+from kdlora.data.samplers import (
+    ResumableDataLoader,
+    ResumableShuffleSampler,
+    _uses_distributed_sampler,
+    train_order_position,
+)
+from kdlora.data.tokenizer import load_tokenizer
+from kdlora.io import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -268,8 +274,6 @@ class CausalLMDataModule(L.LightningDataModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            from kdlora.models import load_tokenizer
-
             tok = load_tokenizer(self.tokenizer_name, "data.tokenizer_name")
             if tok.eos_token_id is None:
                 raise LMDataError(f"tokenizer {self.tokenizer_name!r} has no EOS token, which separates packed documents")

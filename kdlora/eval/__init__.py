@@ -1,0 +1,1 @@
+"""Evaluation: GLUE metrics, inference latency, and pass@k of generated code."""

@@ -1,0 +1,1 @@
+"""Experiments: sweeps over configs, the report of finished runs, and the papers' tables."""
