@@ -16,6 +16,7 @@ from kdlora.data.tokenizer import load_tokenizer
 from kdlora.kd.student_init import copy_head_from_teacher, layer_dropped_copy
 from kdlora.losses import check_weight, distillation_loss, feature_loss, orthonormal_projection, renamed_argument
 from kdlora.training.checkpoint import current_class_path, read_checkpoint
+from kdlora.training.args import ExportArgs, OptimizerArgs
 from kdlora.training.heads import check_head, head_parameter_names, new_weight_modules
 from kdlora.training.loading import check_tokenizer_fits, load_classifier
 from kdlora.training.lora import apply_lora
@@ -166,7 +167,7 @@ class KDLoRAStudent(GLUEModule):
         alpha: Optional[float] = None,
     ) -> None:
         renamed_argument("alpha", "task_weight", "the weight of the task loss; distillation gets 1 − task_weight", alpha)
-        super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        super().__init__(task, OptimizerArgs(learning_rate, weight_decay, warmup_ratio), ExportArgs(export, export_dir))
         if teacher_path is None:
             raise ValueError("teacher_path is required: an exported Teacher directory or a Teacher .ckpt")
         check_weight("task_weight", task_weight)

@@ -8,6 +8,7 @@ from torch import nn
 
 from kdlora.data.tokenizer import load_tokenizer
 from kdlora.losses import task_loss
+from kdlora.training.args import ExportArgs, OptimizerArgs
 from kdlora.training.heads import check_head, new_weight_modules
 from kdlora.training.loading import check_tokenizer_fits, load_classifier
 from kdlora.training.lora import apply_lora
@@ -49,7 +50,7 @@ class Teacher(GLUEModule):
         export: bool = True,
         export_dir: Optional[str] = None,
     ) -> None:
-        super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        super().__init__(task, OptimizerArgs(learning_rate, weight_decay, warmup_ratio), ExportArgs(export, export_dir))
         if finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
         check_head(head)

@@ -39,6 +39,7 @@ from kdlora.elastic.model import ElasticTransformer
 from kdlora.eval.metrics import TokenMeanLoss
 from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses
 from kdlora.mlfs.training import MLFSTraining, check_mlfs_arguments
+from kdlora.training.args import ExportArgs, OptimizerArgs
 from kdlora.training.module import FineTuningModule
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
         export: bool = True,
         export_dir: Optional[str] = None,
     ) -> None:
-        super().__init__(learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        super().__init__(OptimizerArgs(learning_rate, weight_decay, warmup_ratio), ExportArgs(export, export_dir))
         sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
                                             gradient_clip, sampler_seed, feature_normalization)
         self.save_hyperparameters()

@@ -59,6 +59,7 @@ from kdlora.elastic.model import ElasticTransformer
 from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.losses import renamed_argument, subnet_loss, task_loss
 from kdlora.mlfs.training import MLFSTraining, check_mlfs_arguments
+from kdlora.training.args import ExportArgs, OptimizerArgs
 from kdlora.training.loading import check_tokenizer_fits, load_classifier
 from kdlora.training.module import GLUEModule
 
@@ -167,7 +168,7 @@ class SuperTransformer(MLFSTraining, GLUEModule):
         alpha: Optional[float] = None,
     ) -> None:
         renamed_argument("alpha", "distill_weight", "the weight of a subnet's distillation terms; its task loss gets 1 − distill_weight", alpha)
-        super().__init__(task, learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        super().__init__(task, OptimizerArgs(learning_rate, weight_decay, warmup_ratio), ExportArgs(export, export_dir))
         sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
                                             gradient_clip, sampler_seed, feature_normalization, head_stages)
         if base not in ("pretrained", "finetuned"):

@@ -20,6 +20,7 @@ from kdlora.data.tasks import get_task
 from kdlora.data.tokenizer import load_tokenizer
 from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics
 from kdlora.io import check_export_dir, export_hf
+from kdlora.training.args import ExportArgs, OptimizerArgs, as_args
 from kdlora.training.heads import in_classifier_head, init_regression_bias
 from kdlora.training.lora import plain_model
 
@@ -77,31 +78,23 @@ class FineTuningModule(L.LightningModule):
     exports go, and the check (when fit starts) that the export can be written there.
 
     Args:
-        learning_rate, weight_decay, warmup_ratio: AdamW with linear warmup then linear decay.
-        export, export_dir: see `GLUEModule`.
+        optimizer: AdamW with linear warmup then linear decay (`OptimizerArgs`, or a dict of its fields).
+        export: where the trained model is written (`ExportArgs`, or a dict of its fields); see `GLUEModule`.
 
+    Subclasses save their argument groups as plain dicts (`dataclasses.asdict`) in their hyperparameters.
     Training stops with `TrainingDivergedError` at the first non-finite training loss, and no
     checkpoint is ever written from non-finite weights.
     """
 
-    def __init__(
-        self,
-        learning_rate: float = 2e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.06,
-        export: bool = True,
-        export_dir: Optional[str] = None,
-    ) -> None:
+    def __init__(self, optimizer: OptimizerArgs = OptimizerArgs(), export: ExportArgs = ExportArgs()) -> None:
         super().__init__()
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.optimizer_args = as_args(OptimizerArgs, optimizer)  # checks its values
+        self.export_args = as_args(ExportArgs, export)
         self._batch_idx: Optional[int] = None
         self._rng_to_restore: Optional[dict[str, Any]] = None
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.hparams.get("export", False):
+        if stage == "fit" and self.export_args.enabled:
             # Before any training: a refusal at fit end would waste the run.
             path = self.export_path  # on every rank: trainer.log_dir is a collective under DDP
             if path is not None:
@@ -123,9 +116,10 @@ class FineTuningModule(L.LightningModule):
 
     # ---- optimisation ----
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(optimizer_groups(self.named_parameters(), self.hparams.weight_decay), lr=self.hparams.learning_rate)
+        args = self.optimizer_args
+        opt = torch.optim.AdamW(optimizer_groups(self.named_parameters(), args.weight_decay), lr=args.learning_rate)
         total = int(self.trainer.estimated_stepping_batches)
-        sched = get_linear_schedule_with_warmup(opt, int(self.hparams.warmup_ratio * total), total)
+        sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- divergence ----
@@ -139,7 +133,7 @@ class FineTuningModule(L.LightningModule):
         value = float(loss.detach().float().flatten()[0]) if loss.numel() == 1 else "non-finite"
         record = {"what": what, "value": str(value), "step": self.global_step, "epoch": self.current_epoch,
                   "batch_idx": self._batch_idx}
-        lr = self.hparams.get("learning_rate")
+        lr = self.optimizer_args.learning_rate
         raise TrainingDivergedError(
             f"{what} is {value} at step {self.global_step} (epoch {self.current_epoch}, batch_idx {self._batch_idx}): "
             f"training diverged and stopped; nothing was exported. Lower learning_rate (it is {lr}) or check the "
@@ -162,10 +156,10 @@ class FineTuningModule(L.LightningModule):
     # ---- export ----
     @property
     def export_path(self) -> Optional[Path]:
-        """`export_dir`, else ``<log_dir>/export``; None when the run has no directory of its own
+        """`export.dir`, else ``<log_dir>/export``; None when the run has no directory of its own
         (fast_dev_run replaces the loggers), so nothing lands in the working directory unasked."""
-        if self.hparams.get("export_dir"):
-            return Path(self.hparams.export_dir)
+        if self.export_args.dir:
+            return Path(self.export_args.dir)
         log_dir = self.trainer.log_dir
         if self.trainer.fast_dev_run or log_dir is None:
             return None
@@ -177,10 +171,10 @@ class GLUEModule(FineTuningModule):
 
     Args:
         task: GLUE task name (linked from the data module by the CLI).
-        learning_rate, weight_decay, warmup_ratio: AdamW with linear warmup then linear decay.
-        export_dir: where the best model is written as a Hugging Face directory at the end of fit
-            (default ``<log_dir>/export``; without a run directory, as under fast_dev_run, nothing is
-            exported unless export_dir is given); `export=False` skips it. An existing directory is
+        optimizer: AdamW with linear warmup then linear decay (`OptimizerArgs`).
+        export: `ExportArgs`: ``dir`` is where the best model is written as a Hugging Face directory at the
+            end of fit (default ``<log_dir>/export``; without a run directory, as under fast_dev_run, nothing is
+            exported unless ``dir`` is given); ``enabled: false`` skips it. An existing directory is
             replaced only if it is empty or a previous kdlora export (`kdlora.io.check_export_dir`),
             checked when fit starts and again when writing.
 
@@ -192,17 +186,9 @@ class GLUEModule(FineTuningModule):
     # checkpoint on dev (`test`): selected on held-out data, reported on dev. The supernet scores its palette itself.
     TEST_ON_DEV_AFTER_HELD_OUT_FIT = True
 
-    def __init__(
-        self,
-        task: str = "mrpc",
-        learning_rate: float = 2e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.06,
-        export: bool = True,
-        export_dir: Optional[str] = None,
-    ) -> None:
+    def __init__(self, task: str = "mrpc", optimizer: OptimizerArgs = OptimizerArgs(), export: ExportArgs = ExportArgs()) -> None:
         spec = get_task(task)
-        super().__init__(learning_rate, weight_decay, warmup_ratio, export, export_dir)
+        super().__init__(optimizer, export)
         self.spec = spec
         # One metric collection per evaluation dataloader (MNLI has matched + mismatched).
         self.eval_metrics = nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))])
@@ -303,14 +289,14 @@ class GLUEModule(FineTuningModule):
 
     # ---- export ----
     def on_fit_end(self) -> None:
-        if not self.hparams.get("export", False):
+        if not self.export_args.enabled:
             return
         ckpt_cb = self.trainer.checkpoint_callback
         best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
         path = self.export_path  # the path first: trainer.log_dir is a collective under DDP
         if path is None:
             if self.trainer.is_global_zero:
-                print("[kdlora] not exported: under fast_dev_run the run has no directory; set model.export_dir to export")
+                print("[kdlora] not exported: under fast_dev_run the run has no directory; set model.export.dir to export")
             return
         source = "the weights at the end of fit"
         if best and Path(best).is_file():
