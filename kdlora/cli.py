@@ -20,8 +20,9 @@ import sys
 import sysconfig
 import warnings
 from argparse import ArgumentError
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lightning.fabric.plugins.io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -60,23 +61,53 @@ MOVED = {
 }
 
 
+def _config_files(args: list[str]) -> list[str]:
+    """The ``--config`` files a command names, in order."""
+    files = []
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key == "--config":
+            files.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+    return files
+
+
 def check_moved_class_paths(args: list[str]) -> None:
     """Raise ValueError naming the new place of the first old class path (`MOVED`) in the command's
     arguments or in a ``--config`` file it names."""
-    texts = []
-    for i, arg in enumerate(args):
-        texts.append(arg)
-        key, eq, value = arg.partition("=")
-        if key == "--config":
-            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            try:
-                texts.append(Path(value).read_text())
-            except (OSError, ValueError):  # the parser reports a missing or unreadable config itself
-                pass
+    texts = list(args)
+    for value in _config_files(args):
+        try:
+            texts.append(Path(value).read_text())
+        except (OSError, ValueError):  # the parser reports a missing or unreadable config itself
+            pass
     for text in texts:
         for old in re.findall(r"kdlora(?:\.\w+)+", text):
             if old in MOVED:
                 raise ValueError(f"{old} moved: use {MOVED[old]}")
+
+
+def check_renamed_model_keys(args: list[str]) -> None:
+    """Raise ValueError "model.init_args.lora_r is now model.init_args.lora.r" for the first renamed
+    argument of the model (`kdlora.training.args.RENAMED`) in a ``--config`` file the command names or on
+    its command line (``--model.init_args.X`` or ``--model.X``)."""
+    from kdlora.training.args import check_renamed
+
+    module = _model_choice(args)
+    module = module if isinstance(module, str) else None
+    for path in _config_files(args):
+        model = _config_section(path, "model")
+        if isinstance(model, dict):
+            init_args = model.get("init_args", {k: v for k, v in model.items() if k != "class_path"})
+            if isinstance(init_args, dict):
+                check_renamed(init_args, "model.init_args", module)
+    given = {}
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        match = re.fullmatch(r"--model\.(?:init_args\.)?(\w+)((?:\.\w+)*)", key)
+        if match and match.group(1) not in ("class_path", "init_args"):
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else None)
+            given.setdefault(match.group(1), {match.group(2)[1:]: value} if match.group(2) else value)
+    check_renamed(given, "model.init_args", module)
 
 
 class KDLoRACLI(LightningCLI):
@@ -97,12 +128,15 @@ class KDLoRACLI(LightningCLI):
         task = getattr(config.get("data"), "task", None)
         if task is not None:
             fill_task(config, get_task(task).name)
+        add_measuring_callbacks(config)
 
     def add_arguments_to_parser(self, parser) -> None:
         # The task is chosen once, on the data; the model learns its labels and metrics from it.
         parser.link_arguments("data.task", "model.init_args.task")
         # Teacher and student share a vocabulary, so the model's own tokenizer is the data's.
         parser.link_arguments("model.init_args.model_name_or_path", "data.tokenizer_name")
+        parser.add_argument("--measure", type=Optional[MeasureArgs], default=None,
+                            help="add the callbacks kdlora.experiments.report reads (null: none)")
         add_checkpoint_arguments(parser, "val/score", "max")
         parser.add_lightning_class_args(GLUESubmissionWriter, "predictions")
 
@@ -222,6 +256,41 @@ def _accelerator_hint(config: dict) -> str:
     return f" (trainer.accelerator is {accelerator!r}; this machine has: {', '.join(available) or 'none'})"
 
 
+@dataclass(frozen=True)
+class MeasureArgs:
+    """The measurements `kdlora.experiments.report` reads: a config's ``measure:`` adds the callbacks
+    GLUEResults, ParameterCount, PeakMemory and InferenceLatency to ``trainer.callbacks``."""
+
+    latency_runs: int = 1
+    """InferenceLatency's timed passes over the validation loader (the KD-LoRA paper's protocol: 100)"""
+    latency_warmup_batches: int = 2
+    """InferenceLatency's untimed forward passes first (the paper's protocol: 10)"""
+
+
+MEASURING_CALLBACKS = tuple(f"kdlora.training.callbacks.{name}" for name in ("GLUEResults", "ParameterCount", "PeakMemory", "InferenceLatency"))
+
+
+def add_measuring_callbacks(config: Namespace) -> None:
+    """With ``measure`` set, the `MEASURING_CALLBACKS` that ``trainer.callbacks`` lacks are added to it, with
+    every argument (so the run's config.yaml shows them); a listed one keeps its own arguments."""
+    measure = config.get("measure")
+    trainer = config.get("trainer")
+    if measure is None or trainer is None:
+        return
+    measure = measure if isinstance(measure, MeasureArgs) else MeasureArgs(**dict(measure))
+    callbacks = list(trainer.get("callbacks") or [])
+    listed = {c.get("class_path") for c in callbacks if isinstance(c, (Namespace, dict))}
+    latency = {"num_runs": measure.latency_runs, "warmup_batches": measure.latency_warmup_batches}
+    for class_path in MEASURING_CALLBACKS:
+        if class_path not in listed:
+            cls = _import(class_path)
+            init_args = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                         if name != "self" and p.default is not p.empty}
+            init_args.update(latency if cls.__name__ == "InferenceLatency" else {})
+            callbacks.append(Namespace(class_path=class_path, init_args=Namespace(**init_args)))
+    trainer.callbacks = callbacks
+
+
 def add_checkpoint_arguments(parser, monitor: str, mode: str) -> None:
     """The best checkpoint (`checkpoint`, by `monitor`) and the resume one (`last_checkpoint`)."""
     parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -312,8 +381,14 @@ def fill_stdlib(source: str) -> str:
 
 
 def uses_causal_lm_module(args: list[str]) -> bool:
-    """Whether the command's model is a causal-LM module (`CausalLMSuperTransformer` or a subclass): the last
-    of ``--model X``, ``--model.class_path X`` and the ``model`` of each ``--config`` file, in order."""
+    """Whether the command's model is a causal-LM module (`CausalLMSuperTransformer` or a subclass)."""
+    choice = _model_choice(args)
+    return choice is not None and _is_causal_lm_class(choice)
+
+
+def _model_choice(args: list[str]) -> Any:
+    """The command's model class (path or name), or None: the last of ``--model X``, ``--model.class_path X``
+    and the ``model`` of each ``--config`` file, in order."""
     choice = None
     i = 0
     while i < len(args):
@@ -328,7 +403,7 @@ def uses_causal_lm_module(args: list[str]) -> bool:
             if found is not None:
                 choice = found
         i += 1
-    return choice is not None and _is_causal_lm_class(choice)
+    return choice
 
 
 def _class_path(value: Any) -> Any:
@@ -344,7 +419,8 @@ def _class_path(value: Any) -> Any:
     return value if isinstance(value, str) else None
 
 
-def _config_model(path: str) -> Any:
+def _config_section(path: str, key: str) -> Any:
+    """The `key` section of a ``--config`` file (or of its subcommand's section), or None."""
     import yaml
 
     try:
@@ -354,9 +430,13 @@ def _config_model(path: str) -> Any:
     if not isinstance(config, dict):
         return None
     for sub in ("fit", "validate", "test", "predict"):  # a config of a subcommand's arguments
-        if isinstance(config.get(sub), dict) and "model" in config[sub]:
+        if isinstance(config.get(sub), dict) and key in config[sub]:
             config = config[sub]
-    return _class_path(config.get("model"))
+    return config.get(key)
+
+
+def _config_model(path: str) -> Any:
+    return _class_path(_config_section(path, "model"))
 
 
 def _is_causal_lm_class(name: str) -> bool:

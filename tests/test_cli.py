@@ -282,3 +282,25 @@ def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, fitted(input_ids=ids).logits, atol=1e-5)
     assert AutoTokenizer.from_pretrained(cli_out).get_vocab() == tok.get_vocab()
+
+
+def test_measure_adds_the_report_callbacks_with_every_argument_and_keeps_a_listed_one():
+    """``measure:`` adds GLUEResults, ParameterCount, PeakMemory and InferenceLatency (its passes from
+    measure) to trainer.callbacks, each with all its arguments; a callback the config lists keeps its own
+    arguments and is not added twice; without measure, trainer.callbacks stays as given."""
+    from jsonargparse import Namespace
+
+    from kdlora.cli import MeasureArgs, add_measuring_callbacks
+
+    listed = Namespace(class_path="kdlora.training.callbacks.PeakMemory", init_args=Namespace(filename="memory.json"))
+    config = Namespace(measure=MeasureArgs(latency_runs=100, latency_warmup_batches=10), trainer=Namespace(callbacks=[listed]))
+    add_measuring_callbacks(config)
+    add_measuring_callbacks(config)  # a saved config.yaml run again
+    got = {c.class_path.rpartition(".")[2]: c.init_args for c in config.trainer.callbacks}
+    assert list(got) == ["PeakMemory", "GLUEResults", "ParameterCount", "InferenceLatency"]
+    assert got["PeakMemory"].filename == "memory.json" and got["GLUEResults"].filename == "results.json"
+    assert (got["InferenceLatency"].num_runs, got["InferenceLatency"].warmup_batches) == (100, 10)
+    assert got["InferenceLatency"].stages == ["fit", "test"] and got["InferenceLatency"].max_batches is None
+    bare = Namespace(measure=None, trainer=Namespace(callbacks=None))
+    add_measuring_callbacks(bare)
+    assert bare.trainer.callbacks is None
