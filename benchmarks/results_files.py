@@ -42,6 +42,7 @@ RENDERERS: dict[str, str] = {
     "decoder_palette": "decoder_palette:render_report",
     "decoder_palette_leading": "decoder_palette:render_report",
     "decoder_palette_latency": "decoder_palette:render_latency",
+    "fast_path_seeds*": "fast_path_seeds:markdown",
     "minilm_kdlora_diagnosis*": "kdlora_diagnosis:render",
     "minilm_report*": "kdlora.experiments.report:render",
     "mlfs_ablations_*": "mlfs_palette:render_ablations",
@@ -51,6 +52,7 @@ RENDERERS: dict[str, str] = {
     "passk_*/results": "results_files:render_passk",
     "slice_start_*": "slice_start:render",
     "smollm2_cpu": "lm_perplexity:render",
+    "supernet_step": "supernet_step:markdown",
 }
 
 # Markdown files in benchmarks/results that no code renders, each with why. Each says so under its title

@@ -668,16 +668,9 @@ def _millions(n: Optional[float]) -> str:
     return "–" if n is None else (f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K")
 
 
-def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS,
-                    palette_items: Sequence[dict] = (), excluded: Sequence[dict] = (), top_k: int = TOP_K,
-                    compared: Optional[dict] = None, unfinished: Sequence[str] = (), split: str = "val_best") -> str:
-    lines = ["# KD-LoRA report", ""]
-    protocol = {"val_best": f"at the best validation epoch: the median of the top {top_k} runs by that score (the paper's protocol)",
-                "val_last": f"at the last validation epoch: the median of the top {top_k} runs by that score",
-                "test": f"on dev, of the checkpoint selected on a held-out part of train: the median of the dev scores "
-                        f"of the top {top_k} runs by held-out score (the paper's protocol, with selection off the reported split)"}[split]
-    tasks = [t for t in TASK_ORDER if any(t in row for row in t1.values())]
-    methods = [m for m in METHOD_ORDER if m in t1] + sorted(m for m in t1 if m not in METHOD_ORDER)
+def _table1_lines(t1: dict, tasks: list[str], methods: list[str], protocol: str, top_k: int) -> list[str]:
+    """Table 1: a row of GLUE scores per method, the per-metric values under it."""
+    lines: list[str] = []
     lines += ["## Table 1: GLUE validation scores (×100)", "",
               "Each cell is the task's GLUE score (mean of its metrics: CoLA MCC, STS-B Pearson/Spearman, "
               f"MRPC/QQP accuracy/F1, else accuracy) {protocol}, n = the runs behind the cell. MNLI-m and MNLI-mm are separate "
@@ -714,12 +707,24 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
                     lines.append(f"- {m} / {get_task(t).dir_name}: {detail}")
     else:
         lines.append("_No finished runs with validation results found._")
+    return lines
+
+
+def _left_out_lines(excluded: Sequence[dict], unfinished: Sequence[str]) -> list[str]:
+    """The runs left out of Table 1: diverged ones and unfinished sweep attempts."""
+    lines: list[str] = []
     if excluded:
         lines += ["", f"Left out of Table 1 ({len(excluded)} diverged run(s)):", ""]
         lines += [f"- {e['method']} / {get_task(e['task']).dir_name}: `{e['dir']}`: {e['reason']}" for e in excluded]
     if unfinished:
         lines += ["", f"Left out: {len(unfinished)} unfinished sweep attempt(s) (no done marker: crashed or running): "
                   + ", ".join(f"`{d}`" for d in unfinished)]
+    return lines
+
+
+def _table2a_lines(params: dict, ranks: Sequence[int]) -> list[str]:
+    """Table 2a: trainable parameters by LoRA rank, counted from configs, and by accounting."""
+    lines: list[str] = []
     lines += ["", "## Table 2a: trainable parameters by LoRA rank (from model configs)", "",
               "| Family | Method | " + " | ".join(f"r={r}" for r in ranks) + " |", "|---" * (len(ranks) + 2) + "|"]
     for family, row in params.items():
@@ -751,6 +756,12 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
                   "BERT-base is 12 × 2 × (768·8 + 8·768) = 294,912 ≈ 0.29M parameters (the adapters-only column), "
                   "where the paper prints 2.9M, and its other LoRA counts look about 10× high as well; the counts "
                   "above are exact.", ""]
+    return lines
+
+
+def _table2b_lines(eff: dict) -> list[str]:
+    """Table 2b: trainable parameters, memory and inference latency measured in the runs."""
+    lines: list[str] = []
     lines += ["## Table 2b: measured efficiency (from runs)", ""]
     if eff:
         lines += ["| Method | Trainable params | Peak train memory (MB) | Inference memory (MB) | Inference total (s) | "
@@ -771,6 +782,23 @@ def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RA
                   "runs where there are any (the paper: 100 runs over CoLA validation), else every run; ×N: passes per run."]
     else:
         lines.append("_No runs with efficiency measurements found._")
+    return lines
+
+
+def render_markdown(t1: dict, params: dict, eff: dict, ranks: Sequence[int] = RANKS,
+                    palette_items: Sequence[dict] = (), excluded: Sequence[dict] = (), top_k: int = TOP_K,
+                    compared: Optional[dict] = None, unfinished: Sequence[str] = (), split: str = "val_best") -> str:
+    lines = ["# KD-LoRA report", ""]
+    protocol = {"val_best": f"at the best validation epoch: the median of the top {top_k} runs by that score (the paper's protocol)",
+                "val_last": f"at the last validation epoch: the median of the top {top_k} runs by that score",
+                "test": f"on dev, of the checkpoint selected on a held-out part of train: the median of the dev scores "
+                        f"of the top {top_k} runs by held-out score (the paper's protocol, with selection off the reported split)"}[split]
+    tasks = [t for t in TASK_ORDER if any(t in row for row in t1.values())]
+    methods = [m for m in METHOD_ORDER if m in t1] + sorted(m for m in t1 if m not in METHOD_ORDER)
+    lines += _table1_lines(t1, tasks, methods, protocol, top_k)
+    lines += _left_out_lines(excluded, unfinished)
+    lines += _table2a_lines(params, ranks)
+    lines += _table2b_lines(eff)
     if compared:
         lines += [""] + render_comparison(compared)
         lines += [""] + render_paper_tables(paper_table1(t1, params), paper_table2(t1, params, eff))
