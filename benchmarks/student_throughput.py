@@ -46,7 +46,9 @@ from kdlora.data.tokenizer import load_tokenizer  # noqa: E402
 from kdlora.eval.metrics import glue_score, predictions_from_logits, task_metrics  # noqa: E402
 from kdlora.io import write_atomic  # noqa: E402
 from kdlora.kd import KDLoRAStudent  # noqa: E402
+from kdlora.kd.args import TeacherTargetsArgs  # noqa: E402
 from kdlora.losses import distillation_loss  # noqa: E402
+from kdlora.training.args import ExportArgs, LoRAArgs  # noqa: E402
 from kdlora.training.heads import new_weight_modules  # noqa: E402
 from kdlora.training.loading import load_classifier  # noqa: E402
 from kdlora.training.lora import apply_lora  # noqa: E402
@@ -150,10 +152,11 @@ def lightning_mode(args, teacher_dir: str, targets: str, cache_dir: str, seed: i
     `cache_dir`, so it is always built) is timed as the build."""
     dm = data_module(args, seed, group_by_length)
     torch.manual_seed(seed)
-    model = KDLoRAStudent(args.student, teacher_dir, "mrpc", teacher_targets=targets, teacher_cache_dir=cache_dir,
-                          lora_r=8, lora_alpha=16, export=False)
+    model = KDLoRAStudent(args.student, teacher_dir, "mrpc",
+                          teacher_targets=TeacherTargetsArgs(mode=targets, cache_dir=cache_dir),
+                          lora=LoRAArgs(r=8, alpha=16), export=ExportArgs(enabled=False))
     build = {"s": 0.0}
-    cache_teacher_targets = model.cache_teacher_targets
+    cache_teacher_targets = model.teacher_targets.cache
 
     def timed_cache_build(*a, **k):
         start = time.perf_counter()
@@ -162,7 +165,7 @@ def lightning_mode(args, teacher_dir: str, targets: str, cache_dir: str, seed: i
         finally:
             build["s"] += time.perf_counter() - start
 
-    model.cache_teacher_targets = timed_cache_build  # called by on_fit_start
+    model.teacher_targets.cache = timed_cache_build  # called at fit start
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer])
@@ -294,6 +297,68 @@ def analyse(rounds: list[dict]) -> dict:
             "end_to_end_ratios": end_to_end, "checks": checks}
 
 
+def _end_to_end_lines(data: dict, n_pairs: int) -> list[str]:
+    """The end-to-end section: target build + epochs of fit time per arm, and its speed ratios."""
+    rounds, arms = data["rounds"], data["meta"]["arms"]
+    lines: list[str] = []
+    epochs = sorted(data["end_to_end_ratios"], key=int)
+    lines += ["", "## End to end", "",
+              f"Fit time for {', '.join(epochs[:-1])} and {epochs[-1]} epochs over these {n_pairs} training pairs: the "
+              "teacher-target build (kdlora's cache of teacher logits, built afresh in every round; the public scripts' "
+              "up-front prediction; nothing for the teacher-every-step loops) + epochs × one epoch's wall time (all its "
+              "steps and data loading), both measured in the same round; model loading and dev scoring left out. Both "
+              "the build and an epoch scale with the number of training pairs. Seconds: median over rounds.", "",
+              "| Arm | Build s | Epoch s | " + " | ".join(f"{e} epoch{'s' if e != '1' else ''} s" for e in epochs) + " |",
+              "|---|---|---|" + "---|" * len(epochs)]
+    for key, label in arms.items():
+        med = lambda f: statistics.median(f(rd[key]) for rd in rounds)  # noqa: E731
+        lines.append(f"| {label} | {med(lambda r: r['build_s']):.2f} | {med(lambda r: r['epoch_s']):.2f} | "
+                     + " | ".join(f"{med(lambda r, e=e: r['end_to_end_s'][e]):.2f}" for e in epochs) + " |")
+    lines += ["", f"| Arm / {REFERENCE}, end-to-end speed (its time / the arm's) | "
+              + " | ".join(f"{e} epoch{'s' if e != '1' else ''}: median (min–max)" for e in epochs) + " |",
+              "|---|" + "---|" * len(epochs)]
+    for key in data["end_to_end_ratios"][epochs[0]]:
+        cells = [data["end_to_end_ratios"][e][key] for e in epochs]
+        lines.append(f"| {key} | " + " | ".join(f"{c['median']:.2f}x ({c['min']:.2f}–{c['max']:.2f})" for c in cells) + " |")
+    return lines
+
+
+def _per_step_lines(data: dict) -> list[str]:
+    """The per-step section: examples/s ratios and the bars they meet."""
+    lines: list[str] = []
+    lines += ["", "## Per step"]
+    for what, table, reference in (("wall-clock examples/s", data["ratios"], REFERENCE),
+                                   ("examples per CPU-second", data["cpu_time_ratios"], REFERENCE),
+                                   ("wall-clock examples/s", data["ratios_vs_dynamic_padding"], REFERENCES[1])):
+        lines += ["", f"| Arm / {reference}, {what} | Median over rounds | Min–max | Per round |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v['median']:.2f}x | {v['min']:.2f}–{v['max']:.2f}x | {', '.join(f'{x:.2f}' for x in v['rounds'])} |"
+                  for k, v in table.items()]
+    lines += ["", "Bars for the examples/s per step: " + "; ".join(
+        f"{k} ≥ {c['target']:g}x {REFERENCE}: wall {'met' if c['met'] else 'NOT met'} ({c['median_ratio']:.2f}x), "
+        f"CPU time {'met' if c['met_cpu'] else 'NOT met'} ({c['median_cpu_ratio']:.2f}x); against the plain loop with "
+        f"dynamic padding {'met' if c['met_vs_dynamic_padding'] else 'NOT met'} ({c['median_ratio_vs_dynamic_padding']:.2f}x)"
+        for k, c in data["checks"].items()) + "."]
+    return lines
+
+
+def _profile_lines(data: dict) -> list[str]:
+    """Where a step's time goes (cProfile), where the run profiled."""
+    arms = data["meta"]["arms"]
+    lines: list[str] = []
+    profiles = data.get("step_profiles") or {}
+    if profiles:
+        names = list(profiles)
+        steps = profiles[names[0]]["steps"]
+        lines += ["", "## Where a step's time goes", "",
+                  f"cProfile over {steps} steps before the rounds, seconds per step:", "",
+                  "| Part | " + " | ".join(arms[n] for n in names) + " |", "|---|" + "---|" * len(names)]
+        parts = [k for k in profiles[names[0]] if k.endswith("_s")]
+        lines += [f"| {k[:-2].replace('_', ' ')} | " + " | ".join(f"{profiles[n][k]:.3f}" for n in names) + " |" for k in parts]
+        lines += ["", "Everything outside the models' compute and the optimizer (loop, hooks, logging, scheduler): "
+                  + ", ".join(f"{100 * profiles[n]['everything_else_fraction']:.1f} % of the step ({n})" for n in names) + "."]
+    return lines
+
+
 def render(data: dict, notes: str | None = None) -> str:
     """The markdown report, every number taken from the benchmark's JSON; `notes` go under the title."""
     meta, rounds, arms = data["meta"], data["rounds"], data["meta"]["arms"]
@@ -344,54 +409,12 @@ def render(data: dict, notes: str | None = None) -> str:
                  f"{len(scores)} arm-rounds scored {min(scores):.1f}–{max(scores):.1f}): in {n_pairs} training pairs no "
                  "arm trained past the majority class, so no score column is shown (the scores are in the JSON).")]
 
-    epochs = sorted(data["end_to_end_ratios"], key=int)
-    lines += ["", "## End to end", "",
-              f"Fit time for {', '.join(epochs[:-1])} and {epochs[-1]} epochs over these {n_pairs} training pairs: the "
-              "teacher-target build (kdlora's cache of teacher logits, built afresh in every round; the public scripts' "
-              "up-front prediction; nothing for the teacher-every-step loops) + epochs × one epoch's wall time (all its "
-              "steps and data loading), both measured in the same round; model loading and dev scoring left out. Both "
-              "the build and an epoch scale with the number of training pairs. Seconds: median over rounds.", "",
-              "| Arm | Build s | Epoch s | " + " | ".join(f"{e} epoch{'s' if e != '1' else ''} s" for e in epochs) + " |",
-              "|---|---|---|" + "---|" * len(epochs)]
-    for key, label in arms.items():
-        med = lambda f: statistics.median(f(rd[key]) for rd in rounds)  # noqa: E731
-        lines.append(f"| {label} | {med(lambda r: r['build_s']):.2f} | {med(lambda r: r['epoch_s']):.2f} | "
-                     + " | ".join(f"{med(lambda r, e=e: r['end_to_end_s'][e]):.2f}" for e in epochs) + " |")
-    lines += ["", f"| Arm / {REFERENCE}, end-to-end speed (its time / the arm's) | "
-              + " | ".join(f"{e} epoch{'s' if e != '1' else ''}: median (min–max)" for e in epochs) + " |",
-              "|---|" + "---|" * len(epochs)]
-    for key in data["end_to_end_ratios"][epochs[0]]:
-        cells = [data["end_to_end_ratios"][e][key] for e in epochs]
-        lines.append(f"| {key} | " + " | ".join(f"{c['median']:.2f}x ({c['min']:.2f}–{c['max']:.2f})" for c in cells) + " |")
-
-    lines += ["", "## Per step"]
-    for what, table, reference in (("wall-clock examples/s", data["ratios"], REFERENCE),
-                                   ("examples per CPU-second", data["cpu_time_ratios"], REFERENCE),
-                                   ("wall-clock examples/s", data["ratios_vs_dynamic_padding"], REFERENCES[1])):
-        lines += ["", f"| Arm / {reference}, {what} | Median over rounds | Min–max | Per round |", "|---|---|---|---|"]
-        lines += [f"| {k} | {v['median']:.2f}x | {v['min']:.2f}–{v['max']:.2f}x | {', '.join(f'{x:.2f}' for x in v['rounds'])} |"
-                  for k, v in table.items()]
-    lines += ["", "Bars for the examples/s per step: " + "; ".join(
-        f"{k} ≥ {c['target']:g}x {REFERENCE}: wall {'met' if c['met'] else 'NOT met'} ({c['median_ratio']:.2f}x), "
-        f"CPU time {'met' if c['met_cpu'] else 'NOT met'} ({c['median_cpu_ratio']:.2f}x); against the plain loop with "
-        f"dynamic padding {'met' if c['met_vs_dynamic_padding'] else 'NOT met'} ({c['median_ratio_vs_dynamic_padding']:.2f}x)"
-        for k, c in data["checks"].items()) + "."]
-
-    profiles = data.get("step_profiles") or {}
-    if profiles:
-        names = list(profiles)
-        steps = profiles[names[0]]["steps"]
-        lines += ["", "## Where a step's time goes", "",
-                  f"cProfile over {steps} steps before the rounds, seconds per step:", "",
-                  "| Part | " + " | ".join(arms[n] for n in names) + " |", "|---|" + "---|" * len(names)]
-        parts = [k for k in profiles[names[0]] if k.endswith("_s")]
-        lines += [f"| {k[:-2].replace('_', ' ')} | " + " | ".join(f"{profiles[n][k]:.3f}" for n in names) + " |" for k in parts]
-        lines += ["", "Everything outside the models' compute and the optimizer (loop, hooks, logging, scheduler): "
-                  + ", ".join(f"{100 * profiles[n]['everything_else_fraction']:.1f} % of the step ({n})" for n in names) + "."]
+    lines += _end_to_end_lines(data, n_pairs) + _per_step_lines(data) + _profile_lines(data)
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", default="models/minilm", help="teacher model dir (a classifier head is added)")
     parser.add_argument("--student", default="models/minilm-l3")
@@ -407,10 +430,15 @@ def main(argv=None) -> int:
                         help="cProfile the online arm and the dynamic-padding plain loop over this many steps first (0: off)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "student_throughput"))
     args = parser.parse_args(argv)
-    out = Path(args.out)
     for name in ("batch_size", "steps", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
