@@ -44,3 +44,14 @@ def test_a_module_s_own_entries_apply_to_that_module_only():
 
 def test_export_args_default_writes_beside_the_run():
     assert ExportArgs() == ExportArgs(enabled=True, dir=None)
+
+
+def test_flat_hyperparameters_of_an_older_checkpoint_read_as_groups():
+    from kdlora.training.args import nested_hparams
+
+    old = {"model_name_or_path": "m", "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-3, "export": False, "export_dir": "e"}
+    assert nested_hparams(old) == {"model_name_or_path": "m", "lora": {"r": 4, "alpha": 8},
+                                   "optimizer": {"learning_rate": 1e-3}, "export": {"enabled": False, "dir": "e"}}
+    assert as_args(LoRAArgs, nested_hparams(old)["lora"]) == LoRAArgs(r=4, alpha=8)
+    new = {"lora": asdict(LoRAArgs()), "export": asdict(ExportArgs())}
+    assert nested_hparams(new) == new

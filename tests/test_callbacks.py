@@ -15,6 +15,7 @@ from kdlora.data.glue import GLUEDataModule
 from kdlora.eval.latency import latency_summary
 from kdlora.io import update_results
 from kdlora.kd import KDLoRAStudent, Teacher
+from kdlora.training.args import ExportArgs, LoRAArgs
 from kdlora.training.callbacks import (
     GLUEResults,
     InferenceLatency,
@@ -51,7 +52,7 @@ def _trainer(tmp_path, callbacks):
 def test_callbacks_report_numbers_for_a_teacher_on_cpu(tiny_bert_dir, small_glue_dir, tmp_path):
     dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, eval_batch_size=8,
                         max_seq_length=64, cache_dir=str(tmp_path / "tok"))
-    model = Teacher(str(tiny_bert_dir), "mrpc", export=False)
+    model = Teacher(str(tiny_bert_dir), "mrpc", export=ExportArgs(enabled=False))
     callbacks = [GLUEResults(), PeakMemory(), InferenceLatency(num_runs=3, warmup_batches=1, max_batches=2), ParameterCount()]
     trainer = _trainer(tmp_path, callbacks)
     trainer.fit(model, datamodule=dm)
@@ -112,7 +113,7 @@ def test_peak_memory_sees_an_allocation_inside_the_stage(tiny_bert_dir, small_gl
 
     dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                         cache_dir=str(tmp_path / "tok"))
-    model = Teacher(str(tiny_bert_dir), "mrpc", export=False)
+    model = Teacher(str(tiny_bert_dir), "mrpc", export=ExportArgs(enabled=False))
     peaks = {}
     for mib in (0, 256, 0):
         run = tmp_path / f"run{len(peaks)}"
@@ -126,7 +127,8 @@ def test_peak_memory_sees_an_allocation_inside_the_stage(tiny_bert_dir, small_gl
 def test_parameter_count_of_a_student_excludes_the_teacher(tiny_bert_dir, small_glue_dir, tmp_path):
     dm = GLUEDataModule("sst2", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=64,
                         cache_dir=str(tmp_path / "tok"))
-    student = KDLoRAStudent(str(tiny_bert_dir), str(tiny_bert_dir), "sst2", student_layers=[1, 3], lora_r=4, export=False)
+    student = KDLoRAStudent(str(tiny_bert_dir), str(tiny_bert_dir), "sst2", student_layers=[1, 3], lora=LoRAArgs(r=4),
+                            export=ExportArgs(enabled=False))
     trainer = _trainer(tmp_path, [ParameterCount(), PeakMemory()])
     trainer.fit(student, datamodule=dm)
     results = json.loads((tmp_path / "run" / "version_0" / "results.json").read_text())
@@ -177,7 +179,7 @@ def test_inference_memory_is_the_inference_passes_own_and_training_peak_survives
     records = []
     for inference_mib, train_mib in ((256, 0), (0, 256)):
         gc.collect()  # the previous run's objects go before the peak is reset, not during the stage
-        model = Fat(str(tiny_bert_dir), "mrpc", export=False)
+        model = Fat(str(tiny_bert_dir), "mrpc", export=ExportArgs(enabled=False))
         run = tmp_path / f"run{len(records)}"
         callbacks = [InferenceLatency(num_runs=1, warmup_batches=0, max_batches=1, stages=["fit"]), PeakMemory(), Hold(train_mib),
                      FatAfterTraining(inference_mib)]

@@ -9,6 +9,8 @@ from configs, dropout off (its masks differ between the ranks and the single pro
 
 from __future__ import annotations
 
+from kdlora.kd.args import TeacherTargetsArgs
+from kdlora.training.args import ExportArgs, LoRAArgs, OptimizerArgs
 import json
 import os
 import subprocess
@@ -54,11 +56,13 @@ def build(kind: str, dirs: dict[str, str], batch_size: int):
 
     data = dict(data_dir=dirs["glue"], batch_size=batch_size, max_seq_length=32, cache_dir=dirs["cache"])
     if kind == "teacher":
-        module = Teacher(dirs["teacher"], "sst2", finetune="full", learning_rate=1e-3, export=False)
+        module = Teacher(dirs["teacher"], "sst2", finetune="full", optimizer=OptimizerArgs(learning_rate=1e-3),
+                         export=ExportArgs(enabled=False))
         return module, GLUEDataModule("sst2", dirs["teacher"], **data), dict(max_epochs=1, limit_train_batches=4)
     if kind == "student":  # cached teacher targets: rank 0 computes them, the other rank waits and reads
-        module = KDLoRAStudent(dirs["student"], dirs["teacher"], "sst2", lora_dropout=0.0, teacher_targets="cached",
-                               teacher_cache_dir=dirs["targets"], learning_rate=1e-2, export=False)
+        module = KDLoRAStudent(dirs["student"], dirs["teacher"], "sst2", lora=LoRAArgs(dropout=0.0),
+                               teacher_targets=TeacherTargetsArgs(mode="cached", cache_dir=dirs["targets"]),
+                               optimizer=OptimizerArgs(learning_rate=1e-2), export=ExportArgs(enabled=False))
         return module, GLUEDataModule("sst2", dirs["student"], **data), dict(max_epochs=1, limit_train_batches=4)
     if kind == "supernet":  # one epoch per stage: the maxnet, then sampled subnets (the same on every rank)
         # beta 0: the feature loss is a mean over each rank's own tokens, so under DDP the ranks' halves weigh

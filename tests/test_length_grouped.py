@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 
 from kdlora.data.glue import GLUEDataModule
 from kdlora.data.samplers import LengthGroupedSampler, token_lengths
+from kdlora.kd.args import TeacherTargetsArgs
 
 N, BATCH = 1001, 8  # 1001: a partial last batch and DistributedSampler's padding under 2 ranks
 _RNG = random.Random(0)
@@ -139,8 +140,9 @@ def test_cached_teacher_targets_follow_idx_under_grouping(small_glue_dir, tiny_b
     dm = grouped_module(small_glue_dir, tiny_bert_dir, tmp_path, max_train_samples=40)
     train = dm.datasets["train"]
     assert list(train["idx"]) != list(range(len(train)))
-    student = KDLoRAStudent(str(tiny_bert_dir), str(tiny_bert_dir), "sst2", teacher_targets="cached")
-    student.cache_teacher_targets(train, DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"), tmp_path / "cache")
+    student = KDLoRAStudent(str(tiny_bert_dir), str(tiny_bert_dir), "sst2",
+                            teacher_targets=TeacherTargetsArgs(mode="cached"))
+    student.teacher_targets.cache(train, DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"), tmp_path / "cache")
     teacher = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert_dir)).eval()
     by_idx = {i: ids for i, ids in zip(train["idx"], train["input_ids"])}
     seen = []
@@ -151,6 +153,6 @@ def test_cached_teacher_targets_follow_idx_under_grouping(small_glue_dir, tiny_b
         with torch.no_grad():
             online = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              token_type_ids=batch["token_type_ids"]).logits
-        torch.testing.assert_close(student.teacher_logits(batch), online, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(student.teacher_targets.logits(batch), online, atol=1e-5, rtol=1e-5)
         seen += batch["idx"].tolist()
     assert sorted(seen) == sorted(train["idx"])

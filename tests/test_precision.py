@@ -22,7 +22,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from kdlora.data.glue import GLUEDataModule
 from kdlora.kd import KDLoRAStudent
+from kdlora.kd.args import TeacherTargetsArgs
 from kdlora.mlfs import SuperTransformer
+from kdlora.training.args import ExportArgs, LoRAArgs
 
 
 def no_dropout_copy(src, dst):
@@ -115,8 +117,8 @@ def test_supernet_manual_optimisation_under_bf16_mixed(models, small_glue_dir, t
 
 def test_student_under_bf16_mixed(models, small_glue_dir, tmp_path):
     def make():
-        return KDLoRAStudent(str(models["student"]), str(models["teacher"]), "sst2", lora_r=4, lora_dropout=0.0,
-                             teacher_targets="online", export=False)
+        return KDLoRAStudent(str(models["student"]), str(models["teacher"]), "sst2", lora=LoRAArgs(r=4, dropout=0.0),
+                             teacher_targets=TeacherTargetsArgs(mode="online"), export=ExportArgs(enabled=False))
 
     def dm():
         return GLUEDataModule("sst2", str(models["teacher"]), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,

@@ -23,6 +23,7 @@ from kdlora.experiments import report
 from kdlora.io import update_results
 from kdlora.io import EXPORT_MARKER, check_export_dir, export_hf, write_export
 from kdlora.kd.teacher import Teacher
+from kdlora.training.args import ExportArgs, OptimizerArgs
 from kdlora.training.callbacks import GLUEResults
 from kdlora.training.module import TrainingDivergedError
 
@@ -94,7 +95,7 @@ def test_exports_get_normal_permissions(tiny_bert_dir, tmp_path):
 
 def test_fit_refuses_a_users_export_dir_before_training(tiny_bert_dir, small_glue_dir, tmp_path):
     user = _users_folder(tmp_path / "mine")
-    module = Teacher(str(tiny_bert_dir), task="rte", export_dir=str(user))
+    module = Teacher(str(tiny_bert_dir), task="rte", export=ExportArgs(dir=str(user)))
     dm = GLUEDataModule("rte", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                         cache_dir=str(tmp_path / "c"))
     trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
@@ -370,7 +371,8 @@ def test_report_leaves_diverged_runs_out_of_table1(tmp_path):
 
 
 def test_glue_results_records_where_training_diverged(tiny_bert_dir, small_glue_dir, tmp_path):
-    module = Teacher(str(tiny_bert_dir), task="rte", learning_rate=1e6, warmup_ratio=0.0, export=False)
+    module = Teacher(str(tiny_bert_dir), task="rte", optimizer=OptimizerArgs(learning_rate=1e6, warmup_ratio=0.0),
+                     export=ExportArgs(enabled=False))
     dm = GLUEDataModule("rte", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                         cache_dir=str(tmp_path / "c"))
     logger = TensorBoardLogger(str(tmp_path), name="run")

@@ -15,6 +15,7 @@ from kdlora.cli import cli_main
 from kdlora.data.tasks import get_task
 from kdlora.kd import Teacher
 from kdlora.kd.student import load_teacher
+from kdlora.training.args import ExportArgs, LoRAArgs
 
 
 def lightning_checkpoint(path: Path, class_path: str, state_dict=None, **hparams) -> Path:
@@ -40,7 +41,7 @@ def base_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_bert_dir) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
-    teacher = Teacher(str(tiny_bert_dir), task="sst2", export=False)
+    teacher = Teacher(str(tiny_bert_dir), task="sst2", export=ExportArgs(enabled=False))
     good = lightning_checkpoint(root / "teacher-sst2.ckpt", "kdlora.kd.Teacher", teacher.state_dict(), **teacher.hparams)
     (root / "notes.ckpt").write_text("best run: epoch 3, val/score 0.91\n")
     (root / "truncated.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # an interrupted copy
@@ -146,7 +147,7 @@ def test_evaluating_a_trained_head_needs_no_checkpoint_and_an_untrained_one_take
     # A fine-tuned model directory (a run's export/) has its trained head: no checkpoint needed.
     assert _cli("validate", tiny_bert_dir, small_glue_dir, tmp_path / "a", "--data.task", "sst2") == 0
     # A head-less model is fine once a checkpoint of it supplies the trained head.
-    teacher = Teacher(str(base_model_dir), task="sst2", export=False)
+    teacher = Teacher(str(base_model_dir), task="sst2", export=ExportArgs(enabled=False))
     ckpt = lightning_checkpoint(tmp_path / "trained.ckpt", "kdlora.kd.Teacher", teacher.state_dict(), **teacher.hparams)
     assert _cli("validate", base_model_dir, small_glue_dir, tmp_path / "b", "--data.task", "sst2", "--ckpt_path", str(ckpt)) == 0
 
@@ -171,9 +172,9 @@ def test_weights_that_do_not_fit_the_config_are_an_error_not_random(tiny_bert_di
     model_dir = _with_vocab_size(tiny_bert_dir, tmp_path / "model", vocab_size)
     message = rf"bert\.embeddings\.word_embeddings\.weight is \(200, 32\) in the checkpoint but \({vocab_size}, 32\) in the config"
     with pytest.raises(ValueError, match=message):
-        Teacher(str(model_dir), task="rte", export=False)
+        Teacher(str(model_dir), task="rte", export=ExportArgs(enabled=False))
     with pytest.raises(ValueError, match=message):
-        KDLoRAStudent(str(model_dir), str(tiny_bert_dir), task="rte", export=False)
+        KDLoRAStudent(str(model_dir), str(tiny_bert_dir), task="rte", export=ExportArgs(enabled=False))
 
 
 def test_student_with_a_config_that_does_not_fit_its_weights_is_refused_by_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
@@ -193,7 +194,7 @@ def test_a_pretrained_encoder_without_head_still_loads_with_a_new_head(tmp_path,
 
     write_tiny_tokenizer(tmp_path)
     AutoModel.from_config(tiny_config(family, 200)).save_pretrained(tmp_path)
-    module = Teacher(str(tmp_path), task="stsb", export=False)
+    module = Teacher(str(tmp_path), task="stsb", export=ExportArgs(enabled=False))
     new_modules = {name.split(".")[0] for name in module.newly_initialised}
     assert new_modules and new_modules <= {"classifier", "pre_classifier", "pooler"}
 
@@ -217,11 +218,11 @@ def test_tokenizer_larger_than_the_embedding_table_is_an_error(small_vocab_dir, 
 
     message = rf"tokenizer '{small_vocab_dir}' has 200 tokens but model '{small_vocab_dir}' embeds only 100"
     with pytest.raises(ValueError, match=message):
-        Teacher(str(small_vocab_dir), task="rte", export=False)
+        Teacher(str(small_vocab_dir), task="rte", export=ExportArgs(enabled=False))
     with pytest.raises(ValueError, match=message):  # as the student
-        KDLoRAStudent(str(small_vocab_dir), str(tiny_bert_dir), task="rte", export=False)
+        KDLoRAStudent(str(small_vocab_dir), str(tiny_bert_dir), task="rte", export=ExportArgs(enabled=False))
     with pytest.raises(ValueError, match=message):  # as the teacher
-        KDLoRAStudent(str(tiny_bert_dir), str(small_vocab_dir), task="rte", export=False)
+        KDLoRAStudent(str(tiny_bert_dir), str(small_vocab_dir), task="rte", export=ExportArgs(enabled=False))
     with pytest.raises(ValueError, match=message):
         SuperTransformer(str(small_vocab_dir), task="rte", export=False, measure_latency=False)
 
@@ -240,13 +241,14 @@ def test_every_lora_target_must_match_a_module(tiny_model_dirs):
     bert, distilbert = str(tiny_model_dirs["bert"]), str(tiny_model_dirs["distilbert"])
     with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus': no module of this bert model has that name; "
                                          r"its linear layers are: classifier, dense, key, query, value$"):
-        Teacher(bert, task="rte", finetune="lora", lora_targets=["query", "bogus"])
+        Teacher(bert, task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "bogus"]))
     with pytest.raises(ValueError, match=r"unknown lora_targets 'query', 'value':.*distilbert.*lin1, lin2, out_lin, pre_classifier, q_lin, v_lin"):
-        Teacher(distilbert, task="rte", finetune="lora", lora_targets=["query", "value"])
+        Teacher(distilbert, task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "value"]))
     with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus'"):
-        KDLoRAStudent(bert, bert, task="rte", student_layers=[0, 2], lora_targets=["query", "bogus"], export=False)
+        KDLoRAStudent(bert, bert, task="rte", student_layers=[0, 2], lora=LoRAArgs(targets=["query", "bogus"]),
+                      export=ExportArgs(enabled=False))
     # Names as peft matches them: a module's name or a dotted suffix of it.
-    module = Teacher(bert, task="rte", finetune="lora", lora_targets=["query", "attention.output.dense"])
+    module = Teacher(bert, task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "attention.output.dense"]))
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in module.named_parameters() if ".lora_A." in n}
     assert any(n.endswith("attention.self.query") for n in adapted) and any(n.endswith("attention.output.dense") for n in adapted)
     assert not any(n.endswith("intermediate.dense") for n in adapted)

@@ -11,6 +11,7 @@ import pytest
 from conftest import tiny_config
 
 from kdlora.kd import KDLoRAStudent, Teacher
+from kdlora.training.args import LoRAArgs
 from kdlora.training.callbacks import ParameterCount
 
 R = 8
@@ -54,8 +55,8 @@ def recorded_trainable(module, tmp_path) -> int:
 def test_seq_cls_trains_exactly_the_adapters_and_the_final_classifier(tiny_model_dirs, family, tmp_path):
     model_dir = str(tiny_model_dirs[family])
     names, count = expected_trainable(family, "model.")
-    student = KDLoRAStudent(model_dir, model_dir, "mrpc", lora_r=R, head="seq_cls")
-    teacher = Teacher(model_dir, "mrpc", finetune="lora", lora_r=R, head="seq_cls")
+    student = KDLoRAStudent(model_dir, model_dir, "mrpc", lora=LoRAArgs(r=R), head="seq_cls")
+    teacher = Teacher(model_dir, "mrpc", finetune="lora", lora=LoRAArgs(r=R), head="seq_cls")
     for i, module in enumerate((student, teacher)):
         got = trainable(module)
         assert set(got) == names, sorted(set(got) ^ names)
@@ -63,7 +64,7 @@ def test_seq_cls_trains_exactly_the_adapters_and_the_final_classifier(tiny_model
         assert recorded_trainable(module, tmp_path / str(i)) == count
     # The default head also trains the rest of the head: DistilBERT's pre_classifier, RoBERTa's classifier.dense,
     # DeBERTa's pooler.dense (each H x H + H).
-    default = trainable(KDLoRAStudent(model_dir, model_dir, "mrpc", lora_r=R))
+    default = trainable(KDLoRAStudent(model_dir, model_dir, "mrpc", lora=LoRAArgs(r=R)))
     config = tiny_config(family, 200)
     hidden = config.dim if family == "distilbert" else config.hidden_size
     assert sum(default.values()) == count + (0 if family == "bert" else hidden * hidden + hidden)

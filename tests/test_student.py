@@ -14,7 +14,9 @@ from transformers import AutoModelForSequenceClassification, BertTokenizerFast, 
 
 from kdlora.data.glue import GLUEDataModule
 from kdlora.kd import KDLoRAStudent
+from kdlora.kd.args import DistillationArgs, TeacherTargetsArgs
 from kdlora.kd.student_init import layer_dropped_copy
+from kdlora.training.args import ExportArgs, OptimizerArgs
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,8 @@ def student_logits(student, batch):
 
 def test_kd_loss_matches_hand_computation_classification(pair, small_glue_dir):
     _, batch = first_batch("mrpc", pair["teacher"], small_glue_dir)
-    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc", task_weight=0.3, temperature=2.0).eval()
+    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc",
+                            distillation=DistillationArgs(task_weight=0.3, temperature=2.0)).eval()
     loss = student.training_step(batch, 0)
 
     s, t, y, T, a = student_logits(student, batch), reference_logits(pair["teacher"], batch), batch["labels"], 2.0, 0.3
@@ -69,7 +72,8 @@ def test_kd_loss_matches_hand_computation_classification(pair, small_glue_dir):
 
 def test_kd_loss_matches_hand_computation_regression(pair, small_glue_dir):
     _, batch = first_batch("stsb", pair["teacher_reg"], small_glue_dir)
-    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher_reg"]), "stsb", task_weight=0.7).eval()
+    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher_reg"]), "stsb",
+                            distillation=DistillationArgs(task_weight=0.7)).eval()
     loss = student.training_step(batch, 0)
 
     s = student_logits(student, batch)[:, 0].tolist()
@@ -81,8 +85,8 @@ def test_kd_loss_matches_hand_computation_regression(pair, small_glue_dir):
 
     # The same loss from cached regression targets (one output column per example).
     dm, _ = first_batch("stsb", pair["teacher_reg"], small_glue_dir)
-    student.hparams.teacher_targets = "cached"
-    student.cache_teacher_targets(dm.datasets["train"], DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"),
+    student.teacher_targets.mode = "cached"
+    student.teacher_targets.cache(dm.datasets["train"], DataCollatorWithPadding(dm.tokenizer, return_tensors="pt"),
                                   small_glue_dir / ".teacher_cache")
     assert student.training_step(batch, 0).item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
@@ -93,8 +97,9 @@ def test_training_changes_only_lora_and_head_and_never_the_teacher(pair, small_g
     dm = GLUEDataModule("cola", str(pair["teacher"]), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=64,
                         cache_dir=str(tmp_path / "tok"))
     student = KDLoRAStudent(str(pair["teacher"]), str(pair["teacher"]), "cola", student_layers=[0, 2],
-                            teacher_targets=targets, teacher_cache_dir=str(tmp_path / "cache"), learning_rate=1e-2,
-                            export_dir=str(tmp_path / "export"))
+                            teacher_targets=TeacherTargetsArgs(mode=targets, cache_dir=str(tmp_path / "cache")),
+                            optimizer=OptimizerArgs(learning_rate=1e-2),
+                            export=ExportArgs(dir=str(tmp_path / "export")))
     teacher_before = {k: v.clone() for k, v in student.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in student.model.named_parameters()}
     assert all(not p.requires_grad for p in student.teacher.parameters())
@@ -127,8 +132,9 @@ def test_cached_targets_equal_online_teacher_for_every_idx_under_shuffling(pair,
     dm.setup("fit")
     train = dm.datasets["train"]
     collate = DataCollatorWithPadding(dm.tokenizer, return_tensors="pt")
-    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc", teacher_targets="cached")
-    path = student.cache_teacher_targets(train, collate, tmp_path / "cache", batch_size=16)
+    student = KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc",
+                            teacher_targets=TeacherTargetsArgs(mode="cached"))
+    path = student.teacher_targets.cache(train, collate, tmp_path / "cache", batch_size=16)
 
     teacher = AutoModelForSequenceClassification.from_pretrained(str(pair["teacher"])).eval()
     torch.manual_seed(123)
@@ -137,7 +143,7 @@ def test_cached_targets_equal_online_teacher_for_every_idx_under_shuffling(pair,
         with torch.no_grad():
             online = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                              token_type_ids=batch["token_type_ids"]).logits
-        torch.testing.assert_close(student.teacher_logits(batch), online, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(student.teacher_targets.logits(batch), online, atol=1e-5, rtol=1e-5)
         seen += batch["idx"].tolist()
     assert sorted(seen) == sorted(train["idx"]) and seen != sorted(seen)
 
@@ -145,14 +151,14 @@ def test_cached_targets_equal_online_teacher_for_every_idx_under_shuffling(pair,
     def fail(*a, **k):
         raise AssertionError("recomputed a valid cache")
 
-    monkeypatch.setattr(student, "compute_teacher_logits", fail)
-    assert student.cache_teacher_targets(train, collate, tmp_path / "cache") == path
+    monkeypatch.setattr(student.teacher_targets, "compute", fail)
+    assert student.teacher_targets.cache(train, collate, tmp_path / "cache") == path
     monkeypatch.undo()
     subset = train.select(range(10))
-    new_path = student.cache_teacher_targets(subset, collate, tmp_path / "cache")
+    new_path = student.teacher_targets.cache(subset, collate, tmp_path / "cache")
     assert new_path != path and new_path.is_file()
     with pytest.raises(KeyError, match="not in the teacher target cache"):
-        student.teacher_logits(next(iter(DataLoader(train.select(range(20, 28)), batch_size=8, collate_fn=collate))))
+        student.teacher_targets.logits(next(iter(DataLoader(train.select(range(20, 28)), batch_size=8, collate_fn=collate))))
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta", "deberta-v2", "distilbert", "mpnet"])
@@ -210,7 +216,9 @@ def test_bad_teacher_inputs_fail_clearly(pair, tmp_path):
     with pytest.raises(ValueError, match="outputs"):
         KDLoRAStudent(str(pair["student"]), str(pair["teacher_reg"]), "mrpc")
     with pytest.raises(ValueError, match="online"):
-        KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc", teacher_targets="cached", feature_distill_beta=1.0)
+        KDLoRAStudent(str(pair["student"]), str(pair["teacher"]), "mrpc",
+                      teacher_targets=TeacherTargetsArgs(mode="cached"),
+                      distillation=DistillationArgs(feature_weight=1.0))
 
 
 def test_feature_distillation_adds_the_projected_hidden_state_loss(pair, small_glue_dir):
@@ -218,7 +226,7 @@ def test_feature_distillation_adds_the_projected_hidden_state_loss(pair, small_g
     kwargs = dict(model_name_or_path=str(pair["student"]), teacher_path=str(pair["teacher"]), task="mrpc")
     plain = KDLoRAStudent(**kwargs).eval()
     torch.manual_seed(0)
-    featured = KDLoRAStudent(**kwargs, feature_distill_beta=0.5, feature_dim=8).eval()
+    featured = KDLoRAStudent(**kwargs, distillation=DistillationArgs(feature_weight=0.5, feature_dim=8)).eval()
     featured.model.load_state_dict(plain.model.state_dict())
     assert featured.layer_map == [[1, 2], [2, 4]]  # 2-layer student on a 4-layer teacher
 
@@ -249,9 +257,9 @@ def test_feature_projections_stay_orthonormal_under_the_modules_own_optimizer(pa
 
     _, batch = first_batch("mrpc", pair["teacher"], small_glue_dir)
     student = KDLoRAStudent(model_name_or_path=str(pair["student"]), teacher_path=str(pair["teacher"]), task="mrpc",
-                            feature_distill_beta=0.5, feature_dim=8)
-    assert student.hparams.weight_decay > 0
-    opt = torch.optim.AdamW(optimizer_groups(student.named_parameters(), student.hparams.weight_decay), lr=1e-3)
+                            distillation=DistillationArgs(feature_weight=0.5, feature_dim=8))
+    assert student.optimizer_args.weight_decay > 0
+    opt = torch.optim.AdamW(optimizer_groups(student.named_parameters(), student.optimizer_args.weight_decay), lr=1e-3)
     for _ in range(3):
         opt.zero_grad()
         student.training_step(batch, 0).backward()

@@ -10,6 +10,7 @@ from transformers import AlbertConfig, AutoModelForSequenceClassification, BertM
 from conftest import make_tiny_model_dir, write_stsb_dir, write_tiny_tokenizer
 from kdlora.data.glue import GLUEDataModule
 from kdlora.kd import Teacher
+from kdlora.training.args import ExportArgs, LoRAArgs, OptimizerArgs
 
 
 def _batch(tokenizer, n=8, seed=0):
@@ -50,7 +51,7 @@ def test_full_finetuning_changes_every_weight(tiny_model_dirs, family):
 def test_lora_changes_only_adapters_and_head(tiny_model_dirs, family):
     from transformers import AutoTokenizer
 
-    module = Teacher(str(tiny_model_dirs[family]), task="rte", finetune="lora", lora_r=4, lora_alpha=8)
+    module = Teacher(str(tiny_model_dirs[family]), task="rte", finetune="lora", lora=LoRAArgs(r=4, alpha=8))
     module.log = lambda *a, **k: None
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
     _train_steps(module, _batch(AutoTokenizer.from_pretrained(tiny_model_dirs[family])))
@@ -99,7 +100,7 @@ def test_unknown_family_needs_explicit_targets(tmp_path):
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"no default LoRA targets for model family 'albert'.*lora_targets"):
         Teacher(str(tmp_path), task="rte", finetune="lora")
-    module = Teacher(str(tmp_path), task="rte", finetune="lora", lora_targets=["query", "value"])
+    module = Teacher(str(tmp_path), task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "value"]))
     assert any("lora_A" in n for n, _ in module.named_parameters())
 
 
@@ -114,7 +115,8 @@ def test_bad_values_are_rejected(tiny_bert_dir):
 def test_fit_exports_best_model_that_reloads_with_same_logits(tiny_bert_dir, small_glue_dir, tmp_path, finetune):
     L.seed_everything(0)
     dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=16, cache_dir=str(tmp_path / "c"))
-    module = Teacher(str(tiny_bert_dir), task="mrpc", finetune=finetune, learning_rate=1e-3, export_dir=str(tmp_path / "export"))
+    module = Teacher(str(tiny_bert_dir), task="mrpc", finetune=finetune, optimizer=OptimizerArgs(learning_rate=1e-3),
+                     export=ExportArgs(dir=str(tmp_path / "export")))
     trainer = L.Trainer(max_epochs=2, default_root_dir=tmp_path, enable_progress_bar=False, logger=False,
                         callbacks=[L.pytorch.callbacks.ModelCheckpoint(monitor="val/score", mode="max")])
     trainer.fit(module, dm)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from torch import nn
 
 from kdlora.data.tokenizer import load_tokenizer
 from kdlora.losses import task_loss
-from kdlora.training.args import ExportArgs, OptimizerArgs
+from kdlora.training.args import ExportArgs, LoRAArgs, OptimizerArgs, as_args, save_plain_hyperparameters
 from kdlora.training.heads import check_head, new_weight_modules
 from kdlora.training.loading import check_tokenizer_fits, load_classifier
 from kdlora.training.lora import apply_lora
@@ -22,16 +22,16 @@ class Teacher(GLUEModule):
         model_name_or_path: hub id (e.g. ``bert-base-uncased``) or local Hugging Face directory.
         task: GLUE task (linked from the data module by the CLI).
         finetune: ``full`` (all weights) or ``lora`` (peft adapters + classifier head).
-        lora_r, lora_alpha, lora_dropout: LoRA rank, scaling numerator, dropout.
-        lora_targets: module names to adapt; default is the family's query/value projections.
+        lora: LoRA rank, scaling numerator, dropout and targets (`LoRAArgs`; default targets: the family's
+            query/value projections), with ``finetune: lora``.
         head: which head modules train beside the adapters (``finetune: lora``). ``new``: the whole
             head and every newly initialised weight (e.g. DistilBERT's ``pre_classifier``, a pooler
             the checkpoint lacks). ``seq_cls``: only the final classifier layer, as the report's "adapters + final
             classifier" count assumes (BERT, DistilBERT, DeBERTa ``classifier``; RoBERTa
             ``classifier.out_proj``); newly initialised non-final layers (DistilBERT's ``pre_classifier``,
             a missing pooler) then stay frozen at their random init, loaded ones at their loaded values.
-        learning_rate, weight_decay, warmup_ratio: AdamW + linear warmup/decay.
-        export, export_dir: write the best model (LoRA merged, adapter kept in ``adapter/``) at fit end.
+        optimizer: AdamW + linear warmup/decay (`OptimizerArgs`).
+        export: write the best model (LoRA merged, adapter kept in ``adapter/``) at fit end (`ExportArgs`).
     """
 
     def __init__(
@@ -39,30 +39,25 @@ class Teacher(GLUEModule):
         model_name_or_path: str = "bert-base-uncased",
         task: str = "mrpc",
         finetune: Literal["full", "lora"] = "full",
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.1,
-        lora_targets: Optional[list[str]] = None,
+        lora: LoRAArgs = LoRAArgs(),
         head: str = "new",
-        learning_rate: float = 2e-5,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.06,
-        export: bool = True,
-        export_dir: Optional[str] = None,
+        optimizer: OptimizerArgs = OptimizerArgs(learning_rate=2e-5),
+        export: ExportArgs = ExportArgs(),
     ) -> None:
-        super().__init__(task, OptimizerArgs(learning_rate, weight_decay, warmup_ratio), ExportArgs(export, export_dir))
+        super().__init__(task, optimizer, export)
+        lora = as_args(LoRAArgs, lora)
         if finetune not in ("full", "lora"):
             raise ValueError(f"finetune must be 'full' or 'lora', got {finetune!r}")
         check_head(head)
         if head != "new" and finetune == "full":
             raise ValueError(f"head: {head} chooses the head trained beside LoRA adapters: use it with finetune: lora "
                              "(full fine-tuning trains every weight)")
-        self.save_hyperparameters()
+        save_plain_hyperparameters(self, lora=lora, optimizer=self.optimizer_args, export=self.export_args)
         model, new_weights = load_classifier(model_name_or_path, self.spec.num_labels, self.spec.is_regression)
         check_tokenizer_fits(model, load_tokenizer(model_name_or_path, "model_name_or_path"), model_name_or_path, model_name_or_path)
         if finetune == "lora":
             # Newly initialised weights (classifier, a missing pooler) train alongside the adapters (head: new).
-            model = apply_lora(model, lora_r, lora_alpha, lora_dropout, lora_targets, new_weight_modules(new_weights), head)
+            model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.targets, new_weight_modules(new_weights), head)
         # transformers returns models in eval mode; Lightning keeps submodule modes, so without
         # this dropout would silently stay off during training.
         self.model: nn.Module = model.train()

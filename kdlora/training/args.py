@@ -9,7 +9,9 @@ through `as_args`, which accepts the dataclass or such a dict.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
+import copy
+import inspect
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Mapping, Optional, TypeVar
 
 T = TypeVar("T")
@@ -79,6 +81,15 @@ def as_args(cls: type[T], value: Any) -> T:
     return cls(**value)
 
 
+def save_plain_hyperparameters(module, **groups: Any) -> None:
+    """`module.save_hyperparameters()` (the caller's arguments, or what LightningCLI gave it), with each
+    argument group in `groups` (name -> dataclass) saved as a plain dict: checkpoints then hold only
+    builtins and load with ``weights_only=True``, and `as_args` reads the dicts back."""
+    module.save_hyperparameters(ignore=list(groups), frame=inspect.currentframe().f_back)
+    module.hparams.update({name: asdict(value) for name, value in groups.items()})
+    module._hparams_initial = copy.deepcopy(module._hparams)  # what loggers record (hparams.yaml)
+
+
 # Old flat key of ``model.init_args`` -> its new dotted key. A key naming a module (``KDLoRAStudent:alpha``)
 # applies to that module only, where one old name meant different things in different modules.
 RENAMED: dict[str, str] = {
@@ -136,3 +147,20 @@ def check_renamed(init_args: Mapping[str, Any], where: str = "model.init_args", 
     old, new, key = found
     meaning = RENAMED_MEANING.get(key)
     raise ValueError(f"{where}.{old} is now {where}.{new}" + (f" ({meaning})" if meaning else ""))
+
+
+def nested_hparams(hparams: Mapping[str, Any], module: Optional[str] = None) -> dict[str, Any]:
+    """`hparams` with every old flat key (`RENAMED`) moved to its new place (``lora_r: 4`` -> ``lora: {r: 4}``):
+    the hyperparameters of a checkpoint written before the groups, read as the module now takes them."""
+    out: dict[str, Any] = {}
+    moved: dict[str, dict[str, Any]] = {}
+    for old, value in hparams.items():
+        found = renamed_key({old: value}, module)
+        if found is None:
+            out[old] = value
+            continue
+        group, _, name = found[1].partition(".")
+        moved.setdefault(group, {})[name] = value
+    for group, values in moved.items():
+        out[group] = {**(out.get(group) or {}), **values}
+    return out
