@@ -34,13 +34,13 @@ import sysconfig
 import time
 from pathlib import Path
 
+import torch
+
+from kdlora.eval.latency import timed
+from kdlora.io import write_atomic
+from results_files import notes_for_output
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from kdlora.io import write_atomic  # noqa: E402
-from results_files import notes_for_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # Palette: the maxnet and two members below it. 9 query heads over 3 key/value heads of SmolLM2: head
@@ -205,18 +205,17 @@ def cmd_latency(a) -> None:
     dm.setup("validate")
     prompt = dm.datasets["validation"][0]["input_ids"][: a.prompt_tokens][None, :]
 
-    def timed(model, new: int) -> float:
-        start = time.perf_counter()
+    def generation_s(model, new: int) -> float:
         with torch.no_grad():
-            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, use_cache=True, pad_token_id=0)
+            out, seconds = timed(lambda: model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
+                                                        min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0))
         assert out.shape[1] == prompt.shape[1] + new
-        return time.perf_counter() - start
+        return seconds
 
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(a.rounds + 1):
         for n in names:
-            t_full, t_one = timed(models[n], a.new_tokens), timed(models[n], 1)
+            t_full, t_one = generation_s(models[n], a.new_tokens), generation_s(models[n], 1)
             if r > 0:
                 samples[n].append(1000 * (t_full - t_one) / (a.new_tokens - 1))
         print(f"[decoder_palette] latency round {r}: " + ", ".join(f"{n} {samples[n][-1]:.1f} ms" for n in names if samples[n]), flush=True)

@@ -61,8 +61,12 @@ class RunEnvironment(L.Callback):
 
 def tiny_models(root: Path) -> dict[str, Path]:
     """A 4-layer teacher and a 2-layer student (BERT, hidden 32), random, with the tests' tiny tokenizer."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from conftest import make_tiny_model_dir
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("conftest", REPO / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    make_tiny_model_dir = conftest.make_tiny_model_dir
 
     return {"teacher": make_tiny_model_dir(root / "teacher", "bert", layers=4, seed=0),
             "student": make_tiny_model_dir(root / "student", "bert", layers=2, seed=1)}
@@ -272,9 +276,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("gpu_check: error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
         return 2
     a.devices = a.devices or (torch.cuda.device_count() if a.device == "cuda" else 1)
-    for path in (REPO, BENCHMARKS):  # kdlora, and this module for the runs' RunEnvironment callback
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
     from kdlora.cli import BF16_PRECISIONS, bf16_supported
 
     a.precision_asked = a.precision

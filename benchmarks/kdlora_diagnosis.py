@@ -21,14 +21,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from kdlora.data.tasks import get_task
+from kdlora.experiments.report import find_runs, saved_config
+from kdlora.experiments.sweep import POINT_FILE
+from kdlora.io import write_atomic
+from results_files import notes_for_output
 
-from kdlora.io import write_atomic  # noqa: E402
-from results_files import notes_for_output  # noqa: E402
-from kdlora.data.tasks import get_task  # noqa: E402
-from kdlora.experiments.report import find_runs, saved_config  # noqa: E402
-from kdlora.experiments.sweep import POINT_FILE  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def finished(root: Path) -> list[dict]:

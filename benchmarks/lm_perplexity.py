@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kdlora.data.causal_lm import IGNORE_INDEX, CausalLMDataModule  # noqa: E402
+from kdlora.eval.latency import timed  # noqa: E402
 from kdlora.io import write_atomic  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
@@ -83,9 +84,7 @@ def main(argv=None) -> int:
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])  # warm-up
             times = []
             for _ in range(args.timing_repeats):
-                t = time.perf_counter()
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                times.append(time.perf_counter() - t)
+                times.append(timed(lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))[1])
         start = time.perf_counter()
         nll, tokens = nll_and_tokens(model, loader)
         eval_s = time.perf_counter() - start

@@ -42,12 +42,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from kdlora.experiments.report import saved_config
+from kdlora.io import write_atomic
+from results_files import notes_for_output
 
-from kdlora.experiments.report import saved_config  # noqa: E402
-from kdlora.io import write_atomic  # noqa: E402
-from results_files import notes_for_output  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = "configs/local/minilm-supernet-paper.yaml"
 RUNS = Path("runs/mlfs_palette")
@@ -176,8 +175,7 @@ def cmd_latency(a) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from palette_latency import time_round_robin
+    from kdlora.eval.latency import round_robin_latency_ms
 
     torch.set_num_threads(a.threads)
     export = RUNS / a.task / a.name / "export"
@@ -186,7 +184,7 @@ def cmd_latency(a) -> None:
     vocab = models[0].config.vocab_size
     result = {"task": a.task, "threads": a.threads, "members": members, "ms": {}}
     for batch, repeats in ((1, 40), (32, 8)):
-        ms = time_round_robin(models, batch, 128, vocab, warmup=3, repeats=repeats)
+        ms = round_robin_latency_ms(models, batch, 128, vocab, warmup=3, repeats=repeats)
         result["ms"][f"b{batch}"] = dict(zip(members, ms))
         print(f"batch {batch}: " + ", ".join(f"{m} {t / ms[0]:.2f}" for m, t in zip(members, ms)), flush=True)
     write_atomic((RUNS / "latency.json"), json.dumps(result, indent=2))

@@ -15,15 +15,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from kdlora.elastic import ElasticTransformer, SubnetConfig, evenly_spread_layers
+from kdlora.eval.latency import round_robin_latency_ms
 from kdlora.io import write_atomic
 from results_files import notes_for_output
 
@@ -55,22 +54,6 @@ def palette(encoder: ElasticTransformer, fractions=(0.75, 0.5, 0.25)) -> list[tu
     return members
 
 
-@torch.inference_mode()
-def time_round_robin(models: list, batch_size: int, seq_len: int, vocab_size: int, warmup: int, repeats: int) -> list[float]:
-    """Median forward time (ms) per model, timing one forward of each model per round."""
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=g)
-    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    times: list[list[float]] = [[] for _ in models]
-    for round_ in range(warmup + repeats):
-        for i, model in enumerate(models):
-            start = time.perf_counter()
-            model(**inputs)
-            if round_ >= warmup:
-                times[i].append((time.perf_counter() - start) * 1000.0)
-    return [statistics.median(t) for t in times]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", help="'bert-base' (random BertConfig()) or a model path/hub id")
@@ -97,7 +80,7 @@ def main() -> None:
         n_max = encoder.parameter_count(encoder.max_config)
         for batch_size in batch_sizes:
             repeats = args.repeats if batch_size == 1 else args.repeats_large
-            ms = time_round_robin(plain, batch_size, args.seq_len, encoder.model.config.vocab_size, args.warmup, repeats)
+            ms = round_robin_latency_ms(plain, batch_size, args.seq_len, encoder.model.config.vocab_size, args.warmup, repeats)
             for (label, cfg), model, t in zip(members, plain, ms):
                 params = sum(p.numel() for p in model.parameters())
                 row = {"model": name, "member": label, "subnet": cfg.name, "params": params,

@@ -100,10 +100,6 @@ def renderer_for(md: Path) -> Optional[str]:
 
 def load_renderer(spec: str) -> Callable[[dict, Optional[str]], str]:
     module, function = spec.split(":")
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    if str(BENCHMARKS.parent) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS.parent))
     return getattr(importlib.import_module(module), function)
 
 
