@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 
 from kdlora.eval.latency import timed
+from kdlora.eval.perplexity import heldout_perplexity
 from kdlora.io import write_atomic
 from results_files import notes_for_output
 
@@ -63,23 +63,16 @@ def data_module(a):
                               batch_size=a.batch, eval_batch_size=a.eval_batch, cache_dir=a.cache_dir)
 
 
-@torch.no_grad()
-def heldout_perplexity(encoder, cfg, loader) -> float:
-    """exp(token-mean next-token loss) of subnet `cfg` over every held-out block."""
-    from kdlora.losses import lm_token_losses
-
+def member_perplexity(encoder, cfg, loader) -> float:
+    """Held-out perplexity (`kdlora.eval.perplexity.heldout_perplexity`) of subnet `cfg` over every block."""
     was_training = encoder.training
     encoder.eval()
-    total, count = 0.0, 0
     try:
         encoder.set_sub_network(cfg)
-        for batch in loader:
-            s, c = lm_token_losses(encoder(batch["input_ids"], batch["attention_mask"]).logits, batch["labels"], batch["attention_mask"])
-            total, count = total + float(s), count + int(c)
+        return heldout_perplexity(lambda batch: encoder(batch["input_ids"], batch["attention_mask"]).logits, loader)["perplexity"]
     finally:
         encoder.reset_super_network()
         encoder.train(was_training)
-    return math.exp(total / count)
 
 
 def build_module(a, alone: bool):
@@ -141,14 +134,14 @@ def cmd_train(a, alone: bool) -> None:
     def palette_rows(key: str) -> None:
         members = model.palette if not alone else []
         for cfg in members:
-            ppl = heldout_perplexity(model.encoder, cfg, val_loader)
+            ppl = member_perplexity(model.encoder, cfg, val_loader)
             record[key].append({"name": cfg.name, "role": model.palette_roles.get(cfg.name, ""),
                                 "params": model.encoder.parameter_count(cfg), "perplexity": ppl, **cfg.to_dict()})
             print(f"[decoder_palette] {key} {cfg.name}: perplexity {ppl:.2f}", flush=True)
 
     class Curve(Callback):
         def point(self, step: int) -> None:
-            ppl = heldout_perplexity(model.encoder, slice_cfg, val_loader)
+            ppl = member_perplexity(model.encoder, slice_cfg, val_loader)
             record["curve"].append({"step": step, "tokens": step * a.batch * a.block, "perplexity": ppl,
                                     "elapsed_s": round(time.time() - t0, 1)})
             print(f"[decoder_palette] {name} step {step}: {slice_cfg.name} held-out perplexity {ppl:.2f} "

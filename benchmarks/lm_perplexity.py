@@ -29,25 +29,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from kdlora.data.causal_lm import IGNORE_INDEX, CausalLMDataModule  # noqa: E402
+from kdlora.data.causal_lm import CausalLMDataModule  # noqa: E402
 from kdlora.eval.latency import timed  # noqa: E402
+from kdlora.eval.perplexity import heldout_perplexity  # noqa: E402
 from kdlora.io import write_atomic  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
-
-
-def nll_and_tokens(model, loader) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens (labels shifted here)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            targets = batch["labels"][:, 1:]
-            total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                     reduction="sum").item()
-            count += int((targets != IGNORE_INDEX).sum())
-    return total, count
 
 
 def main(argv=None) -> int:
@@ -86,7 +73,8 @@ def main(argv=None) -> int:
             for _ in range(args.timing_repeats):
                 times.append(timed(lambda: model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))[1])
         start = time.perf_counter()
-        nll, tokens = nll_and_tokens(model, loader)
+        heldout = heldout_perplexity(lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, loader)
+        nll, tokens = heldout["nll"], heldout["tokens"]
         eval_s = time.perf_counter() - start
     c = model.config
     result = {

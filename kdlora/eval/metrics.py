@@ -38,22 +38,3 @@ def glue_score(values: dict[str, float]) -> float:
         raise ValueError("no metric values to average")
     return float(sum(values.values()) / len(values))
 
-
-class TokenMeanLoss(Metric):
-    """A split's token-mean loss and perplexity: exp(Σ token losses / Σ tokens) over every batch (and
-    every DDP rank), not a mean of per-batch values. Update with `kdlora.losses.lm_token_losses`."""
-
-    full_state_update = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, total: torch.Tensor, count: torch.Tensor) -> None:
-        self.total += total.detach().double()
-        self.count += count.detach().long()
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        loss = self.total / self.count.clamp_min(1)
-        return {"loss": loss, "perplexity": loss.exp()}

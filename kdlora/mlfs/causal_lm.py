@@ -15,7 +15,7 @@ Batches: ``{"input_ids": [B, T], "attention_mask": [B, T], "labels": [B, T]}``, 
 input_ids with -100 at padding.
 
 Validation, per palette member: ``val/<subnet>/loss`` and ``val/<subnet>/perplexity`` (exp of the
-token-mean loss over the whole split, `kdlora.eval.metrics.TokenMeanLoss`), ``val/loss``,
+token-mean loss over the whole split, `kdlora.eval.perplexity.TokenMeanLoss`), ``val/loss``,
 ``val/perplexity`` for the maxnet and ``val/palette_loss``, the members' mean loss. At fit end the
 palette of the best checkpoint (selected on the held-out split by the checkpoint monitor) and the
 end-of-fit palette are reported (params, val loss, perplexity) and, with `export`, every member of the
@@ -36,7 +36,7 @@ from torch import nn
 
 from kdlora.data.tokenizer import load_tokenizer
 from kdlora.elastic.model import ElasticTransformer
-from kdlora.eval.metrics import TokenMeanLoss
+from kdlora.eval.perplexity import TokenMeanLoss
 from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses
 from kdlora.mlfs.training import MLFSTraining, check_mlfs_arguments
 from kdlora.training.args import ExportArgs, OptimizerArgs
