@@ -94,20 +94,37 @@ def check_renamed_model_keys(args: list[str]) -> None:
 
     module = _model_choice(args)
     module = module if isinstance(module, str) else None
+    taken = _init_parameters(module)
     for path in _config_files(args):
         model = _config_section(path, "model")
         if isinstance(model, dict):
             init_args = model.get("init_args", {k: v for k, v in model.items() if k != "class_path"})
             if isinstance(init_args, dict):
-                check_renamed(init_args, "model.init_args", module)
+                check_renamed({k: v for k, v in init_args.items() if k not in taken}, "model.init_args", module)
     given = {}
     for i, arg in enumerate(args):
         key, eq, value = arg.partition("=")
         match = re.fullmatch(r"--model\.(?:init_args\.)?(\w+)((?:\.\w+)*)", key)
-        if match and match.group(1) not in ("class_path", "init_args"):
+        if match and match.group(1) not in ("class_path", "init_args", *taken):
             value = value if eq else (args[i + 1] if i + 1 < len(args) else None)
             given.setdefault(match.group(1), {match.group(2)[1:]: value} if match.group(2) else value)
     check_renamed(given, "model.init_args", module)
+
+
+def _init_parameters(name: Any) -> set[str]:
+    """The arguments the model class `name` (path or `METHOD_MODULES` name) takes plainly: a name it still
+    takes as a plain argument is not an old one (empty where the class is not known)."""
+    try:
+        cls = _import(name) if "." in name else METHOD_MODULES.get(name)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return set()
+    if not isinstance(cls, type):
+        return set()
+    from kdlora.training.args import RENAMED
+
+    params = inspect.signature(cls.__init__).parameters
+    # A parameter that is now a group (``export``) keeps its old plain form in RENAMED: that stays checked.
+    return {k for k in params if not any(new.split(".", 1)[0] == k for old, new in RENAMED.items() if old.rpartition(":")[2] == k)}
 
 
 class KDLoRACLI(LightningCLI):
@@ -550,6 +567,7 @@ def clean_error(exc: BaseException) -> str:
 def cli_class_for(args: list[str]) -> tuple[type[KDLoRACLI], dict[str, Any]]:
     """The CLI class a command runs under (its model decides, `uses_causal_lm_module`) and its arguments."""
     check_moved_class_paths(args)
+    check_renamed_model_keys(args)
     if uses_causal_lm_module(args):
         from kdlora.data.causal_lm import CausalLMDataModule
 

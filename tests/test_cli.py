@@ -147,6 +147,28 @@ def test_an_old_class_path_fails_naming_its_new_place(tiny_bert_dir, small_glue_
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("where", ["config", "init_args", "short"])
+def test_an_old_model_key_fails_naming_its_new_key(tiny_bert_dir, small_glue_dir, tmp_path, capsys, where):
+    """A renamed argument of the model (kdlora.training.args.RENAMED), in a config file or on the command
+    line, fails with one line naming its new key, before anything is built."""
+    config = tmp_path / "old.yaml"
+    config.write_text("model:\n  class_path: kdlora.kd.Teacher\n  init_args:\n    lora_r: 4\n")
+    extra = {"config": ["--config", str(config)], "init_args": ["--model.init_args.lora_r", "4"], "short": ["--model.lora_r=4"]}[where]
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "kdlora: error: model.init_args.lora_r is now model.init_args.lora.r", err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_new_model_keys_pass_the_old_key_check():
+    from kdlora.cli import check_renamed_model_keys
+
+    check_renamed_model_keys(["fit", "--model", "kdlora.kd.Teacher", "--model.init_args.lora.r", "4",
+                              "--model.export.dir=out", "--model.export.enabled", "false"])
+    with pytest.raises(ValueError, match=r"^model.init_args.export is now model.init_args.export.enabled$"):
+        check_renamed_model_keys(["fit", "--model", "kdlora.kd.Teacher", "--model.export", "false"])
+
+
 def test_every_moved_class_path_names_a_class_that_imports():
     import importlib
 
