@@ -95,8 +95,8 @@ def run_config(kind: str, models: dict[str, Path], out: Path, a: argparse.Namesp
             "batch_size": a.batch_size}
     if kind == "student":
         model = {"class_path": "kdlora.kd.KDLoRAStudent", "init_args": {
-            "model_name_or_path": str(models["student"]), "teacher_path": str(models["teacher"]), "lora_r": 4, "lora_alpha": 8,
-            "learning_rate": 1e-3, "export_dir": str(out / "export" / "student")}}
+            "model_name_or_path": str(models["student"]), "teacher_path": str(models["teacher"]), "lora": {"r": 4, "alpha": 8},
+            "optimizer": {"learning_rate": 1e-3}, "export": {"dir": str(out / "export" / "student")}}}
         trainer["max_epochs"] = a.epochs
         return {"seed_everything": 0, "model": model, "data": data, "trainer": trainer}
     model = {"class_path": "kdlora.mlfs.SuperTransformer", "init_args": {

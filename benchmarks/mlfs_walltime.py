@@ -64,8 +64,8 @@ def main() -> None:
                               batch_size=args.batch_size, max_train_samples=args.train_samples, max_eval_samples=32)
 
     L.seed_everything(0)
-    lora = Teacher(args.model, args.task, finetune="lora", lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                   lora_targets=TARGETS, learning_rate=1e-3, export=False)
+    lora = Teacher(args.model, args.task, finetune="lora", lora=LoRAArgs(r=8, alpha=16, dropout=0.0, targets=TARGETS),
+                   optimizer=OptimizerArgs(learning_rate=1e-3), export=ExportArgs(enabled=False))
     t_lora = timed_fit(lora, dm(), args, Path(args.root) / "lora")
     L.seed_everything(0)
     stages = [1] * 3 if args.epochs == 3 else [args.epochs // 3 + (i < args.epochs % 3) for i in range(3)]

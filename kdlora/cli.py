@@ -203,10 +203,17 @@ class KDLoRACLI(LightningCLI):
         # An export would replace its directory at fit end: refuse a user's directory now, before
         # the run directory exists and hours are spent training (the module checks again at fit start).
         init_args = (config.get("model") or {}).get("init_args") if self.subcommand == "fit" else None
-        if init_args is not None and init_args.get("export", True) and init_args.get("export_dir"):
+        if init_args is None:
+            return
+        export = init_args.get("export", True)
+        if isinstance(export, bool):  # a module still taking flat export/export_dir
+            enabled, path = export, init_args.get("export_dir")
+        else:  # the ExportArgs group (a Namespace of its fields)
+            enabled, path = export.get("enabled", True), export.get("dir")
+        if enabled and path:
             from kdlora.io import check_export_dir
 
-            check_export_dir(init_args["export_dir"])
+            check_export_dir(path)
 
     def _instantiate_trainer(self, config, callbacks):
         if config.get("enable_checkpointing") is False:

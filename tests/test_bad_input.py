@@ -105,7 +105,7 @@ def test_export_cli_onto_a_full_disk_is_one_line_and_leaves_nothing(supernet_che
 def test_fit_end_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tiny_bert_dir, small_glue_dir, tmp_path, capsys,
                                                                       full_disk):
     export = tmp_path / "exports" / "teacher"
-    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export_dir", str(export),
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export.dir", str(export),
                                    "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1")])
     assert code == 2
     assert _one_error_line(capsys.readouterr().err).startswith(f"kdlora: error: no space left on device writing {export} ")
@@ -130,7 +130,7 @@ def test_fit_onto_a_real_full_filesystem_leaves_no_truncated_checkpoint(tiny_ber
     disk.mkdir()
     fit = [sys.executable, str(REPO / "train.py"), "fit",
            *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--trainer.logger.init_args.save_dir", str(disk / "runs"),
-                  "--model.export", "false", "--trainer.max_epochs", "1")]
+                  "--model.export.enabled", "false", "--trainer.max_epochs", "1")]
     script = f"mount -t tmpfs -o size=300k tmpfs {disk} && {subprocess.list2cmdline(fit)}; code=$?; find {disk} -name '*ckpt*'; exit $code"
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(["unshare", "-r", "-m", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
@@ -170,7 +170,7 @@ def test_a_checkpoint_onto_a_full_disk_is_one_line_and_leaves_no_part_of_it(tiny
         return write_bytes(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", half_then_full)
-    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export", "false",
+    code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export.enabled", "false",
                                    "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1")])
     line = _one_error_line(capsys.readouterr().err)
     assert code == 2
@@ -183,7 +183,7 @@ def test_a_checkpoint_onto_a_full_disk_is_one_line_and_leaves_no_part_of_it(tiny
 
 def test_fit_without_checkpointing_trains_and_exports_the_final_weights(tiny_bert_dir, small_glue_dir, tmp_path):
     export = tmp_path / "export"
-    args = _args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export_dir", str(export), "--trainer.max_steps", "2",
+    args = _args(tiny_bert_dir, small_glue_dir, tmp_path, "--model.export.dir", str(export), "--trainer.max_steps", "2",
                  "--trainer.limit_val_batches", "1", "--trainer.enable_checkpointing", "false")
     assert cli_main(["fit", *args]) == 0
     assert list(tmp_path.rglob("*.ckpt")) == []

@@ -34,7 +34,7 @@ def test_train_py_fit_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path, fine
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     cmd = [sys.executable, "train.py", "fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path,
            "--data.task", "rte", "--model.finetune", finetune, "--trainer.fast_dev_run", "true",
-           "--model.export_dir", str(tmp_path / "export"))]
+           "--model.export.dir", str(tmp_path / "export"))]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "export" / "config.json").is_file()
@@ -48,7 +48,7 @@ def test_fit_then_test_and_predict_submission(tiny_bert_dir, small_glue_dir, tmp
     # GLUE test files have no labels and carry their own index column.
     (glue / "RTE" / "test.tsv").write_text(
         "index\tsentence1\tsentence2\n7\tthe company said it\tit said\n3\tshe was first\tshe was last\n")
-    base = _args(tiny_bert_dir, glue, tmp_path, "--data.task", "rte", "--model.export", "false")
+    base = _args(tiny_bert_dir, glue, tmp_path, "--data.task", "rte", "--model.export.enabled", "false")
     assert cli_main(["fit", *base, "--trainer.max_epochs", "1"]) == 0
     ckpts = sorted((tmp_path / "runs").rglob("best-*.ckpt"))
     assert len(ckpts) == 1
@@ -70,8 +70,8 @@ def test_fit_then_test_and_predict_submission(tiny_bert_dir, small_glue_dir, tmp
     (["--data.task", "qnli"], "QNLI/train.tsv"),  # only dev is present
     (["--data.task", "rte", "--model.finetune", "partial"], "finetune"),
     (["--data.task", "rte", "--data.holdout_fraction", "1.5"], "holdout_fraction"),
-    (["--data.task", "rte", "--data.max_train_samples", "0", "--trainer.fast_dev_run", "true", "--model.export", "false"], "max_train_samples must be at least 1 (or null for all rows), got 0"),
-    (["--data.task", "rte", "--data.max_eval_samples", "-1", "--trainer.fast_dev_run", "true", "--model.export", "false"], "max_eval_samples must be at least 1 (or null for all rows), got -1"),
+    (["--data.task", "rte", "--data.max_train_samples", "0", "--trainer.fast_dev_run", "true", "--model.export.enabled", "false"], "max_train_samples must be at least 1 (or null for all rows), got 0"),
+    (["--data.task", "rte", "--data.max_eval_samples", "-1", "--trainer.fast_dev_run", "true", "--model.export.enabled", "false"], "max_eval_samples must be at least 1 (or null for all rows), got -1"),
 ])
 def test_bad_input_is_one_clear_error_and_leaves_no_output(tiny_bert_dir, small_glue_dir, tmp_path, capsys, extra, message):
     code = cli_main(["fit", *_args(tiny_bert_dir, small_glue_dir, tmp_path, *extra)])
@@ -91,7 +91,7 @@ def test_missing_checkpoint_is_reported(tiny_bert_dir, small_glue_dir, tmp_path,
     (["--model.init_args.palette", "[max]"],
      "Parser key \"model\": Problem with given class_path 'kdlora.kd.Teacher': Option 'palette' is not accepted"),
     # a value of the wrong type, nested in the model's Union, and at the top level
-    (["--model.lora_r", "abc"], "Parser key \"lora_r\": Expected a <class 'int'>. Got value: abc"),
+    (["--model.lora.r", "abc"], "Parser key \"lora.r\": Expected a <class 'int'>. Got value: abc"),
     (["--trainer.max_epochs", "two"], "Parser key \"trainer.max_epochs\": Expected a <class 'int'>; got two"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
 ])
@@ -113,7 +113,7 @@ def test_fit_with_holdout_selects_on_it_then_scores_dev(tiny_bert_dir, small_glu
 
     export = tmp_path / "export"
     args = _args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--data.holdout_fraction", "0.25",
-                 "--model.export_dir", str(export), "--model.learning_rate", "1e-3", "--trainer.max_epochs", "2",
+                 "--model.export.dir", str(export), "--model.optimizer.learning_rate", "1e-3", "--trainer.max_epochs", "2",
                  "--trainer.callbacks+=kdlora.training.callbacks.GLUEResults")
     assert cli_main(["fit", *args]) == 0
     results = json.loads(next((tmp_path / "runs").rglob("results.json")).read_text())

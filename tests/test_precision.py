@@ -137,7 +137,7 @@ def test_cli_keeps_bf16_where_it_is_native_and_else_runs_float32_saying_so_once(
     app = cli.main(["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(models["teacher"]),
                     "--data.task", "mrpc", "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"),
                     "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed", "--trainer.logger", "false",
-                    "--model.export", "false"], run=False)
+                    "--model.export.enabled", "false"], run=False)
     assert asked == ["cpu"]
     assert app.trainer.precision == ("bf16-mixed" if native else "32-true")
     lines = [line for line in capsys.readouterr().err.splitlines() if "trainer.precision" in line]

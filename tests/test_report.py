@@ -77,7 +77,7 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
     trainer = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "callbacks": callbacks,
                "enable_model_summary": False}
     teacher = {"class_path": "kdlora.kd.Teacher",
-               "init_args": {"model_name_or_path": str(tiny_bert_dir), "export_dir": str(tmp_path / "teacher")}}
+               "init_args": {"model_name_or_path": str(tiny_bert_dir), "export": {"dir": str(tmp_path / "teacher")}}}
     # The teacher logs with the CLI's defaults only (no results callbacks): the report reads TensorBoard.
     cli_main(["fit", "--config", _config(tmp_path / "t.yaml", teacher, data, {**trainer, "callbacks": []})])
     # The teacher as a Lightning checkpoint gives the same (merged) model as its export.
@@ -90,7 +90,7 @@ def test_teacher_student_report_end_to_end_with_the_cli(tiny_bert_dir, small_glu
 
     student = {"class_path": "kdlora.kd.KDLoRAStudent",
                "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(ckpt),
-                             "student_layers": [0, 2], "teacher_targets": "cached"}}
+                             "student_layers": [0, 2], "teacher_targets": {"mode": "cached"}}}
     cli_main(["fit", "--config", _config(tmp_path / "s.yaml", student, data, trainer)])
     assert list((tmp_path / "runs" / "kdlora" / "teacher_targets").glob("teacher-mrpc-*.pt"))  # beside the runs
 
@@ -112,8 +112,8 @@ def test_student_fast_dev_run_via_cli(tiny_bert_dir, small_glue_dir, tmp_path, m
     monkeypatch.chdir(tmp_path)
     model = {"class_path": "kdlora.kd.KDLoRAStudent",
              "init_args": {"model_name_or_path": str(tiny_bert_dir), "teacher_path": str(tiny_bert_dir),
-                           "student_layers": [1], "teacher_targets": "online", "feature_distill_beta": 0.1,
-                           "export": False}}
+                           "student_layers": [1], "teacher_targets": {"mode": "online"},
+                           "distillation": {"feature_weight": 0.1}, "export": {"enabled": False}}}
     data = {"task": "sst2", "data_dir": str(small_glue_dir), "batch_size": 8, "cache_dir": str(tmp_path / "tok")}
     cli = cli_main(["fit", "--config", _config(tmp_path / "s.yaml", model, data,
                                                 {"fast_dev_run": True, "accelerator": "cpu"})])

@@ -193,7 +193,7 @@ def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tm
     # checkpoints: killed at step 10, three steps and epoch 0's validation past the checkpoint of step 7,
     # which the resumed run replays.
     check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
-                                                     "--model.finetune", "full", "--model.learning_rate", "1e-3"],
+                                                     "--model.finetune", "full", "--model.optimizer.learning_rate", "1e-3"],
                           monkeypatch, kill_at, checkpoint_every)
 
 
@@ -201,8 +201,8 @@ def test_teacher_resumes_exactly_after_sigkill(tiny_bert_dir, small_glue_dir, tm
 def test_student_with_cached_targets_resumes_exactly_after_sigkill_mid_epoch(tiny_bert_dir, student_dir, small_glue_dir, tmp_path, monkeypatch,
                                                                              group_by_length):
     check_resume_is_exact(tmp_path, small_glue_dir, ["--model", "kdlora.kd.KDLoRAStudent", "--model.model_name_or_path", str(student_dir),
-                                                     "--model.teacher_path", str(tiny_bert_dir), "--model.teacher_targets", "cached",
-                                                     "--model.learning_rate", "1e-2", "--data.group_by_length", group_by_length],
+                                                     "--model.teacher_path", str(tiny_bert_dir), "--model.teacher_targets.mode", "cached",
+                                                     "--model.optimizer.learning_rate", "1e-2", "--data.group_by_length", group_by_length],
                           monkeypatch, kill_at=6)
 
 
@@ -222,7 +222,7 @@ def test_fast_dev_run_writes_no_checkpoint(tiny_bert_dir, small_glue_dir, tmp_pa
     monkeypatch.chdir(tmp_path)  # a fast_dev_run has no log dir: Lightning's default is the working directory
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     assert cli_main(["fit", "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
-                     "--model.export", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
+                     "--model.export.enabled", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
                      "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
                      "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"]) == 0
     assert not list(tmp_path.rglob("*.ckpt"))
@@ -237,7 +237,7 @@ def test_ckpt_path_last_resumes_the_newest_version_of_a_versioned_run(tiny_bert_
 
     def fit(epochs: int, *extra: str) -> int:
         return cli_main(["fit", "--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
-                         "--model.export", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
+                         "--model.export.enabled", "false", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
                          "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32", "--data.batch_size", "8",
                          "--trainer.max_epochs", str(epochs), "--trainer.enable_progress_bar", "false",
                          "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
@@ -265,7 +265,7 @@ def test_last_checkpoint_is_the_end_of_training(tiny_bert_dir, small_glue_dir, t
     """A run whose last step is no multiple of `every_n_train_steps` (7) still ends with last.ckpt at that step."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     args = cli_args(tmp_path, small_glue_dir, "run", ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir),
-                                                      "--model.finetune", "full", "--model.export", "false"], 7, *stop)
+                                                      "--model.finetune", "full", "--model.export.enabled", "false"], 7, *stop)
     fit_here(args, tmp_path / "probe", monkeypatch)
     last = torch.load(tmp_path / "runs" / "run" / "v" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == steps == json.loads((tmp_path / "probe" / "run.json").read_text())["global_step"]
@@ -278,7 +278,7 @@ def test_a_new_run_in_a_used_run_directory_overwrites_no_checkpoint(tiny_bert_di
     """Only a resumed run rewrites a best checkpoint in place (the steps it replays); a new run started in
     the same directory writes its own beside the earlier run's."""
     monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    model = ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir), "--model.export", "false"]
+    model = ["--model", "kdlora.kd.Teacher", "--model.model_name_or_path", str(tiny_bert_dir), "--model.export.enabled", "false"]
     checkpoints = tmp_path / "runs" / "run" / "v" / "checkpoints"
     fit_here(cli_args(tmp_path, small_glue_dir, "run", model, 100, "--trainer.max_epochs", "1"), tmp_path / "probe", monkeypatch)
     first = {p.name: p.read_bytes() for p in checkpoints.iterdir()}

@@ -109,7 +109,7 @@ def test_fit_refuses_a_users_export_dir_before_training(tiny_bert_dir, small_glu
 def test_cli_refuses_a_users_export_dir_before_the_run_exists(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
     user = _users_folder(tmp_path / "mine")
     code = cli_main(_cli_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte",
-                              "--model.export_dir", str(user)))
+                              "--model.export.dir", str(user)))
     err = capsys.readouterr().err
     assert code == 2 and f"kdlora: error: export directory {user} already exists and is not a kdlora export" in err
     assert not (tmp_path / "runs").exists()
@@ -226,8 +226,8 @@ def test_fit_without_a_logger_runs(tiny_bert_dir, small_glue_dir, tmp_path):
 
 def test_diverging_teacher_stops_with_one_error_no_checkpoint_no_export(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
     code = cli_main(_cli_args(tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte",
-                              "--model.learning_rate", "1e6", "--model.warmup_ratio", "0", "--trainer.max_epochs", "2",
-                              "--model.export_dir", str(tmp_path / "export"),
+                              "--model.optimizer.learning_rate", "1e6", "--model.optimizer.warmup_ratio", "0", "--trainer.max_epochs", "2",
+                              "--model.export.dir", str(tmp_path / "export"),
                               "--trainer.callbacks+=kdlora.training.callbacks.GLUEResults"))
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("kdlora: error:")]
@@ -391,7 +391,7 @@ def test_student_fast_dev_run_caches_teacher_targets_outside_the_working_directo
     monkeypatch.chdir(cwd)
     code = cli_main(["fit", "--model", "kdlora.kd.KDLoRAStudent", "--model.model_name_or_path", str(tiny_bert_dir),
                      "--model.teacher_path", str(tiny_bert_dir), "--model.student_layers", "[1]",
-                     "--model.teacher_targets", "cached", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
+                     "--model.teacher_targets.mode", "cached", "--data.task", "sst2", "--data.data_dir", str(small_glue_dir),
                      "--data.cache_dir", str(tmp_path / "c"), "--data.batch_size", "8", "--data.max_seq_length", "32",
                      "--trainer.fast_dev_run", "true", "--trainer.enable_progress_bar", "false"])
     assert code == 0

@@ -256,6 +256,6 @@ def test_every_lora_target_must_match_a_module(tiny_model_dirs):
 
 def test_unknown_lora_target_is_refused_by_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
     code = _cli("fit", tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--model.finetune", "lora",
-                "--model.lora_targets", "[query, bogus]")
+                "--model.lora.targets", "[query, bogus]")
     assert code == 2 and "unknown lora_targets 'bogus': no module of this bert model has that name" in _one_error_line(capsys)
     assert not (tmp_path / "runs").exists()

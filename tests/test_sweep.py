@@ -33,10 +33,10 @@ def test_grid_zip_points_and_sample_expand_to_the_expected_points():
 
 
 def test_point_ids_are_readable_stable_and_unique():
-    a = sweep.point_id({"model.init_args.lora_r": 8, "trainer.max_epochs": 3, "model.init_args.lora_dropout": 0.0})
-    assert a == sweep.point_id({"trainer.max_epochs": 3, "model.init_args.lora_dropout": 0.0, "model.init_args.lora_r": 8})
+    a = sweep.point_id({"model.init_args.lora.r": 8, "trainer.max_epochs": 3, "model.init_args.lora.dropout": 0.0})
+    assert a == sweep.point_id({"trainer.max_epochs": 3, "model.init_args.lora.dropout": 0.0, "model.init_args.lora.r": 8})
     assert a.startswith("do0-r8-ep3-")
-    assert a != sweep.point_id({"model.init_args.lora_r": 8, "trainer.max_epochs": 3, "model.init_args.lora_dropout": 0.1})
+    assert a != sweep.point_id({"model.init_args.lora.r": 8, "trainer.max_epochs": 3, "model.init_args.lora.dropout": 0.1})
     # "0.1" and 0.1 print alike; the hash still tells them apart
     assert sweep.point_id({"x": "0.1"}) != sweep.point_id({"x": 0.1})
 
@@ -48,7 +48,7 @@ def test_shipped_paper_grids_have_the_papers_counts(name, count, monkeypatch):
     assert len(s.points) == count and len({sweep.point_id(p) for p in s.points}) == count
     assert s.tasks == ["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"]
     if name == "bert-fft":  # within the paper's ranges
-        assert {p["model.init_args.learning_rate"] for p in s.points} <= {2e-5, 3e-5, 4e-5, 5e-5}
+        assert {p["model.init_args.optimizer.learning_rate"] for p in s.points} <= {2e-5, 3e-5, 4e-5, 5e-5}
         assert {p["data.batch_size"] for p in s.points} <= {8, 16, 32}
 
 
@@ -84,7 +84,7 @@ def _tiny_sweep(tmp_path, model_dir, glue_dir) -> Path:
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     spec = {"base": str(tmp_path / "base.yaml"), "tasks": ["rte"],
-            "grid": {"model.init_args.learning_rate": [1e-4, 2e-4]}}
+            "grid": {"model.init_args.optimizer.learning_rate": [1e-4, 2e-4]}}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
     return tmp_path / "sweep.yaml"
 
@@ -106,7 +106,7 @@ def test_sweep_runs_each_point_once_and_reruns_only_unfinished_ones(tiny_bert_di
         results = json.loads((run / "results.json").read_text())
         assert "score" in results["val_best"] and (run / sweep.DONE_MARKER).is_file()
         point = json.loads((run.parent / sweep.POINT_FILE).read_text())
-        assert results["run"]["hparams"]["learning_rate"] == point["overrides"]["model.init_args.learning_rate"]
+        assert results["run"]["hparams"]["optimizer"]["learning_rate"] == point["overrides"]["model.init_args.optimizer.learning_rate"]
         assert not (run / "export").exists()
     assert not (tmp_path / "runs" / "rte" / "fft" / "export").exists()  # points never export over the base's export
 
@@ -137,7 +137,7 @@ def test_emitted_slurm_array_runs_each_unfinished_point(tmp_path, monkeypatch):
     base = tmp_path / "base.yaml"
     base.write_text(MODEL + "trainer: {logger: {init_args: {save_dir: 'runs/{task}', name: lora}}}\n")
     path = tmp_path / "s.yaml"
-    path.write_text(f"base: {base}\ntasks: [rte, mrpc]\ngrid: {{model.init_args.lora_r: [8, 16, 32]}}\n")
+    path.write_text(f"base: {base}\ntasks: [rte, mrpc]\ngrid: {{model.init_args.lora.r: [8, 16, 32]}}\n")
     monkeypatch.chdir(tmp_path)
     s = sweep.load_sweep(path)
     done = sweep.point_dir(s, "rte", s.points[0]) / "version_0"  # one point already finished
@@ -172,7 +172,7 @@ def test_a_bad_override_stops_the_sweep_at_its_first_point_with_the_clis_message
     monkeypatch.setattr(sweep.subprocess, "call", in_process)
     path = _tiny_sweep(tmp_path, tiny_bert_dir, small_glue_dir)
     spec = yaml.safe_load(path.read_text())
-    spec["grid"] = {"model.init_args.lora_rank": [4, 8]}  # Teacher has lora_r, not lora_rank
+    spec["grid"] = {"model.init_args.lora_rank": [4, 8]}  # Teacher has lora.r, not lora_rank
     path.write_text(yaml.safe_dump(spec))
     assert sweep.main([str(path)]) == 2
     err = capsys.readouterr().err
@@ -192,13 +192,13 @@ def test_sweep_launches_each_point_as_its_own_training_process(tiny_bert_dir, sm
     rates = []
     for run in runs:
         point = json.loads((run.parent / sweep.POINT_FILE).read_text())
-        rate = point["overrides"]["model.init_args.learning_rate"]
+        rate = point["overrides"]["model.init_args.optimizer.learning_rate"]
         rates.append(rate)
         assert sweep.is_finished(run)
         results = json.loads((run / "results.json").read_text())
-        assert results["run"]["hparams"]["learning_rate"] == rate and "score" in results["val_best"]
+        assert results["run"]["hparams"]["optimizer"]["learning_rate"] == rate and "score" in results["val_best"]
         config = yaml.safe_load((run / "config.yaml").read_text())  # what that process's CLI resolved
-        assert config["model"]["init_args"]["learning_rate"] == rate and config["data"]["task"] == "rte"
+        assert config["model"]["init_args"]["optimizer"]["learning_rate"] == rate and config["data"]["task"] == "rte"
         last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert last["global_step"] == 2  # limit_train_batches: 2 steps trained
     assert sorted(rates) == [1e-4, 2e-4]

@@ -79,7 +79,7 @@ def _no_runs(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("grid, bad, index", [
-    ({"model.init_args.lora_rank": [4, 8]}, "Option 'lora_rank' is not accepted", 0),  # Teacher has lora_r
+    ({"model.init_args.lora_rank": [4, 8]}, "Option 'lora_rank' is not accepted", 0),  # Teacher has lora.r
     ({"trainer.max_epochs": [1, "three"]}, 'Parser key "trainer.max_epochs"', 1),  # the second point's value
 ])
 @pytest.mark.parametrize("mode", [[], ["--dry-run"], ["--emit", "commands"]])
@@ -115,7 +115,7 @@ def test_a_crashed_point_resumes_from_its_last_checkpoint(tiny_sweep, tmp_path, 
             return 1
 
     monkeypatch.setattr(sweep.subprocess, "call", in_process)
-    path = tiny_sweep({"model.init_args.learning_rate": [1e-4]}, crash_epoch=1, max_epochs=3)
+    path = tiny_sweep({"model.init_args.optimizer.learning_rate": [1e-4]}, crash_epoch=1, max_epochs=3)
     s = sweep.load_sweep(path)
     run = sweep.point_dir(s, "rte", s.points[0]) / "version_0"
     assert sweep.main([str(path)]) == 1  # the point crashed at the start of epoch 1
@@ -138,7 +138,7 @@ def test_a_crashed_point_resumes_from_its_last_checkpoint(tiny_sweep, tmp_path, 
 def test_a_point_that_crashed_before_its_first_checkpoint_starts_over_in_a_new_version(
         tiny_sweep, tmp_path, monkeypatch):
     calls = _no_runs(monkeypatch)
-    path = tiny_sweep({"model.init_args.learning_rate": [1e-4]})
+    path = tiny_sweep({"model.init_args.optimizer.learning_rate": [1e-4]})
     s = sweep.load_sweep(path)
     crashed = sweep.point_dir(s, "rte", s.points[0]) / "version_0"
     crashed.mkdir(parents=True)
@@ -156,7 +156,7 @@ def test_a_point_that_crashed_before_its_first_checkpoint_starts_over_in_a_new_v
 @pytest.mark.slow
 def test_ray_engine_runs_points_as_parallel_trials(tiny_sweep, tmp_path, capsys):
     pytest.importorskip("ray.tune")
-    path = tiny_sweep({"model.init_args.learning_rate": [1e-4, 2e-4]})
+    path = tiny_sweep({"model.init_args.optimizer.learning_rate": [1e-4, 2e-4]})
     s = sweep.load_sweep(path)
     assert sweep.main([str(path), "--engine", "ray", "--cpus-per-trial", "1"]) == 0
     assert "2 finished" in capsys.readouterr().out
@@ -166,7 +166,7 @@ def test_ray_engine_runs_points_as_parallel_trials(tiny_sweep, tmp_path, capsys)
         marker = json.loads((run / sweep.DONE_MARKER).read_text())
         assert marker["status"] == "finished" and marker["command"][:2] == [sys.executable, str(sweep.TRAIN_PY)]
         results = json.loads((run / "results.json").read_text())
-        assert results["run"]["hparams"]["learning_rate"] == p["model.init_args.learning_rate"]
+        assert results["run"]["hparams"]["optimizer"]["learning_rate"] == p["model.init_args.optimizer.learning_rate"]
         windows.append((marker["started"], marker["ended"]))
     (a_start, a_end), (b_start, b_end) = windows
     assert max(a_start, b_start) < min(a_end, b_end), f"the trials ran one after the other: {windows}"
@@ -176,7 +176,7 @@ def test_ray_engine_runs_points_as_parallel_trials(tiny_sweep, tmp_path, capsys)
 
 def test_emitted_slurm_array_maps_each_index_to_its_points_command(tiny_sweep, tmp_path, monkeypatch,
                                                                    capsys):
-    path = tiny_sweep({"model.init_args.lora_r": [4, 8, 16]}, tasks=("rte", "mrpc"))
+    path = tiny_sweep({"model.init_args.lora.r": [4, 8, 16]}, tasks=("rte", "mrpc"))
     s = sweep.load_sweep(path)
     done = sweep.point_dir(s, "mrpc", s.points[1]) / "version_0"  # one point already finished
     done.mkdir(parents=True)

@@ -830,13 +830,15 @@ def read_selection(out_dir: Path) -> dict[str, Any]:
 
 
 def _export_of(run: dict[str, Any]) -> Optional[str]:
-    """The folder a run exported its model to (its config's ``model.init_args.export_dir``, else ``<run>/export``)."""
+    """The folder a run exported its model to (its config's ``model.init_args.export.dir``, else ``<run>/export``)."""
     try:
         config = saved_config(run["dir"])
     except (OSError, ValueError):
         config = {}
     model = config.get("model") or {}
-    named = (model.get("init_args") or model).get("export_dir") if isinstance(model, dict) else None
+    init_args = (model.get("init_args") or model) if isinstance(model, dict) else {}
+    export = init_args.get("export")
+    named = export.get("dir") if isinstance(export, dict) else init_args.get("export_dir")  # flat: runs of earlier versions
     for candidate in (named, str(Path(run["dir"]) / "export")):
         if candidate and Path(candidate).is_dir():
             return candidate

@@ -71,7 +71,7 @@ POINT_FILE = "sweep_point.json"
 SWEEP_KEYS = {"base", "tasks", "fixed", "grid", "zip", "points", "sample", "seed", "export"}
 # Short names for ids; any other key uses its last dotted segment.
 ABBREVIATIONS = {"learning_rate": "lr", "batch_size": "bs", "max_epochs": "ep", "weight_decay": "wd",
-                 "lora_r": "r", "lora_alpha": "a", "lora_dropout": "do", "seed_everything": "seed"}
+                 "lora.r": "r", "lora.alpha": "a", "lora.dropout": "do", "seed_everything": "seed"}
 TRAIN_PY = Path(__file__).resolve().parents[2] / "train.py"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 
@@ -159,7 +159,8 @@ def point_id(overrides: dict[str, Any]) -> str:
     digest = hashlib.sha1(canonical.encode()).hexdigest()[:6]
     parts = []
     for key in sorted(overrides):
-        short = ABBREVIATIONS.get(key.rsplit(".", 1)[-1], key.rsplit(".", 1)[-1])
+        last, group_and_last = key.rsplit(".", 1)[-1], ".".join(key.rsplit(".", 2)[-2:])
+        short = ABBREVIATIONS.get(group_and_last, ABBREVIATIONS.get(last, last))
         value = overrides[key]
         text = format(value, "g") if isinstance(value, float) else _value_text(value)
         parts.append(f"{short}{text}")
@@ -271,8 +272,8 @@ def train_args(sweep: Sweep, task: str, overrides: dict[str, Any], version: int,
                 "--trainer.logger.init_args.name", directory.name,
                 "--trainer.logger.init_args.version", str(version)]
     export_dir = directory / f"version_{version}" / "export"
-    command += ["--model.init_args.export", "true", "--model.init_args.export_dir", str(export_dir)] if sweep.export \
-        else ["--model.init_args.export", "false"]
+    command += ["--model.init_args.export.enabled", "true", "--model.init_args.export.dir", str(export_dir)] if sweep.export \
+        else ["--model.init_args.export.enabled", "false"]
     return command + (["--ckpt_path", str(ckpt_path)] if ckpt_path else [])
 
 

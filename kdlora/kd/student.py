@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +37,8 @@ def load_teacher(teacher_path: str, spec: TaskSpec) -> tuple[nn.Module, str]:
         hparams = read_checkpoint(path, Teacher, spec.name).get("hyper_parameters") or {}
         # A checkpoint written before the argument groups holds flat keys (lora_r, ...): read them as groups.
         groups = {k: v for k, v in nested_hparams(hparams, "Teacher").items() if k in ("lora", "optimizer")}
-        teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", **groups, export=ExportArgs(enabled=False),
+        teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", **groups,
+                                               export=asdict(ExportArgs(enabled=False)),  # plain: LightningCLI re-parses it
                                                **current_class_path(hparams, Teacher))
         model, tokenizer_source = teacher.merged_model(), teacher.hparams.model_name_or_path
     elif path.is_dir():

@@ -123,7 +123,7 @@ class GLUEResults(Callback):
         path = self._path(trainer)
         if not trainer.is_global_zero:
             return
-        primitive = (str, int, float, bool, type(None), list)
+        primitive = (str, int, float, bool, type(None), list, dict)  # dict: argument groups (lora, optimizer, ...)
         hparams = {k: v for k, v in dict(pl_module.hparams).items() if isinstance(v, primitive)}
         dm = getattr(trainer, "datamodule", None)
         data = {k: v for k, v in dict(getattr(dm, "hparams", {}) or {}).items() if isinstance(v, primitive)}
