@@ -29,6 +29,7 @@ from kdlora.data.glue import GLUEDataModule  # noqa: E402
 from kdlora.io import write_atomic  # noqa: E402
 from kdlora.kd import Teacher  # noqa: E402
 from kdlora.mlfs import SuperTransformer  # noqa: E402
+from kdlora.training.args import ExportArgs, LoRAArgs, OptimizerArgs  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
