@@ -239,12 +239,12 @@ def test_every_lora_target_must_match_a_module(tiny_model_dirs):
     from kdlora.kd import KDLoRAStudent
 
     bert, distilbert = str(tiny_model_dirs["bert"]), str(tiny_model_dirs["distilbert"])
-    with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus': no module of this bert model has that name; "
+    with pytest.raises(ValueError, match=r"unknown lora\.targets 'bogus': no module of this bert model has that name; "
                                          r"its linear layers are: classifier, dense, key, query, value$"):
         Teacher(bert, task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "bogus"]))
-    with pytest.raises(ValueError, match=r"unknown lora_targets 'query', 'value':.*distilbert.*lin1, lin2, out_lin, pre_classifier, q_lin, v_lin"):
+    with pytest.raises(ValueError, match=r"unknown lora\.targets 'query', 'value':.*distilbert.*lin1, lin2, out_lin, pre_classifier, q_lin, v_lin"):
         Teacher(distilbert, task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "value"]))
-    with pytest.raises(ValueError, match=r"unknown lora_targets 'bogus'"):
+    with pytest.raises(ValueError, match=r"unknown lora\.targets 'bogus'"):
         KDLoRAStudent(bert, bert, task="rte", student_layers=[0, 2], lora=LoRAArgs(targets=["query", "bogus"]),
                       export=ExportArgs(enabled=False))
     # Names as peft matches them: a module's name or a dotted suffix of it.
@@ -257,5 +257,5 @@ def test_every_lora_target_must_match_a_module(tiny_model_dirs):
 def test_unknown_lora_target_is_refused_by_the_cli(tiny_bert_dir, small_glue_dir, tmp_path, capsys):
     code = _cli("fit", tiny_bert_dir, small_glue_dir, tmp_path, "--data.task", "rte", "--model.finetune", "lora",
                 "--model.lora.targets", "[query, bogus]")
-    assert code == 2 and "unknown lora_targets 'bogus': no module of this bert model has that name" in _one_error_line(capsys)
+    assert code == 2 and "unknown lora.targets 'bogus': no module of this bert model has that name" in _one_error_line(capsys)
     assert not (tmp_path / "runs").exists()

@@ -98,7 +98,7 @@ def test_unknown_family_needs_explicit_targets(tmp_path):
     cfg = AlbertConfig(vocab_size=256, embedding_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                        intermediate_size=64, num_labels=2)
     AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"no default LoRA targets for model family 'albert'.*lora_targets"):
+    with pytest.raises(ValueError, match=r"no default LoRA targets for model family 'albert'.*lora\.targets"):
         Teacher(str(tmp_path), task="rte", finetune="lora")
     module = Teacher(str(tmp_path), task="rte", finetune="lora", lora=LoRAArgs(targets=["query", "value"]))
     assert any("lora_A" in n for n, _ in module.named_parameters())

@@ -30,7 +30,7 @@ def lora_targets_for(model_type: str, override: Optional[Sequence[str]] = None) 
     if model_type not in LORA_TARGETS:
         raise ValueError(
             f"no default LoRA targets for model family {model_type!r} (known: {', '.join(sorted(LORA_TARGETS))}); "
-            "set lora_targets explicitly, e.g. lora_targets: [query, value]"
+            "set lora.targets explicitly, e.g. lora: {targets: [query, value]}"
         )
     return list(LORA_TARGETS[model_type])
 
@@ -44,7 +44,7 @@ def check_lora_targets(model: torch.nn.Module, targets: Sequence[str]) -> None:
     unknown = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
     if unknown:
         linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"unknown lora_targets {', '.join(map(repr, unknown))}: no module of this {model_family(model)} model "
+        raise ValueError(f"unknown lora.targets {', '.join(map(repr, unknown))}: no module of this {model_family(model)} model "
                          f"has that name; its linear layers are: {', '.join(linear)}")
 
 
