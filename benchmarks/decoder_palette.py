@@ -14,7 +14,7 @@ stream at `--val-tokens`. The base is the pretrained model (LoRA only, the super
     python benchmarks/decoder_palette.py alone
     # CPU latency per generated token of the exported members (greedy, kv cache, batch 1), round-robin
     python benchmarks/decoder_palette.py latency
-    # md + json + png into benchmarks/results/decoder_palette*
+    # md + json + png into benchmarks/results/decoder_palette/decoder_palette*
     python benchmarks/decoder_palette.py report
 
 Work files go to ``--work`` (default runs/decoder_palette): ``mlfs.json``, ``alone.json``,
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
         p.add_argument("--rounds", type=int, default=5)
         p.add_argument("--from-pretrained", action="store_true",
                        help="latency: time the members sliced from --model instead of the MLFS exports (same shapes)")
-        p.add_argument("--out", default=str(RESULTS / "decoder_palette"))
+        p.add_argument("--out", default=str(RESULTS / "decoder_palette" / "decoder_palette"))
         p.add_argument("--notes", help="report: a markdown file of notes put under the title (default: <out>_notes.md where it exists)")
     a = ap.parse_args(argv)
     try:

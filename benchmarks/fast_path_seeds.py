@@ -8,7 +8,7 @@ training subset. The verdict compares the arms' difference in mean score with th
 
     PYTHONPATH=. python benchmarks/fast_path_seeds.py --model models/minilm
 
-Writes benchmarks/results/fast_path_seeds.{json,md} (the markdown generated from the JSON).
+Writes benchmarks/results/fast_path_seeds/fast_path_seeds.{json,md} (the markdown generated from the JSON).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fast-precision", default="bf16-mixed", choices=sorted(PRECISION_NAMES),
                         help="the fast path's precision (it always groups batches by length)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fast_path_seeds"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "fast_path_seeds" / "fast_path_seeds"))
     args = parser.parse_args(argv)
     if not Path(args.model).is_dir():
         parser.error(f"--model {args.model!r} is not a directory (bash scripts/fetch_models.sh minilm models/minilm)")

@@ -8,9 +8,9 @@ Reads finished runs (nothing is trained here):
 - the KD-LoRA points, `runs/minilm/<task>/kdlora/sweep/*` (`configs/sweeps/minilm-kdlora-diagnose.yaml`),
 each selected on its held-out 10 % of train and scored on dev after fit (`results.json` "test").
 
-    python benchmarks/kdlora_diagnosis.py --tasks stsb cola --out benchmarks/results/minilm_kdlora_diagnosis
+    python benchmarks/kdlora_diagnosis.py --tasks stsb cola --out benchmarks/results/kdlora_diagnosis/minilm_kdlora_diagnosis
     # the whole train set (configs/sweeps/*-diagnose-full.yaml, runs under runs/full/):
-    python benchmarks/kdlora_diagnosis.py --runs runs/full --tasks cola mrpc --out benchmarks/results/minilm_kdlora_diagnosis_full
+    python benchmarks/kdlora_diagnosis.py --runs runs/full --tasks cola mrpc --out benchmarks/results/kdlora_diagnosis/minilm_kdlora_diagnosis_full
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="+", default=["stsb", "cola"])
     ap.add_argument("--runs", default="runs", help="the folder holding minilm/ and minilm-l3/")
     ap.add_argument("--notes", help="a markdown file of findings put under the title (default: <out>_notes.md where it exists)")
-    ap.add_argument("--out", default="benchmarks/results/minilm_kdlora_diagnosis")
+    ap.add_argument("--out", default="benchmarks/results/kdlora_diagnosis/minilm_kdlora_diagnosis")
     a = ap.parse_args(argv)
     runs = Path(a.runs)
     command = "python benchmarks/kdlora_diagnosis.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -4,7 +4,7 @@
 A sanity check of a converted checkpoint (e.g. `scripts/fetch_models.sh smollm2`): a right conversion
 scores a perplexity well under 20 on Python code, a broken one hundreds or more.
 
-    PYTHONPATH=. python benchmarks/lm_perplexity.py --model models/smollm2 --out benchmarks/results/smollm2_cpu
+    PYTHONPATH=. python benchmarks/lm_perplexity.py --model models/smollm2 --out benchmarks/results/lm_perplexity/smollm2_cpu
 
 Writes ``<out>.md`` and ``<out>.json`` (when --out is given).
 """

@@ -22,10 +22,10 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     # batch-1 / batch-32 CPU latency of the exported members, round-robin, ratios to the maxnet
     python benchmarks/mlfs_palette.py latency --task mrpc
     # tables (markdown + JSON) and the ablation figures (PNG)
-    python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette
+    python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette/mlfs_palette
     python benchmarks/mlfs_palette.py mlfs --task sst2 --name gamma0 -- --model.init_args.gamma 0   # ... gamma2, rank4, rank16
     python benchmarks/mlfs_palette.py ablations --task sst2 --runs paper gamma0 gamma2 rank4 rank16 \
-        --out benchmarks/results/mlfs_ablations_sst2
+        --out benchmarks/results/mlfs_palette/mlfs_ablations_sst2
 
 "start" in the tables is the member sliced from the stage-0 maxnet: with a pretrained base the
 maxnet only does the task after stage 0 (its LoRA fine-tuning), so that is the teacher the subnets
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=42, help="mlfs/alone: seed_everything; a seed other than 42 "
                        "suffixes the run name with -s<seed> (the training subset and held-out split stay the same)")
         p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds: the seeds to put side by side")
-        p.add_argument("--out", default="benchmarks/results/mlfs_palette")
+        p.add_argument("--out", default="benchmarks/results/mlfs_palette/mlfs_palette")
         p.add_argument("--variants", nargs="*", default=["finetuned", "importance"], help="table: other MLFS runs shown beside")
         p.add_argument("--notes", help="table, ablations, seeds: a markdown file of notes put under the title "
                        "(default: <out>_notes.md where it exists)")

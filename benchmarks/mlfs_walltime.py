@@ -5,7 +5,7 @@ module in LoRA mode. Both skip validation, export and latency so only training i
 
     PYTHONPATH=. python benchmarks/mlfs_walltime.py --model models/minilm --data-dir kdlora/assets/glue
 
-Writes benchmarks/results/mlfs_walltime.{md,json}.
+Writes benchmarks/results/mlfs_walltime/mlfs_walltime.{md,json}.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from kdlora.mlfs import SuperTransformer  # noqa: E402
 from kdlora.training.args import ExportArgs, LoRAArgs, OptimizerArgs  # noqa: E402
 from results_files import notes_for_output  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(__file__).resolve().parent / "results" / "mlfs_walltime"
 # peft matches suffixes: "output.dense" also adapts the attention output (a slightly larger LoRA run).
 TARGETS = ["query", "key", "value", "intermediate.dense", "output.dense"]
 

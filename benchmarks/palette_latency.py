@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--subnet", action="append",
                         help="time these subnets (names such as h288-a9-f1152-l6) instead of the size fractions")
-    parser.add_argument("--out", default=str(RESULTS / "palette_latency"))
+    parser.add_argument("--out", default=str(RESULTS / "palette_latency" / "palette_latency"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     models = args.model or ["bert-base", "models/minilm"]

@@ -1,16 +1,17 @@
 """Which code writes each markdown file in benchmarks/results, and rewriting them from their JSON.
 
-Every ``<name>.md`` in benchmarks/results is rendered by code from the ``<name>.json`` beside it (for
+Each benchmark writes into its own folder, ``benchmarks/results/<benchmark>/`` (``report/``: the
+reports of `kdlora.experiments.report`; ``passk/``: `kdlora.eval.passk` runs). Every ``<name>.md`` there is rendered by code from the ``<name>.json`` beside it (for
 ``<dir>/results.md``: ``<dir>/results.json``); no number in it is typed by hand. Prose that interprets a
 result lives in ``<name>_notes.md`` beside it, which the renderer puts under the title. The exceptions,
 records whose runs are gone and whose numbers no JSON holds, are listed in ARCHIVAL and say so under
 their title.
 
     python benchmarks/results_files.py                  # rewrite every registered md from its JSON
-    python benchmarks/results_files.py mlfs_palette     # only these (path under results/ without .md)
+    python benchmarks/results_files.py mlfs_palette/mlfs_palette   # only these (path under results/ without .md)
     python benchmarks/results_files.py --check          # rewrite nothing; exit 1 naming each md that differs
 
-``results/<name>.md`` written by ``benchmarks/<name>.py`` needs no registering: that script's top-level
+``results/<name>/<name>.md`` written by ``benchmarks/<name>.py`` needs no registering: that script's top-level
 ``render`` is its renderer. Any other results file is registered with one line in RENDERERS: its name
 (a glob over the path under benchmarks/results without ``.md``) and ``"module:function"``, a module of
 benchmarks/ or of the package whose ``function(data: dict) -> str`` is the exact markdown; where ``<name>_notes.md``
@@ -30,6 +31,7 @@ import bisect
 import fnmatch
 import importlib
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -39,26 +41,26 @@ BENCHMARKS = Path(__file__).resolve().parent
 RESULTS = BENCHMARKS / "results"
 
 RENDERERS: dict[str, str] = {
-    "decoder_palette": "decoder_palette:render_report",
-    "decoder_palette_leading": "decoder_palette:render_report",
-    "decoder_palette_latency": "decoder_palette:render_latency",
-    "fast_path_seeds*": "fast_path_seeds:markdown",
-    "minilm_kdlora_diagnosis*": "kdlora_diagnosis:render",
-    "minilm_report*": "kdlora.experiments.report:render",
-    "mlfs_ablations_*": "mlfs_palette:render_ablations",
-    "mlfs_palette": "mlfs_palette:render_table",
-    "mlfs_seeds_*": "mlfs_palette:render_seeds",
-    "palette_latency*": "palette_latency:render",
-    "passk_*/results": "results_files:render_passk",
-    "slice_start_*": "slice_start:render",
-    "smollm2_cpu": "lm_perplexity:render",
-    "supernet_step": "supernet_step:markdown",
+    "decoder_palette/decoder_palette": "decoder_palette:render_report",
+    "decoder_palette/decoder_palette_leading": "decoder_palette:render_report",
+    "decoder_palette/decoder_palette_latency": "decoder_palette:render_latency",
+    "fast_path_seeds/fast_path_seeds*": "fast_path_seeds:markdown",
+    "kdlora_diagnosis/minilm_kdlora_diagnosis*": "kdlora_diagnosis:render",
+    "report/minilm_report*": "kdlora.experiments.report:render",
+    "mlfs_palette/mlfs_ablations_*": "mlfs_palette:render_ablations",
+    "mlfs_palette/mlfs_palette": "mlfs_palette:render_table",
+    "mlfs_palette/mlfs_seeds_*": "mlfs_palette:render_seeds",
+    "palette_latency/palette_latency*": "palette_latency:render",
+    "passk/passk_*/results": "results_files:render_passk",
+    "slice_start/slice_start_*": "slice_start:render",
+    "lm_perplexity/smollm2_cpu": "lm_perplexity:render",
+    "supernet_step/supernet_step": "supernet_step:markdown",
 }
 
 # Markdown files in benchmarks/results that no code renders, each with why. Each says so under its title
 # (ARCHIVAL_BANNER); nothing may join this list that has data to render from.
 ARCHIVAL: dict[str, str] = {
-    "minilm_glue": "the first MiniLM GLUE runs, a hand-typed log; the runs are gone and minilm_report.json holds their tables",
+    "report/minilm_glue": "the first MiniLM GLUE runs, a hand-typed log; the runs are gone and minilm_report.json holds their tables",
 }
 ARCHIVAL_BANNER = "**Archival record, typed by hand.**"
 
@@ -87,15 +89,17 @@ def defines_render(script: Path) -> bool:
 
 def renderer_for(md: Path) -> Optional[str]:
     """``"module:function"`` that renders `md`: its entry in RENDERERS, else ``render`` of the benchmark
-    script of the same name (``results/<name>.md`` from ``benchmarks/<name>.py``) where it defines one."""
+    script whose folder and name it has (``results/<name>/<name>.md`` from ``benchmarks/<name>.py``) where it
+    defines one."""
     name = name_of(md)
     matches = [spec for pattern, spec in RENDERERS.items() if fnmatch.fnmatchcase(name, pattern)]
     if len(matches) > 1:
         raise ValueError(f"{name} matches more than one entry of RENDERERS: {', '.join(matches)}")
     if matches:
         return matches[0]
-    script = BENCHMARKS / f"{name}.py"
-    return f"{name}:render" if "/" not in name and script.is_file() and defines_render(script) else None
+    folder, _, stem = name.partition("/")
+    script = BENCHMARKS / f"{folder}.py"
+    return f"{folder}:render" if stem == folder and script.is_file() and defines_render(script) else None
 
 
 def load_renderer(spec: str) -> Callable[[dict, Optional[str]], str]:
@@ -192,8 +196,8 @@ def unbacked_numbers(notes: Path) -> list[str]:
     written (``6.9e5``: to 0.05e5); small counts (`COUNTS`) are not checked."""
     text = notes.read_text()
     sources = [notes.with_name(notes.name.replace(NOTES_SUFFIX + ".md", ".md"))]
-    named = dict.fromkeys(re.findall(r"`([\w./-]+\.(?:md|json)|[\w.-]+/)`", text))
-    sources += [notes.parent / n if not n.endswith("/") else notes.parent / n / "results.md" for n in named]
+    named = dict.fromkeys(re.findall(r"`([\w./-]+\.(?:md|json)|[\w./-]+/)`", text))  # ../<benchmark>/...: another folder's
+    sources += [Path(os.path.normpath(notes.parent / n / ("results.md" if n.endswith("/") else ""))) for n in named]
     values = sorted({v for md in sources for v in results_values(md.with_suffix(".md"))})
     missing = []
     for written in numbers_in(text):

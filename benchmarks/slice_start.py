@@ -15,7 +15,7 @@ Every ordering leaves the maxnet's function unchanged (checked here too). Import
 batches only; dev is only evaluated.
 
     PYTHONPATH=. python benchmarks/slice_start.py --model runs/glue/export/minilm-fft-mrpc --task mrpc \\
-        --data-dir ../shared/glue --out benchmarks/results/slice_start
+        --data-dir ../shared/glue --out benchmarks/results/slice_start/slice_start
 """
 
 from __future__ import annotations

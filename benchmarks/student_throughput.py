@@ -13,7 +13,7 @@ step's time goes.
 
     PYTHONPATH=. python benchmarks/student_throughput.py --teacher models/minilm --student models/minilm-l3
 
-Writes benchmarks/results/student_throughput.json, then student_throughput.md rendered from that JSON
+Writes benchmarks/results/student_throughput/student_throughput.json, then student_throughput.md rendered from that JSON
 (`render`; `python benchmarks/results_files.py student_throughput` re-renders it).
 """
 
@@ -428,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="round r: seed + r (training subset, order, init) for every arm")
     parser.add_argument("--profile-steps", type=int, default=4,
                         help="cProfile the online arm and the dynamic-padding plain loop over this many steps first (0: off)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "student_throughput"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "student_throughput" / "student_throughput"))
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds", "threads"):
         if getattr(args, name) < 1:

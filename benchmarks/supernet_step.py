@@ -12,7 +12,7 @@ taken within a round against that round's float32 random-order arm.
 
     PYTHONPATH=. python benchmarks/supernet_step.py --model models/minilm
 
-Writes benchmarks/results/supernet_step.{json,md} (the markdown generated from the JSON).
+Writes benchmarks/results/supernet_step/supernet_step.{json,md} (the markdown generated from the JSON).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=1, help="rounds, each with fresh supernets from seed + r")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=42, help="round r: seed + r (subset, order, init, subnets) for every arm")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "supernet_step"))
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "supernet_step" / "supernet_step"))
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps", "rounds", "threads", "num_subnets"):
         if getattr(args, name) < 1:

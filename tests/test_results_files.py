@@ -29,9 +29,9 @@ def test_a_benchmark_script_s_render_needs_no_registering(tmp_path, monkeypatch)
     monkeypatch.setattr(results_files, "BENCHMARKS", tmp_path)
     (tmp_path / "fresh.py").write_text("def render(data, notes=None):\n    return f\"# {data['x']}\\n\"\n")
     (tmp_path / "plain.py").write_text("def main():\n    pass\n")
-    assert results_files.renderer_for(results_files.RESULTS / "fresh.md") == "fresh:render"
-    assert results_files.renderer_for(results_files.RESULTS / "plain.md") is None
-    assert results_files.renderer_for(results_files.RESULTS / "mlfs_seeds_sst2.md") == "mlfs_palette:render_seeds"
+    assert results_files.renderer_for(results_files.RESULTS / "fresh" / "fresh.md") == "fresh:render"
+    assert results_files.renderer_for(results_files.RESULTS / "plain" / "plain.md") is None
+    assert results_files.renderer_for(results_files.RESULTS / "mlfs_palette" / "mlfs_seeds_sst2.md") == "mlfs_palette:render_seeds"
 
 
 def test_archival_files_say_so_and_are_not_rendered():
@@ -91,16 +91,17 @@ def test_rewriting_writes_nothing_when_a_json_does_not_fit_its_renderer(tmp_path
     monkeypatch.setattr(results_files, "RESULTS", tmp_path / "results")
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "fresh_bench.py").write_text("def render(data, notes=None):\n    return f\"# {data['x']}\\n\"\n")
-    (tmp_path / "results").mkdir()
+    folder = tmp_path / "results" / "fresh_bench"
+    folder.mkdir(parents=True)
     for name, data in (("fresh_bench", {"y": 1}), ("fresh_bench_b", {"x": 2})):
-        (tmp_path / "results" / f"{name}.json").write_text(json.dumps(data))
-        (tmp_path / "results" / f"{name}.md").write_text("# typed\n")
-    monkeypatch.setattr(results_files, "RENDERERS", {"fresh_bench_b": "fresh_bench:render"})
+        (folder / f"{name}.json").write_text(json.dumps(data))
+        (folder / f"{name}.md").write_text("# typed\n")
+    monkeypatch.setattr(results_files, "RENDERERS", {"fresh_bench/fresh_bench_b": "fresh_bench:render"})
     assert results_files.main([]) == 1
-    assert "cannot render fresh_bench.md from its JSON: KeyError: 'x'" in capsys.readouterr().err
-    assert [(tmp_path / "results" / f"{n}.md").read_text() for n in ("fresh_bench", "fresh_bench_b")] == ["# typed\n"] * 2
-    (tmp_path / "results" / "fresh_bench.json").write_text(json.dumps({"x": 1}))
+    assert "cannot render fresh_bench/fresh_bench.md from its JSON: KeyError: 'x'" in capsys.readouterr().err
+    assert [(folder / f"{n}.md").read_text() for n in ("fresh_bench", "fresh_bench_b")] == ["# typed\n"] * 2
+    (folder / "fresh_bench.json").write_text(json.dumps({"x": 1}))
     assert results_files.main(["--check"]) == 1
     assert results_files.main([]) == 0
-    assert [(tmp_path / "results" / f"{n}.md").read_text() for n in ("fresh_bench", "fresh_bench_b")] == ["# 1\n", "# 2\n"]
+    assert [(folder / f"{n}.md").read_text() for n in ("fresh_bench", "fresh_bench_b")] == ["# 1\n", "# 2\n"]
     assert results_files.main(["--check"]) == 0
