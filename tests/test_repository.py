@@ -98,3 +98,43 @@ def test_documentation_links_resolve():
     broken = {str(p.relative_to(REPO)): found for p in pages if (found := broken_links(p))}
     assert not broken, f"relative links to no file: {broken}"
 
+
+
+# Where functions stay short enough to read at once (the package's CLI, experiments, data and eval, the benchmarks).
+SHORT_FUNCTIONS = ["kdlora/cli.py", "kdlora/experiments/**/*.py", "kdlora/data/**/*.py", "kdlora/eval/**/*.py", "benchmarks/**/*.py"]
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(source: str, limit: int = MAX_FUNCTION_LINES) -> list[tuple[str, int]]:
+    """(name, lines) of each function or method in `source` longer than `limit` lines."""
+    import ast
+
+    return [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(source))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > limit]
+
+
+def test_long_function_detector():
+    short = "def f():\n    return 1\n"
+    long = "def g(x):\n" + "    x += 1\n" * 80 + "    return x\n"
+    nested = "class C:\n    def h(self):\n" + "        pass\n" * 81
+    assert long_functions(short + long + nested) == [("g", 82), ("h", 82)]
+
+
+def test_no_function_is_longer_than_the_limit():
+    files = sorted({p for pattern in SHORT_FUNCTIONS for p in REPO.glob(pattern)})
+    assert REPO / "kdlora" / "cli.py" in files and REPO / "benchmarks" / "results_files.py" in files
+    found = {str(p.relative_to(REPO)): f for p in files if (f := long_functions(p.read_text(encoding="utf-8")))}
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines (split them): {found}"
+
+
+def test_benchmarks_do_not_patch_the_import_path():
+    """kdlora is installed; a benchmark runs as ``python benchmarks/<name>.py``, beside the others."""
+    patched = [str(p.relative_to(REPO)) for p in sorted((REPO / "benchmarks").glob("*.py"))
+               if re.search(r"sys\.path\.(insert|append)|sys\.path\s*[+]?=", p.read_text(encoding="utf-8"))]
+    assert not patched, f"benchmarks that change sys.path: {patched}"
+
+
+def test_every_results_file_is_in_its_benchmark_s_folder():
+    results = REPO / "benchmarks" / "results"
+    loose = sorted(p.name for p in results.iterdir() if p.is_file())
+    assert not loose, f"results files outside a benchmarks/results/<benchmark>/ folder: {loose}"
