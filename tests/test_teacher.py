@@ -164,3 +164,31 @@ def test_trained_regression_head_is_left_alone(tmp_path):
     module = Teacher(str(model_dir), task="stsb")
     _setup_only(module, dm, tmp_path)
     torch.testing.assert_close(module.model.classifier.bias, before, rtol=0, atol=0)
+
+
+def test_a_teacher_checkpoint_holding_the_flat_keys_of_before_loads_as_the_teacher_it_was(tiny_bert_dir, tmp_path):
+    """Checkpoints written before the argument groups hold lora_r, learning_rate, export, ... at the top:
+    the student still loads such a teacher with its own LoRA rank (the default rank would not fit its weights)."""
+    import lightning
+
+    from kdlora.data.tasks import get_task
+    from kdlora.kd.student import load_teacher
+
+    torch.manual_seed(0)
+    teacher = Teacher(str(tiny_bert_dir), task="sst2", finetune="lora", lora=LoRAArgs(r=4, alpha=8),
+                      export=ExportArgs(enabled=False))
+    for p in teacher.model.parameters():  # trained-looking adapters: B = 0 would hide a wrong merge
+        p.data.normal_(0, 0.05)
+    flat = {"model_name_or_path": str(tiny_bert_dir), "task": "sst2", "finetune": "lora", "lora_r": 4, "lora_alpha": 8,
+            "lora_dropout": 0.1, "lora_targets": None, "head": "new", "learning_rate": 2e-5, "weight_decay": 0.01,
+            "warmup_ratio": 0.06, "export": True, "export_dir": None}
+    path = tmp_path / "old-teacher.ckpt"
+    torch.save({"epoch": 0, "global_step": 0, "pytorch-lightning_version": lightning.__version__,
+                "state_dict": teacher.state_dict(),
+                "hyper_parameters": {"_class_path": "kdlora.kd.Teacher", **flat,
+                                     "_instantiator": "lightning.pytorch.cli.instantiate_module"}}, path)
+    model, tokenizer_source = load_teacher(str(path), get_task("sst2"))
+    ids = torch.randint(5, 150, (2, 10))
+    expected = teacher.merged_model().eval()(input_ids=ids).logits
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    assert tokenizer_source == str(tiny_bert_dir)

@@ -34,12 +34,16 @@ def load_teacher(teacher_path: str, spec: TaskSpec) -> tuple[nn.Module, str]:
     if path.is_file():
         from kdlora.kd.teacher import Teacher
 
-        hparams = read_checkpoint(path, Teacher, spec.name).get("hyper_parameters") or {}
-        # A checkpoint written before the argument groups holds flat keys (lora_r, ...): read them as groups.
-        groups = {k: v for k, v in nested_hparams(hparams, "Teacher").items() if k in ("lora", "optimizer")}
-        teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", **groups,
-                                               export=asdict(ExportArgs(enabled=False)),  # plain: LightningCLI re-parses it
-                                               **current_class_path(hparams, Teacher))
+        ckpt = read_checkpoint(path, Teacher, spec.name)
+        hparams = ckpt.get("hyper_parameters") or {}
+        no_export = asdict(ExportArgs(enabled=False))  # plain: LightningCLI re-parses it
+        grouped = nested_hparams(hparams, "Teacher")
+        if grouped != hparams:  # written before the argument groups (lora_r, ...): built from them as groups
+            teacher = Teacher(**{k: v for k, v in grouped.items() if not k.startswith("_")} | {"export": no_export})
+            teacher.load_state_dict(ckpt["state_dict"])
+        else:
+            teacher = Teacher.load_from_checkpoint(str(path), map_location="cpu", export=no_export,
+                                                   **current_class_path(hparams, Teacher))
         model, tokenizer_source = teacher.merged_model(), teacher.hparams.model_name_or_path
     elif path.is_dir():
         if not (path / "config.json").is_file():

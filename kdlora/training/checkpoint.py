@@ -19,6 +19,7 @@ import torch
 from lightning.fabric.plugins.io import TorchCheckpointIO
 
 from kdlora.data.tasks import get_task
+from kdlora.training.args import nested_hparams
 
 
 class CheckpointError(ValueError):
@@ -67,7 +68,8 @@ def _check_class(path: Path, hparams: dict[str, Any], expected: type) -> None:
             raise CheckpointError(f"{path} is a checkpoint of {name} ({class_path}), expected {expected.__name__}")
     # Saved outside the CLI (no class recorded) or by another version: its hyperparameters must be `expected`'s.
     accepted = inspect.signature(expected.__init__).parameters
-    foreign = sorted(k for k in hparams if not k.startswith("_") and k not in accepted)
+    # Keys of before the argument groups (lora_r, ...) count as the groups they are now (lora).
+    foreign = sorted(k for k in nested_hparams(hparams, expected.__name__) if not k.startswith("_") and k not in accepted)
     if foreign:
         raise CheckpointError(f"{path} is not a checkpoint of {expected.__name__}: it has hyperparameters "
                               f"{expected.__name__} does not take ({', '.join(foreign)})")
