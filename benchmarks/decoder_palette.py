@@ -78,30 +78,36 @@ def member_perplexity(encoder, cfg, loader) -> float:
 def build_module(a, alone: bool):
     from kdlora.mlfs.causal_lm import CausalLMSuperTransformer
 
-    class SliceAlone(CausalLMSuperTransformer):
+    from kdlora.mlfs.training import MLFSStep
+
+    class SliceAloneStep(MLFSStep):
         """The curve slice trained on its own next-token loss: no maxnet, no distillation, no other subnet;
         the same staged adapters (only the slice's part of them gets gradients), optimizer and schedule."""
 
-        def accumulate_gradients(self, batch, subnets):
-            cfg = self.space.smallest()
+        def accumulate_gradients(self, batch, subnets, stage):
+            cfg, task = self.space.smallest(), self.task
             self.encoder.set_sub_network(cfg)
             try:
-                loss = self.maxnet_loss(self.encoder(**self.encoder_inputs(batch)).logits, batch)
-                self.check_finite_loss(loss, f"slice {cfg.name} loss")
-                self.manual_backward(loss)
+                loss = task.maxnet_loss(self.encoder(**task.encoder_inputs(batch)).logits, batch)
+                task.check_finite_loss(loss, f"slice {cfg.name} loss")
+                task.manual_backward(loss)
             finally:
                 self.encoder.reset_super_network()
             return {"loss": loss.detach(), "maxnet": loss.detach()}
 
-    cls = SliceAlone if alone else CausalLMSuperTransformer
     work = Path(a.work)
-    return cls(model_name_or_path=a.model, stage_epochs=[0, 0, 1], lora_r=a.lora_r, lora_alpha=2 * a.lora_r,
-               lora_targets=["query", "key", "value", "intermediate", "output"],
-               num_subnets=a.num_subnets, sandwich=True, search_space=SEARCH_SPACE, palette=PALETTE if not alone else ["max", "min"],
-               sampler_seed=a.seed, learning_rate=a.lr, warmup_ratio=0.06, export=not alone,
-               importance_reorder=a.importance_batches > 0, importance_batches=max(1, a.importance_batches),
-               beta=a.beta, feature_normalization=a.feature_normalization,
-               export_dir=str(work / "mlfs" / "export") if not alone else None)
+    module = CausalLMSuperTransformer(
+        model_name_or_path=a.model, stages={"epochs": [0, 0, 1]},
+        lora={"r": a.lora_r, "alpha": 2 * a.lora_r, "targets": ["query", "key", "value", "intermediate", "output"]},
+        sampling={"num_subnets": a.num_subnets, "sandwich": True, "search_space": SEARCH_SPACE, "sampler_seed": a.seed},
+        evaluation={"members": PALETTE if not alone else ["max", "min"]},
+        optimizer={"learning_rate": a.lr, "warmup_ratio": 0.06},
+        importance={"reorder": a.importance_batches > 0, "batches": max(1, a.importance_batches)},
+        distillation={"feature_weight": a.beta, "feature_normalization": a.feature_normalization},
+        export={"enabled": not alone, "dir": str(work / "mlfs" / "export") if not alone else None})
+    if alone:
+        module.mlfs_step = SliceAloneStep(module, module.encoder, module.space, module.projections, module.distillation)
+    return module
 
 
 def cmd_train(a, alone: bool) -> None:
@@ -132,10 +138,10 @@ def cmd_train(a, alone: bool) -> None:
         write_atomic(out_json, json.dumps(record, indent=2) + "\n")
 
     def palette_rows(key: str) -> None:
-        members = model.palette if not alone else []
+        members = model.palette_run.members if not alone else []
         for cfg in members:
             ppl = member_perplexity(model.encoder, cfg, val_loader)
-            record[key].append({"name": cfg.name, "role": model.palette_roles.get(cfg.name, ""),
+            record[key].append({"name": cfg.name, "role": model.palette_run.roles.get(cfg.name, ""),
                                 "params": model.encoder.parameter_count(cfg), "perplexity": ppl, **cfg.to_dict()})
             print(f"[decoder_palette] {key} {cfg.name}: perplexity {ppl:.2f}", flush=True)
 

@@ -49,17 +49,19 @@ def run(args, precision: str, grouped: bool, seed: int, work: Path) -> dict:
     dm = GLUEDataModule("sst2", args.model, data_dir=args.data_dir, batch_size=args.batch_size,
                         max_seq_length=args.max_seq_length, max_train_samples=args.train_samples, seed=seed,
                         group_by_length=grouped, cache_dir=str(work / "cache"))
-    module = SuperTransformer(args.model, "sst2", base="pretrained", stage_epochs=[1, 1, 1], num_subnets=2,
-                              palette=["max", "min"], learning_rate=1e-3, measure_latency=False, export=False)
+    module = SuperTransformer(args.model, "sst2", base="pretrained", stages={"epochs": [1, 1, 1]}, sampling={"num_subnets": 2},
+                              evaluation={"members": ["max", "min"], "measure_latency": False},
+                              optimizer={"learning_rate": 1e-3}, export={"enabled": False})
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         check_val_every_n_epoch=3, num_sanity_val_steps=0, default_root_dir=str(work / "run"))
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall = time.perf_counter() - start
-    rows = module.palette_history[max(module.palette_history)]  # the end-of-fit validation (dev)
-    return {"wall_s": wall, "scores": {module.palette_roles.get(r["name"], r["name"]): r["score"] for r in rows},
-            "members": {module.palette_roles.get(r["name"], r["name"]): r["name"] for r in rows}}
+    history, roles = module.palette_run.history, module.palette_run.roles
+    rows = history[max(history)]  # the end-of-fit validation (dev)
+    return {"wall_s": wall, "scores": {roles.get(r["name"], r["name"]): r["score"] for r in rows},
+            "members": {roles.get(r["name"], r["name"]): r["name"] for r in rows}}
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

@@ -100,9 +100,10 @@ def run_config(kind: str, models: dict[str, Path], out: Path, a: argparse.Namesp
         trainer["max_epochs"] = a.epochs
         return {"seed_everything": 0, "model": model, "data": data, "trainer": trainer}
     model = {"class_path": "kdlora.mlfs.SuperTransformer", "init_args": {
-        "model_name_or_path": str(models["teacher"]), "base": "finetuned", "stage_epochs": [1, 1, a.epochs],
-        "lora_r": 4, "lora_alpha": 8, "num_subnets": 2, "palette": ["max", "min"], "learning_rate": 1e-3,
-        "latency_batch_size": 1, "latency_seq_len": a.seq_len, "export_dir": str(out / "export" / "supernet")}}
+        "model_name_or_path": str(models["teacher"]), "base": "finetuned", "stages": {"epochs": [1, 1, a.epochs]},
+        "lora": {"r": 4, "alpha": 8}, "sampling": {"num_subnets": 2}, "optimizer": {"learning_rate": 1e-3},
+        "evaluation": {"members": ["max", "min"], "latency_batch_size": 1, "latency_seq_len": a.seq_len},
+        "export": {"dir": str(out / "export" / "supernet")}}}
     trainer["max_epochs"] = 2 + a.epochs
     return {"seed_everything": 0, "model": model, "data": data, "trainer": trainer,
             "checkpoint": {"monitor": "val/palette_score", "mode": "max"}}

@@ -9,7 +9,7 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     # one MLFS run (the paper's recipe), with the dev palette at the end of every stage:
     python benchmarks/mlfs_palette.py mlfs --task mrpc
     # an ablation or a variant: a name and any train.py overrides after `--`
-    python benchmarks/mlfs_palette.py mlfs --task stsb --name gamma0 -- --model.init_args.gamma 0
+    python benchmarks/mlfs_palette.py mlfs --task stsb --name gamma0 -- --model.init_args.distillation.gamma 0
     # the paper's base vs a fine-tuned one: an FFT teacher on the same data, then MLFS from it
     python benchmarks/mlfs_palette.py fft --task stsb
     python benchmarks/mlfs_palette.py mlfs --task stsb --name finetuned -- --model.init_args.base finetuned \
@@ -23,7 +23,7 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     python benchmarks/mlfs_palette.py latency --task mrpc
     # tables (markdown + JSON) and the ablation figures (PNG)
     python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette/mlfs_palette
-    python benchmarks/mlfs_palette.py mlfs --task sst2 --name gamma0 -- --model.init_args.gamma 0   # ... gamma2, rank4, rank16
+    python benchmarks/mlfs_palette.py mlfs --task sst2 --name gamma0 -- --model.init_args.distillation.gamma 0   # ... gamma2, rank4, rank16
     python benchmarks/mlfs_palette.py ablations --task sst2 --runs paper gamma0 gamma2 rank4 rank16 \
         --out benchmarks/results/mlfs_palette/mlfs_ablations_sst2
 
@@ -88,8 +88,8 @@ def cmd_mlfs(a) -> None:
     name = seeded(a.name, a.seed)
     out = RUNS / a.task / name
     run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
-             "--model.init_args.stage_palettes", "true", "--model.init_args.measure_latency", "false",
-             "--model.init_args.export_dir", str(out / "export"),
+             "--model.init_args.evaluation.stage_palettes", "true", "--model.init_args.evaluation.measure_latency", "false",
+             "--model.init_args.export.dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
              *a.overrides])
 
@@ -105,7 +105,7 @@ def cmd_fft(a) -> None:
 def task_epochs(task: str) -> int:
     import yaml
 
-    return int(sum(yaml.safe_load((ROOT / TASK_CONFIG.format(task=task)).read_text())["model"]["init_args"]["stage_epochs"]))
+    return int(sum(yaml.safe_load((ROOT / TASK_CONFIG.format(task=task)).read_text())["model"]["init_args"]["stages"]["epochs"]))
 
 
 def cmd_student(a) -> None:
@@ -164,9 +164,9 @@ def cmd_alone(a) -> None:
     export_pretrained_slice(a.member, a.pretrained, model_dir, a.task)
     epochs = task_epochs(a.task)
     run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
-             "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.palette", "[max]",
-             "--model.init_args.stage_epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs),
-             "--model.init_args.measure_latency", "false", "--model.init_args.export", "false",
+             "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.evaluation.members", "[max]",
+             "--model.init_args.stages.epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs),
+             "--model.init_args.evaluation.measure_latency", "false", "--model.init_args.export.enabled", "false",
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
              *a.overrides])
 
@@ -412,7 +412,7 @@ def render_ablations(data: dict, notes: str | None = None) -> str:
     members = list(ref["final"])
     md = [f"# MLFS ablations on {task}: gradient scaling γ and LoRA rank r (MiniLM-L6, paper recipe)", "",
           f"Runs: `python benchmarks/mlfs_palette.py mlfs --task {task} --name NAME --train-samples {data['train_samples']} -- "
-          "--data.batch_size 16 [--model.init_args.gamma G | --model.init_args.lora_r R --model.init_args.lora_alpha 2R]`, then "
+          "--data.batch_size 16 [--model.init_args.distillation.gamma G | --model.init_args.lora.r R --model.init_args.lora.alpha 2R]`, then "
           f"`python benchmarks/mlfs_palette.py ablations --task {task} --runs {' '.join(runs)}`. Dev score ×100 at the end of stage 2.", ""]
     if notes:
         md += [notes, ""]

@@ -70,14 +70,14 @@ def main() -> None:
     t_lora = timed_fit(lora, dm(), args, Path(args.root) / "lora")
     L.seed_everything(0)
     stages = [1] * 3 if args.epochs == 3 else [args.epochs // 3 + (i < args.epochs % 3) for i in range(3)]
-    mlfs = SuperTransformer(args.model, args.task, stage_epochs=stages, num_subnets=args.num_subnets,
-                            measure_latency=False, export=False)
+    mlfs = SuperTransformer(args.model, args.task, stages={"epochs": stages}, sampling={"num_subnets": args.num_subnets},
+                            evaluation={"measure_latency": False}, export={"enabled": False})
     t_mlfs = timed_fit(mlfs, dm(), args, Path(args.root) / "mlfs")
 
     result = {
         "model": args.model, "task": args.task, "train_samples": args.train_samples, "epochs": args.epochs,
         "stage_epochs": stages, "batch_size": args.batch_size, "max_seq_length": args.seq, "num_subnets": args.num_subnets,
-        "palette_size": len(mlfs.palette), "lora_seconds": round(t_lora, 2), "mlfs_seconds": round(t_mlfs, 2),
+        "palette_size": len(mlfs.palette_run.members), "lora_seconds": round(t_lora, 2), "mlfs_seconds": round(t_mlfs, 2),
         "mlfs_over_lora": round(t_mlfs / t_lora, 3),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,

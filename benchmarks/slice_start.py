@@ -8,7 +8,7 @@ weight orderings:
 
 - ``original``: the checkpoint's order;
 - ``heads+ffn``: heads and FFN neurons ranked by importance on training batches (what
-  ``SuperTransformer(importance_reorder=true)`` does);
+  ``SuperTransformer(importance={"reorder": True})`` does);
 - ``+hidden``: the residual-stream dimensions ranked and permuted as well.
 
 Every ordering leaves the maxnet's function unchanged (checked here too). Importance uses training

@@ -1,6 +1,6 @@
 """The MLFS supernet training step: float32 vs bf16-mixed, random batches vs length-grouped ones (a 2×2 grid).
 
-One step is the whole manual-optimisation step of `SuperTransformer` (`MLFSTraining.accumulate_gradients`,
+One step is the whole manual-optimisation step of `SuperTransformer` (`MLFSStep.accumulate_gradients`,
 as its `training_step` runs it): the maxnet's forward and backward, then the K sampled subnets' (against the
 maxnet's detached logits and features), gradient clipping and one AdamW step, under bf16 autocast for
 bf16-mixed as Lightning runs it. Each arm is a fresh supernet from the pretrained checkpoint (`base:
@@ -65,11 +65,12 @@ class Arm:
         torch.manual_seed(seed)
         stage_epochs = [0, 0, 0]
         stage_epochs[args.stage] = 1
-        self.module = module = SuperTransformer(args.model, "sst2", base="pretrained", stage_epochs=stage_epochs,
-                                                num_subnets=args.num_subnets, palette=["max", "min"], sampler_seed=seed,
-                                                measure_latency=False, export=False)
+        self.module = module = SuperTransformer(args.model, "sst2", base="pretrained", stages={"epochs": stage_epochs},
+                                                sampling={"num_subnets": args.num_subnets, "sampler_seed": seed},
+                                                evaluation={"members": ["max", "min"], "measure_latency": False},
+                                                export={"enabled": False})
         module.stage = args.stage
-        module._stage_steps = lambda stage: steps  # the schedule's length, which a Trainer would compute
+        module.schedule.steps = lambda trainer, stage: steps  # the schedule's length, which a Trainer would compute
         module.manual_backward = lambda loss: loss.backward()  # what Lightning's manual_backward does on one CPU
         module.train()
         config = module.configure_optimizers()  # enters the stage: only its adapters and the projections train
@@ -85,8 +86,8 @@ class Arm:
         start, cpu_start = time.perf_counter(), time.process_time()
         self.optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed"):
-            losses = module.accumulate_gradients(batch, module.sampler.sample(module.stage, self.step_index))
-        torch.nn.utils.clip_grad_norm_(self.params, module.hparams.gradient_clip)
+            losses = module.mlfs_step.accumulate_gradients(batch, module.sampler.sample(module.stage, self.step_index), module.stage)
+        torch.nn.utils.clip_grad_norm_(self.params, module.gradient_clip)
         self.optimizer.step()
         self.schedule.step()
         if timed:

@@ -20,7 +20,7 @@ import sys
 import sysconfig
 import warnings
 from argparse import ArgumentError
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,6 +127,15 @@ def _init_parameters(name: Any) -> set[str]:
     return {k for k in params if not any(new.split(".", 1)[0] == k for old, new in RENAMED.items() if old.rpartition(":")[2] == k)}
 
 
+def _changed_arguments(key: str, value: Any, default: Any) -> dict[str, Any]:
+    """{key: value} if `value` is not the `default`; for an argument group (a dataclass default), each field
+    set to other than its default, as {"key.field": value}, so the others keep the checkpoint's values."""
+    if not is_dataclass(default):
+        return {} if value == default else {key: value}
+    given = value.as_dict() if hasattr(value, "as_dict") else asdict(value) if is_dataclass(value) else dict(value or {})
+    return {f"{key}.{f}": v for f, v in given.items() if v != getattr(default, f, None)}
+
+
 class KDLoRACLI(LightningCLI):
     def init_parser(self, **kwargs):
         # Parser errors are raised, not printed with the full usage, so `cli_main` makes them one line.
@@ -181,8 +190,9 @@ class KDLoRACLI(LightningCLI):
         chosen = {}
         if init_args is not None:
             defaults = inspect.signature(cls.__init__).parameters
-            chosen = {k: init_args[k] for k in getattr(cls, "EVALUATION_ARGS", ())
-                      if k in init_args and k in defaults and init_args[k] != defaults[k].default}
+            for k in getattr(cls, "EVALUATION_ARGS", ()):
+                if k in init_args and k in defaults:
+                    chosen.update(_changed_arguments(k, init_args[k], defaults[k].default))
         try:
             super()._parse_ckpt_path()
         except ArgumentError as e:

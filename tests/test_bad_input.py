@@ -83,7 +83,7 @@ def supernet_checkpoint(tiny_bert_dir, tmp_path_factory) -> Path:
 
     from kdlora.mlfs.glue import SuperTransformer
 
-    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
+    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", evaluation={"measure_latency": False}, export={"enabled": False})
     path = tmp_path_factory.mktemp("supernet") / "supernet.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
@@ -238,7 +238,7 @@ def test_supernet_and_data_folders_without_tokenizer_files_are_named(tiny_bert_d
 
     bare = _without_tokenizer(tiny_bert_dir, tmp_path / "bare")
     with pytest.raises(FileNotFoundError, match=f"{bare} has no tokenizer files"):
-        SuperTransformer(model_name_or_path=str(bare), task="rte", measure_latency=False, export=False)
+        SuperTransformer(model_name_or_path=str(bare), task="rte", evaluation={"measure_latency": False}, export={"enabled": False})
     with pytest.raises(FileNotFoundError, match=f"^data.tokenizer_name {bare} has no tokenizer files"):
         GLUEDataModule("rte", str(bare)).tokenizer
     (tmp_path / "docs").mkdir()

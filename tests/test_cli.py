@@ -257,9 +257,9 @@ def test_train_py_fit_decoder_recipe_end_to_end(tmp_path):
     data = dict(source=str(src), pattern="*.py", block_size=16, batch_size=4, val_fraction=0.25, seed=42)
     cmd = [sys.executable, "train.py", "fit", "--config", str(DECODER_RECIPE),
            "--model.init_args.model_name_or_path", str(model_dir),
-           "--model.init_args.search_space", "{hidden_sizes: [48], num_heads: [6, 3], intermediate_sizes: [64, 32], depths: [4, 2]}",
-           "--model.init_args.palette", "[max, min]", "--model.init_args.feature_dim", "16",
-           "--model.init_args.export_dir", str(export),
+           "--model.init_args.sampling.search_space", "{hidden_sizes: [48], num_heads: [6, 3], intermediate_sizes: [64, 32], depths: [4, 2]}",
+           "--model.init_args.evaluation.members", "[max, min]", "--model.init_args.distillation.feature_dim", "16",
+           "--model.init_args.export.dir", str(export),
            *[a for k, v in data.items() for a in (f"--data.{k}", str(v))], "--data.cache_dir", str(tmp_path / "cache"),
            "--trainer.limit_train_batches", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",

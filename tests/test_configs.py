@@ -74,10 +74,10 @@ def test_every_decoder_config_parses_and_follows_the_run_layout(config_file, mon
     corpus = Path(logger.save_dir).relative_to(Path("runs") / family)
     assert len(corpus.parts) == 1 and logger.name == method
     model = fit.model.init_args
-    assert model.export_dir == f"{logger.save_dir}/{method}/export"
+    assert model.export.dir == f"{logger.save_dir}/{method}/export"
     assert (fit.checkpoint.monitor, fit.checkpoint.mode) == ("val/palette_loss", "min")
     assert fit.data.tokenizer_name == model.model_name_or_path
-    assert sum(model.stage_epochs) == fit.trainer.max_epochs
+    assert sum(model.stages.epochs) == fit.trainer.max_epochs
     if "{stdlib}" in yaml.safe_load(config_file.read_text())["data"]["source"]:
         assert Path(fit.data.source) == Path(sysconfig.get_paths()["stdlib"])
 
@@ -99,7 +99,8 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
     logger = fit.trainer.logger.init_args
     assert (logger.save_dir, logger.name) == (f"runs/{family}/stsb", method)
     model = fit.model.init_args
-    assert model.export_dir == f"{run}/export"
+    export = model.get("export")  # the group (export.dir) in every module that takes ExportArgs
+    assert (export.dir if hasattr(export, "dir") else model.export_dir) == f"{run}/export"
     teacher = f"runs/{family}/stsb/fft/export"
     if method == "kdlora":
         assert model.teacher_path == teacher
@@ -156,11 +157,11 @@ def test_the_paper_supernets_search_the_paper_space():
 
     for family, hub in PAPER_FAMILIES.items():
         init = yaml.safe_load((REPO / "configs" / "supernet" / f"{family}.yaml").read_text())["model"]["init_args"]
-        assert (init["base"], init["model_name_or_path"], init["search_space"]) == ("pretrained", hub, "paper"), family
+        assert (init["base"], init["model_name_or_path"], init["sampling"]["search_space"]) == ("pretrained", hub, "paper"), family
         with torch.device("meta"):
             base = AutoModelForSequenceClassification.from_config(report.load_config(hub))
-        encoder = ElasticTransformer(base, 8, 16, 0.0, tuple(init["lora_targets"]))
-        space = SearchSpace.build(encoder.max_config, init["search_space"], count=encoder.parameter_count)
+        encoder = ElasticTransformer(base, 8, 16, 0.0, tuple(init["lora"]["targets"]))
+        space = SearchSpace.build(encoder.max_config, init["sampling"]["search_space"], count=encoder.parameter_count)
         ratio = encoder.parameter_count(space.smallest()) / encoder.parameter_count(encoder.max_config)
         assert abs(ratio - 0.41) <= 0.03, (family, space.smallest().name, ratio)
         assert (space.num_heads, space.intermediate_sizes, space.depths) == ((12, 9, 6), (3072, 2304, 1536), (12, 9, 6)), family
@@ -179,9 +180,9 @@ def test_the_paper_schedule_per_task_overlays_every_paper_config(family, parse):
                     "--config", str(REPO / "configs" / "supernet" / "tasks" / f"{task}.yaml"))
         model = fit.model.init_args
         assert (fit.data.task, fit.data.batch_size, fit.trainer.max_epochs) == (task, batch, epochs), task
-        assert (model.learning_rate, model.gamma, sum(model.stage_epochs)) == (lr, gamma, epochs), task
+        assert (model.optimizer.learning_rate, model.distillation.gamma, sum(model.stages.epochs)) == (lr, gamma, epochs), task
         # What the overlay does not set stays the family's: the paper's base, space and held-out selection.
-        assert (model.base, model.search_space, fit.data.holdout_fraction) == ("pretrained", "paper", 0.1)
+        assert (model.base, model.sampling.search_space, fit.data.holdout_fraction) == ("pretrained", "paper", 0.1)
         assert model.model_name_or_path == PAPER_FAMILIES[family]
         assert fit.trainer.logger.init_args.save_dir == f"runs/{family}/{task}"
 
@@ -279,7 +280,7 @@ def test_teacher_student_supernet_chain_through_the_configs(family, chain_models
     # checkpoint), one batch per stage; validation on the held-out part of train, the palettes on dev.
     fit(f"supernet/{family}.yaml", small_glue_dir, "--model.init_args.base", "finetuned",
         "--model.init_args.model_name_or_path", f"runs/{family}/{{task}}/fft/export",
-        "--model.init_args.stage_epochs", "[1, 1, 1]", "--trainer.max_epochs", "3")
+        "--model.init_args.stages.epochs", "[1, 1, 1]", "--trainer.max_epochs", "3")
     assert saved_config(runs / "mlfs")["model"]["init_args"]["model_name_or_path"] == str(runs / "fft" / "export")
     palette = json.loads((runs / "mlfs" / "version_0" / "palette.json").read_text())
     assert palette and all((runs / "mlfs" / "export" / row["name"] / "config.json").is_file() for row in palette)

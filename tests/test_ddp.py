@@ -67,8 +67,7 @@ def build(kind: str, dirs: dict[str, str], batch_size: int):
     if kind == "supernet":  # one epoch per stage: the maxnet, then sampled subnets (the same on every rank)
         # beta 0: the feature loss is a mean over each rank's own tokens, so under DDP the ranks' halves weigh
         # alike whatever their token counts, and two processes differ from one (by 4e-3 here with beta 0.1).
-        module = SuperTransformer(dirs["teacher"], "mrpc", stage_epochs=[1, 1, 1], num_subnets=2, measure_latency=False,
-                                  export=False, palette=["max", "min"], beta=0.0)
+        module = SuperTransformer(dirs["teacher"], "mrpc", stages={"epochs": [1, 1, 1]}, sampling={"num_subnets": 2}, evaluation={"measure_latency": False, "members": ["max", "min"]}, export={"enabled": False}, distillation={"feature_weight": 0.0})
         return module, GLUEDataModule("mrpc", dirs["teacher"], **data), dict(max_epochs=3, limit_train_batches=2)
     raise ValueError(kind)
 

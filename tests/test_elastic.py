@@ -339,7 +339,7 @@ def test_export_cli_writes_subnets_of_a_supernet_checkpoint(tiny_bert_dir, tmp_p
     from kdlora.mlfs.export import main
     from kdlora.mlfs.glue import SuperTransformer
 
-    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
+    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", evaluation={"measure_latency": False}, export={"enabled": False})
     with torch.no_grad():
         for stage in module.encoder.lora.values():
             for B in stage.B:

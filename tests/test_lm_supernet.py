@@ -62,8 +62,11 @@ def loader(batches: list[dict], times: int = 1):
 
 def module(family: str, seed: int = 0, **kw) -> CausalLMSuperTransformer:
     torch.manual_seed(seed)
-    args = dict(model_config=CONFIGS[family], lora_r=8, export=False, sampler_seed=0, feature_dim=16)
-    return CausalLMSuperTransformer(**{**args, **kw})
+    args = dict(model_config=CONFIGS[family], lora={"r": 8}, export={"enabled": False}, sampling={"sampler_seed": 0},
+                distillation={"feature_dim": 16})
+    for key, value in kw.items():  # argument groups as dicts of fields, merged into these defaults
+        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
+    return CausalLMSuperTransformer(**args)
 
 
 def trainer(tmp_path, **kw) -> L.Trainer:
@@ -119,17 +122,17 @@ def test_lm_and_token_kd_losses_match_hand_computation():
 
 def test_bad_arguments_fail_clearly():
     with pytest.raises(ValueError, match="exactly one of model_name_or_path"):
-        CausalLMSuperTransformer(export=False)
+        CausalLMSuperTransformer(export={"enabled": False})
     with pytest.raises(ValueError, match="exactly one of model_name_or_path"):
-        CausalLMSuperTransformer(model_name_or_path="x", model_config=CONFIGS["gpt2"], export=False)
+        CausalLMSuperTransformer(model_name_or_path="x", model_config=CONFIGS["gpt2"], export={"enabled": False})
     with pytest.raises(ValueError, match="model_type"):
-        CausalLMSuperTransformer(model_config={"vocab_size": 10}, export=False)
-    with pytest.raises(ValueError, match="stage_epochs"):
-        module("gpt2", stage_epochs=[1, 1])
+        CausalLMSuperTransformer(model_config={"vocab_size": 10}, export={"enabled": False})
+    with pytest.raises(ValueError, match="stages.epochs"):
+        module("gpt2", stages={"epochs": [1, 1]})
     with pytest.raises(ValueError, match="distill_weight"):
-        module("gpt2", distill_weight=1.5)
+        module("gpt2", distillation={"distill_weight": 1.5})
     with pytest.raises(ValueError, match="feature_normalization must be one of"):
-        module("gpt2", feature_normalization="l2")
+        module("gpt2", distillation={"feature_normalization": "l2"})
     # Llama's 2 query heads per key/value head: a default palette member of 3 heads cannot export, said before training.
     with pytest.raises(ValueError, match="h24-a3-f48-l0.2.3: a Llama export has hidden/head size = 3 heads"):
         module("llama")
@@ -140,8 +143,7 @@ def test_bad_arguments_fail_clearly():
 def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(family, normalization, tmp_path):
     """One real step; its gradient = [∇LM_1 + (n_1/n_j)^γ ∇((1−α)·LM_j + α·(KD + β·feat))] / 2, recomputed by hand
     (feature_normalization "relative": each token's squared error over its projected maxnet feature's squared norm)."""
-    kw = dict(stage_epochs=[0, 1, 0], num_subnets=1, sandwich=True, search_space=FIXED_SPACE, gamma=2.0,
-              gradient_clip=0.0, temperature=2.0, feature_normalization=normalization)
+    kw = dict(stages={"epochs": [0, 1, 0]}, sampling={"num_subnets": 1, "sandwich": True, "search_space": FIXED_SPACE}, distillation={"gamma": 2.0, "temperature": 2.0, "feature_normalization": normalization}, optimizer={"gradient_clip": 0.0})
     batch = make_batch()
     rec = Recorder()
     trained = module(family, **kw)
@@ -150,7 +152,7 @@ def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(fami
 
     ref = module(family, **kw)
     ref.load_state_dict(rec.states[0])
-    ref.enter_stage(1)
+    ref.schedule.enter(1, ref.projections, train_projections=True)
     enc = ref.encoder
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
@@ -163,7 +165,7 @@ def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(fami
         def n_trainable(h, w, kv, f):
             return 4 * ((8 * h + w * 8) + 2 * (8 * h + kv * 8) + (8 * h + f * 8) + (8 * f + h * 8))
         scale = (n_trainable(32, 32, 16, 64) / n_trainable(16, 16, 8, 32)) ** 2
-    assert trained.gradient_scale(FIXED_SUBNET) == pytest.approx(scale)
+    assert trained.mlfs_step.gradient_scale(FIXED_SUBNET, trained.stage) == pytest.approx(scale)
 
     enc.reset_super_network()
     out = enc(ids, mask, output_hidden_states=True)
@@ -198,12 +200,12 @@ def test_subnet_gradient_is_the_decoder_objective_scaled_by_parameter_ratio(fami
 
 
 def test_validation_perplexity_is_exp_of_the_token_mean_loss_over_the_split(tmp_path):
-    net = module("gpt2", palette=["max", "min"])
+    net = module("gpt2", evaluation={"members": ["max", "min"]})
     batches = [make_batch(seed=1, lengths=(12, 12, 12, 12)), make_batch(seed=2, lengths=(3, 2, 4, 2))]
     trainer(tmp_path).validate(net, loader(batches))
     metrics = trainer_metrics = net.trainer.callback_metrics
     net.eval()
-    for cfg in net.palette:
+    for cfg in net.palette_run.members:
         net.encoder.set_sub_network(cfg)
         per_batch = []
         total, count = 0.0, 0
@@ -228,9 +230,8 @@ def test_short_fit_lowers_the_loss_and_exports_causal_lms_that_generate(family, 
 
     batch = make_batch(seed=3)
     space = {"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32], "depths": [4, 2]}
-    net = module(family, stage_epochs=[1, 1, 1], learning_rate=1e-2, warmup_ratio=0.0, num_subnets=2, search_space=space,
-                 export=True, export_dir=str(tmp_path / "export"), palette=["max", {"hidden_size": 16, "num_heads": 2,
-                                                                                    "intermediate_size": 64, "layers": [0, 1, 2, 3]}, "min"])
+    net = module(family, stages={"epochs": [1, 1, 1]}, optimizer={"learning_rate": 1e-2, "warmup_ratio": 0.0}, sampling={"num_subnets": 2, "search_space": space}, export={"enabled": True, "dir": str(tmp_path / "export")}, evaluation={"members": ["max", {"hidden_size": 16, "num_heads": 2,
+                                                                                    "intermediate_size": 64, "layers": [0, 1, 2, 3]}, "min"]})
     smallest = net.space.smallest()
 
     def losses() -> tuple[float, float]:
@@ -256,7 +257,7 @@ def test_short_fit_lowers_the_loss_and_exports_causal_lms_that_generate(family, 
     report = (tmp_path / "export" / "palette.md").read_text()
     assert "loss" in report and "perplexity" in report
     prompt = batch["input_ids"][:2, :5]
-    for cfg in net.palette:
+    for cfg in net.palette_run.members:
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / cfg.name).eval()
         net.encoder.set_sub_network(cfg)
         with torch.no_grad():
@@ -289,8 +290,8 @@ def test_importance_reorder_at_fit_start_permutes_whole_kv_groups_and_keeps_the_
     from kdlora.elastic.importance import reorder_by_importance
 
     batches = [make_batch(seed=s) for s in range(2)]
-    net = module("llama", search_space=FIXED_SPACE, importance_reorder=True, importance_batches=2)
-    by_hand = module("llama", search_space=FIXED_SPACE)
+    net = module("llama", sampling={"search_space": FIXED_SPACE}, importance={"reorder": True, "batches": 2})
+    by_hand = module("llama", sampling={"search_space": FIXED_SPACE})
     probe = make_batch(seed=9)
     with torch.no_grad():
         before = by_hand.encoder(probe["input_ids"], probe["attention_mask"]).logits
@@ -305,7 +306,7 @@ def test_importance_reorder_at_fit_start_permutes_whole_kv_groups_and_keeps_the_
         torch.testing.assert_close(net.encoder(probe["input_ids"], probe["attention_mask"]).logits, before, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="importance_dataloader"):
         trainer(tmp_path, max_steps=0, limit_val_batches=0).fit(
-            module("llama", search_space=FIXED_SPACE, importance_reorder=True), loader(batches))
+            module("llama", sampling={"search_space": FIXED_SPACE}, importance={"reorder": True}), loader(batches))
 
 
 def test_sample_palette_trains_every_palette_member_in_turn(tmp_path):
@@ -314,10 +315,10 @@ def test_sample_palette_trains_every_palette_member_in_turn(tmp_path):
     space = {"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32], "depths": [4, 3, 2]}
     wide = {"hidden_size": 16, "num_heads": 2, "intermediate_size": 64, "depth": 4}
     deep = {"hidden_size": 32, "num_heads": 4, "intermediate_size": 32, "depth": 3}
-    net = module("gpt2", stage_epochs=[0, 1, 1], num_subnets=2, search_space=space, palette=["max", wide, deep, "min"])
+    net = module("gpt2", stages={"epochs": [0, 1, 1]}, sampling={"num_subnets": 2, "search_space": space}, evaluation={"members": ["max", wide, deep, "min"]})
     rec = Recorder()
     trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[rec]).fit(net, loader([make_batch()], 4))
-    wide_name, deep_name = net.palette_names[1], net.palette_names[2]
+    wide_name, deep_name = net.palette_run.names[1], net.palette_run.names[2]
     by_stage = {s: [names for _, st, names in rec.sampled if st == s] for s in (1, 2)}
     smallest = {1: net.space.smallest(full_depth=True).name, 2: net.space.smallest().name}
     for stage, steps in by_stage.items():

@@ -103,10 +103,8 @@ def check_bf16_against_fp32(make_module, dm_factory, tmp_path):
 
 def test_supernet_manual_optimisation_under_bf16_mixed(models, small_glue_dir, tmp_path):
     def make():
-        return SuperTransformer(str(models["teacher"]), "mrpc", stage_epochs=[0, 1, 0], num_subnets=2, lora_dropout=0.0,
-                                measure_latency=False, export=False, sampler_seed=0,
-                                search_space={"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32],
-                                              "depths": [4]})
+        return SuperTransformer(str(models["teacher"]), "mrpc", stages={"epochs": [0, 1, 0]}, sampling={"num_subnets": 2, "sampler_seed": 0, "search_space": {"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32],
+                                              "depths": [4]}}, lora={"dropout": 0.0}, evaluation={"measure_latency": False}, export={"enabled": False})
 
     def dm():
         return GLUEDataModule("mrpc", str(models["teacher"]), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,

@@ -211,8 +211,9 @@ def test_supernet_resumes_exactly_after_sigkill_mid_stage(tiny_bert_dir, small_g
     # sampled subnets), after epoch 0's validation: its best checkpoint and palette must survive the kill.
     plain, resumed = check_resume_is_exact(
         tmp_path, small_glue_dir, ["--model", "kdlora.mlfs.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
-                                   "--model.stage_epochs", "[1, 1, 0]", "--model.num_subnets", "2", "--model.measure_latency", "false",
-                                   "--model.palette", "[max, min]"], monkeypatch, kill_at=12)
+                                   "--model.stages.epochs", "[1, 1, 0]", "--model.sampling.num_subnets", "2",
+                                   "--model.evaluation.measure_latency", "false", "--model.evaluation.members", "[max, min]"],
+                                  monkeypatch, kill_at=12)
     assert (resumed / "palette.json").read_text() == (plain / "palette.json").read_text()
 
 

@@ -121,7 +121,7 @@ def _supernet_checkpoint(tiny_bert_dir, tmp_path) -> Path:
 
     from kdlora.mlfs.glue import SuperTransformer
 
-    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", measure_latency=False, export=False)
+    module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", evaluation={"measure_latency": False}, export={"enabled": False})
     path = tmp_path / "supernet.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
                 "pytorch-lightning_version": lightning.__version__}, path)
@@ -163,8 +163,7 @@ def test_supernet_export_is_one_marked_directory_and_refuses_a_users(tiny_bert_d
     from kdlora.mlfs.glue import SuperTransformer
 
     def fit(export_dir, palette):
-        module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", stage_epochs=[1, 0, 0],
-                                  measure_latency=False, export_dir=str(export_dir), palette=palette, sampler_seed=0)
+        module = SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", stages={"epochs": [1, 0, 0]}, evaluation={"measure_latency": False, "members": palette}, export={"dir": str(export_dir)}, sampling={"sampler_seed": 0})
         dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                             cache_dir=str(tmp_path / "c"))
         trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
@@ -181,11 +180,11 @@ def test_supernet_export_is_one_marked_directory_and_refuses_a_users(tiny_bert_d
     out = tmp_path / "palette"
     first, _ = fit(out, ["min"])
     marker = json.loads((out / EXPORT_MARKER).read_text())
-    assert marker["kind"] == "palette" and marker["members"] == first.palette_names
-    assert all((out / name / EXPORT_MARKER).is_file() for name in first.palette_names)
+    assert marker["kind"] == "palette" and marker["members"] == first.palette_run.names
+    assert all((out / name / EXPORT_MARKER).is_file() for name in first.palette_run.names)
     assert {"palette.md", "palette.json", "palette.png"} <= {p.name for p in out.iterdir()}
     second, _ = fit(out, ["max"])  # a re-run replaces the whole export: no member of the old palette lingers
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(second.palette_names)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(second.palette_run.names)
 
 
 # --- fast_dev_run and --trainer.logger false -------------------------------------------------------
@@ -205,7 +204,7 @@ def test_supernet_fast_dev_run_writes_nothing_into_the_working_directory(tiny_be
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     code = cli_main(["fit", "--model", "kdlora.mlfs.SuperTransformer", "--model.model_name_or_path", str(tiny_bert_dir),
-                     "--model.stage_epochs", "[0, 0, 1]", "--model.measure_latency", "false", "--model.palette", "[max, min]",
+                     "--model.stages.epochs", "[0, 0, 1]", "--model.evaluation.measure_latency", "false", "--model.evaluation.members", "[max, min]",
                      "--data.task", "mrpc", "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "c"),
                      "--data.batch_size", "8", "--data.max_seq_length", "32", "--trainer.fast_dev_run", "true",
                      "--trainer.enable_progress_bar", "false", "--checkpoint.monitor", "val/palette_score"])
@@ -259,8 +258,7 @@ def test_supernet_stops_at_a_non_finite_maxnet_or_subnet_loss(tiny_bert_dir, sma
     else:
         real = supernet_mod.subnet_loss
         monkeypatch.setattr(supernet_mod, "subnet_loss", lambda *a: (nan(real(*a)[0]), real(*a)[1]))
-    module = supernet_mod.SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", stage_epochs=[0, 1, 0],
-                                           num_subnets=1, measure_latency=False, export_dir=str(tmp_path / "export"))
+    module = supernet_mod.SuperTransformer(model_name_or_path=str(tiny_bert_dir), task="mrpc", stages={"epochs": [0, 1, 0]}, sampling={"num_subnets": 1}, evaluation={"measure_latency": False}, export={"dir": str(tmp_path / "export")})
     dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                         cache_dir=str(tmp_path / "c"))
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0, logger=False, default_root_dir=tmp_path,

@@ -224,7 +224,7 @@ def test_tokenizer_larger_than_the_embedding_table_is_an_error(small_vocab_dir, 
     with pytest.raises(ValueError, match=message):  # as the teacher
         KDLoRAStudent(str(tiny_bert_dir), str(small_vocab_dir), task="rte", export=ExportArgs(enabled=False))
     with pytest.raises(ValueError, match=message):
-        SuperTransformer(str(small_vocab_dir), task="rte", export=False, measure_latency=False)
+        SuperTransformer(str(small_vocab_dir), task="rte", export={"enabled": False}, evaluation={"measure_latency": False})
 
 
 def test_tokenizer_larger_than_the_embedding_table_is_refused_by_the_cli(small_vocab_dir, small_glue_dir, tmp_path, capsys):

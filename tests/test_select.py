@@ -68,10 +68,8 @@ def test_search_evaluates_each_config_once_and_picks_the_best_under_budget():
 @pytest.fixture(scope="module")
 def trained_checkpoint(tiny_bert_dir, small_glue_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("select_ckpt")
-    module = SuperTransformer(str(tiny_bert_dir), "mrpc", stage_epochs=[0, 0, 1], lora_r=4, measure_latency=False,
-                              export=False, sampler_seed=0,
-                              search_space={"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32],
-                                            "depths": [4, 2]})
+    module = SuperTransformer(str(tiny_bert_dir), "mrpc", stages={"epochs": [0, 0, 1]}, lora={"r": 4}, evaluation={"measure_latency": False}, export={"enabled": False}, sampling={"sampler_seed": 0, "search_space": {"hidden_sizes": [32, 16], "num_heads": [4, 2], "intermediate_sizes": [64, 32],
+                                            "depths": [4, 2]}})
     dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, max_seq_length=32,
                         holdout_fraction=0.25, cache_dir=str(root / "tok"))
     trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,

@@ -50,8 +50,12 @@ def trainer(tmp_path, **kw) -> L.Trainer:
 
 
 def supernet(model_dir, **kw) -> SuperTransformer:
-    args = dict(model_name_or_path=str(model_dir), task="mrpc", lora_r=8, measure_latency=False, export=False, sampler_seed=0)
-    return SuperTransformer(**{**args, **kw})
+    """A SuperTransformer on MRPC; the argument groups given as dicts of fields, merged into these defaults."""
+    args = dict(model_name_or_path=str(model_dir), task="mrpc", lora={"r": 8}, evaluation={"measure_latency": False},
+                export={"enabled": False}, sampling={"sampler_seed": 0})
+    for key, value in kw.items():
+        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
+    return SuperTransformer(**args)
 
 
 class Recorder(L.Callback):
@@ -70,7 +74,7 @@ class Recorder(L.Callback):
         self.grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.sampled.append((module.global_step, module.stage, [c.name for c in module.last_sampled]))
+        self.sampled.append((module.global_step, module.stage, [c.name for c in module.mlfs_step.last_sampled]))
 
     def on_train_epoch_end(self, trainer, module):
         self.epoch_end_states.append({k: v.clone() for k, v in module.state_dict().items()})
@@ -113,8 +117,8 @@ def test_feature_projections_do_not_collapse(tiny_bert_dir):
     supernet's orthonormal U keeps ‖U‖_F = √d_low and the loss of the differing subnets stays up."""
     from kdlora.losses import projected_feature_loss
 
-    module = supernet(tiny_bert_dir, feature_dim=16)
-    projection = module.projections[str(module.distill_layers[0])]
+    module = supernet(tiny_bert_dir, distillation={"feature_dim": 16})
+    projection = module.projections[str(module.mlfs_step.distill_layers[0])]
     assert module.encoder.max_config.hidden_size == 32 and projection.weight.shape == (16, 32)
     opt = torch.optim.AdamW(projection.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
@@ -138,8 +142,7 @@ def test_feature_projections_do_not_collapse(tiny_bert_dir):
 
 def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small_glue_dir, tmp_path):
     """One real training step; its gradient = [∇L_1 + (n_1/n_j)^γ ∇L_j] / 2, recomputed independently."""
-    kw = dict(stage_epochs=[0, 1, 0], num_subnets=1, sandwich=True, search_space=FIXED_SPACE, gamma=2.0,
-              gradient_clip=0.0, lora_dropout=0.0)
+    kw = dict(stages={"epochs": [0, 1, 0]}, sampling={"num_subnets": 1, "sandwich": True, "search_space": FIXED_SPACE}, distillation={"gamma": 2.0}, optimizer={"gradient_clip": 0.0}, lora={"dropout": 0.0})
     rec = Recorder()
     module = supernet(tiny_bert_nodropout, **kw)
     trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[rec]).fit(module, datamodule(tiny_bert_nodropout, small_glue_dir))
@@ -147,7 +150,7 @@ def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small
 
     ref = supernet(tiny_bert_nodropout, **kw)
     ref.load_state_dict(rec.states[0])
-    ref.enter_stage(1)
+    ref.schedule.enter(1, ref.projections, train_projections=True)
     enc, batch = ref.encoder, rec.batches[0]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
@@ -155,7 +158,7 @@ def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small
     def n_trainable(h, w, f):
         return 4 * (3 * (8 * h + w * 8) + (8 * h + f * 8) + (8 * f + h * 8))
     scale = (n_trainable(32, 32, 64) / n_trainable(16, 16, 32)) ** 2
-    assert scale == 4.0 and module.gradient_scale(FIXED_SUBNET) == scale
+    assert scale == 4.0 and module.mlfs_step.gradient_scale(FIXED_SUBNET, module.stage) == scale
 
     enc.reset_super_network()
     out = enc(**inputs, output_hidden_states=True)
@@ -189,8 +192,7 @@ def test_subnet_gradient_is_scaled_by_parameter_ratio(tiny_bert_nodropout, small
 
 def test_one_step_per_batch_stages_freeze_palette_and_export(tiny_bert_dir, small_glue_dir, tmp_path):
     rec = Recorder()
-    module = supernet(tiny_bert_dir, stage_epochs=[1, 1, 1], num_subnets=2, export=True, measure_latency=True,
-                      latency_seq_len=16)
+    module = supernet(tiny_bert_dir, stages={"epochs": [1, 1, 1]}, sampling={"num_subnets": 2}, export={"enabled": True}, evaluation={"measure_latency": True, "latency_seq_len": 16})
     logger = TensorBoardLogger(str(tmp_path), name="mlfs")
     fit = trainer(tmp_path, max_epochs=3, limit_train_batches=3, limit_val_batches=1, callbacks=[rec], logger=logger)
     fit.fit(module, datamodule(tiny_bert_dir, small_glue_dir))
@@ -221,21 +223,21 @@ def test_one_step_per_batch_stages_freeze_palette_and_export(tiny_bert_dir, smal
 
     # Palette validation: every member logged; val/score is the maxnet's.
     metrics = fit.callback_metrics
-    for name in module.palette_names:
+    for name in module.palette_run.names:
         for key in ("accuracy", "f1", "score", "params"):
             assert f"val/{name}/{key}" in metrics
     maxname = module.encoder.max_config.name
     assert float(metrics["val/score"]) == pytest.approx(float(metrics[f"val/{maxname}/score"]))
-    assert float(metrics[f"val/{maxname}/params"]) > float(metrics[f"val/{module.palette_names[-1]}/params"])
+    assert float(metrics[f"val/{maxname}/params"]) > float(metrics[f"val/{module.palette_run.names[-1]}/params"])
 
     # Report + export of every member, loadable by plain transformers and equal to the supernet run as it.
     table = json.loads((Path(logger.log_dir) / "palette.json").read_text())
-    assert [r["name"] for r in table] == module.palette_names and all(r["latency_ms"] > 0 for r in table)
+    assert [r["name"] for r in table] == module.palette_run.names and all(r["latency_ms"] > 0 for r in table)
     assert (Path(logger.log_dir) / "palette.png").stat().st_size > 1000
     from transformers import AutoModelForSequenceClassification
 
     export = Path(logger.log_dir) / "export"
-    small = SubnetConfig.from_name(module.palette_names[-1])
+    small = SubnetConfig.from_name(module.palette_run.names[-1])
     plain = AutoModelForSequenceClassification.from_pretrained(export / small.name).eval()
     batch = rec.batches[0]
     module.encoder.eval().set_sub_network(small)
@@ -246,7 +248,7 @@ def test_one_step_per_batch_stages_freeze_palette_and_export(tiny_bert_dir, smal
 
 
 def test_resume_restores_stage_and_samples_like_an_uninterrupted_run(tiny_bert_dir, small_glue_dir, tmp_path):
-    kw = dict(stage_epochs=[1, 1, 0], num_subnets=2)
+    kw = dict(stages={"epochs": [1, 1, 0]}, sampling={"num_subnets": 2})
     first = trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     first.fit(supernet(tiny_bert_dir, **kw), datamodule(tiny_bert_dir, small_glue_dir))
     ckpt = tmp_path / "epoch0.ckpt"
@@ -262,31 +264,29 @@ def test_resume_restores_stage_and_samples_like_an_uninterrupted_run(tiny_bert_d
 
 
 def test_a_checkpoint_with_free_projections_is_refused_clearly(tiny_bert_dir, small_glue_dir, tmp_path):
-    first, module = trainer(tmp_path, max_steps=1, limit_val_batches=0), supernet(tiny_bert_dir, stage_epochs=[0, 1, 0])
+    first, module = trainer(tmp_path, max_steps=1, limit_val_batches=0), supernet(tiny_bert_dir, stages={"epochs": [0, 1, 0]})
     first.fit(module, datamodule(tiny_bert_dir, small_glue_dir))
     ckpt = tmp_path / "new.ckpt"
     first.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)
-    layer = module.distill_layers[0]
+    layer = module.mlfs_step.distill_layers[0]
     assert f"projections.{layer}.parametrizations.weight.original" in state["state_dict"]
     # What the earlier versions wrote: one free [d_low, H] matrix per distilled layer.
     state["state_dict"] = {k: v for k, v in state["state_dict"].items() if not k.startswith("projections.")}
-    state["state_dict"].update({f"projections.{l}": torch.randn(128, 32) for l in module.distill_layers})
+    state["state_dict"].update({f"projections.{l}": torch.randn(128, 32) for l in module.mlfs_step.distill_layers})
     torch.save(state, tmp_path / "old.ckpt")
     with pytest.raises(ValueError, match="free feature projections"):
         trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(
-            supernet(tiny_bert_dir, stage_epochs=[0, 1, 0]), datamodule(tiny_bert_dir, small_glue_dir), ckpt_path=str(tmp_path / "old.ckpt"))
+            supernet(tiny_bert_dir, stages={"epochs": [0, 1, 0]}), datamodule(tiny_bert_dir, small_glue_dir), ckpt_path=str(tmp_path / "old.ckpt"))
 
 
 def test_bad_arguments_fail_early(tiny_bert_dir):
-    with pytest.raises(ValueError, match="stage_epochs"):
-        supernet(tiny_bert_dir, stage_epochs=[1, 1])
+    with pytest.raises(ValueError, match="stages.epochs"):
+        supernet(tiny_bert_dir, stages={"epochs": [1, 1]})
     with pytest.raises(ValueError, match="distill_weight must be in"):
-        supernet(tiny_bert_dir, distill_weight=1.5)
-    with pytest.raises(ValueError, match="alpha was renamed to distill_weight"):
-        supernet(tiny_bert_dir, alpha=0.9)
+        supernet(tiny_bert_dir, distillation={"distill_weight": 1.5})
     with pytest.raises(ValueError, match="unknown keys"):
-        supernet(tiny_bert_dir, search_space={"width": [8]})
+        supernet(tiny_bert_dir, sampling={"search_space": {"width": [8]}})
 
 
 def test_base_pretrained_trains_a_new_head_and_refuses_a_finetuned_checkpoint(tiny_bert_dir, tmp_path, caplog):
@@ -298,7 +298,7 @@ def test_base_pretrained_trains_a_new_head_and_refuses_a_finetuned_checkpoint(ti
     module = supernet(pretrained, base="pretrained", train_head=False)
     assert module.hparams.base == "pretrained" and "classifier.weight" in module.newly_initialised
     # Stage 0 (the LoRA fine-tuning of the pretrained model) trains the new head with its adapters.
-    assert {"model.classifier.weight", "model.classifier.bias"} <= module.stage_parameter_names[0]
+    assert {"model.classifier.weight", "model.classifier.bias"} <= module.schedule.parameter_names[0]
     with pytest.raises(ValueError, match=r"base='pretrained' but .* already has a trained classifier head for mrpc"):
         supernet(tiny_bert_dir, base="pretrained")
     with pytest.raises(ValueError, match="base must be 'pretrained' or 'finetuned', got 'fft'"):
@@ -306,7 +306,7 @@ def test_base_pretrained_trains_a_new_head_and_refuses_a_finetuned_checkpoint(ti
     with caplog.at_level("WARNING", logger="kdlora.mlfs.glue"):
         finetuned = supernet(pretrained, base="finetuned")
     assert "base='finetuned' but" in caplog.text and "classifier.weight" in caplog.text
-    assert {"model.classifier.weight", "model.classifier.bias"} <= finetuned.stage_parameter_names[0]
+    assert {"model.classifier.weight", "model.classifier.bias"} <= finetuned.schedule.parameter_names[0]
 
 
 def test_test_metrics_keep_the_dev_suffixes_when_validation_is_a_holdout(tiny_bert_dir):
@@ -331,7 +331,7 @@ def test_holdout_selection_reports_the_selected_and_the_final_palette_on_dev(tin
         return GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), max_seq_length=32, batch_size=8,
                               holdout_fraction=0.25, cache_dir=str(tmp_path / "cache"))
 
-    module = supernet(tiny_bert_dir, stage_epochs=[1, 1, 1], num_subnets=1, palette=["max", "min"], learning_rate=1e-2)
+    module = supernet(tiny_bert_dir, stages={"epochs": [1, 1, 1]}, sampling={"num_subnets": 1}, evaluation={"members": ["max", "min"]}, optimizer={"learning_rate": 1e-2})
     logger = TensorBoardLogger(str(tmp_path), name="mlfs")
     best, keep = ModelCheckpoint(monitor="val/palette_score", mode="max"), KeepFinal()
     fit = trainer(tmp_path, max_epochs=3, limit_train_batches=3, logger=logger, enable_checkpointing=True, callbacks=[best, keep])
@@ -340,7 +340,7 @@ def test_holdout_selection_reports_the_selected_and_the_final_palette_on_dev(tin
     selected = json.loads((run / "palette.json").read_text())
     final = json.loads((run / "palette_final.json").read_text())
     saved = torch.load(best.best_model_path, weights_only=True)
-    assert [r["name"] for r in selected] == [r["name"] for r in final] == module.palette_names
+    assert [r["name"] for r in selected] == [r["name"] for r in final] == module.palette_run.names
     for r in selected:
         assert (r["base"], r["split"], r["selected_on"]) == ("finetuned", "dev", "holdout")
         assert (r["weights"], r["epoch"], r["step"]) == (os.path.relpath(best.best_model_path, run), saved["epoch"], saved["global_step"])
@@ -369,7 +369,7 @@ from kdlora.mlfs.glue import SuperTransformer
 class Record(L.Callback):
     def __init__(self): self.rows = []
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.rows.append([module.global_step, module.stage, [c.name for c in module.last_sampled]])
+        self.rows.append([module.global_step, module.stage, [c.name for c in module.mlfs_step.last_sampled]])
     def on_fit_end(self, trainer, module):
         state = {{k: float(v.double().sum()) for k, v in module.state_dict().items() if ".lora." in k}}
         with open(os.path.join({out!r}, f"rank{{trainer.global_rank}}.json"), "w") as f:
@@ -378,8 +378,8 @@ class Record(L.Callback):
 if __name__ == "__main__":
     L.seed_everything(1)
     dm = GLUEDataModule("mrpc", {model!r}, data_dir={glue!r}, max_seq_length=32, batch_size=4, cache_dir={cache!r})
-    module = SuperTransformer({model!r}, "mrpc", stage_epochs=[1, 1, 1], num_subnets=2, per_layer=True,
-                              measure_latency=False, export=False)
+    module = SuperTransformer({model!r}, "mrpc", stages={{"epochs": [1, 1, 1]}}, sampling={{"num_subnets": 2, "per_layer": True}},
+                              evaluation={{"measure_latency": False}}, export={{"enabled": False}})
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_epochs=3,
                         limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -414,13 +414,14 @@ def test_cli_fast_dev_run(tiny_bert_dir, small_glue_dir, tmp_path):
     config.write_text(text.replace("runs/demo/{task}/fft/export", str(tiny_bert_dir)).replace("kdlora/assets/glue", str(small_glue_dir)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "KDLORA_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), "--trainer.fast_dev_run=true",
-           "--model.init_args.stage_epochs=[0, 0, 1]", "--data.max_seq_length=32", "--model.init_args.latency_seq_len=16"]
+           "--model.init_args.stages.epochs=[0, 0, 1]", "--data.max_seq_length=32", "--model.init_args.evaluation.latency_seq_len=16"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "palette report" in proc.stdout
 
 
-@pytest.mark.parametrize("config_name, value, new_name", [("supernet", "0.9", "distill_weight"), ("student", "0.5", "task_weight")])
+@pytest.mark.parametrize("config_name, value, new_name", [("supernet", "0.9", "distillation.distill_weight"),
+                                                          ("student", "0.5", "distillation.task_weight")])
 def test_the_old_alpha_key_is_one_clear_error_naming_its_new_name(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, capsys,
                                                                   config_name, value, new_name):
     """`alpha` weighed distillation in the supernet but the task in the student: never silently reinterpreted."""
@@ -433,8 +434,8 @@ def test_the_old_alpha_key_is_one_clear_error_naming_its_new_name(tiny_bert_dir,
     code = cli_main(["fit", "--config", str(config), f"--model.init_args.alpha={value}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == [f"kdlora: error: alpha was renamed to {new_name} (" + err[0].split("(", 1)[1]]
-    assert f"write {new_name}: {value} instead of alpha: {value}" in err[0]
+    assert err == [f"kdlora: error: model.init_args.alpha is now model.init_args.{new_name} (" + err[0].split("(", 1)[1]]
+    assert "(the weight of " in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
@@ -450,8 +451,8 @@ def test_new_regression_head_starts_at_the_mean_training_label(tiny_bert_dir, tm
 @pytest.mark.parametrize("hidden", [False, True])
 def test_importance_reorder_at_setup_permutes_weights_and_keeps_the_maxnet(tiny_bert_nodropout, small_glue_dir, tmp_path, hidden):
     rec = Recorder()
-    kw = dict(stage_epochs=[1, 0, 0], num_subnets=1)
-    module = supernet(tiny_bert_nodropout, importance_reorder=True, importance_hidden=hidden, importance_batches=2, **kw)
+    kw = dict(stages={"epochs": [1, 0, 0]}, sampling={"num_subnets": 1})
+    module = supernet(tiny_bert_nodropout, importance={"reorder": True, "hidden": hidden, "batches": 2}, **kw)
     trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[rec]).fit(
         module, datamodule(tiny_bert_nodropout, small_glue_dir))
     original, reordered = supernet(tiny_bert_nodropout, **kw), supernet(tiny_bert_nodropout, **kw)
@@ -481,19 +482,19 @@ def test_validate_from_checkpoint_evaluates_the_palette_asked_for(tiny_bert_dir,
             "--data.data_dir", str(small_glue_dir), "--data.cache_dir", str(tmp_path / "cache"), "--data.max_seq_length", "32",
             "--trainer.logger.class_path", "lightning.pytorch.loggers.TensorBoardLogger",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false"]
-    fitted = main(["fit", *base, "--model.palette", "[max]", "--model.stage_epochs", "[1, 0, 0]", "--model.export", "false",
-                   "--model.measure_latency", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+    fitted = main(["fit", *base, "--model.evaluation.members", "[max]", "--model.stages.epochs", "[1, 0, 0]", "--model.export.enabled", "false",
+                   "--model.evaluation.measure_latency", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
                    "--trainer.limit_val_batches", "0"])
     ckpt = tmp_path / "supernet.ckpt"
     fitted.trainer.save_checkpoint(ckpt)
     validate = ["validate", *base, "--trainer.limit_val_batches", "1", "--ckpt_path", str(ckpt)]
     # Without a palette on the command line, the checkpoint's (trained) arguments hold: the maxnet alone.
-    assert main(validate).model.palette_names == ["h32-a4-f64-l4"]
+    assert main(validate).model.palette_run.names == ["h32-a4-f64-l4"]
     # A palette asked for is evaluated on the restored weights; training arguments still come from the checkpoint.
-    cli = main(validate + ["--model.palette", "[max, {hidden_size: 16, num_heads: 2, intermediate_size: 32, depth: 2}]",
-                           "--model.stage_epochs", "[1, 1, 1]"])
-    assert cli.model.palette_names == ["h32-a4-f64-l4", "h16-a2-f32-l0.3"]
-    assert list(cli.model.hparams.stage_epochs) == [1, 0, 0]
+    cli = main(validate + ["--model.evaluation.members", "[max, {hidden_size: 16, num_heads: 2, intermediate_size: 32, depth: 2}]",
+                           "--model.stages.epochs", "[1, 1, 1]"])
+    assert cli.model.palette_run.names == ["h32-a4-f64-l4", "h16-a2-f32-l0.3"]
+    assert list(cli.model.hparams.stages["epochs"]) == [1, 0, 0]
     assert "val/h16-a2-f32-l0.3/score" in cli.trainer.callback_metrics
 
 
@@ -511,8 +512,8 @@ def test_pretrained_base_ranks_importance_on_the_stage0_maxnet(tiny_bert_nodropo
     the weights trained in stage 0 are permuted then (not at setup), and the maxnet's function is kept."""
     pretrained = _headless(tiny_bert_nodropout, tmp_path / "pretrained")
     rec = Recorder()
-    kw = dict(base="pretrained", stage_epochs=[1, 1, 0], num_subnets=1)
-    module = supernet(pretrained, importance_reorder=True, importance_batches=2, **kw)
+    kw = dict(base="pretrained", stages={"epochs": [1, 1, 0]}, sampling={"num_subnets": 1})
+    module = supernet(pretrained, importance={"reorder": True, "batches": 2}, **kw)
     trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[rec]).fit(
         module, datamodule(pretrained, small_glue_dir))
     query = next(k for k in rec.states[0] if k.endswith("layer.0.attention.self.query.weight"))
@@ -533,12 +534,12 @@ def test_smallest_subnet_loss_is_logged_as_computed_by_hand(tiny_bert_nodropout,
     from kdlora.losses import task_loss
 
     rec = Recorder()
-    module = supernet(tiny_bert_nodropout, stage_epochs=[0, 1, 0], num_subnets=2, sandwich=True)
+    module = supernet(tiny_bert_nodropout, stages={"epochs": [0, 1, 0]}, sampling={"num_subnets": 2, "sandwich": True})
     fit = trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0, callbacks=[rec])
     fit.fit(module, datamodule(tiny_bert_nodropout, small_glue_dir))
     smallest = module.space.smallest(full_depth=True)  # stage 1: widths only
     assert smallest.name in rec.sampled[0][2]
-    reference = supernet(tiny_bert_nodropout, stage_epochs=[0, 1, 0])
+    reference = supernet(tiny_bert_nodropout, stages={"epochs": [0, 1, 0]})
     reference.load_state_dict(rec.states[0])
     reference.encoder.set_sub_network(smallest)
     batch = rec.batches[0]
@@ -551,7 +552,7 @@ def test_smallest_subnet_loss_is_logged_as_computed_by_hand(tiny_bert_nodropout,
 def test_stage_palettes_are_measured_on_dev_and_change_nothing(tiny_bert_nodropout, small_glue_dir, tmp_path):
     def run(root: Path, stage_palettes: bool) -> SuperTransformer:
         L.seed_everything(0)
-        module = supernet(tiny_bert_nodropout, stage_epochs=[1, 1, 1], num_subnets=1, stage_palettes=stage_palettes, palette=["max", "min"])
+        module = supernet(tiny_bert_nodropout, stages={"epochs": [1, 1, 1]}, sampling={"num_subnets": 1}, evaluation={"stage_palettes": stage_palettes, "members": ["max", "min"]})
         dm = GLUEDataModule("mrpc", str(tiny_bert_nodropout), data_dir=str(small_glue_dir), max_seq_length=32, batch_size=8,
                             holdout_fraction=0.25, cache_dir=str(small_glue_dir.parent / "cache"))
         trainer(root, max_epochs=3, limit_train_batches=2, logger=TensorBoardLogger(str(root), name="mlfs")).fit(module, dm)
@@ -562,7 +563,7 @@ def test_stage_palettes_are_measured_on_dev_and_change_nothing(tiny_bert_nodropo
     run_dir = tmp_path / "a" / "mlfs" / "version_0"
     for stage in range(3):
         rows = json.loads((run_dir / f"palette_stage{stage}.json").read_text())
-        assert [r["name"] for r in rows] == with_reports.palette_names
+        assert [r["name"] for r in rows] == with_reports.palette_run.names
         assert all(r["split"] == "dev" and r["stage"] == stage and r["weights"] == f"end of stage {stage}" for r in rows)
     assert not list((tmp_path / "b" / "mlfs" / "version_0").glob("palette_stage*"))
     final = json.loads((run_dir / "palette_final.json").read_text())
@@ -579,8 +580,7 @@ def test_from_stage1_only_the_stage_adapters_train_and_the_head_only_if_asked(ti
     pretrained base trains in stage 0 and stays bit-identical after it, weight decay included, through a
     resume inside stage 1; head_stages="all" keeps it training."""
     pretrained = _headless(tiny_bert_dir, tmp_path / "pretrained")
-    kw = dict(base="pretrained", stage_epochs=[1, 2, 0], num_subnets=1, head_stages=head_stages, learning_rate=1e-2,
-              weight_decay=0.5)
+    kw = dict(base="pretrained", stages={"epochs": [1, 2, 0], "head_stages": head_stages}, sampling={"num_subnets": 1}, optimizer={"learning_rate": 1e-2, "weight_decay": 0.5})
     rec = Recorder()
     module = supernet(pretrained, **kw)
     first = trainer(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=0, callbacks=[rec])
@@ -598,7 +598,7 @@ def test_from_stage1_only_the_stage_adapters_train_and_the_head_only_if_asked(ti
     assert head and any("classifier" in n for n in head) and any("pooler" in n for n in head)
     start, end0 = rec.states[0], rec.epoch_end_states[0]
     assert any(not torch.equal(end0[k], start[k]) for k in head)  # the new head trains in stage 0
-    stage1 = {f"encoder.{n}" for n in module.stage_parameter_names[1]} - head
+    stage1 = {f"encoder.{n}" for n in module.schedule.parameter_names[1]} - head
     for later in (rec.epoch_end_states[1], resumed.epoch_end_states[0]):
         changed = {k for k, v in later.items() if not torch.equal(v, end0[k])}
         assert any(".B." in k for k in changed & stage1)  # the stage's adapters train
@@ -611,4 +611,4 @@ def test_from_stage1_only_the_stage_adapters_train_and_the_head_only_if_asked(ti
     in_optimizer = {id(p) for g in again.optimizers[0].param_groups for p in g["params"]}
     assert bool(in_optimizer & head_ids) == (head_stages == "all")
     with pytest.raises(ValueError, match="head_stages must be one of"):
-        supernet(pretrained, base="pretrained", head_stages="last")
+        supernet(pretrained, base="pretrained", stages={"head_stages": "last"})

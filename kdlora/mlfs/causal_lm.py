@@ -1,11 +1,12 @@
 """CausalLMSuperTransformer: MLFS on a decoder (Llama, GPT-2): one causal LM, every sub-network a causal LM.
 
-The stages and the step are `kdlora.mlfs.training.MLFSTraining`, as for the GLUE `SuperTransformer`;
-only the losses differ. Per step the maxnet runs first on the next-token loss, then K sampled subnets on
+The stages, the step and the palette's selection, report and export are the objects of
+`kdlora.mlfs.training` and `kdlora.mlfs.palette_run`, as for the GLUE `SuperTransformer`; only the
+losses and what is measured differ. Per step the maxnet runs first on the next-token loss, then K sampled subnets on
 
     L_j = (1−α)·LM(z_j) + α·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)
 
-(`kdlora.losses.decoder_subnet_loss`): LM is next-token cross-entropy (the shift happens in the
+(`kdlora.losses.decoder_subnet_loss`, α = `distillation.distill_weight`, β = `distillation.feature_weight`): LM is next-token cross-entropy (the shift happens in the
 loss; labels of -100 and padding are not predicted), KD the token-level T²·KL from the maxnet's
 detached logits averaged over real (non-padding) positions, the feature term the one of the
 encoders (maxnet-owned orthonormal projections, on the layers the smallest subnet keeps). Subnet j's
@@ -18,28 +19,29 @@ Validation, per palette member: ``val/<subnet>/loss`` and ``val/<subnet>/perplex
 token-mean loss over the whole split, `kdlora.eval.perplexity.TokenMeanLoss`), ``val/loss``,
 ``val/perplexity`` for the maxnet and ``val/palette_loss``, the members' mean loss. At fit end the
 palette of the best checkpoint (selected on the held-out split by the checkpoint monitor) and the
-end-of-fit palette are reported (params, val loss, perplexity) and, with `export`, every member of the
+end-of-fit palette are reported (params, val loss, perplexity) and, with `export.enabled`, every member of the
 selected weights is written as a standalone Hugging Face causal LM that `generate()`s.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from kdlora.data.tokenizer import load_tokenizer
 from kdlora.elastic.model import ElasticTransformer
 from kdlora.eval.perplexity import TokenMeanLoss
 from kdlora.losses import causal_lm_loss, decoder_subnet_loss, lm_token_losses
-from kdlora.mlfs.training import MLFSTraining, check_mlfs_arguments
-from kdlora.training.args import ExportArgs, OptimizerArgs
+from kdlora.mlfs.args import (EvaluationArgs, ImportanceArgs, MLFSDistillationArgs, MLFSLoRAArgs, MLFSOptimizerArgs, SamplingArgs,
+                             StageArgs, mlfs_gradient_clip)
+from kdlora.mlfs.palette_run import PaletteRun, run_outside_loop
+from kdlora.mlfs.search_space import SearchSpace
+from kdlora.mlfs.training import (ImportanceOrdering, MLFSStep, StageSchedule, check_checkpoint_projections,
+                                  feature_projections, log_step_losses, make_sampler)
+from kdlora.training.args import ExportArgs, as_args, save_plain_hyperparameters
 from kdlora.training.module import FineTuningModule
 
 log = logging.getLogger(__name__)
@@ -61,80 +63,114 @@ def load_causal_lm(model_name_or_path: Optional[str], model_config: Optional[dic
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
-class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
+class CausalLMSuperTransformer(FineTuningModule):
     """MLFS super-transformer of a causal LM (`train.py fit --config configs/decoder/...`, see `kdlora.cli`).
 
     Args:
         model_name_or_path: the maxnet's checkpoint (`AutoModelForCausalLM`), or
         model_config: a Hugging Face config dict (with ``model_type``) for a new random maxnet.
-        stage_epochs: epochs of stages 0 (the maxnet's LoRA fine-tuning), 1 (widths sampled) and 2 (widths
+        stages: epochs of stages 0 (the maxnet's LoRA fine-tuning), 1 (widths sampled) and 2 (widths
             and depth sampled); 0 skips a stage.
-        lora_r, lora_alpha, lora_dropout, lora_targets: adapters of every stage (roles or family names).
-        num_subnets, sandwich, per_layer, search_space, palette, sampler_seed: as `SuperTransformer`.
-        sample_palette: as `SuperTransformer`, but on by default (our choice; the paper samples at random and
-            has no decoders): a decoder's palette is what it exports, and a member drawn at random from a
-            wide space is rarely trained directly (about 1 step in 17 for SmolLM2's 24-layer member at K = 2).
-            Needs num_subnets >= 2 beside the sandwich's smallest.
-        distill_weight: α, the weight of a subnet's distillation terms (token KD + β·features); its LM loss gets 1 − α.
-        beta, gamma, temperature, feature_dim: feature-term weight, gradient-scaling exponent, KD temperature, d_low.
-        feature_normalization: "none" (the paper's squared L2 norm; a pretrained decoder's residual stream makes it
-            ~1e6 times the KD term) or "relative" (divided by the maxnet feature's squared norm, `kdlora.losses.feature_loss`).
-        learning_rate, weight_decay, warmup_ratio, gradient_clip: AdamW per stage with linear warmup/decay.
-        importance_reorder, importance_batches, importance_hidden: before training, rank heads (grouped-query
-            attention: whole key/value groups), FFN neurons (and with importance_hidden the hidden dimensions)
-            on `importance_batches` training batches' next-token loss and permute the weights so every slice
-            keeps the most important ones (the maxnet's function is unchanged).
-        export, export_dir: write every palette member as a causal LM at fit end (see `GLUEModule`).
+        lora: adapters of every stage (roles or family names).
+        sampling: as `SuperTransformer`, but `sample_palette` on by default (our choice; the paper samples at
+            random and has no decoders): a decoder's palette is what it exports, and a member drawn at random
+            from a wide space is rarely trained directly (about 1 step in 17 for SmolLM2's 24-layer member at
+            K = 2). Needs num_subnets >= 2 beside the sandwich's smallest.
+        distillation: distill_weight α, the weight of a subnet's distillation terms (token KD + feature_weight·features;
+            its LM loss gets 1 − α), the gradient-scaling exponent, KD temperature, d_low and the feature normalization:
+            "none" (the paper's squared L2 norm; a pretrained decoder's residual stream makes it ~1e6 times the KD
+            term) or "relative" (divided by the maxnet feature's squared norm, `kdlora.losses.feature_loss`).
+        optimizer: AdamW per stage with linear warmup/decay, gradient_clip the max norm.
+        importance: before training, rank heads (grouped-query attention: whole key/value groups), FFN neurons
+            (and with `hidden` the hidden dimensions) on `batches` training batches' next-token loss and permute
+            the weights so every slice keeps the most important ones (the maxnet's function is unchanged).
+        evaluation: the palette `members` (as `SuperTransformer`); member latency at fit end, off by default.
+        export: write every palette member as a causal LM at fit end (see `GLUEModule`).
     """
 
     # What to evaluate and write, not what was trained: `train.py validate --ckpt_path ...` may change them.
-    EVALUATION_ARGS = ("palette", "export", "export_dir")
+    EVALUATION_ARGS = ("evaluation", "export")
 
     def __init__(
         self,
         model_name_or_path: Optional[str] = None,
         model_config: Optional[dict[str, Any]] = None,
-        stage_epochs: list[int] = [1, 1, 1],
-        lora_r: int = 8,
-        lora_alpha: int = 16,
-        lora_dropout: float = 0.0,
-        lora_targets: list[str] = ["query", "key", "value", "intermediate", "output"],
-        num_subnets: int = 2,
-        sandwich: bool = True,
-        per_layer: bool = False,
-        sample_palette: bool = True,
-        distill_weight: float = 0.9,
-        beta: float = 0.1,
-        gamma: float = 2.0,
-        temperature: float = 1.0,
-        feature_dim: int = 128,
-        feature_normalization: str = "none",
-        search_space: Optional[dict[str, Any] | str] = None,
-        palette: Optional[list[Any]] = None,
-        sampler_seed: Optional[int] = None,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.01,
-        warmup_ratio: float = 0.06,
-        gradient_clip: float = 1.0,
-        importance_reorder: bool = False,
-        importance_batches: int = 8,
-        importance_hidden: bool = False,
-        export: bool = True,
-        export_dir: Optional[str] = None,
+        stages: StageArgs = StageArgs(),
+        lora: MLFSLoRAArgs = MLFSLoRAArgs(),
+        sampling: SamplingArgs = SamplingArgs(),
+        distillation: MLFSDistillationArgs = MLFSDistillationArgs(),
+        optimizer: MLFSOptimizerArgs = MLFSOptimizerArgs(),
+        importance: ImportanceArgs = ImportanceArgs(),
+        evaluation: EvaluationArgs = EvaluationArgs(),
+        export: ExportArgs = ExportArgs(),
     ) -> None:
-        super().__init__(OptimizerArgs(learning_rate, weight_decay, warmup_ratio), ExportArgs(export, export_dir))
-        sampler_seed = check_mlfs_arguments(stage_epochs, distill_weight, beta, gamma, temperature, feature_dim,
-                                            gradient_clip, sampler_seed, feature_normalization)
-        self.save_hyperparameters()
-        encoder = ElasticTransformer(load_causal_lm(model_name_or_path, model_config), lora_r, lora_alpha, lora_dropout,
-                                 tuple(lora_targets))
+        stages, lora, sampling = as_args(StageArgs, stages), as_args(MLFSLoRAArgs, lora), as_args(SamplingArgs, sampling)
+        distillation, optimizer = as_args(MLFSDistillationArgs, distillation), as_args(MLFSOptimizerArgs, optimizer)
+        importance, evaluation, export = as_args(ImportanceArgs, importance), as_args(EvaluationArgs, evaluation), as_args(ExportArgs, export)
+        super().__init__(optimizer, export)
+        if evaluation.stage_palettes:
+            raise ValueError("evaluation.stage_palettes needs a GLUE dev split: the causal-LM supernet has none")
+        self.gradient_clip = mlfs_gradient_clip(optimizer.gradient_clip)
+        save_plain_hyperparameters(self, stages=stages, lora=lora, sampling=sampling, distillation=distillation, optimizer=optimizer,
+                                   importance=importance, evaluation=evaluation, export=export)
+        self.distillation, self.evaluation = distillation, evaluation
+        encoder = ElasticTransformer(load_causal_lm(model_name_or_path, model_config), lora.r, lora.alpha, lora.dropout,
+                                     tuple(lora.targets or MLFSLoRAArgs().targets))
         if not encoder.is_causal_lm:
             raise ValueError(f"CausalLMSuperTransformer needs a causal LM; {type(encoder.model).__name__} is not one")
-        self.init_mlfs(encoder, search_space=search_space, num_subnets=num_subnets, sandwich=sandwich, per_layer=per_layer,
-                       sampler_seed=sampler_seed, palette=palette, feature_dim=feature_dim, sample_palette=sample_palette)
-        self.palette_losses = nn.ModuleList([TokenMeanLoss() for _ in self.palette])
+        self.automatic_optimization = False  # K+1 backward passes and one optimizer step per batch: done by hand
+        self.encoder = encoder
+        self.schedule = StageSchedule(encoder, stages)
+        encoder.train()  # transformers returns eval-mode models; dropout must be on in training
+        space = SearchSpace.build(encoder.max_config, sampling.search_space, count=encoder.parameter_count)
+        self.palette_run = PaletteRun(encoder, space, evaluation, measure_latency_default=False)
+        self.sampler = make_sampler(space, sampling, self.palette_run.members, sample_palette_default=True)
+        self.projections = feature_projections(space, distillation.feature_dim)
+        self.space = space
+        self.mlfs_step = MLFSStep(self, encoder, space, self.projections, distillation)
+        self.importance = ImportanceOrdering(encoder, importance)
+        self.stage = 0  # the stage the optimizer was built for; restored from checkpoints
+        self.palette_losses = nn.ModuleList([TokenMeanLoss() for _ in self.palette_run.members])
 
-    # ---- losses ----
+    # ---- Lightning hooks of the MLFS training: the stage schedule, the step, importance ordering ----
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.schedule.make_every_stage_trainable(self.projections)  # for DDP, which wraps the module right after this hook
+            self.importance.at_fit_start(self.trainer)
+
+    def configure_optimizers(self):
+        self.schedule.enter(self.stage, self.projections, self.distillation.feature_weight > 0)
+        return self.schedule.optimizer(self.stage, self.projections, self.optimizer_args, self.schedule.steps(self.trainer, self.stage))
+
+    def on_train_epoch_start(self) -> None:
+        stage = self.schedule.stage_for_epoch(self.current_epoch)
+        if stage != self.stage:
+            self.importance.at_stage_change(self.trainer, self.stage)
+            self.stage = stage
+            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers
+            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
+
+    def training_step(self, batch, batch_idx):
+        clip = (lambda opt: self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+                if self.gradient_clip > 0 else None)
+        losses = self.mlfs_step.step(self.optimizers(), self.lr_schedulers(), batch,
+                                     self.sampler.sample(self.stage, self.global_step), self.stage, clip)
+        log_step_losses(self, losses, self.stage)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
+        checkpoint["kdlora_mlfs_stage"] = self.stage
+        checkpoint["kdlora_palette_history"] = self.palette_run.history_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_projections(checkpoint)
+        super().on_load_checkpoint(checkpoint)
+        # Before the optimizer is built and its state restored, so the param groups match.
+        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+        self.palette_run.load_history(checkpoint.get("kdlora_palette_history", []))
+
+    # ---- the causal-LM losses (`kdlora.mlfs.training.MLFSTask`) ----
     def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
 
@@ -143,15 +179,16 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
 
     def subnet_objective(self, logits: torch.Tensor, max_logits: torch.Tensor, batch: dict[str, torch.Tensor],
                          feature_losses: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        d = self.distillation
         return decoder_subnet_loss(logits, max_logits, batch["labels"], batch.get("attention_mask"),
-                                   self.hparams.distill_weight, self.hparams.temperature, feature_losses, self.hparams.beta)
+                                   d.distill_weight, d.temperature, feature_losses, d.feature_weight)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**self.encoder_inputs(batch)).logits
 
     # ---- palette evaluation ----
     def _eval_step(self, batch) -> None:
-        for i, _, logits in self.palette_logits(batch):
+        for i, _, logits in self.palette_run.logits(self.encoder_inputs(batch)):
             self.palette_losses[i].update(*lm_token_losses(logits, batch["labels"], batch.get("attention_mask")))
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
@@ -163,14 +200,12 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
     def _palette_rows(self) -> list[dict]:
         """Compute (and reset) every member's loss and perplexity: one report row per member evaluated."""
         rows = []
-        for cfg, metric in zip(self.palette, self.palette_losses):
+        for cfg, metric in zip(self.palette_run.members, self.palette_losses):
             if int(metric.count) == 0:
                 continue
             values = {k: float(v) for k, v in metric.compute().items()}
             metric.reset()
-            rows.append({"name": cfg.name, "role": self.palette_roles.get(cfg.name, ""),
-                         "params": self.encoder.parameter_count(cfg), "metrics": values, "score": None,
-                         "latency_ms": None, **cfg.to_dict()})
+            rows.append(self.palette_run.row(cfg, values, None))
         return rows
 
     def _log_eval(self, stage: str) -> None:
@@ -191,7 +226,7 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
         self.log_dict(values, sync_dist=False)
         self.log_dict(headline, prog_bar=True, sync_dist=False)
         if stage == "val" and not self.trainer.sanity_checking:
-            self.palette_history[(self.current_epoch, self.global_step)] = rows
+            self.palette_run.history[(self.current_epoch, self.global_step)] = rows
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -199,11 +234,6 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
-    # ---- fit end: selection, report and export ----
-    def _provenance(self, weights: str, epoch: Optional[int], step: int, stage: int) -> dict:
-        return {"weights": weights, "epoch": epoch, "step": int(step), "stage": int(stage), "split": "holdout"}
-
-    @torch.no_grad()
     def evaluate_palette(self) -> Optional[list[dict]]:
         """The palette rows of the current weights on the held-out split (the datamodule's validation
         loader, `limit_val_batches` respected), outside any trainer loop; None without one."""
@@ -211,61 +241,29 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
         loader = dm.val_dataloader() if dm is not None else None
         if not loader:
             return None
-        limit = self.trainer.limit_val_batches
-        count = limit if isinstance(limit, int) else math.ceil(limit * len(loader))
-        was_training = self.training
-        self.eval()
-        try:
-            with self.trainer.precision_plugin.forward_context():
-                for batch in itertools.islice(loader, count):
-                    self._eval_step(self.transfer_batch_to_device(batch, self.device, 0))
-        finally:
-            self.train(was_training)
+        run_outside_loop(self, [loader], self.trainer.limit_val_batches, lambda batch, idx: self._eval_step(batch))
         return self._palette_rows() or None
 
+    # ---- fit end: selection, report and export (`kdlora.mlfs.palette_run.PaletteOwner`) ----
     def on_fit_end(self) -> None:
         """Two palettes, as the GLUE `SuperTransformer`: the selected one (the weights of the best checkpoint
         on the held-out split, by the checkpoint callback's monitor: ``val/palette_loss`` or ``val/loss``),
         written as ``palette.{json,md,png}`` in the run's directory and exported; and the end-of-fit one
         (the weights after the last step) as ``palette_final.*``. Without checkpointing, the end-of-fit
-        palette is the one reported and exported. With `export`, every member as ``<export_dir>/<name>/``
+        palette is the one reported and exported. With `export.enabled`, every member as ``<export.dir>/<name>/``
         (a causal LM), beside the report."""
-        ckpt_cb = self.trainer.checkpoint_callback
-        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-        log_dir = self.trainer.log_dir  # a collective under DDP: every rank reads it
-        report_dir = None if self.trainer.fast_dev_run or log_dir is None else Path(log_dir)
-        last = max(self.palette_history) if self.palette_history else None
-        if last is not None and last[1] == self.global_step:  # the last validation saw the final weights
-            final_rows, final_epoch = self.palette_history[last], last[0]
-        else:
-            final_rows, final_epoch = (self.evaluate_palette() if self.palette_history else None), None
-        final_info = self._provenance("end of fit", final_epoch, self.global_step, self.stage)
-        rows, info = final_rows, final_info
-        if best and Path(best).is_file():
-            epoch, step, stage, weights = self.restore_checkpoint(best, log_dir)
-            info = self._provenance(weights, epoch, step, stage)
-            rows = self.palette_history.get((epoch, step))
-            if rows is None:  # a checkpoint of an earlier run (resumed): measure it now
-                rows = self.evaluate_palette()
-            if ckpt_cb.monitor:
-                info["selected_on"] = "holdout"
-                info["selection_monitor"] = ckpt_cb.monitor
-                if ckpt_cb.best_model_score is not None:
-                    info["selection_value"] = float(ckpt_cb.best_model_score)
-            log.info("palette from best checkpoint %s", best)
-        elif rows is None and last is not None:  # the last validation's palette
-            rows, info = self.palette_history[last], self._provenance("last validation", last[0], last[1], self.stage)
-        export_dir = self.export_path if self.hparams.export else None
-        self._report_and_export(rows, info, report_dir, export_dir, final=(final_rows, final_info))
-        self.trainer.strategy.barrier("kdlora-export")
+        self.palette_run.fit_end(self, self.evaluate_palette, remeasure=False, report_split="holdout",
+                                 validation_split="holdout", export=self.export_args.enabled)
 
-    def palette_report_rows(self) -> list[dict]:
-        """The last validation's rows, or the members' sizes when no validation ran."""
-        if self.palette_history:
-            return self.palette_history[max(self.palette_history)]
-        return self.size_rows()
+    def selection_info(self, checkpoint_callback, selection_rows: Optional[list[dict]]) -> dict:
+        if not checkpoint_callback.monitor:
+            return {}
+        info = {"selected_on": "holdout", "selection_monitor": checkpoint_callback.monitor}
+        if checkpoint_callback.best_model_score is not None:
+            info["selection_value"] = float(checkpoint_callback.best_model_score)
+        return info
 
-    def _palette_title(self, info: dict) -> str:
+    def palette_title(self, info: dict) -> str:
         source = self.hparams.model_name_or_path or f"a random {self.encoder.family} model"
         where = f"epoch {info['epoch']}, " if info.get("epoch") is not None else ""
         selected = ""
@@ -275,27 +273,11 @@ class CausalLMSuperTransformer(MLFSTraining, FineTuningModule):
         return (f"MLFS causal-LM palette of {source}; weights: {info.get('weights', '?')} ({where}step {info.get('step')}, "
                 f"stage {info.get('stage')}){selected}; val loss and perplexity on the {info.get('split', 'holdout')} split")
 
-    @rank_zero_only
-    def _report_and_export(self, rows: Optional[list[dict]], info: dict, report_dir: Optional[Path], export_dir: Optional[Path],
-                           final: tuple[Optional[list[dict]], dict] = (None, {})) -> None:
-        from kdlora.mlfs.palette import write_palette_report
-
-        rows = [{**r, **info} for r in (rows if rows is not None else self.size_rows())]
-        title = self._palette_title(info)
-        final_rows, final_info = final
-        if report_dir is not None:
-            paths = write_palette_report(rows, report_dir, title)
-            print(f"[kdlora] palette report: {paths['md']} {paths['png']}")
-            if final_rows is not None:
-                paths = write_palette_report([{**r, **final_info} for r in final_rows], report_dir,
-                                             self._palette_title(final_info), name="palette_final")
-                print(f"[kdlora] end-of-fit palette: {paths['md']}")
-        if export_dir is None:
-            return
-        tokenizer = None
-        if self.hparams.model_name_or_path:
-            try:
-                tokenizer = load_tokenizer(self.hparams.model_name_or_path, "model_name_or_path")
-            except (OSError, ValueError) as e:
-                log.warning("no tokenizer saved with the export: cannot load %r (%s)", self.hparams.model_name_or_path, e)
-        self.export_palette(export_dir, rows, title, tokenizer, {})
+    def palette_tokenizer(self):
+        if not self.hparams.model_name_or_path:
+            return None
+        try:
+            return load_tokenizer(self.hparams.model_name_or_path, "model_name_or_path")
+        except (OSError, ValueError) as e:
+            log.warning("no tokenizer saved with the export: cannot load %r (%s)", self.hparams.model_name_or_path, e)
+            return None
