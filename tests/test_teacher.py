@@ -192,3 +192,27 @@ def test_a_teacher_checkpoint_holding_the_flat_keys_of_before_loads_as_the_teach
     expected = teacher.merged_model().eval()(input_ids=ids).logits
     torch.testing.assert_close(model(input_ids=ids).logits, expected)
     assert tokenizer_source == str(tiny_bert_dir)
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_optimizer_gradient_clip_bounds_the_gradient_norm_of_each_step(tiny_bert_dir, small_glue_dir, tmp_path, clip):
+    norms = []
+
+    class GradientNorm(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after the step, before the next zero_grad
+            grads = [p.grad.detach().flatten() for p in pl_module.parameters() if p.grad is not None]
+            norms.append(float(torch.cat(grads).norm()))
+
+    L.seed_everything(0)
+    dm = GLUEDataModule("mrpc", str(tiny_bert_dir), data_dir=str(small_glue_dir), batch_size=8, cache_dir=str(tmp_path / "c"))
+    module = Teacher(str(tiny_bert_dir), task="mrpc", optimizer=OptimizerArgs(learning_rate=1e-3, gradient_clip=clip),
+                     export=ExportArgs(enabled=False))
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[GradientNorm()])
+    trainer.fit(module, dm)
+    assert len(norms) == 2
+    if clip is None:
+        assert min(norms) > 1e-2  # what the tiny model's gradients are unclipped
+    else:
+        assert max(norms) <= clip * (1 + 1e-4)

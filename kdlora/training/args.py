@@ -28,7 +28,7 @@ class OptimizerArgs:
     warmup_ratio: float = 0.06
     """fraction of the training steps spent warming up, in [0, 1)"""
     gradient_clip: Optional[float] = None
-    """max gradient norm, for the modules that clip their gradients themselves (None or 0: no clipping)"""
+    """max gradient norm (None or 0: no clipping; Teacher and student clip as the trainer says then)"""
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:

@@ -122,6 +122,12 @@ class FineTuningModule(L.LightningModule):
         sched = get_linear_schedule_with_warmup(opt, int(args.warmup_ratio * total), total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip to `optimizer.gradient_clip` (max gradient norm) when set, else as the trainer says."""
+        if self.optimizer_args.gradient_clip:
+            gradient_clip_val, gradient_clip_algorithm = self.optimizer_args.gradient_clip, "norm"
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+
     # ---- divergence ----
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_idx = batch_idx
