@@ -115,6 +115,9 @@ def test_select_by_params_meets_budget_scores_on_holdout_and_exports(trained_che
     assert all(r["score"] <= best["score"] for r in rows if r["params"] <= limit)
     assert any(r["params"] > limit and not r["within_budget"] for r in rows)  # the maxnet was measured and excluded
     assert len({r["name"] for r in rows}) == len(rows) >= 6
+    # Every candidate lies in the space the supernet was trained on (hidden 32/16, FFN 64/32), not a default one.
+    assert all((c.hidden_size, c.intermediate_size) in {(32, 64), (32, 32), (16, 64), (16, 32)}
+               for c in (SubnetConfig.from_name(r["name"]) for r in rows))
     assert (out / "pareto.png").stat().st_size > 1000 and "Pareto" in (out / "search.md").read_text()
     # Held-out scores match an independent evaluation of exported subnets (the run's holdout split, not dev).
     want = _reference_scores(trained_checkpoint, small_glue_dir, [r["name"] for r in rows[:3]])

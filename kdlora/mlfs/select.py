@@ -357,7 +357,8 @@ def _run(args) -> int:
         raise ValueError(f"{checkpoint} holds no data module hyperparameters: cannot rebuild its data to score subnets")
     encoder, tokenizer = load_encoder(checkpoint)
     encoder.eval().to(device)
-    space = SearchSpace.build(encoder.max_config, hparams.get("search_space"), count=encoder.parameter_count)
+    sampling, evaluation = hparams.get("sampling") or {}, hparams.get("evaluation") or {}  # the module's argument groups
+    space = SearchSpace.build(encoder.max_config, sampling.get("search_space"), count=encoder.parameter_count)
     dm, loader = selection_data(data_hparams, args.holdout_fraction, args.data_dir, args.max_samples, args.split)
     batches = [{k: v.to(device) for k, v in b.items()} for b in loader]
     vocab = encoder.model.get_input_embeddings().weight.shape[0]
@@ -377,7 +378,7 @@ def _run(args) -> int:
 
     from kdlora.mlfs.search_space import palette_members
 
-    seeds = [(cfg, "palette") for cfg in palette_members(space, hparams.get("palette"))]
+    seeds = [(cfg, "palette") for cfg in palette_members(space, evaluation.get("members"))]
     seeds += [(encoder.max_config, "corner"), (space.smallest(), "corner"), (space.smallest(full_depth=True), "corner")]
     candidates = search(evaluate, space, budget, seeds, args.random, args.generations, args.population, args.children, args.seed)
     best = best_within(candidates)
