@@ -439,6 +439,28 @@ def test_the_old_alpha_key_is_one_clear_error_naming_its_new_name(tiny_bert_dir,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
 
 
+@pytest.mark.parametrize("old, new", [("beta", "distillation.feature_weight"), ("palette", "evaluation.members"),
+                                      ("stage_epochs", "stages.epochs"), ("importance_reorder", "importance.reorder")])
+def test_an_old_flat_mlfs_key_is_one_clear_error_naming_its_group(tiny_bert_dir, small_glue_dir, tmp_path, monkeypatch, capsys,
+                                                                  old, new):
+    """In a config file (the demo's, with the key put back flat) and on the command line: one line, nothing written."""
+    import yaml
+
+    from kdlora.cli import cli_main
+
+    config = yaml.safe_load((REPO / "configs" / "demo" / "supernet.yaml").read_text())
+    config["model"]["init_args"].update(model_name_or_path=str(tiny_bert_dir), **{old: [1, 1, 1] if old == "stage_epochs" else 0.1})
+    config["data"]["data_dir"] = str(small_glue_dir)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    for args in (["--config", "config.yaml"], ["--model", "kdlora.mlfs.SuperTransformer", f"--model.init_args.{old}", "1"]):
+        assert cli_main(["fit", *args]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"kdlora: error: model.init_args.{old} is now model.init_args.{new}"
+                                                               + (" (the weight of the feature term inside a subnet's distillation terms)"
+                                                                  if old == "beta" else "")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
 def test_new_regression_head_starts_at_the_mean_training_label(tiny_bert_dir, tmp_path):
     scores = [1.0, 2.5, 4.75, 0.5]
     glue = write_stsb_dir(tmp_path / "glue", scores)
