@@ -139,7 +139,7 @@ def test_every_sweep_point_parses_and_gets_its_own_run_directory(sweep_file, par
         assert logger.save_dir.startswith("runs/") and logger.save_dir.endswith(f"{family}/{task}/{method}/sweep")
         assert logger.save_dir.count("/") <= 6
         assert (logger.name, logger.version) == (sweep.point_id(point), 0)
-        assert fit.model.init_args.export is False
+        assert fit.model.init_args.export.enabled is False
         for key, value in point.items():
             node = fit
             for part in key.split("."):
