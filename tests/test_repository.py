@@ -66,6 +66,7 @@ def test_no_tracked_file_names_a_path_of_this_machine(tracked):
 # A markdown link or image: [text](target) / ![alt](target); the target ends at whitespace or ")".
 MARKDOWN_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 DOCUMENTATION = ["README.md", "docs/*.md"]
+README_MAX_LINES = 160
 
 
 def broken_links(markdown: Path) -> list[str]:
@@ -97,6 +98,12 @@ def test_documentation_links_resolve():
     assert REPO / "README.md" in pages
     broken = {str(p.relative_to(REPO)): found for p in pages if (found := broken_links(p))}
     assert not broken, f"relative links to no file: {broken}"
+
+
+def test_readme_is_short():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, (f"README.md has {lines} lines (at most {README_MAX_LINES}): "
+                                       "reference belongs in docs/, linked from the README")
 
 
 
