@@ -1,7 +1,7 @@
 """Every training loss of kdlora: task, language modelling, logit distillation, feature distillation. Plain functions, no Lightning.
 
 - KD-LoRA student (`kdlora.kd.KDLoRAStudent`): ``task_weight·task + (1 − task_weight)·KD``
-  (`distillation_loss`), plus ``β·Σ_l feature_loss(U_s h_s^l, U_t h_t^l)``.
+  (`distillation_loss`), plus ``feature_weight·Σ_l feature_loss(U_s h_s^l, U_t h_t^l)``.
 - MLFS supernet (`kdlora.mlfs.SuperTransformer`): per subnet j
   ``(1 − distill_weight)·task + distill_weight·(KD(z_j, z_1) + β·Σ_l ‖U^l[:, :h_j] h_j^l − U^l h_1^l‖²)``
   (`subnet_loss`, `projected_feature_loss`).
@@ -28,12 +28,6 @@ from torch.nn.utils.parametrizations import orthogonal
 def check_weight(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
-
-
-def renamed_argument(old: str, new: str, meaning: str, value) -> None:
-    """One clear error for a loss weight given under its old name (never silently reinterpreted)."""
-    if value is not None:
-        raise ValueError(f"{old} was renamed to {new} ({meaning}): write {new}: {value} instead of {old}: {value}")
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, is_regression: bool) -> torch.Tensor:
