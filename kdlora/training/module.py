@@ -142,7 +142,7 @@ class FineTuningModule(L.LightningModule):
         lr = self.optimizer_args.learning_rate
         raise TrainingDivergedError(
             f"{what} is {value} at step {self.global_step} (epoch {self.current_epoch}, batch_idx {self._batch_idx}): "
-            f"training diverged and stopped; nothing was exported. Lower learning_rate (it is {lr}) or check the "
+            f"training diverged and stopped; nothing was exported. Lower optimizer.learning_rate (it is {lr}) or check the "
             "training data", record)
 
     def on_before_backward(self, loss: torch.Tensor) -> None:
@@ -156,7 +156,7 @@ class FineTuningModule(L.LightningModule):
                       "epoch": self.current_epoch, "batch_idx": self._batch_idx}
             raise TrainingDivergedError(f"weight {bad} is not finite at step {self.global_step} (epoch {self.current_epoch}): "
                                         "training diverged; no checkpoint is written from these weights and nothing "
-                                        "is exported. Lower learning_rate or check the training data", record)
+                                        "is exported. Lower optimizer.learning_rate or check the training data", record)
         checkpoint["kdlora_rng_states"] = rng_states()
 
     # ---- export ----
