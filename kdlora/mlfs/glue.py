@@ -3,11 +3,11 @@
 Train staged LoRA adapters on one maxnet so that every sub-network of a search space works, then
 evaluate and export a palette of them. The maxnet (`base`) is either the pretrained checkpoint, as in
 the paper (W_sup = W_pretrain + Σ_s A_s·B_s: stage 0 *is* the LoRA fine-tuning, with a new classifier
-head that trains in stage 0 only by default (`head_stages`), and storage is one shared pretrained base
+head that trains in stage 0 only by default (`stages.head_stages`), and storage is one shared pretrained base
 plus small per-task adapters), or a fully fine-tuned teacher (`base: finetuned`):
 
 - stage 0: adapters (A0, B0) on the maxnet, task loss only;
-- stage 1: new adapters (A1, B1), earlier ones (and the head, unless head_stages="all") frozen; K subnets per step with sampled widths, full depth;
+- stage 1: new adapters (A1, B1), earlier ones (and the head, unless stages.head_stages is "all") frozen; K subnets per step with sampled widths, full depth;
 - stage 2: new adapters (A2, B2); widths and depth sampled.
 
 Each step the maxnet runs first (task loss, distillation weight 0), then K sampled subnets with
