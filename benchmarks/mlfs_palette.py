@@ -98,7 +98,7 @@ def cmd_fft(a) -> None:
     """A fully fine-tuned teacher on the same data (same held-out split and training subset), for `base: finetuned`."""
     out = RUNS / a.task / "fft"
     run_fit(["--config", "configs/local/minilm-fft.yaml", "--data.task", a.task, *scale_args(a), "--data.holdout_fraction", "0.1",
-             "--model.init_args.export_dir", str(out / "export"),
+             "--model.init_args.export.dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", "fft", *a.overrides])
 
 
