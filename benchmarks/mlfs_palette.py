@@ -119,7 +119,7 @@ def cmd_student(a) -> None:
     run_fit(["--config", "configs/local/minilm-student.yaml", *seed_args(a), "--data.task", a.task, *scale_args(a),
              "--data.holdout_fraction", "0.1", "--model.init_args.teacher_path", str(teacher),
              "--model.init_args.teacher_targets.cache_dir", str(RUNS / a.task / name / "teacher_targets"),
-             "--model.init_args.export", "false", "--trainer.max_epochs", str(task_epochs(a.task)),
+             "--model.init_args.export.enabled", "false", "--trainer.max_epochs", str(task_epochs(a.task)),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name, *a.overrides])
 
 
