@@ -14,7 +14,7 @@ GLUE="${GLUE:-../shared/glue}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case $kind in
   fft|lora|supernet) extra=() ;;
-  student) extra=(--model.init_args.export false) ;;  # the students are scored, not reused: no export
+  student) extra=(--model.init_args.export.enabled false) ;;  # the students are scored, not reused: no export
   *) echo "unknown kind '$kind' (fft, lora, student, supernet)" >&2; exit 2 ;;
 esac
 exec "${PYTHON:-.venv/bin/python}" train.py fit --config "configs/local/minilm-$kind.yaml" --data.task "$task" \
