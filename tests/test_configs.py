@@ -99,8 +99,7 @@ def test_every_config_parses_and_follows_the_run_layout(config_file, parse):
     logger = fit.trainer.logger.init_args
     assert (logger.save_dir, logger.name) == (f"runs/{family}/stsb", method)
     model = fit.model.init_args
-    export = model.get("export")  # the group (export.dir) in every module that takes ExportArgs
-    assert (export.dir if hasattr(export, "dir") else model.export_dir) == f"{run}/export"
+    assert model.export.dir == f"{run}/export"
     teacher = f"runs/{family}/stsb/fft/export"
     if method == "kdlora":
         assert model.teacher_path == teacher
