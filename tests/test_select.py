@@ -200,3 +200,21 @@ def test_select_reads_a_checkpoint_saved_under_the_training_cli(trained_checkpoi
     code = main(["--checkpoint", str(ckpt), "--max-params", "1e12", "--out", str(out), "--repeats", "1",
                  "--seq-len", "8", "--random", "0", "--generations", "0"])
     assert code == 0 and (out / "model" / "subnet.json").is_file()
+
+
+def test_select_reads_a_checkpoint_with_the_flat_keys_of_before_the_argument_groups(trained_checkpoint, tmp_path):
+    """lora_r, search_space, stage_epochs, ... at the top of the hyperparameters (no groups) still mean what they
+    meant: the adapters load at their rank and the candidates lie in the space the run trained."""
+    saved = torch.load(trained_checkpoint, weights_only=True, map_location="cpu")
+    hp = saved["hyper_parameters"]
+    saved["hyper_parameters"] = {"model_name_or_path": hp["model_name_or_path"], "task": hp["task"], "lora_r": 4,
+                                 "stage_epochs": [0, 0, 1], "search_space": hp["sampling"]["search_space"],
+                                 "palette": ["max", "min"], "measure_latency": False, "export": False, "beta": 0.1}
+    ckpt = tmp_path / "flat.ckpt"
+    torch.save(saved, ckpt)
+    out = tmp_path / "chosen"
+    code = main(["--checkpoint", str(ckpt), "--max-params", "1e12", "--out", str(out), "--repeats", "1",
+                 "--seq-len", "8", "--random", "2", "--generations", "0"])
+    assert code == 0
+    rows = json.loads((out / "search.json").read_text())["candidates"]
+    assert all(SubnetConfig.from_name(r["name"]).hidden_size in (32, 16) for r in rows)

@@ -79,11 +79,15 @@ def supernet_class(checkpoint: str | Path) -> type:
 
 def load_encoder(checkpoint: str | Path):
     """(ElasticTransformer, tokenizer or None) of a SuperTransformer or CausalLMSuperTransformer Lightning checkpoint."""
+    from kdlora.training.args import nested_hparams
     from kdlora.training.checkpoint import current_class_path, read_checkpoint
 
     cls = supernet_class(checkpoint)
     hparams = read_checkpoint(checkpoint).get("hyper_parameters") or {}
-    module = cls.load_from_checkpoint(checkpoint, map_location="cpu", **current_class_path(hparams, cls))
+    # A checkpoint written before the argument groups holds flat keys (lora_r, ...): given as the groups they
+    # are now, they override the saved ones, which the module no longer takes (Lightning leaves those out).
+    grouped = {k: v for k, v in nested_hparams(hparams, cls.__name__).items() if hparams.get(k) != v}
+    module = cls.load_from_checkpoint(checkpoint, map_location="cpu", **current_class_path(hparams, cls), **grouped)
     module.eval()
     tokenizer = None
     name = module.hparams.get("model_name_or_path")

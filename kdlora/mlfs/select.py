@@ -34,6 +34,7 @@ import torch
 
 from kdlora.elastic.config import SubnetConfig
 from kdlora.mlfs.search_space import SearchSpace
+from kdlora.training.args import nested_hparams
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +353,7 @@ def _run(args) -> int:
 
     saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     data_hparams = saved.get("datamodule_hyper_parameters")
-    hparams = saved.get("hyper_parameters") or {}
+    hparams = nested_hparams(saved.get("hyper_parameters") or {}, "SuperTransformer")  # flat keys of before the groups too
     if not data_hparams:
         raise ValueError(f"{checkpoint} holds no data module hyperparameters: cannot rebuild its data to score subnets")
     encoder, tokenizer = load_encoder(checkpoint)
