@@ -39,10 +39,8 @@ from kdlora.mlfs.args import (EvaluationArgs, ImportanceArgs, MLFSDistillationAr
                              StageArgs, mlfs_gradient_clip)
 from kdlora.mlfs.palette_run import PaletteRun, run_outside_loop
 from kdlora.mlfs.search_space import SearchSpace
-from kdlora.mlfs.training import (ImportanceOrdering, MLFSStep, StageSchedule, check_checkpoint_projections,
-                                  feature_projections, log_step_losses, make_sampler)
+from kdlora.mlfs.training import MLFSModule, StageSchedule
 from kdlora.training.args import ExportArgs, as_args, save_plain_hyperparameters
-from kdlora.training.module import FineTuningModule
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +61,7 @@ def load_causal_lm(model_name_or_path: Optional[str], model_config: Optional[dic
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
-class CausalLMSuperTransformer(FineTuningModule):
+class CausalLMSuperTransformer(MLFSModule):
     """MLFS super-transformer of a causal LM (`train.py fit --config configs/decoder/...`, see `kdlora.cli`).
 
     Args:
@@ -124,51 +122,8 @@ class CausalLMSuperTransformer(FineTuningModule):
         encoder.train()  # transformers returns eval-mode models; dropout must be on in training
         space = SearchSpace.build(encoder.max_config, sampling.search_space, count=encoder.parameter_count)
         self.palette_run = PaletteRun(encoder, space, evaluation, measure_latency_default=False)
-        self.sampler = make_sampler(space, sampling, self.palette_run.members, sample_palette_default=True)
-        self.projections = feature_projections(space, distillation.feature_dim)
-        self.space = space
-        self.mlfs_step = MLFSStep(self, encoder, space, self.projections, distillation)
-        self.importance = ImportanceOrdering(encoder, importance)
-        self.stage = 0  # the stage the optimizer was built for; restored from checkpoints
+        self.compose_mlfs(space, sampling, distillation, importance, sample_palette_default=True)
         self.palette_losses = nn.ModuleList([TokenMeanLoss() for _ in self.palette_run.members])
-
-    # ---- Lightning hooks of the MLFS training: the stage schedule, the step, importance ordering ----
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            self.schedule.make_every_stage_trainable(self.projections)  # for DDP, which wraps the module right after this hook
-            self.importance.at_fit_start(self.trainer)
-
-    def configure_optimizers(self):
-        self.schedule.enter(self.stage, self.projections, self.distillation.feature_weight > 0)
-        return self.schedule.optimizer(self.stage, self.projections, self.optimizer_args, self.schedule.steps(self.trainer, self.stage))
-
-    def on_train_epoch_start(self) -> None:
-        stage = self.schedule.stage_for_epoch(self.current_epoch)
-        if stage != self.stage:
-            self.importance.at_stage_change(self.trainer, self.stage)
-            self.stage = stage
-            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers
-            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
-
-    def training_step(self, batch, batch_idx):
-        clip = (lambda opt: self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-                if self.gradient_clip > 0 else None)
-        losses = self.mlfs_step.step(self.optimizers(), self.lr_schedulers(), batch,
-                                     self.sampler.sample(self.stage, self.global_step), self.stage, clip)
-        log_step_losses(self, losses, self.stage)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
-        checkpoint["kdlora_mlfs_stage"] = self.stage
-        checkpoint["kdlora_palette_history"] = self.palette_run.history_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_checkpoint_projections(checkpoint)
-        super().on_load_checkpoint(checkpoint)
-        # Before the optimizer is built and its state restored, so the param groups match.
-        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
-        self.palette_run.load_history(checkpoint.get("kdlora_palette_history", []))
 
     # ---- the causal-LM losses (`kdlora.mlfs.training.MLFSTask`) ----
     def encoder_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -60,8 +60,7 @@ from kdlora.mlfs.args import (EvaluationArgs, ImportanceArgs, MLFSDistillationAr
                              StageArgs, mlfs_gradient_clip)
 from kdlora.mlfs.palette_run import PaletteRun, run_outside_loop
 from kdlora.mlfs.search_space import SearchSpace
-from kdlora.mlfs.training import (ImportanceOrdering, MLFSStep, StageSchedule, check_checkpoint_projections,
-                                  feature_projections, log_step_losses, make_sampler)
+from kdlora.mlfs.training import MLFSModule, StageSchedule
 from kdlora.training.args import ExportArgs, as_args, save_plain_hyperparameters
 from kdlora.training.loading import check_tokenizer_fits, load_classifier
 from kdlora.training.module import GLUEModule
@@ -72,7 +71,7 @@ log = logging.getLogger(__name__)
 # after that step's optimizer step: exactly what a resume needs (the checkpoint's global_step counts it).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization", category=UserWarning)
 
-class SuperTransformer(GLUEModule):
+class SuperTransformer(MLFSModule, GLUEModule):
     """MLFS super-transformer on a GLUE task.
 
     Args:
@@ -154,53 +153,11 @@ class SuperTransformer(GLUEModule):
         space = SearchSpace.build(self.encoder.max_config, sampling.search_space, count=self.encoder.parameter_count)
         self.palette_run = PaletteRun(self.encoder, space, evaluation, measure_latency_default=True, provenance={"base": base},
                                       export_meta={"task": self.spec.name})
-        self.sampler = make_sampler(space, sampling, self.palette_run.members, sample_palette_default=False)
-        self.projections = feature_projections(space, distillation.feature_dim)
-        self.space = space
-        self.mlfs_step = MLFSStep(self, self.encoder, space, self.projections, distillation)
-        self.importance = ImportanceOrdering(self.encoder, importance, after_stage0=base == "pretrained" and stages.epochs[0] > 0)
-        self.stage = 0  # the stage the optimizer was built for; restored from checkpoints
+        self.compose_mlfs(space, sampling, distillation, importance, sample_palette_default=False,
+                          after_stage0=base == "pretrained" and stages.epochs[0] > 0)
         self.palette_metrics = nn.ModuleList([
             nn.ModuleList([task_metrics(self.spec) for _ in range(max(len(self.spec.validation), 1))]) for _ in self.palette_run.members
         ])
-
-    # ---- Lightning hooks of the MLFS training: the stage schedule, the step, importance ordering ----
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage == "fit":
-            self.schedule.make_every_stage_trainable(self.projections)  # for DDP, which wraps the module right after this hook
-            self.importance.at_fit_start(self.trainer)
-
-    def configure_optimizers(self):
-        self.schedule.enter(self.stage, self.projections, self.distillation.feature_weight > 0)
-        return self.schedule.optimizer(self.stage, self.projections, self.optimizer_args, self.schedule.steps(self.trainer, self.stage))
-
-    def on_train_epoch_start(self) -> None:
-        stage = self.schedule.stage_for_epoch(self.current_epoch)
-        if stage != self.stage:
-            self.importance.at_stage_change(self.trainer, self.stage)
-            self.stage = stage
-            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers
-            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
-
-    def training_step(self, batch, batch_idx):
-        clip = (lambda opt: self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
-                if self.gradient_clip > 0 else None)
-        losses = self.mlfs_step.step(self.optimizers(), self.lr_schedulers(), batch,
-                                     self.sampler.sample(self.stage, self.global_step), self.stage, clip)
-        log_step_losses(self, losses, self.stage)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
-        checkpoint["kdlora_mlfs_stage"] = self.stage
-        checkpoint["kdlora_palette_history"] = self.palette_run.history_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        check_checkpoint_projections(checkpoint)
-        super().on_load_checkpoint(checkpoint)
-        # Before the optimizer is built and its state restored, so the param groups match.
-        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
-        self.palette_run.load_history(checkpoint.get("kdlora_palette_history", []))
 
     def on_train_epoch_end(self) -> None:
         last_epoch = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs

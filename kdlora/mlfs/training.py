@@ -6,11 +6,13 @@
 - `MLFSStep`: one manual-optimisation step (Algorithm 1): the maxnet first on its own loss, then the K
   sampled subnets on their objective against the maxnet's detached logits and features, each scaled
   by (n_1/n_j)^γ, one backward per network (one graph alive at a time), clipping, one optimizer step;
-- `ImportanceOrdering`: when the maxnet's heads/neurons are ranked and permuted.
+- `ImportanceOrdering`: when the maxnet's heads/neurons are ranked and permuted;
+- `MLFSModule`: the LightningModule base both super-transformers share: it composes the parts above
+  (`compose_mlfs`) and holds the Lightning hooks that drive them.
 
 A module hands each part what it needs explicitly: the encoder, the argument groups
 (`kdlora.mlfs.args`) and, for the step, an `MLFSTask` (its inputs and losses, and Lightning's
-manual backward). The Lightning hooks stay in the modules and delegate here.
+manual backward).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from kdlora.losses import orthonormal_projection, projected_feature_loss
 from kdlora.mlfs.args import NUM_STAGES, ImportanceArgs, MLFSDistillationArgs, SamplingArgs, StageArgs
 from kdlora.mlfs.search_space import SearchSpace, SubnetSampler
 from kdlora.training.args import OptimizerArgs
-from kdlora.training.module import optimizer_groups
+from kdlora.training.module import FineTuningModule, optimizer_groups
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +289,62 @@ def feature_projections(space: SearchSpace, feature_dim: int) -> nn.ModuleDict:
     (those the smallest subnet keeps)."""
     H = space.max_config.hidden_size
     return nn.ModuleDict({str(l): orthonormal_projection(H, feature_dim) for l in space.smallest().layers})
+
+
+class MLFSModule(FineTuningModule):
+    """The Lightning side of MLFS that the GLUE and the causal-LM super-transformers share.
+
+    A subclass builds its ``encoder``, ``schedule`` (`StageSchedule`) and ``palette_run``, then calls
+    `compose_mlfs` for the sampler, the maxnet-owned feature projections, the `MLFSStep` and the
+    `ImportanceOrdering`; the hooks below drive them. It must define the `MLFSTask` methods and set
+    ``gradient_clip``. Every hook calls ``super()`` first, so a subclass lists this base before any
+    other module base (``SuperTransformer(MLFSModule, GLUEModule)``): the other base's set-up (the
+    export check, a regression head's init) then runs before the MLFS set-up, as it must.
+    """
+
+    def compose_mlfs(self, space: SearchSpace, sampling: SamplingArgs, distillation: MLFSDistillationArgs,
+                     importance: ImportanceArgs, sample_palette_default: bool, after_stage0: bool = False) -> None:
+        self.sampler = make_sampler(space, sampling, self.palette_run.members, sample_palette_default=sample_palette_default)
+        self.projections = feature_projections(space, distillation.feature_dim)
+        self.space = space
+        self.mlfs_step = MLFSStep(self, self.encoder, space, self.projections, distillation)
+        self.importance = ImportanceOrdering(self.encoder, importance, after_stage0=after_stage0)
+        self.stage = 0  # the stage the optimizer was built for; restored from checkpoints
+
+    # ---- Lightning hooks of the MLFS training: the stage schedule, the step, importance ordering ----
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":
+            self.schedule.make_every_stage_trainable(self.projections)  # for DDP, which wraps the module right after this hook
+            self.importance.at_fit_start(self.trainer)
+
+    def configure_optimizers(self):
+        self.schedule.enter(self.stage, self.projections, self.distillation.feature_weight > 0)
+        return self.schedule.optimizer(self.stage, self.projections, self.optimizer_args, self.schedule.steps(self.trainer, self.stage))
+
+    def on_train_epoch_start(self) -> None:
+        stage = self.schedule.stage_for_epoch(self.current_epoch)
+        if stage != self.stage:
+            self.importance.at_stage_change(self.trainer, self.stage)
+            self.stage = stage
+            self.trainer.strategy.setup_optimizers(self.trainer)  # calls configure_optimizers
+            log.info("MLFS stage %d from epoch %d", stage, self.current_epoch)
+
+    def training_step(self, batch, batch_idx):
+        clip = (lambda opt: self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
+                if self.gradient_clip > 0 else None)
+        losses = self.mlfs_step.step(self.optimizers(), self.lr_schedulers(), batch,
+                                     self.sampler.sample(self.stage, self.global_step), self.stage, clip)
+        log_step_losses(self, losses, self.stage)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # never from non-finite weights
+        checkpoint["kdlora_mlfs_stage"] = self.stage
+        checkpoint["kdlora_palette_history"] = self.palette_run.history_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_checkpoint_projections(checkpoint)
+        super().on_load_checkpoint(checkpoint)
+        # Before the optimizer is built and its state restored, so the param groups match.
+        self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
+        self.palette_run.load_history(checkpoint.get("kdlora_palette_history", []))
