@@ -367,6 +367,9 @@ def test_selection_and_artifacts_sections(tmp_path, monkeypatch, capsys):
                         "split": "holdout", "score": 0.7625, "latency_ms": 4.2, "latency_ratio": 0.42, "device": "cpu"}}))
     assert report.main(["--runs", "runs", "--selection", "sel", "--out", "report.md", "--no-default-pairs"]) == 0
     md = Path("report.md").read_text()
+    # The supernet's validation score (held-out where it has a split) is its palette's, not a Table 1 row.
+    data = json.loads(Path("report.json").read_text())
+    assert set(data["table1"]) == {"FFT"} and "| SuperTransformer |" not in md
     assert "| h256-a6-f768-l3 | latency ratio ≤ 0.5 | 9.80M | 76.2 | 75.5 | 4.20 | 0.42 | cpu |" in md
     assert "- FFT / sst2: exported model(s): `runs/fft/export`" in md
     assert "- MLFS / sst2: palette (png): `runs/sn/palette.png`" in md
