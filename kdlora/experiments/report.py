@@ -86,12 +86,17 @@ def find_runs(paths: Iterable[str | Path], unfinished: Optional[list[str]] = Non
     return runs
 
 
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file's value; one clear error naming the file (``malformed <what> <path>: ...``) when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed {what} {path}: {e}") from None
+
+
 def read_results(path: Path) -> dict[str, Any]:
     """A run's ``results.json``; a clear error naming the file when it is not one."""
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed results file {path}: {e}") from None
+    results = read_json(path, "results file")
     if not isinstance(results, dict) or not isinstance(results.get("run", {}), dict):
         raise ValueError(f"malformed results file {path}: expected a JSON object with a 'run' mapping")
     return results
@@ -288,10 +293,7 @@ def palettes(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def read_palette(path: Path) -> list[dict[str, Any]]:
     """The member rows of a ``palette.json``; a clear error naming the file when it is not one."""
-    try:
-        rows = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed palette file {path}: {e}") from None
+    rows = read_json(path, "palette file")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) and {"name", "params"} <= r.keys() for r in rows):
         raise ValueError(f"malformed palette file {path}: expected a non-empty list of members with 'name' and 'params'")
     return rows
@@ -815,11 +817,8 @@ def read_selection(out_dir: Path) -> dict[str, Any]:
     if not info_file.is_file():
         raise FileNotFoundError(f"{out_dir} holds no selected model ({info_file} is missing): "
                                 "give the --out folder of a finished `python -m kdlora.mlfs.select`")
-    try:
-        info = json.loads(info_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"malformed selection file {info_file}: {e}") from None
-    chosen = info.get("selected_by")
+    info = read_json(info_file, "selection file")
+    chosen = info.get("selected_by") if isinstance(info, dict) else None
     if not isinstance(chosen, dict):
         raise ValueError(f"{info_file} records no selection ('selected_by'): not written by kdlora.mlfs.select")
     budget = {k: v for k, v in (chosen.get("budget") or {}).items() if v is not None}
@@ -939,12 +938,9 @@ def render(data: dict[str, Any], notes: Optional[str] = None) -> str:
 
 def read_report_json(path: Path) -> dict[str, Any]:
     """A saved report's JSON (`build_report`'s data); a clear error naming the file when it is not one."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such report JSON {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"malformed report JSON {path}: {e}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"no such report JSON {path}")
+    data = read_json(path, "report JSON")
     if not isinstance(data, dict) or not isinstance(data.get("table1"), dict):
         raise ValueError(f"malformed report JSON {path}: expected an object with a 'table1' mapping")
     return data
