@@ -38,8 +38,10 @@ import argparse
 import glob
 import json
 import os
+import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from kdlora.experiments.report import saved_config
@@ -58,11 +60,21 @@ def scale_args(a) -> list[str]:
             "--data.data_dir", a.data_dir]
 
 
-def run_fit(args: list[str]) -> None:
+def run_fit(args: list[str], run_dir: Path | None = None, threads: int | None = None) -> None:
+    """`train.py fit` with `args` on `threads` CPU threads (None: torch's default); with `run_dir` (the logger's
+    <save_dir>/<name>) its wall time goes to `wall_time.json` in the run's new version directory."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "train.py", "fit", *args]
     print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    seconds = time.perf_counter() - start
+    if run_dir is not None:
+        versions = sorted((ROOT / run_dir).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+        if versions:
+            write_atomic(versions[-1] / "wall_time.json", json.dumps({"seconds": round(seconds, 1), "threads": threads}) + "\n")
 
 
 def latest_run(path: Path) -> Path:
@@ -91,15 +103,17 @@ def cmd_mlfs(a) -> None:
              "--model.init_args.evaluation.stage_palettes", "true", "--model.init_args.evaluation.measure_latency", "false",
              "--model.init_args.export.dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
-             *a.overrides])
+             *a.overrides], RUNS / a.task / name, a.fit_threads)
 
 
 def cmd_fft(a) -> None:
     """A fully fine-tuned teacher on the same data (same held-out split and training subset), for `base: finetuned`."""
-    out = RUNS / a.task / "fft"
-    run_fit(["--config", "configs/local/minilm-fft.yaml", "--data.task", a.task, *scale_args(a), "--data.holdout_fraction", "0.1",
-             "--model.init_args.export.dir", str(out / "export"),
-             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", "fft", *a.overrides])
+    name = seeded("fft", a.seed)
+    out = RUNS / a.task / name
+    run_fit(["--config", "configs/local/minilm-fft.yaml", *seed_args(a), "--data.task", a.task, *scale_args(a),
+             "--data.holdout_fraction", "0.1", "--model.init_args.export.dir", str(out / "export"),
+             "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name, *a.overrides],
+            RUNS / a.task / name, a.fit_threads)
 
 
 def task_epochs(task: str) -> int:
@@ -158,17 +172,49 @@ def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) 
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
+def member_training_steps(run: Path) -> dict[str, int]:
+    """{member: optimizer steps in which the finished MLFS `run` trained exactly that member's slice}
+    (``trained_steps`` of its end-of-fit palette)."""
+    rows = rows_by_name(run / "palette_final.json")
+    missing = [n for n, r in rows.items() if r.get("trained_steps") is None]
+    if missing:
+        raise ValueError(f"{run}/palette_final.json does not count the steps that trained {', '.join(missing)} "
+                         "(a run made before palettes counted them): run it again")
+    return {n: int(r["trained_steps"]) for n, r in rows.items()}
+
+
+def matched_schedule(a, trained_steps: dict[str, int]) -> tuple[int, int]:
+    """(epochs, batches per epoch) that train `a.member` alone for as many optimizer steps as MLFS trained its
+    exact slice (at least one; the fewest epochs that hold them, so a step budget not divisible by the epochs
+    is rounded up by less than one step per epoch)."""
+    import yaml
+
+    if a.member not in trained_steps:
+        raise ValueError(f"{a.member} is not a member of the MLFS run {a.matched_to} (members: {', '.join(trained_steps)})")
+    steps = max(1, trained_steps[a.member])
+    if steps == max(trained_steps.values()):
+        raise ValueError(f"{a.member} trained in every step of {a.matched_to}: its matched budget is the full-budget alone run")
+    batch = int(yaml.safe_load((ROOT / TASK_CONFIG.format(task=a.task)).read_text())["data"]["batch_size"])
+    epochs = math.ceil(steps / math.ceil(a.train_samples / batch))
+    return epochs, math.ceil(steps / epochs)
+
+
 def cmd_alone(a) -> None:
-    name = seeded(f"alone-{a.member}", a.seed)
-    model_dir = RUNS / a.task / name / "model"
+    matched = a.matched_to is not None
+    name = seeded(f"alone-matched-{a.member}" if matched else f"alone-{a.member}", a.seed)
+    model_dir = RUNS / a.task / seeded(f"alone-{a.member}", a.seed) / "model"
     export_pretrained_slice(a.member, a.pretrained, model_dir, a.task)
     epochs = task_epochs(a.task)
+    budget = []
+    if matched:
+        epochs, batches = matched_schedule(a, member_training_steps(latest_run(RUNS / a.task / seeded(a.matched_to, a.seed))))
+        budget = ["--trainer.limit_train_batches", str(batches)]
     run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
              "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.evaluation.members", "[max]",
-             "--model.init_args.stages.epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs),
+             "--model.init_args.stages.epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs), *budget,
              "--model.init_args.evaluation.measure_latency", "false", "--model.init_args.export.enabled", "false",
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
-             *a.overrides])
+             *a.overrides], RUNS / a.task / name, a.fit_threads)
 
 
 def cmd_latency(a) -> None:
@@ -503,10 +549,252 @@ def render_seeds(data: dict, notes: str | None = None) -> str:
     return "\n".join(md) + "\n"
 
 
+def held_out_dev_score(run_dir: Path) -> float | None:
+    """The dev score of a non-palette run's held-out-selected checkpoint (results.json "test"), else None."""
+    path = run_dir / "results.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    return results["test"]["score"] if "test" in results else None
+
+
+def finished_versions(path: Path, done: str) -> list[Path]:
+    return [v for v in sorted(path.glob("version_*"), key=lambda p: int(p.name.split("_")[1])) if (v / done).is_file()]
+
+
+def wall_seconds(run: Path) -> float | None:
+    path = run / "wall_time.json"
+    return json.loads(path.read_text())["seconds"] if path.is_file() else None
+
+
+def cmd_decide(a) -> None:
+    """Every palette member of the MLFS runs named --runs (the first: the recipe decided on) beside the same
+    slice trained alone at full budget (`alone`) and at matched budget (`alone --matched-to`), the maxnet
+    alone and the FFT teacher, per seed: the record `render_decision` turns into tables with intervals."""
+    def member_scores(run: Path) -> dict[str, dict]:
+        selected, final = rows_by_name(run / "palette.json"), rows_by_name(run / "palette_final.json")
+        return {n: {"selected": selected.get(n, {}).get("score"), "final": r["score"], "trained_steps": r.get("trained_steps")}
+                for n, r in final.items()}
+
+    def latest(name: str, seed: int) -> Path | None:
+        try:
+            run = latest_run(RUNS / a.task / seeded(name, seed))
+        except FileNotFoundError:
+            return None
+        ran_with = saved_config(run).get("seed_everything")
+        if ran_with != seed:
+            raise ValueError(f"{run} ran with seed_everything {ran_with}, not {seed}")
+        return run
+
+    reference = None
+    arms: dict[str, dict] = {}
+    for name in a.runs:
+        per_seed = {}
+        for seed in a.seeds:
+            run = latest(name, seed)
+            if run is not None:
+                per_seed[str(seed)] = {"run": str(run), "wall_s": wall_seconds(run), "members": member_scores(run)}
+                reference = reference or run
+        arms[f"mlfs:{name}"] = per_seed
+    if reference is None:
+        raise FileNotFoundError(f"no finished MLFS run {a.runs[0]} under {RUNS / a.task}")
+    final = json.loads((reference / "palette_final.json").read_text())
+    members = [{"member": r["name"], "role": r.get("role", ""), "params": r["params"]} for r in final]
+    for arm, prefix in (("alone", "alone-"), ("alone-matched", "alone-matched-")):
+        per_seed: dict[str, dict] = {}
+        for seed in a.seeds:
+            for m in members:
+                run = latest(prefix + m["member"], seed)
+                if run is None:
+                    continue
+                row = next(iter(member_scores(run).values()))
+                per_seed.setdefault(str(seed), {})[m["member"]] = {**row, "run": str(run), "wall_s": wall_seconds(run)}
+        arms[arm] = per_seed
+    fft = {}
+    for seed in a.seeds:
+        runs = [v for v in finished_versions(RUNS / a.task / seeded("fft", seed), "results.json") if held_out_dev_score(v) is not None]
+        if runs:
+            fft[str(seed)] = {"score": held_out_dev_score(runs[-1]), "run": str(runs[-1]), "wall_s": wall_seconds(runs[-1])}
+    latency = None
+    if a.latency and Path(a.latency).is_file():
+        measured = json.loads(Path(a.latency).read_text())
+        b1 = measured["ms"]["b1"]
+        if all(m["member"] in b1 for m in members):
+            latency = {"file": a.latency, "threads": measured["threads"],
+                       "ratio_b1": {m["member"]: b1[m["member"]] / b1[members[0]["member"]] for m in members}}
+    record = {"task": a.task, "seeds": a.seeds, "train_samples": a.train_samples, "held_out_rows": a.held_out_rows,
+              "recipe": a.runs[0], "variants": a.runs[1:], "members": members, "latency": latency, "arms": arms, "fft": fft}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = render_decision(record, notes_for_output(a.out, a.notes))
+    write_atomic(out.with_suffix(".json"), json.dumps(record, indent=2) + "\n")
+    write_atomic(out.with_suffix(".md"), md)
+    print(md)
+
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+"""Student's t quantile 0.975 by degrees of freedom (a 95 % two-sided interval)."""
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    import statistics
+
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float] | None:
+    """(mean, low, high): the mean of paired differences with its 95 % t-interval; None under 2 pairs."""
+    if len(diffs) < 2:
+        return None
+    mean, sd = mean_sd(diffs)
+    half = T_975[len(diffs) - 1] * sd / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def fmt_mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean, sd = mean_sd(values)
+    return f"{100 * mean:.1f}" + ("" if sd is None else f" ± {100 * sd:.1f}") + f" ({len(values)})"
+
+
+def fmt_interval(ci) -> str:
+    return "–" if ci is None else f"{100 * ci[0]:+.1f} [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
+
+
+def decision_stats(data: dict) -> dict:
+    """Per member, from the record: the scores per arm over seeds and the paired differences MLFS − alone."""
+    arms, recipe = data["arms"], f"mlfs:{data['recipe']}"
+
+    def by_member(arm: str, member: str, key: str) -> dict[str, float]:
+        runs = arms.get(arm, {})
+        out = {}
+        for seed, r in runs.items():
+            row = (r["members"] if "members" in r else r).get(member)
+            if row is not None and row.get(key) is not None:
+                out[seed] = row[key]
+        return out
+
+    def paired(x: dict, y: dict) -> list[float]:
+        return [x[s] - y[s] for s in sorted(set(x) & set(y))]
+
+    stats = {}
+    for m in data["members"]:
+        n = m["member"]
+        sel, end = by_member(recipe, n, "selected"), by_member(recipe, n, "final")
+        alone_sel, alone_end = by_member("alone", n, "selected"), by_member("alone", n, "final")
+        matched_end = by_member("alone-matched", n, "final")
+        steps = list(by_member(recipe, n, "trained_steps").values())
+        matched_steps = list(by_member("alone-matched", n, "trained_steps").values())
+        stats[n] = {"mlfs_selected": list(sel.values()), "mlfs_end": list(end.values()), "alone_selected": list(alone_sel.values()),
+                    "alone_end": list(alone_end.values()), "matched_end": list(matched_end.values()),
+                    "mlfs_steps": steps, "matched_steps": matched_steps,
+                    "selected_vs_alone": paired_interval(paired(sel, alone_sel)), "end_vs_alone": paired_interval(paired(end, alone_end)),
+                    "end_vs_matched": paired_interval(paired(end, matched_end)),
+                    "variants": {v: {"end": list(by_member(f"mlfs:{v}", n, "final").values()),
+                                     "vs_recipe": paired_interval(paired(by_member(f"mlfs:{v}", n, "final"), end))}
+                                 for v in data["variants"]}}
+    return stats
+
+
+def render_decision(data: dict, notes: str | None = None) -> str:
+    """The markdown of `mlfs_palette.py decide` from its JSON."""
+    task, recipe, members = data["task"], data["recipe"], data["members"]
+    stats = decision_stats(data)
+    seeds = " ".join(map(str, data["seeds"]))
+    latency = data.get("latency") or {}
+    ratio = latency.get("ratio_b1") or {}
+    n_max = members[0]["params"]
+    md = [f"# Does MLFS work? {task}: every palette member beside the same slice trained alone, {len(data['seeds'])} seeds", "",
+          f"MiniLM-L6 (`base: pretrained`, the paper search space), {data['train_samples']} training rows, selection on "
+          f"{data['held_out_rows']} held-out rows of train, dev reported (×100). Seeds {seeds}. Cells: mean ± sd (runs); "
+          "differences are paired by seed: mean [95 % t-interval].", "",
+          "Runs: `python benchmarks/mlfs_palette.py mlfs|alone|fft --task TASK --seed S --train-samples N --val-batches 8 "
+          "--fit-threads 1 [--name NAME | --member M [--matched-to NAME]] -- --model.init_args.evaluation.stage_palettes false "
+          "[overrides]`; then `python benchmarks/mlfs_palette.py decide --task TASK --runs " + " ".join([recipe, *data["variants"]])
+          + f" --seeds {seeds}`. Full budget: the slice alone for the whole MLFS run's epochs (as many optimizer steps); "
+          "matched: as many steps as MLFS trained that exact slice (`trained_steps`).", ""]
+    if notes:
+        md += [notes, ""]
+    md += [f"## Members (MLFS `{recipe}`)", "",
+           "| member | params M (×max) | latency ×max (b1) | MLFS selected | MLFS end | alone selected | alone end | "
+           "MLFS end − alone end | matched alone end | MLFS end − matched | steps MLFS / matched |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in members:
+        n, st = m["member"], stats[m["member"]]
+        lat = f"{ratio[n]:.2f}" if n in ratio else "–"
+        steps = "/".join(str(int(x)) for x in sorted(set(st["mlfs_steps"]))) or "–"
+        msteps = "/".join(str(int(x)) for x in sorted(set(st["matched_steps"]))) or "–"
+        md.append(f"| {n} {m['role']}".rstrip() + f" | {m['params'] / 1e6:.2f} ({m['params'] / n_max:.2f}) | {lat} | "
+                  f"{fmt_mean_sd(st['mlfs_selected'])} | {fmt_mean_sd(st['mlfs_end'])} | {fmt_mean_sd(st['alone_selected'])} | "
+                  f"{fmt_mean_sd(st['alone_end'])} | {fmt_interval(st['end_vs_alone'])} | {fmt_mean_sd(st['matched_end'])} | "
+                  f"{fmt_interval(st['end_vs_matched'])} | {steps} / {msteps} |")
+    fft = [r["score"] for r in data["fft"].values()]
+    md += ["", f"FFT MiniLM-L6 teacher on the same rows (held-out selected, dev): {fmt_mean_sd(fft)}.", ""]
+    if data["variants"]:
+        md += ["## Variants (end of stage 2)", "", "| member | " + " | ".join(f"{v} | {v} − {recipe}" for v in data["variants"]) + " |",
+               "|---|" + "---|---|" * len(data["variants"])]
+        for m in members:
+            st = stats[m["member"]]["variants"]
+            md.append(f"| {m['member']} | " + " | ".join(f"{fmt_mean_sd(st[v]['end'])} | {fmt_interval(st[v]['vs_recipe'])}"
+                                                       for v in data["variants"]) + " |")
+        md.append("")
+    md += ["## Wall time", ""]
+    mlfs_wall = [r["wall_s"] for r in data["arms"][f"mlfs:{recipe}"].values() if r.get("wall_s")]
+    alone = data["arms"].get("alone", {})
+    sums = [sum(r[m["member"]]["wall_s"] for m in members) for r in alone.values()
+            if all(m["member"] in r and r[m["member"]].get("wall_s") for m in members)]
+    if mlfs_wall and sums:
+        md += [f"One MLFS run: {statistics_mean(mlfs_wall) / 60:.1f} min (mean of {len(mlfs_wall)}); the {len(members)} members "
+               f"trained alone at full budget, one after another: {statistics_mean(sums) / 60:.1f} min (mean of {len(sums)} seeds' "
+               f"sums); ratio {statistics_mean(mlfs_wall) / statistics_mean(sums):.2f}. Every run on 1 CPU thread, two runs side by side "
+               "on the 2 cores.", ""]
+    md += ["## Targets", "", *target_lines(data, stats)]
+    return "\n".join(md).rstrip("\n") + "\n"
+
+
+def statistics_mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def target_lines(data: dict, stats: dict) -> list[str]:
+    """One line per target of the decision, each read off the record."""
+    members = [m["member"] for m in data["members"]]
+    maxnet = members[0]
+    lines = []
+    ci = stats[maxnet]["selected_vs_alone"]
+    if ci is not None:
+        met = ci[1] >= -0.01
+        lines.append(f"- Maxnet within 1 point of its LoRA-alone run (selected, MLFS − alone {fmt_interval(ci)}): "
+                     + ("met (interval above −1)." if met else "missed (interval reaches below −1)."))
+    ratio = (data.get("latency") or {}).get("ratio_b1") or {}
+    fast = [m for m in members[1:] if m in ratio and ratio[m] <= 0.5 and stats[m]["mlfs_selected"]]
+    if fast and stats[maxnet]["mlfs_selected"]:
+        best = max(fast, key=lambda m: statistics_mean(stats[m]["mlfs_selected"]))
+        gap = statistics_mean(stats[maxnet]["mlfs_selected"]) - statistics_mean(stats[best]["mlfs_selected"])
+        lines.append(f"- Best member at ≤ 0.5× the maxnet's latency ({best}, {ratio[best]:.2f}×) within 3 points of the maxnet "
+                     f"(selected means): {100 * gap:.1f} points below, " + ("met." if gap <= 0.03 else "missed."))
+    matched = {m: stats[m]["end_vs_matched"] for m in members[1:] if stats[m]["end_vs_matched"] is not None}
+    if matched:
+        below = [m for m, c in matched.items() if c[1] <= 0]
+        lines.append(f"- Every member above its matched-budget alone run (interval above 0): {len(matched) - len(below)} of "
+                     f"{len(matched)}" + (f"; not: {', '.join(below)}." if below else "."))
+    full = {m: stats[m]["end_vs_alone"] for m in members[1:] if stats[m]["end_vs_alone"] is not None}
+    if full:
+        mean = statistics_mean([c[0] for c in full.values()])
+        lines.append(f"- Members on average at least at their full-budget alone runs (end): mean difference {100 * mean:+.1f} points, "
+                     + ("met." if mean >= 0 else "missed."))
+    mlfs_wall = [r["wall_s"] for r in data["arms"][f"mlfs:{data['recipe']}"].values() if r.get("wall_s")]
+    alone = data["arms"].get("alone", {})
+    sums = [sum(r[m]["wall_s"] for m in members) for r in alone.values() if all(m in r and r[m].get("wall_s") for m in members)]
+    if mlfs_wall and sums:
+        lines.append(f"- One MLFS run cheaper than training the palette alone: {statistics_mean(mlfs_wall) / statistics_mean(sums):.2f}× "
+                     "the wall time, " + ("met." if statistics_mean(mlfs_wall) < statistics_mean(sums) else "missed."))
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("mlfs", "fft", "alone", "student", "latency", "table", "ablations", "seeds"):
+    for name in ("mlfs", "fft", "alone", "student", "latency", "table", "ablations", "seeds", "decide"):
         p = sub.add_parser(name)
         p.add_argument("--task", default="mrpc")
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
@@ -518,19 +806,25 @@ def main(argv=None) -> int:
         p.add_argument("--data-dir", default="../shared/glue")
         p.add_argument("--train-samples", type=int, default=1000)
         p.add_argument("--val-batches", type=int, default=4)
-        p.add_argument("--threads", type=int, default=1)
+        p.add_argument("--threads", type=int, default=1, help="latency: CPU threads")
+        p.add_argument("--fit-threads", type=int, default=None, help="mlfs/alone/fft/student: CPU threads of the run "
+                       "(OMP_NUM_THREADS; default: torch's)")
+        p.add_argument("--matched-to", default=None, help="alone: train the slice for as many steps as the MLFS run of "
+                       "this name (same seed) trained exactly that slice (runs are named alone-matched-<member>)")
         p.add_argument("--seed", type=int, default=42, help="mlfs/alone: seed_everything; a seed other than 42 "
                        "suffixes the run name with -s<seed> (the training subset and held-out split stay the same)")
         p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds: the seeds to put side by side")
         p.add_argument("--out", default="benchmarks/results/mlfs_palette/mlfs_palette")
         p.add_argument("--variants", nargs="*", default=["finetuned", "importance"], help="table: other MLFS runs shown beside")
+        p.add_argument("--held-out-rows", type=int, default=512, help="decide: the held-out rows selection saw (val batches × batch)")
+        p.add_argument("--latency", default=str(RUNS / "latency.json"), help="decide: the `latency` record of these members")
         p.add_argument("--notes", help="table, ablations, seeds: a markdown file of notes put under the title "
                        "(default: <out>_notes.md where it exists)")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
     try:
         {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "student": cmd_student, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations,
-         "seeds": cmd_seeds}[a.cmd](a)
+         "seeds": cmd_seeds, "decide": cmd_decide}[a.cmd](a)
     except (ValueError, KeyError, FileNotFoundError) as e:  # a bad member name, task or missing run: one line
         print(f"mlfs_palette: error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,7 @@ RENDERERS: dict[str, str] = {
     "mlfs_palette/mlfs_ablations_*": "mlfs_palette:render_ablations",
     "mlfs_palette/mlfs_palette": "mlfs_palette:render_table",
     "mlfs_palette/mlfs_seeds_*": "mlfs_palette:render_seeds",
+    "mlfs_palette/mlfs_decision_*": "mlfs_palette:render_decision",
     "palette_latency/palette_latency*": "palette_latency:render",
     "passk/passk_*/results": "results_files:render_passk",
     "slice_start/slice_start_*": "slice_start:render",

@@ -1,5 +1,8 @@
-"""benchmarks/mlfs_palette.py hands train.py the run seed where LightningCLI keeps it (after every --config)."""
+"""benchmarks/mlfs_palette.py: the run seed reaches train.py where LightningCLI keeps it (after every --config); a
+matched-budget run trains as many steps as MLFS trained the slice; `decide` pairs arms by seed with t-intervals."""
 
+import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +25,7 @@ def test_seed_reaches_the_resolved_config(cmd, monkeypatch, tmp_path, tiny_bert_
     monkeypatch.setattr(mlfs_palette, "RUNS", runs)
     make_tiny_model_dir(runs / "sst2" / "fft" / "export", "bert")
     captured = []
-    monkeypatch.setattr(mlfs_palette, "run_fit", captured.append)
+    monkeypatch.setattr(mlfs_palette, "run_fit", lambda args, *where: captured.append(args))
     extra = {"mlfs": [], "alone": ["--member", "h16-a2-f32-l0.2", "--pretrained", str(tiny_bert_dir)], "student": []}[cmd]
     assert mlfs_palette.main([cmd, "--task", "sst2", "--seed", "43", *extra]) == 0
     assert len(captured) == 1
@@ -43,3 +46,74 @@ def test_seed_reaches_the_resolved_config(cmd, monkeypatch, tmp_path, tiny_bert_
                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "\nseed_everything: 43\n" in "\n" + out.stdout
+
+
+def write_run(run: Path, seed: int, rows: list[dict], selected: list[dict] | None = None, wall_s: float = 60.0) -> None:
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"seed_everything: {seed}\n")
+    (run / "palette_final.json").write_text(json.dumps(rows))
+    (run / "palette.json").write_text(json.dumps(selected or rows))
+    (run / "wall_time.json").write_text(json.dumps({"seconds": wall_s, "threads": 1}))
+
+
+def rows(scores: dict[str, float], steps: dict[str, int]) -> list[dict]:
+    return [{"name": n, "role": "maxnet" if i == 0 else "", "params": 100 // (i + 1), "score": v, "trained_steps": steps[n],
+             "metrics": {}} for i, (n, v) in enumerate(scores.items())]
+
+
+MAX, SMALL = "h32-a4-f64-l4", "h16-a2-f32-l0.2"
+
+
+def test_matched_budget_trains_the_steps_mlfs_gave_the_slice(monkeypatch, tmp_path, tiny_bert_dir):
+    import mlfs_palette
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(mlfs_palette, "RUNS", runs)
+    write_run(runs / "sst2" / "paper-s43" / "version_0", 43, rows({MAX: 0.8, SMALL: 0.7}, {MAX: 300, SMALL: 130}))
+    captured = []
+    monkeypatch.setattr(mlfs_palette, "run_fit", lambda args, *where: captured.append(args))
+    # 8000 rows in batches of 64 (the SST-2 schedule): 125 per epoch, so 130 steps are 2 epochs of 65 batches.
+    assert mlfs_palette.main(["alone", "--task", "sst2", "--seed", "43", "--train-samples", "8000", "--member", SMALL,
+                              "--pretrained", str(tiny_bert_dir), "--matched-to", "paper"]) == 0
+    args = captured[0]
+    assert args[args.index("--trainer.limit_train_batches") + 1] == "65" and args[args.index("--trainer.max_epochs") + 1] == "2"
+    assert args[args.index("--trainer.logger.init_args.name") + 1] == f"alone-matched-{SMALL}-s43"
+    # The maxnet trains every step: its matched run is the full-budget one, said in one line.
+    assert mlfs_palette.main(["alone", "--task", "sst2", "--seed", "43", "--member", MAX, "--pretrained", str(tiny_bert_dir),
+                              "--matched-to", "paper"]) == 2
+
+
+def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
+    import mlfs_palette
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(mlfs_palette, "RUNS", runs)
+    mlfs = {42: (0.80, 0.70), 43: (0.82, 0.74), 44: (0.81, 0.69)}
+    alone = {42: (0.81, 0.71), 43: (0.82, 0.71), 44: (0.83, 0.72)}
+    for seed, (mx, sm) in mlfs.items():
+        write_run(runs / "sst2" / mlfs_palette.seeded("paper", seed) / "version_0", seed, rows({MAX: mx, SMALL: sm}, {MAX: 300, SMALL: 100}),
+                  wall_s=600.0)
+        for name, score in zip((MAX, SMALL), alone[seed]):
+            write_run(runs / "sst2" / mlfs_palette.seeded(f"alone-{name}", seed) / "version_0", seed,
+                      rows({"max": score}, {"max": 300}), wall_s=400.0)
+        write_run(runs / "sst2" / mlfs_palette.seeded(f"alone-matched-{SMALL}", seed) / "version_0", seed,
+                  rows({"max": 0.6}, {"max": 100}), wall_s=100.0)
+    out = tmp_path / "results" / "mlfs_decision_sst2"
+    assert mlfs_palette.main(["decide", "--task", "sst2", "--runs", "paper", "--seeds", "42", "43", "44", "--out", str(out),
+                              "--latency", str(tmp_path / "none.json")]) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+    assert md == mlfs_palette.render_decision(record)
+    # The smallest member, MLFS end − alone end per seed: -0.01, +0.03, -0.03: mean -0.0033, sd 0.0306, t(2) = 4.303.
+    diffs = [-0.01, 0.03, -0.03]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.303 * sd / math.sqrt(3)
+    assert f"{100 * mean:+.1f} [{100 * (mean - half):+.1f}, {100 * (mean + half):+.1f}]" in md.split(SMALL)[1].splitlines()[0]
+    assert "| 71.0 ± 2.6 (3) |" in md  # MLFS end of the small member: mean 0.71, sd 0.0265
+    # The targets: the maxnet's interval (-0.01, 0, -0.02: [-3.5, +1.5]) reaches below -1; the small member beats its matched
+    # run; on average it is below its full-budget run; 600 s against 400 + 400 s.
+    assert "missed (interval reaches below −1)" in md
+    assert "Every member above its matched-budget alone run (interval above 0): 1 of 1." in md
+    assert "mean difference -0.3 points, missed." in md
+    assert "0.75× the wall time, met." in md

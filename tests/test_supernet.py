@@ -233,6 +233,11 @@ def test_one_step_per_batch_stages_freeze_palette_and_export(tiny_bert_dir, smal
     # Report + export of every member, loadable by plain transformers and equal to the supernet run as it.
     table = json.loads((Path(logger.log_dir) / "palette.json").read_text())
     assert [r["name"] for r in table] == module.palette_run.names and all(r["latency_ms"] > 0 for r in table)
+    # Each member's trained_steps: the steps whose sampled subnets (recorded above) hold its exact slice; the maxnet every step.
+    counted = {n: sum(n in names for _, _, names in rec.sampled) for n in module.palette_run.names}
+    counted[maxname] = 9
+    assert module.palette_run.trained_steps == counted and {r["name"]: r["trained_steps"] for r in table} == counted
+    assert counted[module.palette_run.names[-1]] == 3  # the minnet: every stage-2 step (the sandwich rule)
     assert (Path(logger.log_dir) / "palette.png").stat().st_size > 1000
     from transformers import AutoModelForSequenceClassification
 
@@ -261,6 +266,10 @@ def test_resume_restores_stage_and_samples_like_an_uninterrupted_run(tiny_bert_d
     reference = supernet(tiny_bert_dir, **kw).sampler
     assert resumed.sampled == [(s + 1, 1, [c.name for c in reference.sample(1, s)]) for s in (2, 3)]
     assert module.stage == 1 and module.global_step == 4
+    # The steps each member trained carry over: the maxnet all 4, the stage-1 smallest the 2 of stage 1.
+    counted = {n: sum(n in names for _, _, names in resumed.sampled) for n in module.palette_run.names}
+    counted[module.encoder.max_config.name] = 4
+    assert module.palette_run.trained_steps == counted
 
 
 def test_a_checkpoint_with_free_projections_is_refused_clearly(tiny_bert_dir, small_glue_dir, tmp_path):

@@ -68,6 +68,8 @@ class PaletteRun:
         self.export_meta = dict(export_meta or {})
         # The palette of every validation so far, by (epoch, step): the report at fit end shows the selected one's.
         self.history: dict[tuple[int, int], Rows] = {}
+        # Optimizer steps that trained each member's exact slice so far (the maxnet: every step).
+        self.trained_steps: dict[str, int] = dict.fromkeys(self.names, 0)
 
     # ---- rows ----
     def logits(self, inputs: dict[str, torch.Tensor]) -> Iterator[tuple[int, SubnetConfig, torch.Tensor]]:
@@ -81,7 +83,13 @@ class PaletteRun:
 
     def row(self, cfg: SubnetConfig, metrics: dict, score: Optional[float]) -> dict:
         return {"name": cfg.name, "role": self.roles.get(cfg.name, ""), "params": self.encoder.parameter_count(cfg),
-                "metrics": metrics, "score": score, "latency_ms": None, **cfg.to_dict()}
+                "metrics": metrics, "score": score, "trained_steps": self.trained_steps.get(cfg.name), "latency_ms": None,
+                **cfg.to_dict()}
+
+    def count_step(self, subnets: list[SubnetConfig]) -> None:
+        """One optimizer step trained the maxnet and `subnets`: count it for each palette member among them."""
+        for name in {self.encoder.max_config.name, *(c.name for c in subnets)} & self.trained_steps.keys():
+            self.trained_steps[name] += 1
 
     def size_rows(self) -> Rows:
         """The rows when no validation ran: each member's name, role, config and parameters, no scores."""

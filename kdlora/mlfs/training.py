@@ -333,14 +333,16 @@ class MLFSModule(FineTuningModule):
     def training_step(self, batch, batch_idx):
         clip = (lambda opt: self.clip_gradients(opt, gradient_clip_val=self.gradient_clip, gradient_clip_algorithm="norm")
                 if self.gradient_clip > 0 else None)
-        losses = self.mlfs_step.step(self.optimizers(), self.lr_schedulers(), batch,
-                                     self.sampler.sample(self.stage, self.global_step), self.stage, clip)
+        subnets = self.sampler.sample(self.stage, self.global_step)
+        losses = self.mlfs_step.step(self.optimizers(), self.lr_schedulers(), batch, subnets, self.stage, clip)
+        self.palette_run.count_step(subnets)
         log_step_losses(self, losses, self.stage)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # never from non-finite weights
         checkpoint["kdlora_mlfs_stage"] = self.stage
         checkpoint["kdlora_palette_history"] = self.palette_run.history_state()
+        checkpoint["kdlora_trained_steps"] = dict(self.palette_run.trained_steps)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         check_checkpoint_projections(checkpoint)
@@ -348,3 +350,4 @@ class MLFSModule(FineTuningModule):
         # Before the optimizer is built and its state restored, so the param groups match.
         self.stage = int(checkpoint.get("kdlora_mlfs_stage", 0))
         self.palette_run.load_history(checkpoint.get("kdlora_palette_history", []))
+        self.palette_run.trained_steps.update(checkpoint.get("kdlora_trained_steps", {}))
