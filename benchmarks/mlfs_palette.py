@@ -19,6 +19,14 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     python benchmarks/mlfs_palette.py alone --task mrpc --member h256-a6-f768-l0.3.5
     # the KD-LoRA MiniLM-L3 student on the same data, distilling the `fft` teacher (run that first)
     python benchmarks/mlfs_palette.py student --task sst2
+    # the same slice alone at matched budget: as many optimizer steps as the MLFS run of that name (same seed)
+    # trained exactly this slice (its palette's `trained_steps`), in the fewest epochs that hold them
+    python benchmarks/mlfs_palette.py alone --task sst2 --member h256-a6-f768-l0.3.5 --matched-to paper
+    # the decision: every member of the MLFS runs (the first named is the recipe, the rest variants) beside its
+    # alone runs (full and matched budget), the maxnet alone and the FFT teacher, over seeds; mean ± sd, paired
+    # MLFS − alone with 95 % t-intervals, the wall time of one MLFS run against the palette trained alone
+    python benchmarks/mlfs_palette.py decide --task sst2 --runs paper distill0 --seeds 42 43 44 \
+        --out benchmarks/results/mlfs_palette/mlfs_decision_sst2
     # batch-1 / batch-32 CPU latency of the exported members, round-robin, ratios to the maxnet
     python benchmarks/mlfs_palette.py latency --task mrpc
     # tables (markdown + JSON) and the ablation figures (PNG)
