@@ -599,7 +599,9 @@ def cmd_decide(a) -> None:
         for seed in a.seeds:
             run = latest(name, seed)
             if run is not None:
-                per_seed[str(seed)] = {"run": str(run), "wall_s": wall_seconds(run), "members": member_scores(run)}
+                selected = next(iter(json.loads((run / "palette.json").read_text())), {})
+                per_seed[str(seed)] = {"run": str(run), "wall_s": wall_seconds(run), "selected_stage": selected.get("stage"),
+                                       "members": member_scores(run)}
                 reference = reference or run
         arms[f"mlfs:{name}"] = per_seed
     if reference is None:
@@ -668,14 +670,14 @@ def fmt_interval(ci) -> str:
     return "–" if ci is None else f"{100 * ci[0]:+.1f} [{100 * ci[1]:+.1f}, {100 * ci[2]:+.1f}]"
 
 
-def decision_stats(data: dict) -> dict:
-    """Per member, from the record: the scores per arm over seeds and the paired differences MLFS − alone."""
-    arms, recipe = data["arms"], f"mlfs:{data['recipe']}"
+def decision_stats(data: dict, recipe: str) -> dict:
+    """Per member, from the record: the MLFS run `recipe`'s scores and the alone arms' over seeds, and the paired
+    differences MLFS − alone."""
+    arms = data["arms"]
 
     def by_member(arm: str, member: str, key: str) -> dict[str, float]:
-        runs = arms.get(arm, {})
         out = {}
-        for seed, r in runs.items():
+        for seed, r in arms.get(arm, {}).items():
             row = (r["members"] if "members" in r else r).get(member)
             if row is not None and row.get(key) is not None:
                 out[seed] = row[key]
@@ -687,75 +689,95 @@ def decision_stats(data: dict) -> dict:
     stats = {}
     for m in data["members"]:
         n = m["member"]
-        sel, end = by_member(recipe, n, "selected"), by_member(recipe, n, "final")
+        arm = f"mlfs:{recipe}"
+        sel, end = by_member(arm, n, "selected"), by_member(arm, n, "final")
         alone_sel, alone_end = by_member("alone", n, "selected"), by_member("alone", n, "final")
         matched_end = by_member("alone-matched", n, "final")
-        steps = list(by_member(recipe, n, "trained_steps").values())
-        matched_steps = list(by_member("alone-matched", n, "trained_steps").values())
         stats[n] = {"mlfs_selected": list(sel.values()), "mlfs_end": list(end.values()), "alone_selected": list(alone_sel.values()),
                     "alone_end": list(alone_end.values()), "matched_end": list(matched_end.values()),
-                    "mlfs_steps": steps, "matched_steps": matched_steps,
+                    "mlfs_steps": list(by_member(arm, n, "trained_steps").values()),
+                    "matched_steps": list(by_member("alone-matched", n, "trained_steps").values()),
                     "selected_vs_alone": paired_interval(paired(sel, alone_sel)), "end_vs_alone": paired_interval(paired(end, alone_end)),
                     "end_vs_matched": paired_interval(paired(end, matched_end)),
-                    "variants": {v: {"end": list(by_member(f"mlfs:{v}", n, "final").values()),
-                                     "vs_recipe": paired_interval(paired(by_member(f"mlfs:{v}", n, "final"), end))}
-                                 for v in data["variants"]}}
+                    "selected_vs_recipe": paired_interval(paired(sel, by_member(f"mlfs:{data['recipe']}", n, "selected"))),
+                    "end_vs_recipe": paired_interval(paired(end, by_member(f"mlfs:{data['recipe']}", n, "final")))}
     return stats
+
+
+def mlfs_wall_seconds(data: dict, recipe: str) -> list[float]:
+    return [r["wall_s"] for r in data["arms"][f"mlfs:{recipe}"].values() if r.get("wall_s")]
+
+
+def alone_wall_sums(data: dict) -> list[float]:
+    """Per seed with every member's full-budget alone run: the sum of their wall times."""
+    members = [m["member"] for m in data["members"]]
+    return [sum(r[m]["wall_s"] for m in members) for r in data["arms"].get("alone", {}).values()
+            if all(m in r and r[m].get("wall_s") for m in members)]
 
 
 def render_decision(data: dict, notes: str | None = None) -> str:
     """The markdown of `mlfs_palette.py decide` from its JSON."""
-    task, recipe, members = data["task"], data["recipe"], data["members"]
-    stats = decision_stats(data)
+    task, members = data["task"], data["members"]
+    recipes = [data["recipe"], *data["variants"]]
     seeds = " ".join(map(str, data["seeds"]))
-    latency = data.get("latency") or {}
-    ratio = latency.get("ratio_b1") or {}
+    ratio = (data.get("latency") or {}).get("ratio_b1") or {}
     n_max = members[0]["params"]
     md = [f"# Does MLFS work? {task}: every palette member beside the same slice trained alone, {len(data['seeds'])} seeds", "",
           f"MiniLM-L6 (`base: pretrained`, the paper search space), {data['train_samples']} training rows, selection on "
           f"{data['held_out_rows']} held-out rows of train, dev reported (×100). Seeds {seeds}. Cells: mean ± sd (runs); "
-          "differences are paired by seed: mean [95 % t-interval].", "",
+          "differences are paired by seed: mean [95 % t-interval]. \"Selected\": the checkpoint with the best held-out "
+          "palette score; \"end\": the end of stage 2.", "",
           "Runs: `python benchmarks/mlfs_palette.py mlfs|alone|fft --task TASK --seed S --train-samples N --val-batches 8 "
           "--fit-threads 1 [--name NAME | --member M [--matched-to NAME]] -- --model.init_args.evaluation.stage_palettes false "
-          "[overrides]`; then `python benchmarks/mlfs_palette.py decide --task TASK --runs " + " ".join([recipe, *data["variants"]])
-          + f" --seeds {seeds}`. Full budget: the slice alone for the whole MLFS run's epochs (as many optimizer steps); "
-          "matched: as many steps as MLFS trained that exact slice (`trained_steps`).", ""]
+          "[overrides]`; then `python benchmarks/mlfs_palette.py decide --task TASK --runs " + " ".join(recipes)
+          + f" --seeds {seeds}`. Alone at full budget: the slice alone with the same LoRA, lr, batch and held-out selection for "
+          "the whole MLFS run's epochs (as many optimizer steps); matched: as many steps as MLFS trained that exact slice "
+          "(`trained_steps`).", ""]
     if notes:
         md += [notes, ""]
-    md += [f"## Members (MLFS `{recipe}`)", "",
-           "| member | params M (×max) | latency ×max (b1) | MLFS selected | MLFS end | alone selected | alone end | "
-           "MLFS end − alone end | matched alone end | MLFS end − matched | steps MLFS / matched |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for m in members:
-        n, st = m["member"], stats[m["member"]]
-        lat = f"{ratio[n]:.2f}" if n in ratio else "–"
-        steps = "/".join(str(int(x)) for x in sorted(set(st["mlfs_steps"]))) or "–"
-        msteps = "/".join(str(int(x)) for x in sorted(set(st["matched_steps"]))) or "–"
-        md.append(f"| {n} {m['role']}".rstrip() + f" | {m['params'] / 1e6:.2f} ({m['params'] / n_max:.2f}) | {lat} | "
-                  f"{fmt_mean_sd(st['mlfs_selected'])} | {fmt_mean_sd(st['mlfs_end'])} | {fmt_mean_sd(st['alone_selected'])} | "
-                  f"{fmt_mean_sd(st['alone_end'])} | {fmt_interval(st['end_vs_alone'])} | {fmt_mean_sd(st['matched_end'])} | "
-                  f"{fmt_interval(st['end_vs_matched'])} | {steps} / {msteps} |")
     fft = [r["score"] for r in data["fft"].values()]
-    md += ["", f"FFT MiniLM-L6 teacher on the same rows (held-out selected, dev): {fmt_mean_sd(fft)}.", ""]
-    if data["variants"]:
-        md += ["## Variants (end of stage 2)", "", "| member | " + " | ".join(f"{v} | {v} − {recipe}" for v in data["variants"]) + " |",
-               "|---|" + "---|---|" * len(data["variants"])]
+    alone_max = decision_stats(data, data["recipe"])[members[0]["member"]]
+    md += ["## Baselines", "", f"- The maxnet alone (LoRA, full budget): selected {fmt_mean_sd(alone_max['alone_selected'])}, "
+           f"end {fmt_mean_sd(alone_max['alone_end'])}.",
+           f"- FFT MiniLM-L6 teacher on the same rows (held-out selected, dev): {fmt_mean_sd(fft)}.", ""]
+    for recipe in recipes:
+        stats = decision_stats(data, recipe)
+        runs = data["arms"].get(f"mlfs:{recipe}", {})
+        stages = ", ".join(f"{seed}: {r.get('selected_stage')}" for seed, r in runs.items())
+        md += [f"## MLFS `{recipe}`", "", f"Selected checkpoint's stage, by seed: {stages or '–'}.", "",
+               "| member | params M (×max) | latency ×max (b1) | MLFS selected | MLFS end | alone selected | alone end | "
+               "MLFS selected − alone selected | MLFS end − alone end | matched alone end | MLFS end − matched | steps MLFS / matched |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in members:
-            st = stats[m["member"]]["variants"]
-            md.append(f"| {m['member']} | " + " | ".join(f"{fmt_mean_sd(st[v]['end'])} | {fmt_interval(st[v]['vs_recipe'])}"
-                                                       for v in data["variants"]) + " |")
+            n, st = m["member"], stats[m["member"]]
+            lat = f"{ratio[n]:.2f}" if n in ratio else "–"
+            steps = "/".join(str(int(x)) for x in sorted(set(st["mlfs_steps"]))) or "–"
+            msteps = "/".join(str(int(x)) for x in sorted(set(st["matched_steps"]))) or "–"
+            md.append(f"| {n} {m['role']}".rstrip() + f" | {m['params'] / 1e6:.2f} ({m['params'] / n_max:.2f}) | {lat} | "
+                      f"{fmt_mean_sd(st['mlfs_selected'])} | {fmt_mean_sd(st['mlfs_end'])} | {fmt_mean_sd(st['alone_selected'])} | "
+                      f"{fmt_mean_sd(st['alone_end'])} | {fmt_interval(st['selected_vs_alone'])} | {fmt_interval(st['end_vs_alone'])} | "
+                      f"{fmt_mean_sd(st['matched_end'])} | {fmt_interval(st['end_vs_matched'])} | {steps} / {msteps} |")
+        md += ["", "Targets:", "", *target_lines(data, stats, recipe), ""]
+    if data["variants"]:
+        md += [f"## Each recipe against `{data['recipe']}` (paired by seed)", "",
+               "| member | " + " | ".join(f"{v} − {data['recipe']}, selected | end" for v in data["variants"]) + " |",
+               "|---|" + "---|---|" * len(data["variants"])]
+        by_recipe = {v: decision_stats(data, v) for v in data["variants"]}
+        for m in members:
+            n = m["member"]
+            md.append(f"| {n} | " + " | ".join(f"{fmt_interval(by_recipe[v][n]['selected_vs_recipe'])} | "
+                                                f"{fmt_interval(by_recipe[v][n]['end_vs_recipe'])}" for v in data["variants"]) + " |")
         md.append("")
+    sums = alone_wall_sums(data)
     md += ["## Wall time", ""]
-    mlfs_wall = [r["wall_s"] for r in data["arms"][f"mlfs:{recipe}"].values() if r.get("wall_s")]
-    alone = data["arms"].get("alone", {})
-    sums = [sum(r[m["member"]]["wall_s"] for m in members) for r in alone.values()
-            if all(m["member"] in r and r[m["member"]].get("wall_s") for m in members)]
-    if mlfs_wall and sums:
-        md += [f"One MLFS run: {statistics_mean(mlfs_wall) / 60:.1f} min (mean of {len(mlfs_wall)}); the {len(members)} members "
-               f"trained alone at full budget, one after another: {statistics_mean(sums) / 60:.1f} min (mean of {len(sums)} seeds' "
-               f"sums); ratio {statistics_mean(mlfs_wall) / statistics_mean(sums):.2f}. Every run on 1 CPU thread, two runs side by side "
-               "on the 2 cores.", ""]
-    md += ["## Targets", "", *target_lines(data, stats)]
+    for recipe in recipes:
+        walls = mlfs_wall_seconds(data, recipe)
+        if walls:
+            md.append(f"- One MLFS `{recipe}` run: {statistics_mean(walls) / 60:.1f} min (mean of {len(walls)}).")
+    if sums:
+        md.append(f"- The {len(members)} members trained alone at full budget, one after another: {statistics_mean(sums) / 60:.1f} min "
+                  f"(mean of {len(sums)} seeds' sums).")
+    md += ["", "Every run on 1 CPU thread, two runs side by side on the 2 cores."]
     return "\n".join(md).rstrip("\n") + "\n"
 
 
@@ -763,8 +785,8 @@ def statistics_mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def target_lines(data: dict, stats: dict) -> list[str]:
-    """One line per target of the decision, each read off the record."""
+def target_lines(data: dict, stats: dict, recipe: str) -> list[str]:
+    """One line per target of the decision for the MLFS run `recipe`, each read off the record."""
     members = [m["member"] for m in data["members"]]
     maxnet = members[0]
     lines = []
@@ -782,20 +804,18 @@ def target_lines(data: dict, stats: dict) -> list[str]:
                      f"(selected means): {100 * gap:.1f} points below, " + ("met." if gap <= 0.03 else "missed."))
     matched = {m: stats[m]["end_vs_matched"] for m in members[1:] if stats[m]["end_vs_matched"] is not None}
     if matched:
-        below = [m for m, c in matched.items() if c[1] <= 0]
-        lines.append(f"- Every member above its matched-budget alone run (interval above 0): {len(matched) - len(below)} of "
+        below = [m for m, c in matched.items() if c[1] < 0]
+        lines.append(f"- Every member not below its matched-budget alone run (end; the interval excludes worse): {len(matched) - len(below)} of "
                      f"{len(matched)}" + (f"; not: {', '.join(below)}." if below else "."))
     full = {m: stats[m]["end_vs_alone"] for m in members[1:] if stats[m]["end_vs_alone"] is not None}
     if full:
         mean = statistics_mean([c[0] for c in full.values()])
         lines.append(f"- Members on average at least at their full-budget alone runs (end): mean difference {100 * mean:+.1f} points, "
                      + ("met." if mean >= 0 else "missed."))
-    mlfs_wall = [r["wall_s"] for r in data["arms"][f"mlfs:{data['recipe']}"].values() if r.get("wall_s")]
-    alone = data["arms"].get("alone", {})
-    sums = [sum(r[m]["wall_s"] for m in members) for r in alone.values() if all(m in r and r[m].get("wall_s") for m in members)]
-    if mlfs_wall and sums:
-        lines.append(f"- One MLFS run cheaper than training the palette alone: {statistics_mean(mlfs_wall) / statistics_mean(sums):.2f}× "
-                     "the wall time, " + ("met." if statistics_mean(mlfs_wall) < statistics_mean(sums) else "missed."))
+    walls, sums = mlfs_wall_seconds(data, recipe), alone_wall_sums(data)
+    if walls and sums:
+        lines.append(f"- One MLFS run cheaper than training the palette alone: {statistics_mean(walls) / statistics_mean(sums):.2f}× "
+                     "the wall time, " + ("met." if statistics_mean(walls) < statistics_mean(sums) else "missed."))
     return lines
 
 

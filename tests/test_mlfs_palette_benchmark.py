@@ -114,6 +114,6 @@ def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
     # The targets: the maxnet's interval (-0.01, 0, -0.02: [-3.5, +1.5]) reaches below -1; the small member beats its matched
     # run; on average it is below its full-budget run; 600 s against 400 + 400 s.
     assert "missed (interval reaches below −1)" in md
-    assert "Every member above its matched-budget alone run (interval above 0): 1 of 1." in md
+    assert "Every member not below its matched-budget alone run (end; the interval excludes worse): 1 of 1." in md
     assert "mean difference -0.3 points, missed." in md
     assert "0.75× the wall time, met." in md
