@@ -601,7 +601,7 @@ def cmd_decide(a) -> None:
             if run is not None:
                 selected = next(iter(json.loads((run / "palette.json").read_text())), {})
                 per_seed[str(seed)] = {"run": str(run), "wall_s": wall_seconds(run), "selected_stage": selected.get("stage"),
-                                       "members": member_scores(run)}
+                                       "maxnet_held_out": scalars(run, "val/score"), "members": member_scores(run)}
                 reference = reference or run
         arms[f"mlfs:{name}"] = per_seed
     if reference is None:
@@ -744,7 +744,9 @@ def render_decision(data: dict, notes: str | None = None) -> str:
         stats = decision_stats(data, recipe)
         runs = data["arms"].get(f"mlfs:{recipe}", {})
         stages = ", ".join(f"{seed}: {r.get('selected_stage')}" for seed, r in runs.items())
-        md += [f"## MLFS `{recipe}`", "", f"Selected checkpoint's stage, by seed: {stages or '–'}.", "",
+        curves = "; ".join(f"{seed}: " + ", ".join(f"{100 * v:.1f}" for _, v in r.get("maxnet_held_out") or []) for seed, r in runs.items())
+        md += [f"## MLFS `{recipe}`", "", f"Selected checkpoint's stage, by seed: {stages or '–'}. The maxnet's held-out score at "
+               f"the end of each epoch, by seed: {curves or '–'}.", "",
                "| member | params M (×max) | latency ×max (b1) | MLFS selected | MLFS end | alone selected | alone end | "
                "MLFS selected − alone selected | MLFS end − alone end | matched alone end | MLFS end − matched | steps MLFS / matched |",
                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
