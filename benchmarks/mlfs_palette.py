@@ -737,6 +737,9 @@ def render_decision(data: dict, notes: str | None = None) -> str:
         md += [notes, ""]
     fft = [r["score"] for r in data["fft"].values()]
     alone_max = decision_stats(data, data["recipe"])[members[0]["member"]]
+    if data.get("latency"):
+        md += [f"Latency ×max: the exported members at batch 1, sequence 128, {data['latency']['threads']} CPU thread(s), round-robin "
+               f"(`python benchmarks/mlfs_palette.py latency --threads {data['latency']['threads']}`, `{data['latency']['file']}`).", ""]
     md += ["## Baselines", "", f"- The maxnet alone (LoRA, full budget): selected {fmt_mean_sd(alone_max['alone_selected'])}, "
            f"end {fmt_mean_sd(alone_max['alone_end'])}.",
            f"- FFT MiniLM-L6 teacher on the same rows (held-out selected, dev): {fmt_mean_sd(fft)}.", ""]
