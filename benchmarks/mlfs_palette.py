@@ -815,7 +815,8 @@ def target_lines(data: dict, stats: dict, recipe: str) -> list[str]:
     full = {m: stats[m]["end_vs_alone"] for m in members[1:] if stats[m]["end_vs_alone"] is not None}
     if full:
         mean = statistics_mean([c[0] for c in full.values()])
-        lines.append(f"- Members on average at least at their full-budget alone runs (end): mean difference {100 * mean:+.1f} points, "
+        lines.append(f"- Members on average at least at their full-budget alone runs (end; {len(full)} of {len(members) - 1} members "
+                     f"have 2 or more paired seeds): mean difference {100 * mean:+.1f} points, "
                      + ("met." if mean >= 0 else "missed."))
     walls, sums = mlfs_wall_seconds(data, recipe), alone_wall_sums(data)
     if walls and sums:
