@@ -45,8 +45,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
 import math
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -80,14 +81,18 @@ def run_fit(args: list[str], run_dir: Path | None = None, threads: int | None = 
     subprocess.run(cmd, cwd=ROOT, env=env, check=True)
     seconds = time.perf_counter() - start
     if run_dir is not None:
-        versions = sorted((ROOT / run_dir).glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-        if versions:
-            write_atomic(versions[-1] / "wall_time.json", json.dumps({"seconds": round(seconds, 1), "threads": threads}) + "\n")
+        made = versions(ROOT / run_dir)
+        if made:
+            write_atomic(made[-1] / "wall_time.json", json.dumps({"seconds": round(seconds, 1), "threads": threads}) + "\n")
+
+
+def versions(path: Path) -> list[Path]:
+    """The `version_N` folders of a run name's folder, oldest first."""
+    return sorted(path.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
 
 
 def latest_run(path: Path) -> Path:
-    versions = sorted(path.glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
-    finished = [v for v in versions if (v / "palette_final.json").is_file()]
+    finished = finished_versions(path, "palette_final.json")
     if not finished:
         raise FileNotFoundError(f"no finished run under {path}")
     return finished[-1]
@@ -565,7 +570,8 @@ def held_out_dev_score(run_dir: Path) -> float | None:
 
 
 def finished_versions(path: Path, done: str) -> list[Path]:
-    return [v for v in sorted(path.glob("version_*"), key=lambda p: int(p.name.split("_")[1])) if (v / done).is_file()]
+    """`versions` of `path` holding the file `done`."""
+    return [v for v in versions(path) if (v / done).is_file()]
 
 
 def wall_seconds(run: Path) -> float | None:
@@ -645,8 +651,6 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    import statistics
-
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
@@ -778,16 +782,12 @@ def render_decision(data: dict, notes: str | None = None) -> str:
     for recipe in recipes:
         walls = mlfs_wall_seconds(data, recipe)
         if walls:
-            md.append(f"- One MLFS `{recipe}` run: {statistics_mean(walls) / 60:.1f} min (mean of {len(walls)}).")
+            md.append(f"- One MLFS `{recipe}` run: {statistics.fmean(walls) / 60:.1f} min (mean of {len(walls)}).")
     if sums:
-        md.append(f"- The {len(members)} members trained alone at full budget, one after another: {statistics_mean(sums) / 60:.1f} min "
+        md.append(f"- The {len(members)} members trained alone at full budget, one after another: {statistics.fmean(sums) / 60:.1f} min "
                   f"(mean of {len(sums)} seeds' sums).")
     md += ["", "Every run on 1 CPU thread, two runs side by side on the 2 cores."]
     return "\n".join(md).rstrip("\n") + "\n"
-
-
-def statistics_mean(values: list[float]) -> float:
-    return sum(values) / len(values)
 
 
 def target_lines(data: dict, stats: dict, recipe: str) -> list[str]:
@@ -803,8 +803,8 @@ def target_lines(data: dict, stats: dict, recipe: str) -> list[str]:
     ratio = (data.get("latency") or {}).get("ratio_b1") or {}
     fast = [m for m in members[1:] if m in ratio and ratio[m] <= 0.5 and stats[m]["mlfs_selected"]]
     if fast and stats[maxnet]["mlfs_selected"]:
-        best = max(fast, key=lambda m: statistics_mean(stats[m]["mlfs_selected"]))
-        gap = statistics_mean(stats[maxnet]["mlfs_selected"]) - statistics_mean(stats[best]["mlfs_selected"])
+        best = max(fast, key=lambda m: statistics.fmean(stats[m]["mlfs_selected"]))
+        gap = statistics.fmean(stats[maxnet]["mlfs_selected"]) - statistics.fmean(stats[best]["mlfs_selected"])
         lines.append(f"- Best member at ≤ 0.5× the maxnet's latency ({best}, {ratio[best]:.2f}×) within 3 points of the maxnet "
                      f"(selected means): {100 * gap:.1f} points below, " + ("met." if gap <= 0.03 else "missed."))
     matched = {m: stats[m]["end_vs_matched"] for m in members[1:] if stats[m]["end_vs_matched"] is not None}
@@ -814,14 +814,14 @@ def target_lines(data: dict, stats: dict, recipe: str) -> list[str]:
                      f"{len(matched)}" + (f"; not: {', '.join(below)}." if below else "."))
     full = {m: stats[m]["end_vs_alone"] for m in members[1:] if stats[m]["end_vs_alone"] is not None}
     if full:
-        mean = statistics_mean([c[0] for c in full.values()])
+        mean = statistics.fmean([c[0] for c in full.values()])
         lines.append(f"- Members on average at least at their full-budget alone runs (end; {len(full)} of {len(members) - 1} members "
                      f"have 2 or more paired seeds): mean difference {100 * mean:+.1f} points, "
                      + ("met." if mean >= 0 else "missed."))
     walls, sums = mlfs_wall_seconds(data, recipe), alone_wall_sums(data)
     if walls and sums:
-        lines.append(f"- One MLFS run cheaper than training the palette alone: {statistics_mean(walls) / statistics_mean(sums):.2f}× "
-                     "the wall time, " + ("met." if statistics_mean(walls) < statistics_mean(sums) else "missed."))
+        lines.append(f"- One MLFS run cheaper than training the palette alone: {statistics.fmean(walls) / statistics.fmean(sums):.2f}× "
+                     "the wall time, " + ("met." if statistics.fmean(walls) < statistics.fmean(sums) else "missed."))
     return lines
 
 
