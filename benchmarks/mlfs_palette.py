@@ -4,7 +4,9 @@ Every run goes through `train.py fit` with `configs/local/minilm-supernet-paper.
 paper schedule (`configs/supernet/tasks/<task>.yaml`: batch, stage epochs, lr, gamma), scaled to a
 2-core CPU by `--train-samples` (a seeded subset of train; the held-out 10 % used for selection is
 split off the full train first) and `--val-batches` (batches of that held-out split per validation).
-Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever reported.
+Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever reported. Each `mlfs`, `alone` and `fft`
+run, as it ends, writes its record (seed, training rows, wall time, scores) to
+`benchmarks/results/mlfs_palette/records/<task>/<name>.json`: the data `decide` reads, committed beside the results.
 
     # one MLFS run (the paper's recipe), with the dev palette at the end of every stage:
     python benchmarks/mlfs_palette.py mlfs --task mrpc
@@ -27,7 +29,9 @@ Runs land in `runs/mlfs_palette/<task>/<name>/version_N/`; dev is only ever repo
     # MLFS − alone with 95 % t-intervals, the wall time of one MLFS run against the palette trained alone
     python benchmarks/mlfs_palette.py decide --task sst2 --runs paper distill0 --seeds 42 43 44 \
         --out benchmarks/results/mlfs_palette/mlfs_decision_sst2
-    # batch-1 / batch-32 CPU latency of the exported members, round-robin, ratios to the maxnet
+    # the records of finished runs made without one (every run folder of the task, or --runs NAME ... --seeds S ...)
+    python benchmarks/mlfs_palette.py record --task sst2
+    # batch-1 / batch-32 CPU latency of the exported members, round-robin, ratios to the maxnet (records/<task>/latency.json)
     python benchmarks/mlfs_palette.py latency --task mrpc
     # tables (markdown + JSON) and the ablation figures (PNG)
     python benchmarks/mlfs_palette.py table --out benchmarks/results/mlfs_palette/mlfs_palette
@@ -43,10 +47,10 @@ are cut from, before MLFS trains any subnet (`palette_stage0.json`).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -61,6 +65,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = "configs/local/minilm-supernet-paper.yaml"
 RUNS = Path("runs/mlfs_palette")
+RECORDS = Path("benchmarks/results/mlfs_palette/records")
+"""One JSON per finished run, ``<task>/<run name>.json``, written when the run ends (or by `record`): what
+`decide` reads, so a decision is rebuilt from the repository alone once the run folders are gone."""
 TASK_CONFIG = "configs/supernet/tasks/{task}.yaml"
 
 
@@ -69,9 +76,9 @@ def scale_args(a) -> list[str]:
             "--data.data_dir", a.data_dir]
 
 
-def run_fit(args: list[str], run_dir: Path | None = None, threads: int | None = None) -> None:
+def run_fit(args: list[str], run_dir: Path | None = None, threads: int | None = None) -> Path | None:
     """`train.py fit` with `args` on `threads` CPU threads (None: torch's default); with `run_dir` (the logger's
-    <save_dir>/<name>) its wall time goes to `wall_time.json` in the run's new version directory."""
+    <save_dir>/<name>) its wall time goes to `wall_time.json` in the run's new version directory, which is returned."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -84,6 +91,8 @@ def run_fit(args: list[str], run_dir: Path | None = None, threads: int | None = 
         made = versions(ROOT / run_dir)
         if made:
             write_atomic(made[-1] / "wall_time.json", json.dumps({"seconds": round(seconds, 1), "threads": threads}) + "\n")
+            return made[-1]
+    return None
 
 
 def versions(path: Path) -> list[Path]:
@@ -112,21 +121,25 @@ def seed_args(a) -> list[str]:
 def cmd_mlfs(a) -> None:
     name = seeded(a.name, a.seed)
     out = RUNS / a.task / name
-    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
+    run = run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
              "--model.init_args.evaluation.stage_palettes", "true", "--model.init_args.evaluation.measure_latency", "false",
              "--model.init_args.export.dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
              *a.overrides], RUNS / a.task / name, a.fit_threads)
+    if run is not None:
+        save_record(a.task, name, run)
 
 
 def cmd_fft(a) -> None:
     """A fully fine-tuned teacher on the same data (same held-out split and training subset), for `base: finetuned`."""
     name = seeded("fft", a.seed)
     out = RUNS / a.task / name
-    run_fit(["--config", "configs/local/minilm-fft.yaml", *seed_args(a), "--data.task", a.task, *scale_args(a),
+    run = run_fit(["--config", "configs/local/minilm-fft.yaml", *seed_args(a), "--data.task", a.task, *scale_args(a),
              "--data.holdout_fraction", "0.1", "--model.init_args.export.dir", str(out / "export"),
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name, *a.overrides],
-            RUNS / a.task / name, a.fit_threads)
+                  RUNS / a.task / name, a.fit_threads)
+    if run is not None:
+        save_record(a.task, name, run)
 
 
 def task_epochs(task: str) -> int:
@@ -185,15 +198,17 @@ def export_pretrained_slice(member: str, pretrained: str, out: Path, task: str) 
     save_file(tensors, weights, metadata={"format": "pt"})
 
 
-def member_training_steps(run: Path) -> dict[str, int]:
-    """{member: optimizer steps in which the finished MLFS `run` trained exactly that member's slice}
-    (``trained_steps`` of its end-of-fit palette)."""
-    rows = rows_by_name(run / "palette_final.json")
-    missing = [n for n, r in rows.items() if r.get("trained_steps") is None]
+def member_training_steps(task: str, name: str, seed: int) -> dict[str, int]:
+    """{member: optimizer steps in which the finished MLFS run `name` at `seed` trained exactly that member's slice}
+    (``trained_steps`` of its end-of-fit palette, from its record)."""
+    record = load_record(task, name, seed)
+    if record is None:
+        raise FileNotFoundError(f"no record of the MLFS run {seeded(name, seed)} under {RECORDS / task}: run it first "
+                                f"(or `mlfs_palette.py record --task {task}` once it has finished)")
+    missing = [n for n, r in record["members"].items() if r.get("trained_steps") is None]
     if missing:
-        raise ValueError(f"{run}/palette_final.json does not count the steps that trained {', '.join(missing)} "
-                         "(a run made before palettes counted them): run it again")
-    return {n: int(r["trained_steps"]) for n, r in rows.items()}
+        raise ValueError(f"the record of {seeded(name, seed)} does not count the steps that trained {', '.join(missing)}")
+    return {n: int(r["trained_steps"]) for n, r in record["members"].items()}
 
 
 def matched_schedule(a, trained_steps: dict[str, int]) -> tuple[int, int]:
@@ -220,14 +235,16 @@ def cmd_alone(a) -> None:
     epochs = task_epochs(a.task)
     budget = []
     if matched:
-        epochs, batches = matched_schedule(a, member_training_steps(latest_run(RUNS / a.task / seeded(a.matched_to, a.seed))))
+        epochs, batches = matched_schedule(a, member_training_steps(a.task, a.matched_to, a.seed))
         budget = ["--trainer.limit_train_batches", str(batches)]
-    run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
+    run = run_fit(["--config", CONFIG, "--config", TASK_CONFIG.format(task=a.task), *seed_args(a), *scale_args(a),
              "--model.init_args.model_name_or_path", str(model_dir), "--model.init_args.evaluation.members", "[max]",
              "--model.init_args.stages.epochs", f"[{epochs}, 0, 0]", "--trainer.max_epochs", str(epochs), *budget,
              "--model.init_args.evaluation.measure_latency", "false", "--model.init_args.export.enabled", "false",
              "--trainer.logger.init_args.save_dir", str(RUNS / a.task), "--trainer.logger.init_args.name", name,
              *a.overrides], RUNS / a.task / name, a.fit_threads)
+    if run is not None:
+        save_record(a.task, name, run)
 
 
 def cmd_latency(a) -> None:
@@ -246,7 +263,9 @@ def cmd_latency(a) -> None:
         ms = round_robin_latency_ms(models, batch, 128, vocab, warmup=3, repeats=repeats)
         result["ms"][f"b{batch}"] = dict(zip(members, ms))
         print(f"batch {batch}: " + ", ".join(f"{m} {t / ms[0]:.2f}" for m, t in zip(members, ms)), flush=True)
-    write_atomic((RUNS / "latency.json"), json.dumps(result, indent=2))
+    out = ROOT / RECORDS / a.task / "latency.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(result, indent=2) + "\n")
 
 
 def rows_by_name(path: Path) -> dict[str, dict]:
@@ -258,7 +277,8 @@ def pct(x) -> str:
 
 
 def cmd_table(a) -> None:
-    latency = json.loads((RUNS / "latency.json").read_text()) if (RUNS / "latency.json").is_file() else None
+    measured = [ROOT / RECORDS / task / "latency.json" for task in a.tasks]
+    latency = next((json.loads(p.read_text()) for p in measured if p.is_file()), None)
     data = {}
     for task in a.tasks:
         try:
@@ -579,62 +599,119 @@ def wall_seconds(run: Path) -> float | None:
     return json.loads(path.read_text())["seconds"] if path.is_file() else None
 
 
+def run_kind(name: str) -> str:
+    """What a run name holds: ``mlfs``, ``alone``, ``alone-matched`` or ``fft``."""
+    return next((kind for kind in ("alone-matched", "alone", "fft") if name == kind or name.startswith(kind + "-")), "mlfs")
+
+
+def unseeded(name: str) -> str:
+    """`name` without the ``-s<seed>`` suffix of `seeded`."""
+    return re.sub(r"-s\d+$", "", name)
+
+
+def member_scores(run: Path) -> dict[str, dict]:
+    """{member: selected (held-out-selected checkpoint) and final dev score, role, params, trained_steps} of a palette run."""
+    selected, final = rows_by_name(run / "palette.json"), rows_by_name(run / "palette_final.json")
+    return {n: {"selected": selected.get(n, {}).get("score"), "final": r["score"], "trained_steps": r.get("trained_steps"),
+                "role": r.get("role", ""), "params": r.get("params")} for n, r in final.items()}
+
+
+def finished_run(task: str, name: str) -> Path:
+    """The latest finished version of the run `name`: an `fft` run with a held-out-selected dev score, else one with
+    its end-of-fit palette."""
+    path = RUNS / task / name
+    if run_kind(name) == "fft":
+        done = [v for v in finished_versions(path, "results.json") if held_out_dev_score(v) is not None]
+        if not done:
+            raise FileNotFoundError(f"no finished run under {path}")
+        return done[-1]
+    return latest_run(path)
+
+
+def run_record(task: str, name: str, run: Path) -> dict:
+    """The record `decide` reads of the finished run `run` (named `name`): its seed, training rows and wall time, and
+    its scores: the FFT dev score, the alone slice's palette row, or every MLFS member's with the selected stage and
+    the maxnet's held-out curve."""
+    config = saved_config(run)
+    kind = run_kind(name)
+    record = {"task": task, "name": name, "kind": kind, "seed": config.get("seed_everything"),
+              "train_samples": (config.get("data") or {}).get("max_train_samples"), "run": str(run), "wall_s": wall_seconds(run)}
+    if kind == "fft":
+        return {**record, "score": held_out_dev_score(run)}
+    if kind == "mlfs":
+        selected = next(iter(json.loads((run / "palette.json").read_text())), {})
+        return {**record, "selected_stage": selected.get("stage"), "maxnet_held_out": scalars(run, "val/score"),
+                "members": member_scores(run)}
+    member = unseeded(name)[len(kind) + 1:]
+    return {**record, "member": member, **next(iter(member_scores(run).values()))}
+
+
+def save_record(task: str, name: str, run: Path | None = None) -> Path:
+    """Write the record of the run `name` (its latest finished version unless `run` is given) to RECORDS."""
+    run = run or finished_run(task, name)
+    out = ROOT / RECORDS / task / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, json.dumps(run_record(task, name, run), indent=2) + "\n")
+    print(f"record: {out}", flush=True)
+    return out
+
+
+def load_record(task: str, name: str, seed: int, train_samples: int | None = None) -> dict | None:
+    """The record of the run `name` at `seed` (None if it has none); one that ran another seed or on other training
+    rows is refused."""
+    path = ROOT / RECORDS / task / f"{seeded(name, seed)}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record["seed"] != seed:
+        raise ValueError(f"{path} ran with seed_everything {record['seed']}, not {seed}")
+    if train_samples is not None and record["train_samples"] != train_samples:
+        raise ValueError(f"{path} trained on {record['train_samples']} rows, not --train-samples {train_samples}")
+    return record
+
+
+def cmd_record(a) -> None:
+    """Records of finished runs: those named by --runs (every seed of --seeds), else every run folder of the task."""
+    names = ([seeded(n, s) for n in a.runs for s in a.seeds] if a.runs_given
+             else sorted(p.name for p in (RUNS / a.task).iterdir() if p.is_dir()) if (RUNS / a.task).is_dir() else [])
+    for name in names:
+        try:
+            save_record(a.task, name)
+        except FileNotFoundError as e:
+            print(f"record: skipped {name}: {e}", flush=True)
+
+
 def cmd_decide(a) -> None:
     """Every palette member of the MLFS runs named --runs (the first: the recipe decided on) beside the same
     slice trained alone at full budget (`alone`) and at matched budget (`alone --matched-to`), the maxnet
-    alone and the FFT teacher, per seed: the record `render_decision` turns into tables with intervals."""
-    def member_scores(run: Path) -> dict[str, dict]:
-        selected, final = rows_by_name(run / "palette.json"), rows_by_name(run / "palette_final.json")
-        return {n: {"selected": selected.get(n, {}).get("score"), "final": r["score"], "trained_steps": r.get("trained_steps")}
-                for n, r in final.items()}
+    alone and the FFT teacher, per seed, from the runs' records: the record `render_decision` turns into tables
+    with intervals."""
+    def records(name: str) -> dict[str, dict]:
+        found = {str(seed): load_record(a.task, name, seed, a.train_samples) for seed in a.seeds}
+        return {seed: r for seed, r in found.items() if r is not None}
 
-    def latest(name: str, seed: int) -> Path | None:
-        try:
-            run = latest_run(RUNS / a.task / seeded(name, seed))
-        except FileNotFoundError:
-            return None
-        ran_with = saved_config(run).get("seed_everything")
-        if ran_with != seed:
-            raise ValueError(f"{run} ran with seed_everything {ran_with}, not {seed}")
-        return run
-
-    reference = None
     arms: dict[str, dict] = {}
     for name in a.runs:
-        per_seed = {}
-        for seed in a.seeds:
-            run = latest(name, seed)
-            if run is not None:
-                selected = next(iter(json.loads((run / "palette.json").read_text())), {})
-                per_seed[str(seed)] = {"run": str(run), "wall_s": wall_seconds(run), "selected_stage": selected.get("stage"),
-                                       "maxnet_held_out": scalars(run, "val/score"), "members": member_scores(run)}
-                reference = reference or run
-        arms[f"mlfs:{name}"] = per_seed
+        arms[f"mlfs:{name}"] = {seed: {k: r[k] for k in ("run", "wall_s", "selected_stage", "maxnet_held_out", "members")}
+                                for seed, r in records(name).items()}
+    reference = next(iter(arms[f"mlfs:{a.runs[0]}"].values()), None)
     if reference is None:
-        raise FileNotFoundError(f"no finished MLFS run {a.runs[0]} under {RUNS / a.task}")
-    final = json.loads((reference / "palette_final.json").read_text())
-    members = [{"member": r["name"], "role": r.get("role", ""), "params": r["params"]} for r in final]
-    for arm, prefix in (("alone", "alone-"), ("alone-matched", "alone-matched-")):
+        raise FileNotFoundError(f"no record of an MLFS run {a.runs[0]} under {RECORDS / a.task}")
+    members = [{"member": n, "role": r.get("role", ""), "params": r["params"]} for n, r in reference["members"].items()]
+    for arm in ("alone", "alone-matched"):
         per_seed: dict[str, dict] = {}
-        for seed in a.seeds:
-            for m in members:
-                run = latest(prefix + m["member"], seed)
-                if run is None:
-                    continue
-                row = next(iter(member_scores(run).values()))
-                per_seed.setdefault(str(seed), {})[m["member"]] = {**row, "run": str(run), "wall_s": wall_seconds(run)}
-        arms[arm] = per_seed
-    fft = {}
-    for seed in a.seeds:
-        runs = [v for v in finished_versions(RUNS / a.task / seeded("fft", seed), "results.json") if held_out_dev_score(v) is not None]
-        if runs:
-            fft[str(seed)] = {"score": held_out_dev_score(runs[-1]), "run": str(runs[-1]), "wall_s": wall_seconds(runs[-1])}
+        for m in members:
+            for seed, r in records(f"{arm}-{m['member']}").items():
+                per_seed.setdefault(seed, {})[m["member"]] = {k: r[k] for k in ("selected", "final", "trained_steps", "run", "wall_s")}
+        arms[arm] = dict(sorted(per_seed.items()))
+    fft = {seed: {k: r[k] for k in ("score", "run", "wall_s")} for seed, r in records("fft").items()}
     latency = None
-    if a.latency and Path(a.latency).is_file():
-        measured = json.loads(Path(a.latency).read_text())
+    latency_file = Path(a.latency) if a.latency else RECORDS / a.task / "latency.json"
+    if (ROOT / latency_file).is_file():
+        measured = json.loads((ROOT / latency_file).read_text())
         b1 = measured["ms"]["b1"]
         if all(m["member"] in b1 for m in members):
-            latency = {"file": a.latency, "threads": measured["threads"],
+            latency = {"file": latency_file.as_posix(), "threads": measured["threads"],
                        "ratio_b1": {m["member"]: b1[m["member"]] / b1[members[0]["member"]] for m in members}}
     record = {"task": a.task, "seeds": a.seeds, "train_samples": a.train_samples, "held_out_rows": a.held_out_rows,
               "recipe": a.runs[0], "variants": a.runs[1:], "members": members, "latency": latency, "arms": arms, "fft": fft}
@@ -828,14 +905,15 @@ def target_lines(data: dict, stats: dict, recipe: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("mlfs", "fft", "alone", "student", "latency", "table", "ablations", "seeds", "decide"):
+    for name in ("mlfs", "fft", "alone", "student", "latency", "table", "ablations", "seeds", "record", "decide"):
         p = sub.add_parser(name)
         p.add_argument("--task", default="mrpc")
         p.add_argument("--tasks", nargs="+", default=["mrpc", "stsb", "sst2"])
         p.add_argument("--name", default="paper", help="run name under runs/mlfs_palette/<task>/ (the MLFS run for table/latency)")
         p.add_argument("--member", default="h256-a6-f768-l0.3.5", help="alone: the subnet name of the slice to train")
-        p.add_argument("--runs", nargs="+", default=["paper", "gamma0", "gamma2", "rank4", "rank16"],
-                       help="ablations: run names, the reference (the paper's recipe) first")
+        p.add_argument("--runs", nargs="+", default=None,
+                       help="ablations, decide: run names, the reference (the recipe decided on) first; record: the runs "
+                       "to record, at every seed of --seeds (default: every run folder of the task)")
         p.add_argument("--pretrained", default="models/minilm")
         p.add_argument("--data-dir", default="../shared/glue")
         p.add_argument("--train-samples", type=int, default=1000)
@@ -851,14 +929,17 @@ def main(argv=None) -> int:
         p.add_argument("--out", default="benchmarks/results/mlfs_palette/mlfs_palette")
         p.add_argument("--variants", nargs="*", default=["finetuned", "importance"], help="table: other MLFS runs shown beside")
         p.add_argument("--held-out-rows", type=int, default=512, help="decide: the held-out rows selection saw (val batches × batch)")
-        p.add_argument("--latency", default=str(RUNS / "latency.json"), help="decide: the `latency` record of these members")
+        p.add_argument("--latency", default=None, help="decide: the `latency` record of these members "
+                       f"(default: {RECORDS}/<task>/latency.json)")
         p.add_argument("--notes", help="table, ablations, seeds: a markdown file of notes put under the title "
                        "(default: <out>_notes.md where it exists)")
         p.add_argument("overrides", nargs="*", help="train.py overrides, after --")
     a = ap.parse_args(argv)
+    a.runs_given = a.runs is not None
+    a.runs = a.runs or ["paper", "gamma0", "gamma2", "rank4", "rank16"]
     try:
         {"mlfs": cmd_mlfs, "fft": cmd_fft, "alone": cmd_alone, "student": cmd_student, "latency": cmd_latency, "table": cmd_table, "ablations": cmd_ablations,
-         "seeds": cmd_seeds, "decide": cmd_decide}[a.cmd](a)
+         "seeds": cmd_seeds, "record": cmd_record, "decide": cmd_decide}[a.cmd](a)
     except (ValueError, KeyError, FileNotFoundError) as e:  # a bad member name, task or missing run: one line
         print(f"mlfs_palette: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ matched-budget run trains as many steps as MLFS trained the slice; `decide` pair
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,9 +49,10 @@ def test_seed_reaches_the_resolved_config(cmd, monkeypatch, tmp_path, tiny_bert_
     assert "\nseed_everything: 43\n" in "\n" + out.stdout
 
 
-def write_run(run: Path, seed: int, rows: list[dict], selected: list[dict] | None = None, wall_s: float = 60.0) -> None:
+def write_run(run: Path, seed: int, rows: list[dict], selected: list[dict] | None = None, wall_s: float = 60.0,
+              train_samples: int = 8000) -> None:
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(f"seed_everything: {seed}\n")
+    (run / "config.yaml").write_text(f"seed_everything: {seed}\ndata:\n  max_train_samples: {train_samples}\n")
     (run / "palette_final.json").write_text(json.dumps(rows))
     (run / "palette.json").write_text(json.dumps(selected or rows))
     (run / "wall_time.json").write_text(json.dumps({"seconds": wall_s, "threads": 1}))
@@ -64,12 +66,26 @@ def rows(scores: dict[str, float], steps: dict[str, int]) -> list[dict]:
 MAX, SMALL = "h32-a4-f64-l4", "h16-a2-f32-l0.2"
 
 
-def test_matched_budget_trains_the_steps_mlfs_gave_the_slice(monkeypatch, tmp_path, tiny_bert_dir):
+def use_tmp_runs(monkeypatch, tmp_path) -> Path:
+    """Run folders and records under tmp_path (records relative to the repository root, as in the benchmark)."""
     import mlfs_palette
 
     runs = tmp_path / "runs"
     monkeypatch.setattr(mlfs_palette, "RUNS", runs)
+    monkeypatch.setattr(mlfs_palette, "RECORDS", tmp_path / "records")
+    return runs
+
+
+def test_matched_budget_trains_the_steps_mlfs_gave_the_slice(monkeypatch, tmp_path, tiny_bert_dir):
+    import mlfs_palette
+
+    runs = use_tmp_runs(monkeypatch, tmp_path)
+    # The step counts come from the MLFS run's record, which outlives its run folder.
+    assert mlfs_palette.main(["alone", "--task", "sst2", "--seed", "43", "--member", SMALL, "--pretrained", str(tiny_bert_dir),
+                              "--matched-to", "paper"]) == 2
     write_run(runs / "sst2" / "paper-s43" / "version_0", 43, rows({MAX: 0.8, SMALL: 0.7}, {MAX: 300, SMALL: 130}))
+    assert mlfs_palette.main(["record", "--task", "sst2"]) == 0
+    shutil.rmtree(runs / "sst2" / "paper-s43")
     captured = []
     monkeypatch.setattr(mlfs_palette, "run_fit", lambda args, *where: captured.append(args))
     # 8000 rows in batches of 64 (the SST-2 schedule): 125 per epoch, so 130 steps are 2 epochs of 65 batches.
@@ -86,8 +102,7 @@ def test_matched_budget_trains_the_steps_mlfs_gave_the_slice(monkeypatch, tmp_pa
 def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
     import mlfs_palette
 
-    runs = tmp_path / "runs"
-    monkeypatch.setattr(mlfs_palette, "RUNS", runs)
+    runs = use_tmp_runs(monkeypatch, tmp_path)
     mlfs = {42: (0.80, 0.70), 43: (0.82, 0.74), 44: (0.81, 0.69)}
     alone = {42: (0.81, 0.71), 43: (0.82, 0.71), 44: (0.83, 0.72)}
     for seed, (mx, sm) in mlfs.items():
@@ -98,9 +113,17 @@ def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
                       rows({"max": score}, {"max": 300}), wall_s=400.0)
         write_run(runs / "sst2" / mlfs_palette.seeded(f"alone-matched-{SMALL}", seed) / "version_0", seed,
                   rows({"max": 0.6}, {"max": 100}), wall_s=100.0)
+    # A run of other training rows is recorded but refused by a decision over 8000 rows.
+    write_run(runs / "sst2" / "fft" / "version_0", 42, [], train_samples=640)
+    (runs / "sst2" / "fft" / "version_0" / "results.json").write_text(json.dumps({"test": {"score": 0.9}}))
+    assert mlfs_palette.main(["record", "--task", "sst2"]) == 0
+    assert json.loads((tmp_path / "records" / "sst2" / "alone-matched-h16-a2-f32-l0.2-s44.json").read_text())["member"] == SMALL
     out = tmp_path / "results" / "mlfs_decision_sst2"
-    assert mlfs_palette.main(["decide", "--task", "sst2", "--runs", "paper", "--seeds", "42", "43", "44", "--out", str(out),
-                              "--latency", str(tmp_path / "none.json")]) == 0
+    decide = ["decide", "--task", "sst2", "--runs", "paper", "--seeds", "42", "43", "44", "--train-samples", "8000", "--out", str(out)]
+    assert mlfs_palette.main(decide) == 2 and not out.with_suffix(".md").exists()
+    (tmp_path / "records" / "sst2" / "fft.json").unlink()
+    shutil.rmtree(runs)  # the decision is made from the records alone
+    assert mlfs_palette.main(decide) == 0
     record = json.loads(out.with_suffix(".json").read_text())
     md = out.with_suffix(".md").read_text()
     assert md == mlfs_palette.render_decision(record)
