@@ -634,8 +634,10 @@ def run_record(task: str, name: str, run: Path) -> dict:
     the maxnet's held-out curve."""
     config = saved_config(run)
     kind = run_kind(name)
+    where = run.resolve()
+    where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where  # the run folder as the repository names it
     record = {"task": task, "name": name, "kind": kind, "seed": config.get("seed_everything"),
-              "train_samples": (config.get("data") or {}).get("max_train_samples"), "run": str(run), "wall_s": wall_seconds(run)}
+              "train_samples": (config.get("data") or {}).get("max_train_samples"), "run": where.as_posix(), "wall_s": wall_seconds(run)}
     if kind == "fft":
         return {**record, "score": held_out_dev_score(run)}
     if kind == "mlfs":

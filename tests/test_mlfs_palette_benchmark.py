@@ -140,3 +140,18 @@ def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
     assert "Every member not below its matched-budget alone run (end; the interval excludes worse): 1 of 1." in md
     assert "mean difference -0.3 points, missed." in md
     assert "0.75× the wall time, met." in md
+
+
+@pytest.mark.parametrize("decision", sorted((ROOT / "benchmarks/results/mlfs_palette").glob("mlfs_decision_*.json")), ids=lambda p: p.stem)
+def test_committed_decision_is_rebuilt_from_its_records(decision, tmp_path):
+    """Every committed decision is what `decide` makes of the committed run records (no run folder needed)."""
+    import mlfs_palette
+
+    data = json.loads(decision.read_text())
+    out = tmp_path / decision.stem
+    args = ["decide", "--task", data["task"], "--runs", data["recipe"], *data["variants"], "--seeds", *map(str, data["seeds"]),
+            "--train-samples", str(data["train_samples"]), "--held-out-rows", str(data["held_out_rows"]), "--out", str(out)]
+    if data["latency"]:
+        args += ["--latency", data["latency"]["file"]]
+    assert mlfs_palette.main(args) == 0
+    assert json.loads(out.with_suffix(".json").read_text()) == data
