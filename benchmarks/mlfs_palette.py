@@ -258,7 +258,7 @@ def cmd_latency(a) -> None:
     members = json.loads((export / "kdlora_export.json").read_text())["members"]
     models = [AutoModelForSequenceClassification.from_pretrained(export / m).eval() for m in members]
     vocab = models[0].config.vocab_size
-    result = {"task": a.task, "threads": a.threads, "members": members, "ms": {}}
+    result = {"task": a.task, "export": export.as_posix(), "threads": a.threads, "members": members, "ms": {}}
     for batch, repeats in ((1, 40), (32, 8)):
         ms = round_robin_latency_ms(models, batch, 128, vocab, warmup=3, repeats=repeats)
         result["ms"][f"b{batch}"] = dict(zip(members, ms))
