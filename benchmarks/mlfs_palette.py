@@ -676,6 +676,8 @@ def cmd_record(a) -> None:
     """Records of finished runs: those named by --runs (every seed of --seeds), else every run folder of the task."""
     names = ([seeded(n, s) for n in a.runs for s in a.seeds] if a.runs_given
              else sorted(p.name for p in (RUNS / a.task).iterdir() if p.is_dir()) if (RUNS / a.task).is_dir() else [])
+    if not names:
+        raise FileNotFoundError(f"no runs to record under {RUNS / a.task}")
     for name in names:
         try:
             save_record(a.task, name)

@@ -117,6 +117,7 @@ def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
     write_run(runs / "sst2" / "fft" / "version_0", 42, [], train_samples=640)
     (runs / "sst2" / "fft" / "version_0" / "results.json").write_text(json.dumps({"test": {"score": 0.9}}))
     assert mlfs_palette.main(["record", "--task", "sst2"]) == 0
+    assert mlfs_palette.main(["record", "--task", "mrpc"]) == 2  # no run folder of that task: one line, not silence
     assert json.loads((tmp_path / "records" / "sst2" / "alone-matched-h16-a2-f32-l0.2-s44.json").read_text())["member"] == SMALL
     out = tmp_path / "results" / "mlfs_decision_sst2"
     decide = ["decide", "--task", "sst2", "--runs", "paper", "--seeds", "42", "43", "44", "--train-samples", "8000", "--out", str(out)]
