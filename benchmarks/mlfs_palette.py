@@ -215,21 +215,30 @@ def matched_schedule(a, trained_steps: dict[str, int]) -> tuple[int, int]:
     """(epochs, batches per epoch) that train `a.member` alone for as many optimizer steps as MLFS trained its
     exact slice (at least one; the fewest epochs that hold them, so a step budget not divisible by the epochs
     is rounded up by less than one step per epoch)."""
-    import yaml
-
     if a.member not in trained_steps:
         raise ValueError(f"{a.member} is not a member of the MLFS run {a.matched_to} (members: {', '.join(trained_steps)})")
-    steps = max(1, trained_steps[a.member])
-    if steps == max(trained_steps.values()):
+    if max(1, trained_steps[a.member]) == max(trained_steps.values()):
         raise ValueError(f"{a.member} trained in every step of {a.matched_to}: its matched budget is the full-budget alone run")
-    batch = int(yaml.safe_load((ROOT / TASK_CONFIG.format(task=a.task)).read_text())["data"]["batch_size"])
-    epochs = math.ceil(steps / math.ceil(a.train_samples / batch))
+    return step_schedule(trained_steps[a.member], a.train_samples, task_batch_size(a.task))
+
+
+def task_batch_size(task: str) -> int:
+    import yaml
+
+    return int(yaml.safe_load((ROOT / TASK_CONFIG.format(task=task)).read_text())["data"]["batch_size"])
+
+
+def step_schedule(steps: int, train_samples: int, batch: int) -> tuple[int, int]:
+    """(epochs, batches per epoch): the fewest epochs of `train_samples` rows in batches of `batch` that hold `steps`
+    optimizer steps (at least one), rounded up by less than one step per epoch."""
+    steps = max(1, steps)
+    epochs = math.ceil(steps / math.ceil(train_samples / batch))
     return epochs, math.ceil(steps / epochs)
 
 
 def cmd_alone(a) -> None:
     matched = a.matched_to is not None
-    name = seeded(f"alone-matched-{a.member}" if matched else f"alone-{a.member}", a.seed)
+    name = seeded(f"alone-matched-{a.matched_to}-{a.member}" if matched else f"alone-{a.member}", a.seed)
     model_dir = RUNS / a.task / seeded(f"alone-{a.member}", a.seed) / "model"
     export_pretrained_slice(a.member, a.pretrained, model_dir, a.task)
     epochs = task_epochs(a.task)
@@ -609,6 +618,21 @@ def unseeded(name: str) -> str:
     return re.sub(r"-s\d+$", "", name)
 
 
+MEMBER_NAME = re.compile(r"h\d+-a\d+-f\d+-l[\d.]+$")
+"""A palette member's name (`SubnetConfig.name`): hidden, heads, FFN width, depth or kept layers."""
+
+
+def alone_member(name: str) -> tuple[str, str | None]:
+    """(member, the MLFS run it is matched to or None) of an ``alone-<member>`` or
+    ``alone-matched-<mlfs run>-<member>`` run name."""
+    kind, rest = run_kind(name), unseeded(name)
+    found = MEMBER_NAME.search(rest)
+    if found is None:
+        raise ValueError(f"{name}: no member name (like h256-a6-f768-l0.3.5) at its end")
+    matched_to = rest[len(kind) + 1:found.start() - 1] if kind == "alone-matched" else None
+    return found.group(0), matched_to or None
+
+
 def member_scores(run: Path) -> dict[str, dict]:
     """{member: selected (held-out-selected checkpoint) and final dev score, role, params, trained_steps} of a palette run."""
     selected, final = rows_by_name(run / "palette.json"), rows_by_name(run / "palette_final.json")
@@ -644,8 +668,9 @@ def run_record(task: str, name: str, run: Path) -> dict:
         selected = next(iter(json.loads((run / "palette.json").read_text())), {})
         return {**record, "selected_stage": selected.get("stage"), "maxnet_held_out": scalars(run, "val/score"),
                 "members": member_scores(run)}
-    member = unseeded(name)[len(kind) + 1:]
-    return {**record, "member": member, **next(iter(member_scores(run).values()))}
+    member, matched_to = alone_member(name)
+    return {**record, "member": member, **({"matched_to": matched_to} if matched_to else {}),
+            **next(iter(member_scores(run).values()))}
 
 
 def save_record(task: str, name: str, run: Path | None = None) -> Path:
@@ -702,12 +727,13 @@ def cmd_decide(a) -> None:
     if reference is None:
         raise FileNotFoundError(f"no record of an MLFS run {a.runs[0]} under {RECORDS / a.task}")
     members = [{"member": n, "role": r.get("role", ""), "params": r["params"]} for n, r in reference["members"].items()]
-    for arm in ("alone", "alone-matched"):
+    for arm in ("alone", *(f"alone-matched-{name}" for name in a.runs)):
         per_seed: dict[str, dict] = {}
         for m in members:
             for seed, r in records(f"{arm}-{m['member']}").items():
                 per_seed.setdefault(seed, {})[m["member"]] = {k: r[k] for k in ("selected", "final", "trained_steps", "run", "wall_s")}
-        arms[arm] = dict(sorted(per_seed.items()))
+        if per_seed or arm == "alone":
+            arms[arm] = dict(sorted(per_seed.items()))
     fft = {seed: {k: r[k] for k in ("score", "run", "wall_s")} for seed, r in records("fft").items()}
     latency = None
     latency_file = Path(a.latency) if a.latency else RECORDS / a.task / "latency.json"
@@ -771,17 +797,32 @@ def decision_stats(data: dict, recipe: str) -> dict:
     def paired(x: dict, y: dict) -> list[float]:
         return [x[s] - y[s] for s in sorted(set(x) & set(y))]
 
+    def matched(member: str, steps: dict[str, int]) -> dict[str, dict]:
+        """Per seed, the matched-budget run of `member` with the steps MLFS gave it: the one matched to `recipe`, else
+        one matched to another run of the decision whose sampler gave the member as many steps at that seed."""
+        arm_names = [f"alone-matched-{recipe}", *(a for a in arms if a.startswith("alone-matched-") and a != f"alone-matched-{recipe}")]
+        out = {}
+        for seed, n in steps.items():
+            epochs, batches = step_schedule(n, data["train_samples"], task_batch_size(data["task"]))
+            for arm in arm_names:
+                row = arms.get(arm, {}).get(seed, {}).get(member)
+                if row is not None and row.get("trained_steps") == epochs * batches:
+                    out[seed] = row
+                    break
+        return out
+
     stats = {}
     for m in data["members"]:
         n = m["member"]
         arm = f"mlfs:{recipe}"
         sel, end = by_member(arm, n, "selected"), by_member(arm, n, "final")
         alone_sel, alone_end = by_member("alone", n, "selected"), by_member("alone", n, "final")
-        matched_end = by_member("alone-matched", n, "final")
+        steps = by_member(arm, n, "trained_steps")
+        matched_runs = matched(n, steps)
+        matched_end = {seed: r["final"] for seed, r in matched_runs.items()}
         stats[n] = {"mlfs_selected": list(sel.values()), "mlfs_end": list(end.values()), "alone_selected": list(alone_sel.values()),
                     "alone_end": list(alone_end.values()), "matched_end": list(matched_end.values()),
-                    "mlfs_steps": list(by_member(arm, n, "trained_steps").values()),
-                    "matched_steps": list(by_member("alone-matched", n, "trained_steps").values()),
+                    "mlfs_steps": list(steps.values()), "matched_steps": [r["trained_steps"] for r in matched_runs.values()],
                     "selected_vs_alone": paired_interval(paired(sel, alone_sel)), "end_vs_alone": paired_interval(paired(end, alone_end)),
                     "end_vs_matched": paired_interval(paired(end, matched_end)),
                     "selected_vs_recipe": paired_interval(paired(sel, by_member(f"mlfs:{data['recipe']}", n, "selected"))),
@@ -926,7 +967,7 @@ def main(argv=None) -> int:
         p.add_argument("--fit-threads", type=int, default=None, help="mlfs/alone/fft/student: CPU threads of the run "
                        "(OMP_NUM_THREADS; default: torch's)")
         p.add_argument("--matched-to", default=None, help="alone: train the slice for as many steps as the MLFS run of "
-                       "this name (same seed) trained exactly that slice (runs are named alone-matched-<member>)")
+                       "this name (same seed) trained exactly that slice (runs are named alone-matched-<that run>-<member>)")
         p.add_argument("--seed", type=int, default=42, help="mlfs/alone: seed_everything; a seed other than 42 "
                        "suffixes the run name with -s<seed> (the training subset and held-out split stay the same)")
         p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="seeds: the seeds to put side by side")

@@ -93,7 +93,7 @@ def test_matched_budget_trains_the_steps_mlfs_gave_the_slice(monkeypatch, tmp_pa
                               "--pretrained", str(tiny_bert_dir), "--matched-to", "paper"]) == 0
     args = captured[0]
     assert args[args.index("--trainer.limit_train_batches") + 1] == "65" and args[args.index("--trainer.max_epochs") + 1] == "2"
-    assert args[args.index("--trainer.logger.init_args.name") + 1] == f"alone-matched-{SMALL}-s43"
+    assert args[args.index("--trainer.logger.init_args.name") + 1] == f"alone-matched-paper-{SMALL}-s43"
     # The maxnet trains every step: its matched run is the full-budget one, said in one line.
     assert mlfs_palette.main(["alone", "--task", "sst2", "--seed", "43", "--member", MAX, "--pretrained", str(tiny_bert_dir),
                               "--matched-to", "paper"]) == 2
@@ -111,14 +111,19 @@ def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
         for name, score in zip((MAX, SMALL), alone[seed]):
             write_run(runs / "sst2" / mlfs_palette.seeded(f"alone-{name}", seed) / "version_0", seed,
                       rows({"max": score}, {"max": 300}), wall_s=400.0)
-        write_run(runs / "sst2" / mlfs_palette.seeded(f"alone-matched-{SMALL}", seed) / "version_0", seed,
+        write_run(runs / "sst2" / mlfs_palette.seeded(f"alone-matched-paper-{SMALL}", seed) / "version_0", seed,
                   rows({"max": 0.6}, {"max": 100}), wall_s=100.0)
+        # Variants: one whose sampler gave the small member the same steps (paper's matched runs are its baseline too),
+        # one that gave it more (no matched run of its own: no baseline).
+        for name, steps in (("same", 100), ("more", 200)):
+            write_run(runs / "sst2" / mlfs_palette.seeded(name, seed) / "version_0", seed, rows({MAX: mx, SMALL: sm}, {MAX: 300, SMALL: steps}))
     # A run of other training rows is recorded but refused by a decision over 8000 rows.
     write_run(runs / "sst2" / "fft" / "version_0", 42, [], train_samples=640)
     (runs / "sst2" / "fft" / "version_0" / "results.json").write_text(json.dumps({"test": {"score": 0.9}}))
     assert mlfs_palette.main(["record", "--task", "sst2"]) == 0
     assert mlfs_palette.main(["record", "--task", "mrpc"]) == 2  # no run folder of that task: one line, not silence
-    assert json.loads((tmp_path / "records" / "sst2" / "alone-matched-h16-a2-f32-l0.2-s44.json").read_text())["member"] == SMALL
+    matched = json.loads((tmp_path / "records" / "sst2" / "alone-matched-paper-h16-a2-f32-l0.2-s44.json").read_text())
+    assert (matched["member"], matched["matched_to"]) == (SMALL, "paper")
     out = tmp_path / "results" / "mlfs_decision_sst2"
     decide = ["decide", "--task", "sst2", "--runs", "paper", "--seeds", "42", "43", "44", "--train-samples", "8000", "--out", str(out)]
     assert mlfs_palette.main(decide) == 2 and not out.with_suffix(".md").exists()
@@ -141,6 +146,11 @@ def test_decide_pairs_by_seed_with_t_intervals(monkeypatch, tmp_path):
     assert "Every member not below its matched-budget alone run (end; the interval excludes worse): 1 of 1." in md
     assert "mean difference -0.3 points, missed." in md
     assert "0.75× the wall time, met." in md
+    variants = decide[:4] + ["paper", "same", "more"] + decide[5:]
+    assert mlfs_palette.main(variants) == 0
+    md = out.with_suffix(".md").read_text()
+    small_row = {name: md.split(f"## MLFS `{name}`")[1].split(f"| {SMALL} |")[1].splitlines()[0] for name in ("same", "more")}
+    assert "| 60.0 ± 0.0 (3) | +11.0 [" in small_row["same"] and small_row["more"].endswith("| – | – | 200 / – |")
 
 
 @pytest.mark.parametrize("decision", sorted((ROOT / "benchmarks/results/mlfs_palette").glob("mlfs_decision_*.json")), ids=lambda p: p.stem)
